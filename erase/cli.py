@@ -1,0 +1,101 @@
+"""The `erase` command. Each subcommand is a small function; options come from config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import add_dataclass_arguments, build_config, load_config_file
+from .utils import EraseError, logger, setup_logging
+
+
+def cmd_train_base(args: argparse.Namespace) -> None:
+    from .train_base import TrainBaseConfig, train_base
+
+    config = build_config(TrainBaseConfig, load_config_file(args.config), args)
+    train_base(config, args.out, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints)
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    from .classifier import TrainClassifierConfig, train_classifier
+
+    config = build_config(TrainClassifierConfig, load_config_file(args.config), args)
+    train_classifier(config, args.out)
+
+
+def parse_classes(text: str) -> list[str]:
+    items = [c.strip() for c in text.split(",") if c.strip()]
+    if not items:
+        raise EraseError("--classes needs at least one class id or name, e.g. --classes 0,3,7")
+    return items
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .backbones import load_backbone
+    from .sampling import save_class_samples
+    from .utils import resolve_device
+
+    model = load_backbone(args.model).to(resolve_device(args.device))
+    classes = parse_classes(args.classes) if args.classes else list(range(model.num_classes))
+    steps = args.steps or model.info.get("sample_defaults", {}).get("steps", 50)
+    guidance = args.guidance if args.guidance is not None else model.info.get("sample_defaults", {}).get("guidance", 3.0)
+    out = save_class_samples(model, classes, args.n, args.out, steps=steps, guidance=guidance,
+                             eta=args.eta, seed=args.seed, batch_size=args.batch_size)
+    print(f"wrote {args.n * len(classes)} images and grid.png under {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="erase", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train-base", help="train a class-conditional DDPM (digits, cifar10, folder:PATH)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--config", help="JSON file of options (command-line options override it)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    from .train_base import TrainBaseConfig
+    add_dataclass_arguments(p, TrainBaseConfig)
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("train-classifier", help="train the classifier used for unlearning accuracy and feature FID")
+    p.add_argument("--out", required=True, help="classifier folder to write")
+    p.add_argument("--config", help="JSON file of options")
+    from .classifier import TrainClassifierConfig
+    add_dataclass_arguments(p, TrainClassifierConfig)
+    p.set_defaults(func=cmd_train_classifier)
+
+    p = sub.add_parser("sample", help="generate images of some classes from a class-conditional model")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--classes", help="comma-separated class ids or names (default: all)")
+    p.add_argument("--n", type=int, default=16, help="images per class (default 16)")
+    p.add_argument("--out", required=True, help="output folder: OUT/<class>/<index>.png and OUT/grid.png")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale s (default: the model's, 3.0)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="image i of class c gets a seed derived from (seed, c, i)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per UNet call (results depend on it only through float rounding: keep it fixed to reproduce bit for bit)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        args.func(args)
+    except EraseError as e:
+        logger.debug("details", exc_info=True)
+        print(f"erase {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"erase {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

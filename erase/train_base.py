@@ -1,0 +1,174 @@
+"""`erase train-base`: train a class-conditional DDPM from scratch.
+
+One readable loop on accelerate: data parallel across processes, mixed precision on GPUs,
+checkpoints every `checkpoint_every` steps, exact resume, optional EMA of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .backbones import ClassConditionalDDPM
+from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
+                         restore_optimizer_state, save_checkpoint)
+from .config import config_dict, field
+from .data import load_dataset
+from .utils import EraseError, logger, package_versions, step_generator
+
+
+@dataclass
+class TrainBaseConfig:
+    dataset: str = field("digits", "dataset: digits, cifar10 or folder:PATH")
+    data_root: str | None = field(None, "where cifar10 is stored (default $ERASE_DATA or ~/.cache/erase)")
+    image_size: int | None = field(None, "resize images to this size (digits: 16 already)")
+    steps: int = field(4000, "optimizer steps")
+    batch_size: int = field(128, "images per step and process")
+    lr: float = field(2e-3, "peak AdamW learning rate (linear warm-up, then cosine decay to 10%)")
+    warmup_steps: int = field(200, "linear learning-rate warm-up steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    grad_clip: float = field(1.0, "clip the gradient norm to this value (0 disables)")
+    ema_decay: float = field(0.999, "exponential moving average of the weights; the EMA weights are saved (0 disables)")
+    class_dropout: float = field(0.1, "probability of replacing the label by the null class (classifier-free guidance)")
+    block_out_channels: tuple[int, ...] = field((32, 64, 64), "UNet channels per resolution level")
+    layers_per_block: int = field(1, "ResNet blocks per UNet level")
+    attention_levels: tuple[bool, ...] = field((False, True, False), "self-attention at each level")
+    num_train_timesteps: int = field(1000, "diffusion steps T (linear betas 1e-4 to 0.02)")
+    checkpoint_every: int = field(500, "write a resumable checkpoint every this many steps")
+    seed: int = field(0, "seed of the initial weights and of every batch, noise and timestep draw")
+    mixed_precision: str = field("no", "no, fp16 or bf16 (GPU only)", choices=("no", "fp16", "bf16"))
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "num_train_timesteps", "layers_per_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.class_dropout < 1:
+            raise ValueError(f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+
+
+def learning_rate(config: TrainBaseConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
+
+
+def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
+               keep_checkpoints: bool = False) -> Path:
+    """Train and save a model folder at `out`; checkpoints go to `<out>-checkpoints/` meanwhile."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    ckpt_dir = out.with_name(out.name + "-checkpoints")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    data = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size)
+    torch.manual_seed(config.seed)
+    model = ClassConditionalDDPM.create(
+        data.class_names, image_size=data.images.shape[-1], channels=data.images.shape[1],
+        block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
+        attention_levels=config.attention_levels, num_train_timesteps=config.num_train_timesteps)
+    unet = model.unet
+    ema = copy.deepcopy(unet).requires_grad_(False) if config.ema_decay > 0 else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    start, elapsed, loss_avg = 0, 0.0, None
+    saved_config = config_dict(config)
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if last is not None:
+        tensors, state = load_checkpoint(last)
+        check_same_config(state["config"], saved_config, f"from {last}")
+        unet.load_state_dict(tensors["model"])
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"])
+        restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
+        start, elapsed, loss_avg = state["step"], state["elapsed_s"], state["loss_avg"]
+        logger.info("resuming from %s (step %d of %d)", last, start, config.steps)
+    elif ckpt_dir.exists() and not resume:
+        shutil.rmtree(ckpt_dir)
+
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    device = accelerator.device
+    if ema is not None:
+        ema.to(device)
+    images, labels = data.images, data.labels
+    alphas = model.scheduler.alphas_cumprod.to(device)
+    null = model.null_class
+
+    def save_state(step: int) -> None:
+        opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
+        tensors = {"model": accelerator.unwrap_model(unet).state_dict(), "optimizer": opt_tensors}
+        if ema is not None:
+            tensors["ema"] = ema.state_dict()
+        save_checkpoint(ckpt_dir, step, tensors, {"config": saved_config, "optimizer": opt_meta,
+                                                  "elapsed_s": elapsed, "loss_avg": loss_avg})
+
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train-base",
+               disable=not accelerator.is_local_main_process)
+    unet.train()
+    for step in bar:
+        t0 = time.perf_counter()
+        # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
+        g = step_generator(config.seed, step, accelerator.process_index)
+        idx = torch.randint(len(labels), (config.batch_size,), generator=g)
+        x0 = images[idx]
+        y = labels[idx].clone()
+        y[torch.rand(len(y), generator=g) < config.class_dropout] = null
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(config.num_train_timesteps, (len(y),), generator=g)
+        x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        with accelerator.autocast():
+            loss = F.mse_loss(unet(x_t, t, class_labels=y).sample.float(), noise)
+        accelerator.backward(loss)
+        if config.grad_clip > 0:
+            accelerator.clip_grad_norm_(unet.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, accelerator.unwrap_model(unet), config.ema_decay)
+
+        value = loss.item()
+        if not math.isfinite(value):
+            raise EraseError(f"train-base: loss became {value} at step {step}; lower --lr "
+                             f"(now {config.lr}). The last good checkpoint is in {ckpt_dir}.")
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        elapsed += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_avg:.4f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps and accelerator.is_main_process:
+            save_state(step + 1)
+    bar.close()
+
+    if accelerator.is_main_process:
+        final = ema if ema is not None else accelerator.unwrap_model(unet)
+        model.unet = copy.deepcopy(final).float().cpu()
+        model.save_pretrained(out, training={
+            "config": saved_config, "steps": config.steps, "train_images": len(labels),
+            "wall_time_s": round(elapsed, 1), "final_loss": loss_avg,
+            "processes": accelerator.num_processes, "device": str(device), "versions": package_versions()})
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        logger.info("saved %s (%.0f s of training)", out, elapsed)
+    accelerator.wait_for_everyone()
+    return out
