@@ -1,0 +1,10 @@
+"""Evaluation of concept erasure: generation, metrics, named protocols and reports.
+
+`PROTOCOLS` maps protocol names to settings dataclasses whose `run(model, out)` generates images,
+measures them and writes `metrics.json` with every setting; `erase eval` and `erase report` are
+the command-line front ends.
+"""
+
+from .protocols import PROTOCOLS, get_protocol
+
+__all__ = ["PROTOCOLS", "get_protocol"]

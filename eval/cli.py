@@ -1,0 +1,67 @@
+"""The `erase eval` and `erase report` commands, added to the `erase` parser by `add_commands`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from erase.config import add_dataclass_arguments, build_config
+from erase.utils import EraseError
+
+
+def protocol_options(args: argparse.Namespace, protocol: type) -> None:
+    """Refuse options that the chosen protocol does not have, rather than silently ignoring them."""
+    from .protocols import PROTOCOLS
+
+    own = {f.name for f in dataclasses.fields(protocol)}
+    every = {f.name for p in PROTOCOLS.values() for f in dataclasses.fields(p)}
+    stray = sorted(n for n in every - own if getattr(args, n, None) is not None)
+    if stray:
+        raise EraseError(f"option(s) {', '.join('--' + n.replace('_', '-') for n in stray)} do not apply to "
+                         f"protocol {protocol.name}; its options are "
+                         + ", ".join("--" + n.replace("_", "-") for n in sorted(own)))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .protocols import get_protocol
+
+    protocol_cls = get_protocol(args.protocol)
+    protocol_options(args, protocol_cls)
+    protocol = build_config(protocol_cls, {}, args)
+    results = protocol.run(args.model, args.out)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
+        for key, value in results["metrics"].items():
+            if not isinstance(value, dict):
+                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import build_report
+
+    md, html = build_report(args.runs, args.out)
+    print(f"wrote {md} and {html}")
+
+
+def add_commands(subparsers) -> None:
+    """Add `eval` and `report` to the `erase` command's subparsers."""
+    from .protocols import PROTOCOLS
+
+    p = subparsers.add_parser("eval", help="evaluate a model with a named protocol (writes OUT/metrics.json)",
+                              description="Run with `accelerate launch [--num_processes N] -m erase.cli eval ...` "
+                                          "to share the generation between processes; the results are the same.")
+    p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
+    p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
+    p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")
+    added: set[str] = set()
+    for protocol in PROTOCOLS.values():
+        add_dataclass_arguments(p, protocol, skip=tuple(added))
+        added |= {f.name for f in dataclasses.fields(protocol)}
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("report", help="compare eval runs side by side (Markdown + self-contained HTML)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
+    p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
+    p.set_defaults(func=cmd_report)

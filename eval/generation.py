@@ -1,0 +1,129 @@
+"""Batched generation for both backbones, sharded across processes with accelerate.
+
+Every image has its own seed, and the UNet always runs on batches of exactly `batch_size` images
+(the last one padded), so an image does not depend on the batch it lands in nor on how many
+processes share the work: `accelerate launch --num_processes 2 ... erase eval` writes the same
+files as a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from accelerate import PartialState
+
+from erase.sampling import to_pil, to_uint8
+from erase.utils import EraseError, step_generator
+
+from .prompts import PromptItem
+
+
+def my_share(state: PartialState, n: int) -> list[int]:
+    """The indices of items 0..n-1 that this process generates (contiguous slices, as accelerate splits)."""
+    with state.split_between_processes(list(range(n))) as mine:
+        return list(mine)
+
+
+@torch.inference_mode()
+def sample_prompts(pipe, items: Sequence[PromptItem], steps: int, batch_size: int,
+                   height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """Stable Diffusion samples in [-1, 1], one per prompt with the prompt's own seed and guidance.
+
+    diffusers takes one guidance scale per call, so items are grouped by guidance; each group is
+    cut into batches of `batch_size` and the last batch is padded with copies of its last item.
+    Each image's initial latents come from its own CPU generator.
+    """
+    if not items:
+        return torch.empty(0)
+    out: dict[int, torch.Tensor] = {}
+    by_guidance: dict[float, list[int]] = {}
+    for i, item in enumerate(items):
+        by_guidance.setdefault(item.guidance, []).append(i)
+    pipe.set_progress_bar_config(disable=True)
+    for guidance, idx in by_guidance.items():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+            result = pipe(prompt=[items[i].prompt for i in padded],
+                          generator=[step_generator(items[i].seed) for i in padded],
+                          num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                          output_type="pt")
+            images = result.images.float().cpu() * 2 - 1  # diffusers gives [0, 1]
+            for i, image in zip(chunk, images):
+                out[i] = image
+    return torch.stack([out[i] for i in range(len(items))])
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images as they will be read back from their PNG files (8 bits per channel), in [-1, 1].
+
+    Metrics are computed on these, so that they equal what any tool reading the saved files sees.
+    """
+    return torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def save_pngs(folder: Path, files: Sequence[str], images: torch.Tensor) -> None:
+    for rel, image in zip(files, to_uint8(images)):
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_pil(image).save(path)
+
+
+def load_pngs(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Image files as (N, C, H, W) in [-1, 1]; grey stays one channel, anything else becomes RGB.
+
+    `size` (height, width) resizes each image (bicubic), so that reference images of any size can
+    be stacked with generated ones.
+    """
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        with Image.open(path) as img:
+            img = img.convert("L" if img.mode in ("L", "I", "1") else "RGB")
+            if size is not None and img.size != (size[1], size[0]):
+                img = img.resize((size[1], size[0]), Image.BICUBIC)
+            arr = np.asarray(img)
+        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@contextlib.contextmanager
+def shared_run_dir(out: str | Path, state: PartialState) -> Iterator[Path]:
+    """Like `erase.utils.atomic_dir`, for several processes writing into one folder.
+
+    All processes write into `.OUT.partial` beside OUT (a name they agree on without talking);
+    once everyone is done, the main process swaps it in place of OUT in one rename.
+    """
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial")
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    state.wait_for_everyone()
+    yield tmp
+    state.wait_for_everyone()
+    if state.is_main_process:
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    state.wait_for_everyone()
+
+
+def load_pipeline(path: str | Path, device: torch.device):
+    """A diffusers StableDiffusionPipeline folder (model_index.json), without its safety checker."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise EraseError(f"{path} is not a Stable Diffusion pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    return pipe.to(device)

@@ -1,0 +1,323 @@
+"""Evaluation protocols: named settings objects that generate, measure and write `metrics.json`.
+
+A protocol is a dataclass whose fields are every setting that decides its numbers; all of them,
+the model evaluated, the feature extractor and the package versions are written into the results,
+so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names to protocols; the
+`erase eval` command line is generated from their fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from accelerate import PartialState
+
+from erase.config import config_dict, field
+from erase.data import IMAGE_SUFFIXES, load_dataset
+from erase.sampling import class_seeds, to_uint8
+from erase.utils import EraseError, package_versions, write_json
+
+from .generation import load_pipeline, load_pngs, my_share, quantize, sample_prompts, save_pngs, shared_run_dir
+from .metrics import ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, nudenet_preset
+from .prompts import read_i2p_csv, read_prompt_file
+
+METRICS_FILE = "metrics.json"
+INDEX_FILE = "index.json"
+# Images per forward pass of the classifier or feature extractor; memory only, results do not depend on it.
+MEASURE_BATCH = 256
+
+
+def _batches(n: int, size: int = MEASURE_BATCH):
+    return (slice(i, i + size) for i in range(0, n, size))
+
+
+def _load_classifier(path: str | None, device: torch.device):
+    from erase.classifier import SmallClassifier
+
+    if path is None:
+        raise EraseError("this protocol needs --classifier DIR (a folder written by `erase train-classifier`)")
+    classifier = SmallClassifier.from_pretrained(path).to(device)
+    classifier.source = str(Path(path).resolve())
+    return classifier
+
+
+def _fid(features: str, classifier_path: str | None, weights: str | None, device: torch.device) -> FeatureFID:
+    if features == "classifier":
+        return FeatureFID(_load_classifier(classifier_path, device)).to(device)
+    return FeatureFID("inception", weights_path=weights).to(device)
+
+
+@dataclass
+class Protocol:
+    """What every protocol shares: its name, and how its results file is written."""
+
+    name: ClassVar[str]
+
+    def run(self, model_path: str | Path, out: str | Path, state: PartialState | None = None) -> dict:
+        """Generate and measure; write OUT/metrics.json, OUT/index.json and OUT/images/. Returns the results."""
+        raise NotImplementedError
+
+    def _results(self, model_path: str | Path, state: PartialState, metrics: dict, images: int,
+                 feature_extractor: str | None, **extra) -> dict:
+        return {"protocol": self.name, "settings": config_dict(self),
+                "model": str(Path(model_path).resolve()), "images": images,
+                "feature_extractor": feature_extractor, "processes": state.num_processes,
+                **extra, "metrics": metrics, "versions": package_versions()}
+
+
+@dataclass
+class ClassErasure(Protocol):
+    """Class erasure on a class-conditional DDPM (SalUn / Selective Amnesia).
+
+    UA and the classifier's confidence on `n_forget` samples of the forgotten class; accuracy on
+    `n` samples of each retained class; FID of the retained samples against the retained classes'
+    training images.
+    """
+
+    forget: str | None = field(None, "the erased class (id or name)")
+    classifier: str | None = field(None, "classifier folder for UA and per-class accuracy (and classifier FID features)")
+    n: int = field(100, "samples per retained class (FID and accuracy)")
+    n_forget: int | None = field(None, "samples of the forgotten class for UA (default: n)")
+    steps: int = field(50, "DDIM steps")
+    guidance: float = field(3.0, "guidance scale s of ε_∅ + s(ε_c − ε_∅); the papers' w = 2 is s = 3")
+    eta: float = field(0.0, "DDIM eta (the papers: 1.0)")
+    seed: int = field(0, "image i of class c gets the seed derived from (seed, c, i)")
+    batch_size: int = field(64, "images per UNet call (keep it fixed to reproduce bit for bit)")
+    fid_features: str = field("classifier", "FID feature space: 'classifier' or 'inception'",
+                              choices=("classifier", "inception"))
+    fid_weights: str | None = field(None, "local Inception weights file for FID (machines without network)")
+    dataset: str = field("digits", "reference training images for FID: digits, cifar10 or folder:PATH")
+    data_root: str | None = field(None, "where cifar10 is stored")
+    reference_per_class: int | None = field(None, "use the first K training images per retained class (SalUn: 500; default all)")
+
+    def __post_init__(self):
+        if self.forget is None:
+            raise ValueError("--forget is required: the class that was erased")
+        if self.n < 2 or (self.n_forget is not None and self.n_forget < 1):
+            raise ValueError("n must be at least 2 (FID needs two samples) and n_forget at least 1")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+
+    def _reference(self, retained: list[int]) -> torch.Tensor:
+        data = load_dataset(self.dataset, "train", root=self.data_root).subset(retained)
+        if self.reference_per_class is None:
+            return data.images
+        keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:self.reference_per_class] for c in retained])
+        return data.images[keep.sort().values]
+
+    def run(self, model_path, out, state=None):
+        from erase.backbones import load_backbone
+
+        state = state or PartialState()
+        model = load_backbone(model_path).to(state.device)
+        forget = model.class_index(self.forget)
+        retained = [c for c in range(model.num_classes) if c != forget]
+        n_forget = self.n if self.n_forget is None else self.n_forget
+        plan = [(c, i, s) for c in [forget] + retained
+                for i, s in enumerate(class_seeds(self.seed, c, n_forget if c == forget else self.n))]
+        mine = my_share(state, len(plan))
+        labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
+        images = quantize(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
+                                       guidance=self.guidance, eta=self.eta, batch_size=self.batch_size))
+
+        classifier = _load_classifier(self.classifier, state.device)
+        verdicts = ClassifierVerdicts(model.num_classes).to(state.device)
+        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
+        with torch.no_grad():
+            for b in _batches(len(images)):
+                x = images[b].to(state.device)
+                verdicts.update(classifier(x), labels[b])
+                kept = labels[b] != forget
+                if kept.any():
+                    fid.update(x[kept], real=False)
+            reference = self._reference(retained)
+            mine_ref = my_share(state, len(reference))
+            for b in _batches(len(mine_ref)):
+                fid.update(reference[mine_ref[b]].to(state.device), real=True)
+        v = verdicts.compute()
+        fid_value = float(fid.compute())
+
+        names = model.class_names
+        metrics = {
+            "ua": 1.0 - float(v["accuracy"][forget]),
+            "forget_class": forget, "forget_class_name": names[forget],
+            "forget_accuracy": float(v["accuracy"][forget]),
+            "forget_entropy": float(v["entropy"][forget]),
+            "forget_prob": float(v["label_prob"][forget]),
+            "retained_accuracy": float(v["accuracy"][retained].mean()),
+            "per_class_accuracy": {names[c]: float(v["accuracy"][c]) for c in range(model.num_classes)},
+            "fid": fid_value,
+            "fid_samples": int(fid.fake_features_num_samples), "fid_reference_images": int(fid.real_features_num_samples),
+        }
+        files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
+        results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
+                                classifier=classifier.source, class_names=names)
+        with shared_run_dir(out, state) as tmp:
+            save_pngs(tmp, [files[k] for k in mine], images)
+            if state.is_main_process:
+                write_json(tmp / INDEX_FILE, {"kind": "classes", "images": [
+                    {"file": f, "class": c, "class_name": names[c], "seed": s}
+                    for f, (c, _, s) in zip(files, plan)]})
+                write_json(tmp / METRICS_FILE, results)
+        return results
+
+
+@dataclass
+class DigitsClass(ClassErasure):
+    """The small benchmark: erase a digit from the shipped digits DDPM, measured in the shipped classifier's features."""
+
+    name: ClassVar[str] = "digits-class"
+
+
+@dataclass
+class Cifar10Class(ClassErasure):
+    """CIFAR-10 class erasure as SalUn / SA report it: 500 forgotten-class samples, Inception FID."""
+
+    name: ClassVar[str] = "cifar10-class"
+    n: int = field(5000, "samples per retained class (the papers: 5,000)")
+    n_forget: int | None = field(500, "samples of the forgotten class for UA (the papers: 500)")
+    steps: int = field(1000, "DDIM steps (the papers: 1,000; state fewer when you use fewer)")
+    eta: float = field(1.0, "DDIM eta (the papers: 1.0)")
+    fid_features: str = field("inception", "FID feature space: 'inception' or 'classifier'",
+                              choices=("classifier", "inception"))
+    dataset: str = field("cifar10", "reference training images for FID")
+
+
+def _generate_prompt_images(items, mine, pipe, steps, batch_size, height, width):
+    """Generate this process's share of prompt images; returns them quantized as their PNGs will read."""
+    return quantize(sample_prompts(pipe, [items[k] for k in mine], steps=steps, batch_size=batch_size,
+                                   height=height, width=width))
+
+
+def _prompt_index(files: list[str], items) -> dict:
+    return {"kind": "prompts", "images": [
+        {"file": f, "prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row}
+        for f, it in zip(files, items)]}
+
+
+@dataclass
+class I2PNudity(Protocol):
+    """Nudity erasure in Stable Diffusion: one image per I2P prompt with its seed, NudeNet counts."""
+
+    name: ClassVar[str] = "i2p-nudity"
+    prompts: str | None = field(None, "I2P CSV (original or unsafe-prompts4703 layout)")
+    subset: str = field("all", "I2P subset: all, sexual, nudity (nudity_percentage > 0), nudity50 (> 50)")
+    seed: int | None = field(None, "one seed for every prompt (default: each row's own)")
+    guidance: float = field(7.5, "CFG scale for every prompt (most repositories: 7.5)")
+    row_guidance: bool = field(False, "use each row's guidance (1 to 255) instead of --guidance")
+    steps: int = field(50, "denoising steps (the field: 50 to 100)")
+    height: int | None = field(None, "image height (default: the pipeline's, 512 for SD 1.x)")
+    width: int | None = field(None, "image width (default: the pipeline's)")
+    batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+    preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, unlearndiffatk")
+    nudenet_batch_size: int = field(16, "images per NudeNet call")
+    limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
+
+    def __post_init__(self):
+        if self.prompts is None:
+            raise ValueError("--prompts is required: the I2P CSV")
+        nudenet_preset(self.preset)
+
+    def run(self, model_path, out, state=None):
+        state = state or PartialState()
+        items = read_i2p_csv(self.prompts, self.subset, seed=self.seed,
+                             guidance=None if self.row_guidance else self.guidance)[:self.limit]
+        pipe = load_pipeline(model_path, state.device)
+        mine = my_share(state, len(items))
+        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width)
+        counts = NudityCounts(self.preset).to(state.device)
+        counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images)))
+        metrics = counts.compute()
+        files = [f"images/{k:05d}.png" for k in range(len(items))]
+        results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
+                                prompts_file=str(Path(self.prompts).resolve()))
+        with shared_run_dir(out, state) as tmp:
+            save_pngs(tmp, [files[k] for k in mine], images)
+            if state.is_main_process:
+                write_json(tmp / INDEX_FILE, _prompt_index(files, items))
+                write_json(tmp / METRICS_FILE, results)
+        return results
+
+
+@dataclass
+class T2IUtility(Protocol):
+    """Utility of a text-to-image model: FID against reference images and CLIP score on a captions file."""
+
+    name: ClassVar[str] = "t2i-utility"
+    prompts: str | None = field(None, "captions file, one per line (# comments)")
+    reference: str | None = field(None, "folder of reference images (e.g. the COCO images of the captions)")
+    clip_model: str | None = field(None, "local CLIP model folder (CLIPModel + CLIPProcessor save_pretrained)")
+    fid_features: str = field("inception", "FID feature space: 'inception' or 'classifier'",
+                              choices=("classifier", "inception"))
+    fid_weights: str | None = field(None, "local Inception weights file for FID")
+    classifier: str | None = field(None, "classifier folder when --fid-features classifier")
+    seed: int = field(0, "caption i gets the seed derived from (seed, i)")
+    guidance: float = field(7.5, "CFG scale")
+    steps: int = field(50, "denoising steps")
+    height: int | None = field(None, "image height (default: the pipeline's)")
+    width: int | None = field(None, "image width (default: the pipeline's)")
+    batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+    limit: int | None = field(None, "only the first N captions")
+
+    def __post_init__(self):
+        missing = [f"--{n.replace('_', '-')}" for n in ("prompts", "reference", "clip_model") if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} required")
+
+    def _reference_files(self) -> list[Path]:
+        folder = Path(self.reference)
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if len(files) < 2:
+            raise EraseError(f"--reference {folder} must be a folder with at least two images "
+                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return files
+
+    def run(self, model_path, out, state=None):
+        state = state or PartialState()
+        items = read_prompt_file(self.prompts, self.seed, self.guidance)[:self.limit]
+        reference = self._reference_files()
+        clip = clip_score_metric(self.clip_model).to(state.device)
+        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
+        pipe = load_pipeline(model_path, state.device)
+        mine = my_share(state, len(items))
+        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width)
+        size = tuple(images.shape[-2:]) if len(images) else None
+        with torch.no_grad():
+            for b in _batches(len(images)):
+                x = images[b].to(state.device)
+                fid.update(x, real=False)
+                clip.update(list(torch.from_numpy(to_uint8(x.cpu())).permute(0, 3, 1, 2)),
+                            [items[k].prompt for k in mine[b]])
+            mine_ref = my_share(state, len(reference))
+            for b in _batches(len(mine_ref)):
+                fid.update(load_pngs([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
+        metrics = {"clip_score": float(clip.compute()), "fid": float(fid.compute()),
+                   "fid_samples": int(fid.fake_features_num_samples),
+                   "fid_reference_images": int(fid.real_features_num_samples)}
+        files = [f"images/{k:05d}.png" for k in range(len(items))]
+        results = self._results(model_path, state, metrics, len(items), fid.feature_name,
+                                clip_model=str(Path(self.clip_model).resolve()),
+                                reference=str(Path(self.reference).resolve()))
+        with shared_run_dir(out, state) as tmp:
+            save_pngs(tmp, [files[k] for k in mine], images)
+            if state.is_main_process:
+                write_json(tmp / INDEX_FILE, _prompt_index(files, items))
+                write_json(tmp / METRICS_FILE, results)
+        return results
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, I2PNudity, T2IUtility)}
+
+
+def get_protocol(name: str) -> type[Protocol]:
+    if name not in PROTOCOLS:
+        raise EraseError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def protocol_fields(cls: type[Protocol]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

@@ -1,0 +1,104 @@
+"""Shared test fixtures: tiny models built from configs and saved to temporary folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm_dir(tmp_path_factory):
+    """An untrained 8x8 grey class-conditional DDPM over the ten digit names, saved to disk."""
+    from erase.backbones import ClassConditionalDDPM
+
+    torch.manual_seed(0)
+    model = ClassConditionalDDPM.create(DIGIT_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
+                                        attention_levels=(False, False), norm_num_groups=4)
+    path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory):
+    """An untrained 8x8 grey digits classifier (random weights, BatchNorm in eval mode), saved to disk."""
+    from erase.classifier import ClassifierArch, SmallClassifier
+
+    torch.manual_seed(0)
+    model = SmallClassifier(ClassifierArch(in_channels=1, image_size=8, num_classes=10, width=2), DIGIT_NAMES)
+    path = tmp_path_factory.mktemp("models") / "tiny-classifier"
+    model.save_pretrained(path)
+    return path
+
+
+def _write_tiny_clip_tokenizer(path):
+    """A CLIP BPE tokenizer whose vocabulary is single characters: enough for any ASCII prompt, offline."""
+    from transformers import CLIPTokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline (16x16 images, 2x VAE downsampling), saved to disk."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tokenizer = _write_tiny_clip_tokenizer(root / "tok")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    path = root / "tiny-sd"
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel with its processor (same character tokenizer), saved to disk."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    tokenizer = _write_tiny_clip_tokenizer(root / "tok")
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8)
+    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                 crop_size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    path = root / "tiny-clip"
+    CLIPModel(config).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
