@@ -1,0 +1,105 @@
+"""The building blocks every method is made of (METHODS.md, "Notation and shared building blocks").
+
+All losses are means over every element (pixels or latent entries) and over the batch, like
+`F.mse_loss`. Methods whose paper summed over pixels rescale their weights with `per_sample_size`
+so that a published weight keeps its meaning. A `Noised` batch carries its own noise and timesteps,
+so a loss can be recomputed on exactly the same draw (EUPMU's dual update needs that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Noised:
+    """Clean samples, their conditions, and one draw of timesteps and noise: `x_t = add_noise(x0, ε, t)`."""
+
+    x0: torch.Tensor
+    cond: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    x_t: torch.Tensor
+    anchor: torch.Tensor | None = None  # the anchor condition of each forget sample
+
+
+def per_sample_size(x: torch.Tensor) -> int:
+    """Elements per sample: converts a sum-over-pixels weight into this module's mean convention."""
+    return x[0].numel()
+
+
+def noised(model, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator, antithetic: bool = False,
+           anchor: torch.Tensor | None = None) -> Noised:
+    """Draw `t ~ U{0..T-1}` and `ε ~ N(0, I)` from `g` (on the CPU, so draws do not depend on the device).
+
+    `antithetic` pairs `t` with `T-1-t` inside the batch, as SA and SalUn do, to lower the variance.
+    """
+    n, T = len(x0), model.num_train_timesteps
+    if antithetic:
+        half = torch.randint(T, ((n + 1) // 2,), generator=g)
+        t = torch.cat([half, T - 1 - half])[:n]
+    else:
+        t = torch.randint(T, (n,), generator=g)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
+    t = t.to(x0.device)
+    return Noised(x0, cond, noise, t, model.add_noise(x0, noise, t), anchor)
+
+
+def predict(model, *batches: Noised, unet=None) -> list[torch.Tensor]:
+    """`ε_θ(x_t, t, c)` for several batches in one UNet call (conditions are joined along the first
+    dimension only, so class ids and text embeddings both work), split back per batch in float32.
+
+    One call instead of one per batch is cheaper, and it is why `surgery`'s second backward pass
+    costs a full pass over the joint graph while `eupmu` needs only one.
+    """
+    x_t = torch.cat([b.x_t for b in batches])
+    t = torch.cat([b.t for b in batches])
+    cond = torch.cat([b.cond for b in batches])
+    out = model.predict_noise(x_t, t, cond, unet).float()
+    return list(out.split([len(b.x_t) for b in batches]))
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred, target.float())
+
+
+@torch.no_grad()
+def anchor_target(model, b: Noised) -> torch.Tensor:
+    """`sg ε_θ(x_t, t, c_a)`: what the current model predicts for the anchor on the forget sample."""
+    return model.predict_noise(b.x_t, b.t, b.anchor).float()
+
+
+def denoise(model, b: Noised, unet=None) -> torch.Tensor:
+    """`‖ε − ε_θ(x_t, t, c)‖²`: the ordinary training loss (L_simple)."""
+    return mse(predict(model, b, unet=unet)[0], b.noise)
+
+
+def remap(model, b: Noised, unet=None) -> torch.Tensor:
+    """`‖ε_θ(x_t, t, c_f) − sg ε_θ(x_t, t, c_a)‖²`: make the forget condition predict what the anchor does."""
+    return mse(predict(model, b, unet=unet)[0], anchor_target(model, b))
+
+
+@torch.no_grad()
+def neg_guidance_target(model, ref, b: Noised, eta: float) -> torch.Tensor:
+    """ESD's target: the reference's negatively guided prediction `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`."""
+    null = model.null_condition(len(b.x_t))
+    e_null = model.predict_noise(b.x_t, b.t, null, ref).float()
+    e_cond = model.predict_noise(b.x_t, b.t, b.cond, ref).float()
+    return e_null - eta * (e_cond - e_null)
+
+
+def neg_guidance(model, ref, b: Noised, eta: float) -> torch.Tensor:
+    return mse(predict(model, b)[0], neg_guidance_target(model, ref, b, eta))
+
+
+@torch.no_grad()
+def reference_prediction(model, ref, b: Noised) -> torch.Tensor:
+    return model.predict_noise(b.x_t, b.t, b.cond, ref).float()
+
+
+def consistency(model, ref, b: Noised) -> torch.Tensor:
+    """`‖ε_θ(x_t, t, c_r) − sg ε_0(x_t, t, c_r)‖²`: keep retain predictions where the reference had them."""
+    return mse(predict(model, b)[0], reference_prediction(model, ref, b))

@@ -1,0 +1,199 @@
+"""`erase unlearn`: one training loop for every method.
+
+The loop owns everything a method should not care about: data draws, the optimizer, mixed
+precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, the progress bar, and
+the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed, and
+`erase_config.json`). Each step's randomness comes from `step_generator(seed, step, rank)`, so a run
+resumed from a checkpoint is identical to an uninterrupted one.
+
+Parameter groups: `--params` picks one explicitly (an unknown group is an error). Left unset, the
+method's preference list decides: the first group the backbone offers (ESD prefers `noxattn`, which
+only text-conditioned UNets have, so it trains `all` on the class-conditional DDPM).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
+                         restore_optimizer_state, save_checkpoint)
+from .config import build_config, config_dict
+from .methods import Method, MethodConfig, get_method
+from .methods.base import Batch, StepContext
+from .unlearn_data import UnlearnData, class_erasure_data
+from .utils import EraseError, logger, package_versions, step_generator, write_json
+
+CONFIG_FILE = "erase_config.json"
+DELTA_FILE = "delta.safetensors"
+LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
+
+
+def resolve_params(model, requested: str | None, preference: tuple[str, ...]) -> str:
+    if requested is not None:
+        model.trainable_parameters(requested)  # raises a clear error for a group the backbone lacks
+        return requested
+    available = model.parameter_groups()
+    for group in preference:
+        if group in available:
+            return group
+    raise EraseError(f"none of the preferred parameter groups {preference} exists on this backbone "
+                     f"(it has {', '.join(available)}): pass --params")
+
+
+def make_config(method: type[Method], config: MethodConfig | dict | None, **options) -> MethodConfig:
+    """The method's config from an instance, a dict (e.g. a JSON file) and keyword overrides."""
+    if isinstance(config, MethodConfig):
+        if not isinstance(config, method.Config):
+            raise EraseError(f"{type(config).__name__} is not the config of {method.name} ({method.Config.__name__})")
+        values = config_dict(config)
+    else:
+        values = dict(config or {})
+    return build_config(method.Config, values, None, **options)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
+            dataset: str | None = None, data: UnlearnData | None = None,
+            config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
+            stop_after: int | None = None, progress: bool = True, **options) -> Path:
+    """Unlearn `forget` from `model` with `method` and write the result to `out`.
+
+    `model` is a model folder or a backbone object; `forget`/`retain`/`anchor` are class ids or names
+    (or pass a prebuilt `data`); `config` and `**options` (e.g. `steps=100, lr=1e-4`) set the
+    method's config. `stop_after=k` stops after step k with a checkpoint and no model, as an
+    interruption would (a later call resumes). Returns `out`, or the checkpoint when stopped early.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .backbones import load_backbone
+
+    if out is None:
+        raise EraseError("give an output folder (--out)")
+    method_cls = get_method(method)
+    config = make_config(method_cls, config, **options)
+    base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
+    if isinstance(model, (str, Path)):
+        model = load_backbone(model)
+    out = Path(out)
+    ckpt_dir = out.with_name(out.name + "-checkpoints")
+
+    mixed = config.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    device = accelerator.device
+    model.to(device)
+    if data is None:
+        data = class_erasure_data(model, forget, retain, anchor, dataset)
+    data.to(device)
+
+    group = resolve_params(model, config.params, method_cls.params_preference)
+    for p in model.trainable_parameters("all").values():
+        p.requires_grad_(False)
+    params = model.trainable_parameters(group)
+    for p in params.values():
+        p.requires_grad_(True)
+    original = {n: p.detach().cpu().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
+    algo = method_cls(model, config, data, params)
+    algo.setup()  # on the original weights: a resume then restores the trained ones
+    ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
+
+    run = {"method": method_cls.name, "config": config_dict(config), "params": group,
+           "base_model": base_model, "data": data.description}
+    start, elapsed, step_times, recent = 0, 0.0, [], []
+    last = latest_checkpoint(ckpt_dir) if resume else None
+    if last is not None:
+        tensors, state = load_checkpoint(last)
+        check_same_config(state["run"], run, f"from {last}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors["params"][n])
+        restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
+        algo.load_state_dict(tensors.get("method", {}), state["method"])
+        start, elapsed, step_times, recent = state["step"], state["elapsed_s"], state["step_times"], state["recent"]
+        logger.info("resuming %s from %s (step %d of %d)", method_cls.name, last, start, config.steps)
+    elif ckpt_dir.exists() and not resume:
+        shutil.rmtree(ckpt_dir)
+
+    def save_state(step: int) -> Path:
+        opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
+        m_tensors, m_meta = algo.state_dict()
+        tensors = {"params": params, "optimizer": opt_tensors}
+        if m_tensors:
+            tensors["method"] = m_tensors
+        return save_checkpoint(ckpt_dir, step, tensors, {
+            "run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
+            "step_times": step_times, "recent": recent})
+
+    n_forget = round(config.batch_size * method_cls.forget_share)
+    n_retain = config.batch_size - n_forget
+    end = config.steps if stop_after is None else min(stop_after, config.steps)
+    bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
+               disable=not (progress and accelerator.is_local_main_process))
+    for step in bar:
+        t0 = time.perf_counter()
+        # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
+        g = step_generator(config.seed, step, accelerator.process_index)
+        forget_b, retain_b = data.draw(model, n_forget, n_retain, g, config.antithetic)
+        for pg in optimizer.param_groups:
+            pg["lr"] = config.lr * algo.lr_scale(step)
+        with accelerator.autocast():
+            logs = algo.step(Batch(forget_b, retain_b, step), ctx)
+        if bad := {k: v for k, v in logs.items() if not math.isfinite(v)}:
+            kept = latest_checkpoint(ckpt_dir)
+            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+            raise EraseError(f"{method_cls.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
+                             f"{step}: the run diverged; {where}. Lower --lr (now {config.lr}) or --steps.")
+        step_times.append(time.perf_counter() - t0)
+        elapsed += step_times[-1]
+        recent = (recent + [logs])[-LOSS_WINDOW:]
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+        done = step + 1
+        if accelerator.is_main_process and (done == stop_after or (done % config.checkpoint_every == 0
+                                                                   and done < config.steps)):
+            save_state(done)
+    bar.close()
+    if stop_after is not None and stop_after < config.steps:
+        return latest_checkpoint(ckpt_dir)
+
+    algo.finish()
+    if not all(torch.isfinite(p).all() for p in params.values()):
+        raise EraseError(f"{method_cls.name}: the final weights are not finite: the run diverged. "
+                         f"Lower --lr (now {config.lr}) or --steps.")
+    changed = {n: p.detach().cpu().contiguous() for n, p in params.items() if not torch.equal(p.detach().cpu(), original[n])}
+    final_losses = {k: statistics.fmean(r[k] for r in recent) for k in recent[0]} if recent else {}
+    summary = {
+        "method": method_cls.name, "paper": method_cls.paper(), "config": config_dict(config),
+        "params": group, "trainable_parameters": sum(p.numel() for p in params.values()),
+        "changed_tensors": len(changed), "base_model": base_model, "data": data.description,
+        "seed": config.seed, "steps": config.steps, "wall_time_s": round(elapsed, 2),
+        "seconds_per_step": statistics.median(step_times) if step_times else None,
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
+        "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
+    if accelerator.is_main_process:
+        model.save_pretrained(out, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model", "data", "steps")})
+        save_file(changed, out / DELTA_FILE, metadata={"format": "unet state_dict subset (load with strict=False)",
+                                                       "method": method_cls.name})
+        write_json(out / CONFIG_FILE, summary)
+        if not keep_checkpoints:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        logger.info("%s: saved %s (%d steps, %.1f s, %.3f s/step)", method_cls.name, out, config.steps,
+                    elapsed, summary["seconds_per_step"] or 0)
+    accelerator.wait_for_everyone()
+    return out

@@ -1,0 +1,126 @@
+"""What a method unlearns from: forget samples with their anchors, and retain samples.
+
+`UnlearnData` holds tensors only and indexes their first dimension only, so the conditions can be
+class-id tensors (N,) for the class-conditional DDPM or text embeddings (N, seq, dim) for Stable
+Diffusion; `x0` are pixels or VAE latents. `class_erasure_data` builds it from a labelled dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .data import load_dataset
+from .methods.losses import Noised, noised
+from .utils import EraseError
+
+
+@dataclass
+class UnlearnData:
+    forget_x0: torch.Tensor
+    forget_cond: torch.Tensor
+    anchor_cond: torch.Tensor  # one anchor condition per forget sample
+    retain_x0: torch.Tensor
+    retain_cond: torch.Tensor
+    description: dict = field(default_factory=dict)  # written to erase_config.json
+
+    def __post_init__(self):
+        if len(self.forget_x0) == 0:
+            raise EraseError("the forget set is empty: nothing to unlearn")
+        if len(self.retain_x0) == 0:
+            raise EraseError("the retain set is empty: give at least one retained class or prompt")
+        if not len(self.forget_x0) == len(self.forget_cond) == len(self.anchor_cond):
+            raise EraseError(f"forget set: {len(self.forget_x0)} samples, {len(self.forget_cond)} conditions "
+                             f"and {len(self.anchor_cond)} anchors; they must match one to one")
+        if len(self.retain_x0) != len(self.retain_cond):
+            raise EraseError(f"retain set: {len(self.retain_x0)} samples but {len(self.retain_cond)} conditions")
+
+    @property
+    def forget_fraction(self) -> float:
+        """Share of the forget samples in all the data (∇τ's α_0 depends on it)."""
+        return len(self.forget_x0) / (len(self.forget_x0) + len(self.retain_x0))
+
+    def to(self, device: torch.device | str) -> "UnlearnData":
+        for name in ("forget_x0", "forget_cond", "anchor_cond", "retain_x0", "retain_cond"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def draw(self, model, n_forget: int, n_retain: int, g: torch.Generator,
+             antithetic: bool = False) -> tuple[Noised | None, Noised | None]:
+        """Noised forget and retain batches (with replacement), every draw taken from `g`."""
+        forget = retain = None
+        if n_forget:
+            i = torch.randint(len(self.forget_x0), (n_forget,), generator=g).to(self.forget_x0.device)
+            forget = noised(model, self.forget_x0[i], self.forget_cond[i], g, antithetic, anchor=self.anchor_cond[i])
+        if n_retain:
+            i = torch.randint(len(self.retain_x0), (n_retain,), generator=g).to(self.retain_x0.device)
+            retain = noised(model, self.retain_x0[i], self.retain_cond[i], g, antithetic)
+        return forget, retain
+
+
+def parse_class_list(value: str | int | Sequence[str | int] | None) -> list[str | int] | None:
+    """'3', '3,5', 3, [3, 'five'] -> a list of ids or names; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, (int, str)):
+        value = [v.strip() for v in str(value).split(",") if v.strip()]
+    return list(value)
+
+
+def default_anchor(c: int, forget: set[int], k: int) -> int:
+    """`(c + 1) mod K`, skipping classes that are being forgotten themselves."""
+    for step in range(1, k):
+        if (c + step) % k not in forget:
+            return (c + step) % k
+    raise EraseError("every class is being forgotten: there is no class left to anchor to")
+
+
+def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | None = None,
+                       data_root: str | None = None) -> UnlearnData:
+    """Real training images of the forget classes and of the retained ones.
+
+    `forget`, `retain`, `anchor`: class ids or names (a comma list or a sequence). `retain` defaults
+    to every other class; `anchor` to `(c + 1) mod K` for each forget class `c`, or give one class
+    for all of them, or one per forget class. `dataset` defaults to the one the model was trained on.
+    """
+    forget_ids = [model.class_index(c) for c in parse_class_list(forget) or []]
+    if not forget_ids:
+        raise EraseError("give at least one class to forget, e.g. --forget 3 or --forget three")
+    k = model.num_classes
+    retain_list = parse_class_list(retain)
+    retain_ids = ([model.class_index(c) for c in retain_list] if retain_list
+                  else [c for c in range(k) if c not in forget_ids])
+    if overlap := sorted(set(retain_ids) & set(forget_ids)):
+        raise EraseError(f"classes {overlap} are both forgotten and retained: remove them from --retain")
+    anchor_list = parse_class_list(anchor)
+    if not anchor_list:
+        anchors = {c: default_anchor(c, set(forget_ids), k) for c in forget_ids}
+    elif len(anchor_list) in (1, len(forget_ids)):
+        ids = [model.class_index(a) for a in anchor_list] * (len(forget_ids) if len(anchor_list) == 1 else 1)
+        anchors = dict(zip(forget_ids, ids))
+    else:
+        raise EraseError(f"give one anchor for all forget classes or one per forget class "
+                         f"({len(forget_ids)}), got {len(anchor_list)}")
+
+    name = dataset or model.info.get("training", {}).get("config", {}).get("dataset", "digits")
+    data = load_dataset(name, "train", root=data_root, image_size=model.image_shape[-1])
+    if data.class_names != model.class_names:
+        raise EraseError(f"dataset {name!r} has classes {data.class_names} but the model has "
+                         f"{model.class_names}: pass the dataset the model was trained on with --dataset")
+    f_mask = torch.isin(data.labels, torch.tensor(forget_ids))
+    r_mask = torch.isin(data.labels, torch.tensor(retain_ids))
+    f_labels = data.labels[f_mask]
+    names = model.class_names
+    return UnlearnData(
+        forget_x0=data.images[f_mask],
+        forget_cond=model.encode_conditions(f_labels.tolist()).cpu(),
+        anchor_cond=model.encode_conditions([anchors[int(c)] for c in f_labels]).cpu(),
+        retain_x0=data.images[r_mask],
+        retain_cond=model.encode_conditions(data.labels[r_mask].tolist()).cpu(),
+        description={"kind": "class", "dataset": data.name,
+                     "forget": [names[c] for c in forget_ids], "forget_ids": forget_ids,
+                     "retain": [names[c] for c in retain_ids], "retain_ids": retain_ids,
+                     "anchor": {names[c]: names[a] for c, a in anchors.items()},
+                     "forget_images": int(f_mask.sum()), "retain_images": int(r_mask.sum())})
