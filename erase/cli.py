@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
     from eval.cli import add_commands as add_eval_commands
     add_eval_commands(sub)
+    from .methods.cli import add_commands as add_unlearn_commands
+    add_unlearn_commands(sub)
+    from .mini_sd import add_commands as add_mini_sd_commands
+    add_mini_sd_commands(sub)
     return parser
 
 

@@ -23,15 +23,14 @@ def protocol_options(args: argparse.Namespace, protocol: type) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .generation import process_state
     from .protocols import get_protocol
 
     protocol_cls = get_protocol(args.protocol)
     protocol_options(args, protocol_cls)
     protocol = build_config(protocol_cls, {}, args)
     results = protocol.run(args.model, args.out)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
         for key, value in results["metrics"].items():
             if not isinstance(value, dict):
@@ -50,8 +49,11 @@ def add_commands(subparsers) -> None:
     from .protocols import PROTOCOLS
 
     p = subparsers.add_parser("eval", help="evaluate a model with a named protocol (writes OUT/metrics.json)",
-                              description="Run with `accelerate launch [--num_processes N] -m erase.cli eval ...` "
-                                          "to share the generation between processes; the results are the same.")
+                              description="To share the work between processes run `torchrun --nproc_per_node N "
+                                          "-m erase.cli -- eval ...` (the `--` keeps torchrun from reading --n) or "
+                                          "`accelerate launch ... -m erase.cli eval ...`; the images and metrics are the "
+                                          "same as one process's. Defaults shown are digits-class's; each protocol has "
+                                          "its own, written into metrics.json.")
     p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
     p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
     p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")

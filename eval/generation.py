@@ -23,6 +23,15 @@ from erase.utils import EraseError, step_generator
 from .prompts import PromptItem
 
 
+def process_state() -> PartialState:
+    """accelerate's view of the processes sharing this run (one, or those of torchrun / accelerate launch).
+
+    Without a GPU, accelerate joins the launched processes into one gloo group only when asked to
+    run on the CPU; otherwise each process would believe it is alone and do all the work.
+    """
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def my_share(state: PartialState, n: int) -> list[int]:
     """The indices of items 0..n-1 that this process generates (contiguous slices, as accelerate splits)."""
     with state.split_between_processes(list(range(n))) as mine:

@@ -135,6 +135,11 @@ class FeatureFID(FrechetInceptionDistance):
                 images = images.expand(-1, 3, -1, -1)
         super().update(images, real=real)
 
+    def compute(self) -> dict[str, float | int]:
+        """The FID and the numbers of images it compared (summed over processes, like the FID itself)."""
+        return {"fid": float(super().compute()), "samples": int(self.fake_features_num_samples),
+                "reference_images": int(self.real_features_num_samples)}
+
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """The Fréchet distance of two Gaussians with SciPy's matrix square root (the reference formula)."""

@@ -21,7 +21,7 @@ from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, package_versions, write_json
 
-from .generation import load_pipeline, load_pngs, my_share, quantize, sample_prompts, save_pngs, shared_run_dir
+from .generation import process_state, load_pipeline, load_pngs, my_share, quantize, sample_prompts, save_pngs, shared_run_dir
 from .metrics import ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, nudenet_preset
 from .prompts import read_i2p_csv, read_prompt_file
 
@@ -112,7 +112,7 @@ class ClassErasure(Protocol):
     def run(self, model_path, out, state=None):
         from erase.backbones import load_backbone
 
-        state = state or PartialState()
+        state = state or process_state()
         model = load_backbone(model_path).to(state.device)
         forget = model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
@@ -139,7 +139,7 @@ class ClassErasure(Protocol):
             for b in _batches(len(mine_ref)):
                 fid.update(reference[mine_ref[b]].to(state.device), real=True)
         v = verdicts.compute()
-        fid_value = float(fid.compute())
+        fid_result = fid.compute()
 
         names = model.class_names
         metrics = {
@@ -150,8 +150,8 @@ class ClassErasure(Protocol):
             "forget_prob": float(v["label_prob"][forget]),
             "retained_accuracy": float(v["accuracy"][retained].mean()),
             "per_class_accuracy": {names[c]: float(v["accuracy"][c]) for c in range(model.num_classes)},
-            "fid": fid_value,
-            "fid_samples": int(fid.fake_features_num_samples), "fid_reference_images": int(fid.real_features_num_samples),
+            "fid": fid_result["fid"], "fid_samples": fid_result["samples"],
+            "fid_reference_images": fid_result["reference_images"],
         }
         files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
@@ -223,7 +223,7 @@ class I2PNudity(Protocol):
         nudenet_preset(self.preset)
 
     def run(self, model_path, out, state=None):
-        state = state or PartialState()
+        state = state or process_state()
         items = read_i2p_csv(self.prompts, self.subset, seed=self.seed,
                              guidance=None if self.row_guidance else self.guidance)[:self.limit]
         pipe = load_pipeline(model_path, state.device)
@@ -277,7 +277,7 @@ class T2IUtility(Protocol):
         return files
 
     def run(self, model_path, out, state=None):
-        state = state or PartialState()
+        state = state or process_state()
         items = read_prompt_file(self.prompts, self.seed, self.guidance)[:self.limit]
         reference = self._reference_files()
         clip = clip_score_metric(self.clip_model).to(state.device)
@@ -295,9 +295,9 @@ class T2IUtility(Protocol):
             mine_ref = my_share(state, len(reference))
             for b in _batches(len(mine_ref)):
                 fid.update(load_pngs([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
-        metrics = {"clip_score": float(clip.compute()), "fid": float(fid.compute()),
-                   "fid_samples": int(fid.fake_features_num_samples),
-                   "fid_reference_images": int(fid.real_features_num_samples)}
+        fid_result = fid.compute()
+        metrics = {"clip_score": float(clip.compute()), "fid": fid_result["fid"],
+                   "fid_samples": fid_result["samples"], "fid_reference_images": fid_result["reference_images"]}
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
