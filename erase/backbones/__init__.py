@@ -10,16 +10,25 @@ from pathlib import Path
 
 from ..utils import EraseError
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
+from .stable_diffusion import SINGLE_FILE_SUFFIXES, StableDiffusionBackbone
 
-__all__ = ["ClassConditionalDDPM", "load_backbone"]
+__all__ = ["ClassConditionalDDPM", "StableDiffusionBackbone", "load_backbone"]
 
 
-def load_backbone(path: str | Path):
-    """Load any model folder this package wrote (or a diffusers pipeline folder, once supported)."""
+def load_backbone(path: str | Path, **kwargs):
+    """Load a model: a folder this package wrote, a diffusers Stable Diffusion pipeline folder, a
+    single .safetensors/.ckpt Stable Diffusion checkpoint, or a Hub id (`owner/name`).
+
+    Keyword arguments go to `StableDiffusionBackbone.from_pretrained` (`config=`, `frozen_dtype=`).
+    """
     path = Path(path)
-    if not path.exists():
-        raise EraseError(f"model {path} does not exist")
     if (path / MODEL_FILE).is_file():
         return ClassConditionalDDPM.from_pretrained(path)
-    raise EraseError(f"{path} is not a model folder: expected {MODEL_FILE} (a class-conditional DDPM "
-                     "written by `erase train-base` or `erase unlearn`)")
+    if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES):
+        return StableDiffusionBackbone.from_pretrained(path, **kwargs)
+    if path.exists():
+        raise EraseError(f"{path} is not a model: expected a folder with {MODEL_FILE} (a class-conditional "
+                         "DDPM written by `erase train-base` or `erase unlearn`), a diffusers pipeline folder "
+                         f"(model_index.json) or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint file")
+    # Not on disk: a Hub id such as CompVis/stable-diffusion-v1-4, or a typo (refused with a clear message).
+    return StableDiffusionBackbone.from_pretrained(str(path), **kwargs)
