@@ -1,0 +1,77 @@
+"""`erase unlearn` and `erase methods`.
+
+A method's options come from its config dataclass. The `unlearn` parser first reads `--method`,
+then adds that method's options and parses the command line for real, so `erase unlearn --method
+eupmu --help` lists exactly the options EUPMU has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import add_dataclass_arguments, load_config_file
+from . import METHODS, MethodConfig, get_method
+
+
+class _UnlearnParser(argparse.ArgumentParser):
+    def parse_known_args(self, args=None, namespace=None):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--method")
+        name = pre.parse_known_args(args)[0].method
+        if name in METHODS and not getattr(self, "_method_options", None):
+            add_dataclass_arguments(self.add_argument_group(f"options of {name}"), METHODS[name].Config)
+            self._method_options = name
+        return super().parse_known_args(args, namespace)
+
+
+def cmd_unlearn(args: argparse.Namespace) -> None:
+    from ..config import build_config
+    from ..unlearn import unlearn
+
+    method = get_method(args.method)
+    config = build_config(method.Config, load_config_file(args.config), args)
+    out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
+                  dataset=args.dataset, config=config, resume=not args.no_resume,
+                  keep_checkpoints=args.keep_checkpoints)
+    print(f"wrote {out} (model, delta.safetensors, erase_config.json)")
+
+
+def describe_defaults(config_cls: type) -> str:
+    """The defaults a method changes from the common ones, plus its own fields."""
+    common = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
+    parts = [f"{f.name}={f.default}" for f in dataclasses.fields(config_cls)
+             if f.name not in common or f.default != common[f.name]]
+    return ", ".join(parts)
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    common = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(MethodConfig))
+    print(f"common defaults: {common}\n")
+    for name, method in METHODS.items():
+        print(f"{name:9s} {method.paper()}")
+        print(f"{'':9s} params: first of {', '.join(method.params_preference)} that the backbone has; "
+              f"forget share of each batch: {method.forget_share:g}")
+        print(f"{'':9s} defaults: {describe_defaults(method.Config)}\n")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("unlearn", help="erase classes or concepts from a model with one of the methods",
+                       description="Erase classes from a model. Add --method NAME --help to see that "
+                                   "method's options.")
+    p.__class__ = _UnlearnParser  # subparsers are built by argparse; this one learns --method first
+    p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`)")
+    p.add_argument("--method", required=True, choices=list(METHODS), help="unlearning method (`erase methods`)")
+    p.add_argument("--forget", required=True, help="class ids or names to forget, comma-separated (e.g. 3 or three,5)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--retain", help="classes to retain (default: every other class)")
+    p.add_argument("--anchor", help="class each forget class is remapped to: one for all or one per forget "
+                                    "class (default: (c + 1) mod K, skipping forgotten classes)")
+    p.add_argument("--dataset", help="dataset of the forget/retain images (default: the model's training set)")
+    p.add_argument("--config", help="JSON file of method options (command-line options override it)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    p.set_defaults(func=cmd_unlearn)
+
+    p = sub.add_parser("methods", help="list the unlearning methods with their papers and defaults")
+    p.set_defaults(func=cmd_methods)
