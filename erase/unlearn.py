@@ -56,7 +56,8 @@ def make_config(method: type[Method], config: MethodConfig | dict | None, **opti
         values = config_dict(config)
     else:
         values = dict(config or {})
-    return build_config(method.Config, values, None, **options)
+    # Options go through the same check as a config file, so a misspelt one is refused, not ignored.
+    return build_config(method.Config, {**values, **options})
 
 
 def peak_memory_mb(device: torch.device) -> float:
