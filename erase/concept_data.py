@@ -1,0 +1,172 @@
+"""Training data for text concepts: images the original model draws from the concept's prompts.
+
+SalUn and EUPMU erase nudity with 800 images generated from the forget prompt and 800 from the
+anchor prompt; the methods here follow that recipe for any concept (`erase/concepts.py`). The images
+are generated once, with a recorded seed per image, and cached as the VAE latents the methods train
+on, next to the text embeddings of every prompt and a JSON manifest (model, prompts, seeds, sampler
+settings, package versions). Every method and every run with the same model, concept and settings
+reuses the cache.
+
+The cached latents are the sampler's final latents (what the VAE would decode), so no image is
+ever quantised to 8 bits and re-encoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .concepts import Concept
+from .config import config_dict, field
+from .unlearn_data import UnlearnData
+from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions, read_json, write_json
+
+MANIFEST = "manifest.json"
+LATENTS = "latents.safetensors"
+EMBEDDINGS = "embeddings.safetensors"
+CACHE_VERSION = 1
+SETS = ("forget", "anchor", "retain")  # the seed of image i of set s is derive_seed(seed, s, i)
+
+
+@dataclass
+class ConceptDataConfig:
+    images: int = field(800, "images generated per set (forget, anchor, retain); SalUn and EUPMU use 800")
+    steps: int | None = field(None, "sampling steps (default: the model's sample_defaults, else 50)")
+    guidance: float | None = field(None, "classifier-free guidance scale (default: the model's, else 7.5)")
+    batch_size: int = field(8, "images per pipeline call (fixed, so that every image is reproducible)")
+    seed: int = field(0, "image i of set s gets the seed derive_seed(seed, s, i)")
+    anchor_in_retain: bool = field(True, "add the anchor images to the retain set (SalUn's nudity recipe: "
+                                         "images of 'a person wearing clothes' are the retain data)")
+
+    def __post_init__(self):
+        if self.images < 1 or self.batch_size < 1:
+            raise ValueError("images and batch_size must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("ERASE_CACHE", Path.home() / ".cache" / "erase")).expanduser() / "concepts"
+
+
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """A hash of a strided sample of every UNet weight: tells models apart without hashing gigabytes."""
+    h = hashlib.sha256()
+    for name, p in unet.state_dict().items():
+        flat = p.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _plan(concept: Concept, config: ConceptDataConfig) -> dict[str, list[tuple[str, int]]]:
+    """(prompt, seed) of every image, per set; prompts cycle through the set's list."""
+    prompts = {"forget": concept.forget, "anchor": [concept.anchor], "retain": concept.retain}
+    return {name: [(prompts[name][i % len(prompts[name])], derive_seed(config.seed, s, i))
+                   for i in range(config.images)]
+            for s, name in enumerate(SETS)}
+
+
+def _settings(model, concept: Concept, config: ConceptDataConfig) -> dict:
+    defaults = model.info.get("sample_defaults", {})
+    return {
+        "cache_version": CACHE_VERSION,
+        "model": model.info.get("source", "in-memory model"),
+        "unet_fingerprint": unet_fingerprint(model.unet),
+        "concept": concept.as_dict(),
+        "images": config.images,
+        "steps": config.steps or defaults.get("steps", 50),
+        "guidance": config.guidance if config.guidance is not None else defaults.get("guidance", 7.5),
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+    }
+
+
+def cache_dir_for(settings: dict, root: str | Path | None = None) -> Path:
+    """`<root>/<concept>-<hash of the settings>`: the same settings always find the same folder."""
+    key = {k: v for k, v in settings.items() if k != "model"}  # the fingerprint identifies the model
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in settings["concept"]["name"])[:40]
+    return Path(root or default_cache_root()) / f"{name}-{digest}"
+
+
+def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | None = None,
+                           cache_root: str | Path | None = None, progress: bool = True) -> Path:
+    """Generate (or find) the cached latents and embeddings of `concept`; returns the cache folder."""
+    config = config or ConceptDataConfig()
+    settings = _settings(model, concept, config)
+    folder = cache_dir_for(settings, cache_root)
+    if (folder / MANIFEST).is_file():
+        manifest = read_json(folder / MANIFEST, what="concept cache manifest")
+        if manifest.get("settings") == settings:
+            logger.info("reusing cached concept data %s", folder)
+            return folder
+        raise EraseError(f"{folder} holds concept data made with other settings; delete it to regenerate")
+
+    plan = _plan(concept, config)
+    latents = {}
+    for name in SETS:
+        prompts, seeds = zip(*plan[name])
+        logger.info("generating %d %s images (%s)", len(seeds), name, ", ".join(dict.fromkeys(prompts))[:120])
+        latents[name] = model.sample(list(prompts), list(seeds), steps=settings["steps"],
+                                     guidance=settings["guidance"], batch_size=config.batch_size,
+                                     progress=progress, return_latents=True).contiguous()
+    distinct = list(dict.fromkeys([""] + concept.forget + [concept.anchor] + concept.retain))
+    embeddings = model.encode_conditions(distinct).float().cpu().contiguous()
+    with atomic_dir(folder) as tmp:
+        save_file(latents, tmp / LATENTS)
+        save_file({"embeddings": embeddings}, tmp / EMBEDDINGS)
+        write_json(tmp / MANIFEST, {
+            "settings": settings,
+            "config": config_dict(config),
+            "embedding_prompts": distinct,
+            "images": {name: [{"prompt": p, "seed": s} for p, s in plan[name]] for name in SETS},
+            "versions": package_versions(),
+        })
+    logger.info("cached concept data in %s", folder)
+    return folder
+
+
+def load_concept_cache(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """(latents per set, embedding per prompt, manifest) of a cache folder."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST, what="concept cache manifest")
+    for f in (LATENTS, EMBEDDINGS):
+        if not (folder / f).is_file():
+            raise EraseError(f"concept cache {folder} lacks {f}: delete the folder to regenerate it")
+    latents = load_file(folder / LATENTS)
+    table = load_file(folder / EMBEDDINGS)["embeddings"]
+    embeddings = dict(zip(manifest["embedding_prompts"], table))
+    return latents, embeddings, manifest
+
+
+def concept_unlearn_data(model, concept: Concept, config: ConceptDataConfig | None = None,
+                         cache_root: str | Path | None = None, progress: bool = True) -> UnlearnData:
+    """The engine's data object for a text concept, from the cache (generated on first use)."""
+    config = config or ConceptDataConfig()
+    folder = generate_concept_cache(model, concept, config, cache_root, progress)
+    latents, emb, manifest = load_concept_cache(folder)
+    images = manifest["images"]
+
+    def conds(name: str) -> torch.Tensor:
+        return torch.stack([emb[item["prompt"]] for item in images[name]])
+
+    retain_x0, retain_cond = latents["retain"], conds("retain")
+    if config.anchor_in_retain:
+        retain_x0 = torch.cat([latents["anchor"], retain_x0])
+        retain_cond = torch.cat([conds("anchor"), retain_cond])
+    forget_cond = conds("forget")
+    anchor_cond = emb[concept.anchor].expand(len(forget_cond), *forget_cond.shape[1:]).contiguous()
+    return UnlearnData(
+        forget_x0=latents["forget"], forget_cond=forget_cond, anchor_cond=anchor_cond,
+        retain_x0=retain_x0, retain_cond=retain_cond,
+        description={"kind": "concept", "concept": concept.as_dict(), "cache": str(folder),
+                     "forget_images": len(latents["forget"]), "retain_images": len(retain_x0),
+                     "anchor_in_retain": config.anchor_in_retain, "steps": manifest["settings"]["steps"],
+                     "guidance": manifest["settings"]["guidance"], "seed": config.seed})
