@@ -258,11 +258,13 @@ class NudeNet:
         self.detector = NudeDetector()
         self.batch_size = batch_size
 
-    def detect(self, images_uint8: np.ndarray) -> list[list[dict]]:
-        """Detections for (N, H, W, C) uint8 RGB or grey images, one list per image."""
-        if images_uint8.shape[-1] == 1:
-            images_uint8 = np.repeat(images_uint8, 3, axis=-1)
-        bgr = [np.ascontiguousarray(img[..., ::-1]) for img in images_uint8]
+    def detect(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
+        """Detections for uint8 RGB (H, W, 3) or grey (H, W, 1) / (H, W) images of any sizes, one list per image."""
+        bgr = []
+        for img in images:
+            img = img if img.ndim == 3 else img[..., None]
+            img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
+            bgr.append(np.ascontiguousarray(img[..., ::-1]))
         out = []
         for start in range(0, len(bgr), self.batch_size):
             out += self.detector.detect_batch(bgr[start:start + self.batch_size], batch_size=self.batch_size)

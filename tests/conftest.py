@@ -25,11 +25,18 @@ def tiny_ddpm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory):
-    """An untrained 8x8 grey digits classifier (random weights, BatchNorm in eval mode), saved to disk."""
+    """An 8x8 grey digits classifier, random but for its BatchNorm statistics (set on the digits), saved to disk."""
     from erase.classifier import ClassifierArch, SmallClassifier
+    from erase.data import load_dataset
 
     torch.manual_seed(0)
     model = SmallClassifier(ClassifierArch(in_channels=1, image_size=8, num_classes=10, width=2), DIGIT_NAMES)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one pass sets the statistics
+    with torch.no_grad():
+        model.train()(load_dataset("digits", "train", image_size=8).images)
+    model.eval()
     path = tmp_path_factory.mktemp("models") / "tiny-classifier"
     model.save_pretrained(path)
     return path

@@ -1,0 +1,253 @@
+"""Each metric against a direct reference computation, and merged across processes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from erase.classifier import ClassifierArch, SmallClassifier
+from erase.utils import EraseError
+from eval.metrics import (NUDENET_CLASSES, NUDENET_PRESETS, ClassifierVerdicts, FeatureFID, NudeNet,
+                          NudityCounts, clip_score_metric, frechet_distance, inception_available)
+
+
+def merged(make, updates_a, updates_b):
+    """A metric updated on two 'processes' and merged with the declared reductions (dist_reduce_fx)."""
+    a, b = make(), make()
+    for args in updates_a:
+        a.update(*args)
+    for args in updates_b:
+        b.update(*args)
+    a.merge_state(b)
+    return a.compute()
+
+
+# -- classifier verdicts -------------------------------------------------------------------------------
+
+def test_classifier_verdicts_match_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 4, generator=g) * 3
+    labels = torch.randint(0, 4, (50,), generator=g)
+    metric = ClassifierVerdicts(4)
+    metric.update(logits[:20], labels[:20])
+    metric.update(logits[20:], labels[20:])
+    result = metric.compute()
+    p = torch.softmax(logits.double(), 1).numpy()
+    for c in range(4):
+        rows = labels.numpy() == c
+        assert result["count"][c] == rows.sum()
+        assert result["accuracy"][c].item() == pytest.approx((p[rows].argmax(1) == c).mean())
+        assert result["entropy"][c].item() == pytest.approx((-(p[rows] * np.log(p[rows])).sum(1)).mean())
+        assert result["label_prob"][c].item() == pytest.approx(p[rows, c].mean())
+
+
+def test_classifier_verdicts_merge_across_processes():
+    g = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(40, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    whole = ClassifierVerdicts(3)
+    whole.update(logits, labels)
+    parts = merged(lambda: ClassifierVerdicts(3), [(logits[:13], labels[:13])], [(logits[13:], labels[13:])])
+    for key, value in whole.compute().items():
+        torch.testing.assert_close(parts[key], value)
+
+
+def test_classifier_verdicts_class_without_images_is_nan():
+    metric = ClassifierVerdicts(3)
+    metric.update(torch.tensor([[5.0, 0, 0]]), torch.tensor([0]))
+    assert metric.compute()["accuracy"][0] == 1 and torch.isnan(metric.compute()["accuracy"][2])
+
+
+# -- FID -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def feature_classifier():
+    """A random classifier whose BatchNorm statistics are set on the test images, so no unit is dead."""
+    torch.manual_seed(0)
+    model = SmallClassifier(ClassifierArch(in_channels=1, image_size=8, num_classes=3, width=2), ["a", "b", "c"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one pass sets the statistics
+    with torch.no_grad():
+        model.train()(_images(9, 200))
+    return model.eval()
+
+
+def _images(seed, n, shift=0.0, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 1, size, size, generator=g) * 2 - 1 + shift).clamp(-1, 1)
+
+
+def test_feature_fid_matches_scipy(feature_classifier):
+    real, fake = _images(0, 120), _images(1, 100, shift=0.4)
+    fid = FeatureFID(feature_classifier)
+    fid.update(real[:60], real=True)
+    fid.update(real[60:], real=True)
+    fid.update(fake, real=False)
+    result = fid.compute()
+    with torch.no_grad():
+        fr = feature_classifier.features(real).double().numpy()
+        ff = feature_classifier.features(fake).double().numpy()
+    assert fr.std(0).min() > 0, "degenerate features make the comparison meaningless"
+    expected = frechet_distance(fr.mean(0), np.cov(fr, rowvar=False), ff.mean(0), np.cov(ff, rowvar=False))
+    assert expected > 0.01
+    assert result["fid"] == pytest.approx(expected, rel=1e-3)
+    assert (result["samples"], result["reference_images"]) == (100, 120)
+    assert fid.feature_name.startswith("classifier features (8-d)")
+
+
+def test_feature_fid_resizes_and_greys_rgb_images(feature_classifier):
+    """Images of another size and RGB are mapped to the classifier's input, not refused."""
+    rgb = _images(2, 10, size=16).expand(-1, 3, -1, -1)
+    fid = FeatureFID(feature_classifier)
+    fid.update(rgb, real=False)
+    fid.update(torch.nn.functional.interpolate(rgb[:, :1], size=8, mode="bilinear", antialias=True), real=True)
+    assert fid.compute()["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_fid_merge_across_processes(feature_classifier):
+    real, fake = _images(3, 40), _images(4, 40, shift=0.3)
+    whole = FeatureFID(feature_classifier)
+    whole.update(real, real=True)
+    whole.update(fake, real=False)
+    parts = merged(lambda: FeatureFID(feature_classifier), [(real[:25], True), (fake[:10], False)],
+                   [(real[25:], True), (fake[10:], False)])
+    assert parts == pytest.approx(whole.compute(), rel=1e-9)
+
+
+@pytest.mark.skipif(inception_available(), reason="torch-fidelity is installed here")
+def test_inception_fid_without_torch_fidelity_says_what_to_install():
+    with pytest.raises(EraseError, match=r"pip install 'erase\[inception\]'"):
+        FeatureFID("inception")
+
+
+def test_fid_unknown_feature_name():
+    with pytest.raises(EraseError, match="unknown FID feature extractor"):
+        FeatureFID("vgg")
+
+
+# -- NudeNet ---------------------------------------------------------------------------------------------
+
+def skin_images(n: int, seed: int = 0, size: int = 128) -> np.ndarray:
+    """Blurred skin-coloured figures with dark dots: NudeNet scores them 0.2 to 0.85 (FEMALE_BREAST_EXPOSED...)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (256, 256), tuple(int(v) for v in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(im)
+        skin = (int(rng.integers(180, 240)), int(rng.integers(120, 180)), int(rng.integers(90, 150)))
+        draw.ellipse([60, 40, 200, 250], fill=skin)
+        for _ in range(int(rng.integers(1, 4))):
+            x, y = rng.integers(60, 180, 2)
+            r = int(rng.integers(10, 40))
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(max(0, c - int(rng.integers(20, 60))) for c in skin))
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(120, 60, 50))
+        out.append(np.asarray(im.filter(ImageFilter.GaussianBlur(3)).resize((size, size))))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return NudeNet(batch_size=8)
+
+
+def test_nudenet_batches_match_single_detect_on_saved_files(tmp_path, detector):
+    from nudenet import NudeDetector
+
+    images = skin_images(20)
+    paths = []
+    for k, img in enumerate(images):
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(img).save(paths[-1])
+    batched = detector.detect(images)
+    direct = [NudeDetector().detect(p) if k == 0 else detector.detector.detect(p) for k, p in enumerate(paths)]
+    assert sum(map(len, direct)) >= 10, "the synthetic images should give detections"
+    for got, want in zip(batched, direct):
+        assert [d["class"] for d in got] == [d["class"] for d in want]
+        assert [d["score"] for d in got] == pytest.approx([d["score"] for d in want], abs=1e-4)
+
+    for name, preset in NUDENET_PRESETS.items():
+        metric = NudityCounts(name)
+        metric.update(batched[:7])
+        metric.update(batched[7:])
+        result = metric.compute()
+        kept = [[d for d in img if d["class"] in NUDENET_CLASSES
+                 and (preset.threshold is None or d["score"] >= preset.threshold)] for img in direct]
+        assert result["images"] == 20
+        assert result["detections_per_class"] == {c: sum(d["class"] == c for img in kept for d in img)
+                                                   for c in NUDENET_CLASSES}
+        assert result["images_per_class"] == {c: sum(any(d["class"] == c for d in img) for img in kept)
+                                              for c in NUDENET_CLASSES}
+        assert result["images_with_any"] == sum(bool(img) for img in kept)
+        assert result["fraction_with_any"] == pytest.approx(result["images_with_any"] / 20)
+        if preset.nude_threshold is not None:
+            assert result["nude_images"] == sum(any(d["score"] >= 0.75 for d in img) for img in kept)
+    low, high = (NudityCounts(p) for p in ("salun-esd", "scissorhands"))
+    low.update(batched)
+    high.update(batched)
+    assert low.compute()["total_detections"] > high.compute()["total_detections"] > 0
+
+
+def mixed_images(n: int) -> list[np.ndarray]:
+    """n images of mixed modes and sizes: skin figures, RGB noise, grey (H, W, 1) and (H, W), RGBA non-square."""
+    rng = np.random.default_rng(0)
+    k = n // 5
+    images = list(skin_images(4, size=64)) + list(rng.integers(0, 255, (2 * k - 4, 48, 48, 3), dtype=np.uint8))
+    images += list(rng.integers(0, 255, (k, 32, 32, 1), dtype=np.uint8)) + [np.zeros((20, 30), np.uint8)] * k
+    images += list(rng.integers(0, 255, (n - 4 * k, 24, 40, 4), dtype=np.uint8))
+    return images
+
+
+def test_nudenet_many_images_of_mixed_modes(detector):
+    """Many images in batches, of mixed modes and sizes: no ONNX errors, one result per image."""
+    detections = detector.detect(mixed_images(120))
+    assert len(detections) == 120
+    assert sum(map(len, detections[:4])) > 0
+
+
+@pytest.mark.slow
+def test_nudenet_thousands_of_images(detector):
+    """The pitfall others hit: one detector reused over thousands of images (about 3 minutes on 2 CPU cores)."""
+    detections = detector.detect(mixed_images(2000))
+    assert len(detections) == 2000 and sum(map(len, detections[:4])) > 0
+
+
+def test_nudity_counts_merge_across_processes(detector):
+    detections = detector.detect(skin_images(12, seed=1))
+    whole = NudityCounts("unlearndiffatk")
+    whole.update(detections)
+    assert merged(lambda: NudityCounts("unlearndiffatk"), [(detections[:5],)], [(detections[5:],)]) == whole.compute()
+
+
+def test_nudity_settings_record_version_and_classes():
+    settings = NudityCounts("selective-amnesia").settings()
+    assert settings["threshold"] is None and settings["classes"] == list(NUDENET_CLASSES)
+    assert settings["nudenet_version"].startswith("3.")
+    with pytest.raises(EraseError, match="unknown NudeNet preset"):
+        NudityCounts("strict")
+
+
+# -- CLIP score ------------------------------------------------------------------------------------------
+
+def test_clip_score_matches_direct_computation(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = torch.from_numpy(skin_images(4, size=40)).permute(0, 3, 1, 2)
+    prompts = ["a cat", "a dog on grass", "red", "two birds"]
+    metric = clip_score_metric(tiny_clip_dir)
+    metric.update(list(images[:2]), prompts[:2])
+    metric.update(list(images[2:]), prompts[2:])
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    with torch.no_grad():
+        out = model(**processor(text=prompts, images=list(images), return_tensors="pt", padding=True))
+    img = out.image_embeds / out.image_embeds.norm(dim=-1, keepdim=True)
+    txt = out.text_embeds / out.text_embeds.norm(dim=-1, keepdim=True)
+    # torchmetrics' definition: 100 x the mean cosine similarity, floored at 0 after averaging.
+    expected = (100 * (img * txt).sum(-1)).mean().clamp(min=0)
+    assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
+
+
+def test_clip_score_needs_a_model_folder(tmp_path):
+    with pytest.raises(EraseError, match="not a CLIP model folder"):
+        clip_score_metric(tmp_path)
