@@ -1,0 +1,86 @@
+"""Prompt sets, the concept loader and the cached concept training data."""
+
+import json
+
+import pytest
+import torch
+
+from erase.backbones import StableDiffusionBackbone
+from erase.concept_data import ConceptDataConfig, concept_unlearn_data, generate_concept_cache
+from erase.concepts import available_concepts, load_concept
+from erase.utils import EraseError
+from test_sd_backbone import tiny_pipeline
+
+
+def test_shipped_concepts_load():
+    assert {"nudity", "van-gogh", "church", "three"} <= set(available_concepts())
+    nudity = load_concept("nudity")
+    assert nudity.forget[0] == "a photo of a nude person"
+    assert nudity.anchor == "a photo of a person wearing clothes"
+    assert nudity.retain and not any(p.startswith("#") for p in nudity.forget + nudity.retain)
+    assert load_concept("three").anchor == ""  # an anchor file of comments only: the empty prompt
+
+
+def test_literal_prompt_and_overrides(tmp_path):
+    concept = load_concept("Van Gogh")
+    assert concept.forget == ["Van Gogh"] and concept.anchor == "" and concept.retain
+    retain = tmp_path / "retain.txt"
+    retain.write_text("# comment\n\na photo of a dog\n")
+    concept = load_concept("Van Gogh", anchor="a painting", retain=retain)
+    assert concept.anchor == "a painting" and concept.retain == ["a photo of a dog"]
+
+
+def test_missing_prompt_files_are_clear_errors(tmp_path):
+    with pytest.raises(EraseError, match="retain prompt file not found"):
+        load_concept("nudity", retain=tmp_path / "nope.txt")
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "forget.txt").write_text("a cat\n")
+    with pytest.raises(EraseError, match="lacks anchor.txt, retain.txt"):
+        load_concept(str(folder))
+    (folder / "anchor.txt").write_text("an animal\nanother\n")
+    (folder / "retain.txt").write_text("a dog\n")
+    with pytest.raises(EraseError, match="one anchor"):
+        load_concept(str(folder))
+    with pytest.raises(EraseError, match="give a concept"):
+        load_concept("  ")
+
+
+def test_concept_data_is_generated_once_and_reused(tmp_path):
+    model = StableDiffusionBackbone(tiny_pipeline())
+    concept = load_concept("three")
+    config = ConceptDataConfig(images=3, steps=2, batch_size=2)
+    data = concept_unlearn_data(model, concept, config, cache_root=tmp_path, progress=False)
+    folder, = tmp_path.iterdir()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["images"]["forget"][1]["prompt"] == concept.forget[1]
+    assert manifest["settings"]["unet_fingerprint"] and manifest["settings"]["steps"] == 2
+    assert data.forget_x0.shape == (3, *model.latent_shape)
+    assert data.forget_cond.shape == (3, model.tokenizer.model_max_length, 16)
+    assert torch.equal(data.anchor_cond[0], model.null_condition(1)[0].cpu())
+    assert len(data.retain_x0) == 6  # anchor images join the retain set (SalUn's recipe)
+    # Cached embeddings are the text encoder's.
+    assert torch.equal(data.retain_cond[3], model.encode_conditions([concept.retain[0]])[0])
+
+    mtime = (folder / "latents.safetensors").stat().st_mtime_ns
+    again = concept_unlearn_data(model, concept, config, cache_root=tmp_path, progress=False)
+    assert (folder / "latents.safetensors").stat().st_mtime_ns == mtime
+    assert torch.equal(again.forget_x0, data.forget_x0)
+    # Image i is the same whatever the count: its seed depends on (seed, set, i) only.
+    more = concept_unlearn_data(model, concept, ConceptDataConfig(images=4, steps=2, batch_size=2),
+                                cache_root=tmp_path, progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+    assert torch.equal(more.forget_x0[:3], data.forget_x0)
+    # A changed model gets its own cache, never the old images.
+    with torch.no_grad():
+        next(iter(model.unet.parameters())).add_(1.0)
+    assert generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False) != folder
+
+
+def test_damaged_cache_is_a_clear_error(tmp_path):
+    model = StableDiffusionBackbone(tiny_pipeline())
+    config = ConceptDataConfig(images=1, steps=1, batch_size=1)
+    folder = generate_concept_cache(model, load_concept("church"), config, cache_root=tmp_path, progress=False)
+    (folder / "latents.safetensors").unlink()
+    with pytest.raises(EraseError, match="lacks latents.safetensors"):
+        concept_unlearn_data(model, load_concept("church"), config, cache_root=tmp_path, progress=False)
