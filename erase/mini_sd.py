@@ -1,0 +1,359 @@
+"""`erase train-mini-sd`: a miniature Stable Diffusion trained on captioned handwritten digits.
+
+It is a real `StableDiffusionPipeline` (AutoencoderKL, CLIPTextModel + CLIPTokenizer,
+UNet2DConditionModel with cross-attention, DDIM scheduler), only tiny: 16x16 grey images drawn as
+3-channel RGB, 4x8x8 latents, a 2-layer text encoder over a vocabulary of its own in which every
+caption word is one token. Prompt-based erasure ("three", "the number 3", ...) therefore runs
+through exactly the code path of SD 1.x, on a CPU, in minutes.
+
+Training has two phases so that it fits ~15 minutes on two CPU cores: the VAE alone (reconstruction
+plus a small KL term), then the UNet and the text encoder jointly on the frozen VAE's latents, with
+10% of captions dropped to the empty prompt for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import config_dict, field
+from .data import DIGITS_NAMES, load_dataset
+from .utils import EraseError, atomic_write_text, logger, package_versions, step_generator, write_json
+
+# Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
+# only words seen in training, in combinations never seen: they test paraphrase generalisation.
+TRAIN_TEMPLATES = (
+    "a handwritten digit {w}",
+    "the number {d}",
+    "a drawing of a {d}",
+    "the number {w}",
+    "a picture of the digit {w}",
+    "an image of a handwritten {d}",
+    "{w}",
+    "{d}",
+)
+HELDOUT_TEMPLATES = (
+    "a drawing of the number {w}",
+    "a picture of a handwritten {w}",
+    "the handwritten digit {d}",
+)
+# Extra words the tokenizer knows although no training caption uses them, so that prompts of other
+# concepts (nudity, objects, styles) tokenize to something other than unknown tokens on this model.
+EXTRA_WORDS = ("photo", "person", "nude", "naked", "wearing", "clothes", "painting", "style", "by", "van",
+               "gogh", "car", "dog", "cat", "church", "parachute", "with", "in", "and", "sketch", "art")
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def captions(label: int, templates=TRAIN_TEMPLATES) -> list[str]:
+    return [t.format(w=DIGITS_NAMES[label], d=label) for t in templates]
+
+
+def caption_words() -> list[str]:
+    words = {w for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES for c in range(10)
+             for w in t.format(w=DIGITS_NAMES[c], d=c).split()}
+    return sorted(words | set(EXTRA_WORDS))
+
+
+# -- tokenizer -------------------------------------------------------------------------------------
+def _bpe_files(words: list[str]) -> tuple[dict[str, int], list[str]]:
+    """CLIP-style BPE vocab and merges in which each word becomes one token `word</w>`.
+
+    Each word is built left to right by a chain of merges (t h -> th, th r -> thr, ...). The chains
+    of different words can interfere (a pair inside one word may be the first merge of another);
+    `build_tokenizer` checks the result and appends rescue merges for the words that did not end
+    up as one token.
+    """
+    vocab: dict[str, int] = {}
+    chars = sorted({ch for w in words for ch in w})
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            current += piece
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(current, len(vocab))
+    for token in SPECIAL_TOKENS:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def _clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], max_length: int):
+    from transformers import CLIPTokenizer
+
+    write_json(folder / "vocab.json", vocab)
+    atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                         pad_token="<|endoftext|>")
+
+
+def build_tokenizer(words: list[str], max_length: int = 16, folder: str | Path | None = None):
+    """A CLIPTokenizer over `words` (lower-case letters and digits) that keeps each word whole.
+
+    Its vocab.json and merges.txt are written to `folder` (kept: older transformers read these
+    rather than tokenizer.json), or to a temporary folder.
+    """
+    vocab, merges = _bpe_files(words)
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(10):
+            tokenizer = _clip_tokenizer(Path(tmp), vocab, merges, max_length)
+            broken = {w: tokenizer.tokenize(w) for w in words if tokenizer.tokenize(w) != [w + "</w>"]}
+            if not broken:
+                return _clip_tokenizer(Path(folder), vocab, merges, max_length) if folder else tokenizer
+            for pieces in broken.values():  # rescue: join what BPE produced, left to right
+                current = pieces[0]
+                for piece in pieces[1:]:
+                    merges.append(f"{current} {piece}")
+                    current += piece
+                    vocab.setdefault(current, len(vocab))
+    raise EraseError(f"could not build a tokenizer that keeps these words whole: {sorted(broken)}")
+
+
+# -- model construction -----------------------------------------------------------------------------
+def build_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), unet_channels=(16, 32),
+                   text_hidden: int = 32, text_layers: int = 2, latent_channels: int = 4,
+                   norm_groups: int = 8):
+    """A fresh, untrained StableDiffusionPipeline of the miniature architecture (also used by tests)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    levels = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(vae_channels), layers_per_block=1, norm_num_groups=norm_groups,
+        sample_size=image_size, mid_block_add_attention=False)  # attention buys nothing at 8x8
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+        num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    n = len(unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2 ** (levels - 1), in_channels=latent_channels, out_channels=latent_channels,
+        block_out_channels=tuple(unet_channels), layers_per_block=1, norm_num_groups=norm_groups,
+        down_block_types=("CrossAttnDownBlock2D",) * n, up_block_types=("CrossAttnUpBlock2D",) * n,
+        cross_attention_dim=text_hidden, attention_head_dim=8)
+    # SD 1.x's schedule and sampler settings, so that the code path is the real one.
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type="epsilon")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# -- training -------------------------------------------------------------------------------------
+@dataclass
+class MiniSDConfig:
+    vae_steps: int = field(400, "VAE training steps (phase 1)")
+    vae_lr: float = field(1e-3, "VAE AdamW learning rate")
+    vae_kl_weight: float = field(1e-4, "weight of the KL term of the VAE (keeps latents near N(0, I))")
+    steps: int = field(2500, "UNet + text encoder training steps (phase 2)")
+    batch_size: int = field(64, "images per step")
+    lr: float = field(1.5e-3, "peak AdamW learning rate of phase 2 (warm-up, cosine decay to 10%)")
+    warmup_steps: int = field(200, "linear warm-up steps of phase 2")
+    caption_dropout: float = field(0.1, "probability of training on the empty prompt (classifier-free guidance)")
+    ema_decay: float = field(0.999, "EMA of the UNet and text encoder weights; the EMA weights are saved")
+    unet_channels: tuple[int, ...] = field((16, 32), "UNet channels per level (cross-attention at each)")
+    vae_channels: tuple[int, ...] = field((16, 32), "VAE channels per level (one 2x downsampling per extra level)")
+    text_hidden: int = field(32, "text encoder width (= UNet cross-attention dim)")
+    eval_images: int = field(20, "images per digit for the accuracy check after training (0 skips it)")
+    eval_guidance: float = field(3.0, "guidance scale of the accuracy check")
+    eval_steps: int = field(25, "DDIM steps of the accuracy check")
+    seed: int = field(0, "seed of weights, batches, noise and timesteps")
+
+    def __post_init__(self):
+        for name in ("vae_steps", "steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+def _lr(config: MiniSDConfig, step: int) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
+    vae.train()
+    loss_avg = None
+    for step in range(config.vae_steps):
+        g = step_generator(config.seed, 0, step)
+        x = images[torch.randint(len(images), (config.batch_size,), generator=g)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        loss = F.mse_loss(vae.decode(z).sample, x) + config.vae_kl_weight * posterior.kl().mean() / z[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        if (step + 1) % 250 == 0:
+            logger.info("vae step %d/%d: loss %.4f", step + 1, config.vae_steps, loss_avg)
+    vae.eval().requires_grad_(False)
+    return loss_avg
+
+
+@torch.no_grad()
+def _ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
+    """Train the miniature SD on the digits train split and save it as a pipeline folder at `out`."""
+    from .backbones.stable_diffusion import StableDiffusionBackbone
+
+    start = time.perf_counter()
+    data = load_dataset("digits", "train")
+    images = data.images.expand(-1, 3, -1, -1).contiguous()  # grey digits as RGB, as SD expects
+    torch.manual_seed(config.seed)
+    tokenizer = build_tokenizer(caption_words())
+    pipe = build_pipeline(tokenizer, image_size=images.shape[-1], vae_channels=config.vae_channels,
+                          unet_channels=config.unet_channels, text_hidden=config.text_hidden)
+
+    vae_loss = _train_vae(pipe.vae, images, config)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(images).latent_dist
+        # SD's scaling factor makes the latents unit-variance for the diffusion model (0.18215 for SD 1.x).
+        scale = 1.0 / posterior.mean.std().item()
+        pipe.vae.register_to_config(scaling_factor=scale)
+        latents = posterior.mean * scale
+    vae_time = time.perf_counter() - start
+    logger.info("vae trained in %.0f s (loss %.4f, scaling factor %.4f)", vae_time, vae_loss, scale)
+
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.train()
+    text_encoder.train()
+    ema_unet = copy.deepcopy(unet).requires_grad_(False)
+    ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    alphas = pipe.scheduler.alphas_cumprod
+    caption_table = [captions(c) for c in range(10)]
+    # All distinct captions tokenized once; a step indexes into this table.
+    flat = [c for per_class in caption_table for c in per_class] + [""]
+    ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    per_class = len(TRAIN_TEMPLATES)
+    loss_avg = None
+    for step in range(config.steps):
+        g = step_generator(config.seed, 1, step)
+        idx = torch.randint(len(latents), (config.batch_size,), generator=g)
+        x0 = latents[idx]
+        caption = data.labels[idx] * per_class + torch.randint(per_class, (len(idx),), generator=g)
+        caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = len(flat) - 1
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(len(alphas), (len(idx),), generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(config, step)
+        cond = text_encoder(ids[caption])[0]
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        _ema(ema_unet, unet, config.ema_decay)
+        _ema(ema_text, text_encoder, config.ema_decay)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise EraseError(f"train-mini-sd: loss became {value} at step {step}; lower --lr (now {config.lr})")
+        loss_avg = value if loss_avg is None else 0.98 * loss_avg + 0.02 * value
+        if (step + 1) % 250 == 0:
+            logger.info("unet step %d/%d: loss %.4f (%.0f s)", step + 1, config.steps, loss_avg,
+                        time.perf_counter() - start)
+    pipe.unet, pipe.text_encoder = ema_unet.eval(), ema_text.eval()
+    train_time = time.perf_counter() - start
+
+    backbone = StableDiffusionBackbone(pipe)
+    report = {"config": config_dict(config), "train_images": len(images), "vae_final_loss": vae_loss,
+              "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
+              "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
+              "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
+    if config.eval_images > 0:
+        report["accuracy"] = {
+            name: digit_accuracy(backbone, templates, config.eval_images, config.eval_steps, config.eval_guidance)
+            for name, templates in (("train_template", ("a handwritten digit {w}",)),
+                                    ("heldout_templates", HELDOUT_TEMPLATES))}
+        report["accuracy"]["settings"] = {"images_per_digit_and_template": config.eval_images,
+                                          "steps": config.eval_steps, "guidance": config.eval_guidance}
+        logger.info("digit accuracy: %s", report["accuracy"])
+    backbone.save_pretrained(out, training=report,
+                             sample_defaults={"steps": config.eval_steps, "guidance": config.eval_guidance})
+    # transformers 5 saves only tokenizer.json; older versions' CLIPTokenizer reads vocab.json + merges.txt.
+    build_tokenizer(caption_words(), folder=Path(out) / "tokenizer")
+    logger.info("saved %s (%.0f s of training)", out, train_time)
+    return report
+
+
+def classify_digits(images: torch.Tensor, classifier) -> torch.Tensor:
+    """Class ids of RGB images in [-1, 1] by the 1-channel digits classifier (mean over channels)."""
+    grey = images.mean(dim=1, keepdim=True)
+    size = classifier.arch.image_size
+    if grey.shape[-1] != size:
+        grey = F.interpolate(grey, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        return classifier(grey.clamp(-1, 1)).argmax(1)
+
+
+def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, seed: int = 1234,
+                   classifier_path: str | Path | None = None) -> dict:
+    """Fraction of images of each digit that the shipped digits classifier recognises as that digit."""
+    from .classifier import SmallClassifier
+    from .utils import derive_seed
+
+    classifier = SmallClassifier.from_pretrained(classifier_path or default_classifier_path())
+    prompts, labels, seeds = [], [], []
+    for c in range(10):
+        for k, template in enumerate(templates):
+            for i in range(n):
+                prompts.append(template.format(w=DIGITS_NAMES[c], d=c))
+                labels.append(c)
+                seeds.append(derive_seed(seed, c, k, i))
+    images = backbone.sample(prompts, seeds, steps=steps, guidance=guidance, batch_size=50)
+    correct = (classify_digits(images, classifier) == torch.tensor(labels)).float()
+    per_digit = [correct[torch.tensor(labels) == c].mean().item() for c in range(10)]
+    return {"mean": sum(per_digit) / 10, "per_digit": [round(a, 3) for a in per_digit]}
+
+
+def default_classifier_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "models" / "digits-classifier"
+
+
+# -- command line ---------------------------------------------------------------------------------
+def _cmd_train_mini_sd(args) -> None:
+    from .config import build_config, load_config_file
+
+    config = build_config(MiniSDConfig, load_config_file(args.config), args)
+    train_mini_sd(config, args.out)
+
+
+def add_commands(subparsers) -> None:
+    from .config import add_dataclass_arguments
+
+    p = subparsers.add_parser("train-mini-sd", help="train the miniature Stable Diffusion on captioned digits")
+    p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusionPipeline)")
+    p.add_argument("--config", help="JSON file of options (command-line options override it)")
+    add_dataclass_arguments(p, MiniSDConfig)
+    p.set_defaults(func=_cmd_train_mini_sd)
