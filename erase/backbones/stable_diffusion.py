@@ -117,11 +117,13 @@ class StableDiffusionBackbone:
     @staticmethod
     def _wrap_errors(what, load):
         """Turn loader failures (missing files, offline Hub, mismatched weights) into EraseError."""
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
         try:
             return load()
         except EraseError:
             raise
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SingleFileComponentError) as e:
             raise EraseError(f"could not load a Stable Diffusion pipeline from {what}: {e}") from None
 
     @classmethod
