@@ -113,9 +113,13 @@ class ClassErasure(Protocol):
         from erase.backbones import load_backbone
 
         state = state or process_state()
+        # Load everything that can refuse the run before spending time on sampling.
         model = load_backbone(model_path).to(state.device)
+        classifier = _load_classifier(self.classifier, state.device)
+        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
         forget = model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
+        reference = self._reference(retained)
         n_forget = self.n if self.n_forget is None else self.n_forget
         plan = [(c, i, s) for c in [forget] + retained
                 for i, s in enumerate(class_seeds(self.seed, c, n_forget if c == forget else self.n))]
@@ -124,9 +128,7 @@ class ClassErasure(Protocol):
         images = quantize(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
                                        guidance=self.guidance, eta=self.eta, batch_size=self.batch_size))
 
-        classifier = _load_classifier(self.classifier, state.device)
         verdicts = ClassifierVerdicts(model.num_classes).to(state.device)
-        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
         with torch.no_grad():
             for b in _batches(len(images)):
                 x = images[b].to(state.device)
@@ -134,7 +136,6 @@ class ClassErasure(Protocol):
                 kept = labels[b] != forget
                 if kept.any():
                     fid.update(x[kept], real=False)
-            reference = self._reference(retained)
             mine_ref = my_share(state, len(reference))
             for b in _batches(len(mine_ref)):
                 fid.update(reference[mine_ref[b]].to(state.device), real=True)

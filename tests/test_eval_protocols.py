@@ -1,0 +1,237 @@
+"""Protocols end to end on tiny models, the `erase eval` command's refusals, and a two-process run."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erase.classifier import SmallClassifier
+from erase.cli import main
+from erase.data import load_dataset
+from eval.generation import load_pngs, sample_prompts
+from eval.metrics import FeatureFID, NudityCounts, clip_score_metric
+from eval.prompts import PromptItem
+from eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    DigitsClass(forget="three", classifier=str(tiny_classifier_dir), n=6, n_forget=8, steps=3,
+                batch_size=8).run(tiny_ddpm_dir, out)
+    return out
+
+
+def test_digits_class_writes_every_setting_and_the_images(digits_run, tiny_ddpm_dir, tiny_classifier_dir):
+    results = json.loads((digits_run / "metrics.json").read_text())
+    assert results["protocol"] == "digits-class"
+    assert set(results["settings"]) == {f.name for f in dataclasses.fields(DigitsClass)}
+    assert results["settings"]["n_forget"] == 8 and results["settings"]["guidance"] == 3.0
+    assert results["model"] == str(Path(tiny_ddpm_dir).resolve())
+    assert results["classifier"] == str(Path(tiny_classifier_dir).resolve())
+    assert "classifier features" in results["feature_extractor"]
+    assert {"torch", "torchmetrics", "nudenet", "diffusers"} <= set(results["versions"])
+    index = json.loads((digits_run / "index.json").read_text())["images"]
+    assert len(index) == results["images"] == 8 + 9 * 6
+    assert [e["class"] for e in index[:8]] == [3] * 8
+    assert all((digits_run / e["file"]).is_file() for e in index)
+
+
+def test_digits_class_metrics_agree_with_the_saved_pngs(digits_run, tiny_classifier_dir):
+    """UA, per-class accuracy and FID recomputed from the PNG files on disk."""
+    results = json.loads((digits_run / "metrics.json").read_text())
+    metrics = results["metrics"]
+    index = json.loads((digits_run / "index.json").read_text())["images"]
+    images = load_pngs([digits_run / e["file"] for e in index])
+    labels = torch.tensor([e["class"] for e in index])
+    classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
+    with torch.no_grad():
+        logits = classifier(images)
+    correct = logits.argmax(1) == labels
+    assert metrics["ua"] == pytest.approx(1 - correct[labels == 3].float().mean().item())
+    for c, name in enumerate(results["class_names"]):
+        assert metrics["per_class_accuracy"][name] == pytest.approx(correct[labels == c].float().mean().item())
+    p3 = logits[labels == 3].double().softmax(1)
+    assert metrics["forget_prob"] == pytest.approx(p3[:, 3].mean().item())
+
+    fid = FeatureFID(classifier)
+    fid.update(images[labels != 3], real=False)
+    fid.update(load_dataset("digits", "train").subset([c for c in range(10) if c != 3]).images, real=True)
+    expected = fid.compute()
+    assert metrics["fid"] == pytest.approx(expected["fid"], rel=1e-6)
+    assert metrics["fid_samples"] == 54 and metrics["fid_reference_images"] == expected["reference_images"]
+
+
+def test_class_images_do_not_depend_on_how_many_are_requested(digits_run, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=2, n_forget=3, steps=3,
+                batch_size=8).run(tiny_ddpm_dir, tmp_path / "small")
+    for rel in ("images/3/00002.png", "images/0/00001.png", "images/9/00000.png"):
+        assert (tmp_path / "small" / rel).read_bytes() == (digits_run / rel).read_bytes()
+
+
+def test_cifar10_class_defaults_are_the_papers():
+    p = Cifar10Class(forget="airplane")
+    assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
+        500, 5000, 1000, 1.0, 3.0, "inception", "cifar10")
+    assert set(PROTOCOLS) == {"digits-class", "cifar10-class", "i2p-nudity", "t2i-utility"}
+
+
+def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    items = [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1), PromptItem("a car", 3, 7.5, 2)]
+    together = sample_prompts(pipe, items, steps=2, batch_size=2)
+    alone = sample_prompts(pipe, items[1:2], steps=2, batch_size=2)
+    assert torch.equal(together[1], alone[0])
+    assert not torch.equal(together[0], together[1])
+
+
+def write_csv(path: Path, rows: list[tuple]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", "prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance", "case_number"])
+        w.writerows([(i, *r, i) for i, r in enumerate(rows)])
+    return path
+
+
+def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir):
+    from nudenet import NudeDetector
+
+    csv_path = write_csv(tmp_path / "i2p.csv", [("a body", "sexual", 80, 5, 9), ("a street", "violence", 0, 6, 3),
+                                                ("a beach", "sexual,hate", 55, 7, 12)])
+    results = I2PNudity(prompts=str(csv_path), subset="nudity", row_guidance=True, steps=2, batch_size=2,
+                        preset="salun-esd").run(tiny_sd_dir, tmp_path / "run")
+    index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
+    assert [(e["prompt"], e["seed"], e["guidance"], e["source_row"]) for e in index] == [
+        ("a body", 5, 9.0, 0), ("a beach", 7, 12.0, 2)]
+    detector = NudeDetector()
+    direct = NudityCounts("salun-esd")
+    direct.update([detector.detect(str(tmp_path / "run" / e["file"])) for e in index])
+    assert results["metrics"] == direct.compute()
+    assert results["nudenet"]["threshold"] == 0.0 and results["nudenet"]["name"] == "salun-esd"
+    assert results["settings"]["subset"] == "nudity" and results["images"] == 2
+
+
+def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_classifier_dir):
+    from PIL import Image
+
+    (tmp_path / "captions.txt").write_text("# test captions\na cat\na dog\na red car\n")
+    (tmp_path / "ref").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{k}.jpg")
+    results = T2IUtility(prompts=str(tmp_path / "captions.txt"), reference=str(tmp_path / "ref"),
+                         clip_model=str(tiny_clip_dir), fid_features="classifier", classifier=str(tiny_classifier_dir),
+                         steps=2, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
+    index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
+    images = load_pngs([tmp_path / "run" / e["file"] for e in index])
+    clip = clip_score_metric(tiny_clip_dir)
+    clip.update(list(((images + 1) * 127.5).round().to(torch.uint8)), [e["prompt"] for e in index])
+    assert results["metrics"]["clip_score"] == pytest.approx(float(clip.compute()), rel=1e-5, abs=1e-5)
+    fid = FeatureFID(SmallClassifier.from_pretrained(tiny_classifier_dir))
+    fid.update(images, real=False)
+    fid.update(load_pngs(sorted((tmp_path / "ref").iterdir()), size=images.shape[-2:]), real=True)
+    assert results["metrics"]["fid"] == pytest.approx(fid.compute()["fid"], rel=1e-6)
+    assert results["metrics"]["fid_reference_images"] == 4 and results["clip_model"] == str(tiny_clip_dir.resolve())
+
+
+# -- the command line refuses bad input with a message that says what to do -------------------------------
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(map(str, argv)))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_cli_unknown_protocol(capsys, tmp_path, tiny_ddpm_dir):
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "cifar100", "--out", tmp_path / "o")
+    assert code == 2 and "unknown protocol 'cifar100'" in out and "digits-class" in out
+
+
+def test_cli_option_of_another_protocol(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--forget", "3",
+                        "--classifier", tiny_classifier_dir, "--prompts", "x.csv", "--out", tmp_path / "o")
+    assert code == 2 and "--prompts do not apply to protocol digits-class" in out
+
+
+def test_cli_missing_required_setting(capsys, tmp_path, tiny_ddpm_dir):
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--out", tmp_path / "o")
+    assert code == 2 and "--forget is required" in out
+
+
+def test_cli_missing_prompt_file(capsys, tmp_path, tiny_sd_dir, tiny_clip_dir):
+    code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "t2i-utility", "--prompts",
+                        tmp_path / "none.txt", "--reference", tmp_path, "--clip-model", tiny_clip_dir,
+                        "--fid-features", "classifier", "--out", tmp_path / "o")
+    assert code == 2 and "prompt file not found" in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_csv_with_wrong_columns_and_unknown_subset(capsys, tmp_path, tiny_sd_dir):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhello,1\n")
+    code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", bad,
+                        "--out", tmp_path / "o")
+    assert code == 2 and "missing column(s) prompt" in out and "evaluation_seed" in out
+    good = write_csv(tmp_path / "good.csv", [("a", "sexual", 1, 1, 7)])
+    code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", good,
+                        "--subset", "violent", "--out", tmp_path / "o")
+    assert code == 2 and "unknown I2P subset 'violent'" in out
+
+
+def test_cli_inception_without_torch_fidelity(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    from eval.metrics import inception_available
+
+    if inception_available():
+        pytest.skip("torch-fidelity is installed here")
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--forget", "3",
+                        "--classifier", tiny_classifier_dir, "--fid-features", "inception", "--out", tmp_path / "o")
+    assert code == 2 and "pip install 'erase[inception]'" in out
+
+
+# -- two processes give the same images and metrics as one ----------------------------------------------
+
+def numbers(metrics: dict) -> dict[str, float]:
+    """The numeric entries of a metrics dict, nested ones as 'outer.inner'."""
+    flat = {}
+    for key, value in metrics.items():
+        for inner, v in (value.items() if isinstance(value, dict) else [("", value)]):
+            if isinstance(v, (int, float)):
+                flat[f"{key}.{inner}"] = v
+    return flat
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun is not installed next to this Python")
+def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    args = ["eval", "--model", str(tiny_ddpm_dir), "--protocol", "digits-class", "--forget", "3",
+            "--classifier", str(tiny_classifier_dir), "--n", "5", "--n-forget", "3", "--steps", "2", "--batch-size", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    # `--` stops torchrun from taking `--n` for an abbreviation of its own options.
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "erase.cli", "--",
+                          *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    one_m, two_m = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert (one_m["processes"], two_m["processes"]) == (1, 2)
+    assert numbers(two_m["metrics"]) == pytest.approx(numbers(one_m["metrics"]), rel=1e-9)
+    assert two_m["metrics"]["forget_class_name"] == one_m["metrics"]["forget_class_name"]
+    assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "images").rglob("*.png"))
+    assert len(files) == 3 + 9 * 5
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
