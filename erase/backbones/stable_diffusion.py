@@ -108,7 +108,7 @@ class StableDiffusionBackbone:
         info_path = path / INFO_FILE
         if path.is_dir() and info_path.is_file():
             backbone.info = read_json(info_path, what="model info").get("info", {})
-        backbone.info.setdefault("source", text)
+        backbone.info["source"] = text  # what was loaded now, not what an earlier save was made from
         if frozen_dtype is not None:
             backbone.vae.to(dtype=frozen_dtype)
             backbone.text_encoder.to(dtype=frozen_dtype)
@@ -291,6 +291,9 @@ class StableDiffusionBackbone:
         pipe = self.pipeline()
         pipe.set_progress_bar_config(disable=True)
         self.unet.eval()
+        # With half-precision frozen parts (frozen_dtype) the float32 UNet runs under autocast, and
+        # the latents are decoded here, where they are cast to the VAE's dtype.
+        mixed = self.vae.dtype != self.unet.dtype
         out = []
         chunks = range(0, len(seeds), batch_size)
         if progress:
@@ -303,16 +306,16 @@ class StableDiffusionBackbone:
             pad = batch_size - n
             chunk_prompts += chunk_prompts[-1:] * pad
             chunk_seeds += chunk_seeds[-1:] * pad
-            result = pipe(
-                prompt_embeds=self.encode_conditions(chunk_prompts),
-                negative_prompt_embeds=self.encode_conditions([negative_prompt] * batch_size),
-                latents=self.initial_noise(chunk_seeds).to(self.device, self.unet.dtype),
-                # One generator per image for the stochastic part of DDIM (eta > 0).
-                generator=[step_generator(s, 1) for s in chunk_seeds],
-                num_inference_steps=steps, guidance_scale=guidance, eta=eta,
-                output_type="latent" if return_latents else "pt")
-            images = result.images[:n].float()
-            out.append(images.cpu() if return_latents else (images * 2 - 1).clamp(-1, 1).cpu())
+            with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
+                latents = pipe(
+                    prompt_embeds=self.encode_conditions(chunk_prompts),
+                    negative_prompt_embeds=self.encode_conditions([negative_prompt] * batch_size),
+                    latents=self.initial_noise(chunk_seeds).to(self.device, self.unet.dtype),
+                    # One generator per image for the stochastic part of DDIM (eta > 0).
+                    generator=[step_generator(s, 1) for s in chunk_seeds],
+                    num_inference_steps=steps, guidance_scale=guidance, eta=eta, output_type="latent",
+                ).images[:n].float()
+            out.append((latents if return_latents else self.decode_latents(latents)).cpu())
         if not out:
             shape = self.latent_shape if return_latents else (3, self.image_size, self.image_size)
             return torch.empty(0, *shape)
