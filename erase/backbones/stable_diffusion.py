@@ -314,8 +314,9 @@ class StableDiffusionBackbone:
                     # One generator per image for the stochastic part of DDIM (eta > 0).
                     generator=[step_generator(s, 1) for s in chunk_seeds],
                     num_inference_steps=steps, guidance_scale=guidance, eta=eta, output_type="latent",
-                ).images[:n].float()
-            out.append((latents if return_latents else self.decode_latents(latents)).cpu())
+                ).images.float()
+            # Decoded at the full batch size too, for the same reason as the sampling itself.
+            out.append((latents if return_latents else self.decode_latents(latents))[:n].cpu())
         if not out:
             shape = self.latent_shape if return_latents else (3, self.image_size, self.image_size)
             return torch.empty(0, *shape)
