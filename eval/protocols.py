@@ -75,10 +75,10 @@ class ClassErasure(Protocol):
 
     UA and the classifier's confidence on `n_forget` samples of the forgotten class; accuracy on
     `n` samples of each retained class; FID of the retained samples against the retained classes'
-    training images.
+    training images. Without `forget` (a model before erasure) every class is retained.
     """
 
-    forget: str | None = field(None, "the erased class (id or name)")
+    forget: str | None = field(None, "the erased class (id or name); leave out to measure a model before erasure (every class retained)")
     classifier: str | None = field(None, "classifier folder for UA and per-class accuracy (and classifier FID features)")
     n: int = field(100, "samples per retained class (FID and accuracy)")
     n_forget: int | None = field(None, "samples of the forgotten class for UA (default: n)")
@@ -95,8 +95,6 @@ class ClassErasure(Protocol):
     reference_per_class: int | None = field(None, "use the first K training images per retained class (SalUn: 500; default all)")
 
     def __post_init__(self):
-        if self.forget is None:
-            raise ValueError("--forget is required: the class that was erased")
         if self.n < 2 or (self.n_forget is not None and self.n_forget < 1):
             raise ValueError("n must be at least 2 (FID needs two samples) and n_forget at least 1")
         if self.steps < 1 or self.batch_size < 1:
@@ -117,11 +115,11 @@ class ClassErasure(Protocol):
         model = load_backbone(model_path).to(state.device)
         classifier = _load_classifier(self.classifier, state.device)
         fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
-        forget = model.class_index(self.forget)
+        forget = None if self.forget is None else model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
         reference = self._reference(retained)
         n_forget = self.n if self.n_forget is None else self.n_forget
-        plan = [(c, i, s) for c in [forget] + retained
+        plan = [(c, i, s) for c in ([] if forget is None else [forget]) + retained
                 for i, s in enumerate(class_seeds(self.seed, c, n_forget if c == forget else self.n))]
         mine = my_share(state, len(plan))
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
@@ -133,7 +131,7 @@ class ClassErasure(Protocol):
             for b in _batches(len(images)):
                 x = images[b].to(state.device)
                 verdicts.update(classifier(x), labels[b])
-                kept = labels[b] != forget
+                kept = torch.isin(labels[b], torch.tensor(retained))
                 if kept.any():
                     fid.update(x[kept], real=False)
             mine_ref = my_share(state, len(reference))
@@ -143,12 +141,14 @@ class ClassErasure(Protocol):
         fid_result = fid.compute()
 
         names = model.class_names
-        metrics = {
+        metrics = {} if forget is None else {
             "ua": 1.0 - float(v["accuracy"][forget]),
             "forget_class": forget, "forget_class_name": names[forget],
             "forget_accuracy": float(v["accuracy"][forget]),
             "forget_entropy": float(v["entropy"][forget]),
             "forget_prob": float(v["label_prob"][forget]),
+        }
+        metrics |= {
             "retained_accuracy": float(v["accuracy"][retained].mean()),
             "per_class_accuracy": {names[c]: float(v["accuracy"][c]) for c in range(model.num_classes)},
             "fid": fid_result["fid"], "fid_samples": fid_result["samples"],

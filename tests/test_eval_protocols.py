@@ -167,9 +167,20 @@ def test_cli_option_of_another_protocol(capsys, tmp_path, tiny_ddpm_dir, tiny_cl
     assert code == 2 and "--prompts do not apply to protocol digits-class" in out
 
 
-def test_cli_missing_required_setting(capsys, tmp_path, tiny_ddpm_dir):
+def test_cli_without_forget_measures_every_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--classifier",
+                        tiny_classifier_dir, "--n", 2, "--steps", 1, "--out", tmp_path / "o")
+    assert code == 0 and "retained_accuracy" in out
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
+    assert "ua" not in metrics and metrics["fid_samples"] == 20
+
+
+def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--out", tmp_path / "o")
-    assert code == 2 and "--forget is required" in out
+    assert code == 2 and "needs --classifier DIR" in out
+    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--forget", "eleven",
+                        "--classifier", tiny_classifier_dir, "--out", tmp_path / "o")
+    assert code == 2 and "unknown class 'eleven'" in out
 
 
 def test_cli_missing_prompt_file(capsys, tmp_path, tiny_sd_dir, tiny_clip_dir):

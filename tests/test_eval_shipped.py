@@ -1,0 +1,46 @@
+"""The shipped digits classifier's verdicts on the shipped DDPM's samples, checked by an independent classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from erase.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_DDPM = REPO / "models" / "digits-ddpm"
+SHIPPED_CLASSIFIER = REPO / "models" / "digits-classifier"
+
+
+def svc_accuracy_per_class(run: Path) -> dict[str, float]:
+    """An SVC trained on scikit-learn's 8x8 digits, applied to the run's PNGs averaged down to 8x8."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    digits = load_digits()
+    svc = SVC(gamma=0.001, C=10).fit(digits.data, digits.target)
+    index = json.loads((run / "index.json").read_text())["images"]
+    x = np.stack([np.asarray(Image.open(run / e["file"]), dtype=np.float64) for e in index])  # (N, 16, 16)
+    x = x.reshape(len(x), 8, 2, 8, 2).mean(axis=(2, 4)) / 255 * 16  # the digits' 0..16 scale
+    predicted = svc.predict(x.reshape(len(x), 64))
+    labels = np.array([e["class"] for e in index])
+    names = {e["class"]: e["class_name"] for e in index}
+    return {names[c]: float((predicted[labels == c] == c).mean()) for c in sorted(names)}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHIPPED_DDPM / "erase_model.json").is_file(),
+                    reason="models/digits-ddpm is not there yet (`erase train-base` writes it)")
+def test_shipped_classifier_agrees_with_an_independent_svc(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(SHIPPED_DDPM), "--protocol", "digits-class",
+                 "--classifier", str(SHIPPED_CLASSIFIER), "--n", "50", "--out", str(out)]) == 0
+    ours = json.loads((out / "metrics.json").read_text())["metrics"]["per_class_accuracy"]
+    svc = svc_accuracy_per_class(out)
+    differences = {c: abs(ours[c] - svc[c]) for c in ours}
+    assert np.mean(list(differences.values())) < 0.05, (ours, svc)
+    assert abs(np.mean(list(ours.values())) - np.mean(list(svc.values()))) < 0.05
