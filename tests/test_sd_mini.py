@@ -1,0 +1,56 @@
+"""The miniature Stable Diffusion: its tokenizer, its training command, and the shipped model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erase.cli import main
+from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_tokenizer, caption_words
+
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mini-sd"
+
+# Stock diffusers only: what a user without this project runs.
+STOCK_LOAD = """
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+assert pipe.safety_checker is None
+out = pipe(["a handwritten digit three"], num_inference_steps=3, output_type="np",
+           generator=torch.Generator().manual_seed(0)).images
+print(out.shape)
+"""
+
+
+def test_every_caption_word_is_one_token():
+    words = caption_words()
+    tokenizer = build_tokenizer(words)
+    for word in words:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+    ids = tokenizer("the number 3").input_ids
+    assert len(ids) == 5 and ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
+
+
+def test_train_command_writes_a_stock_pipeline(tmp_path):
+    out = tmp_path / "mini"
+    assert main(["train-mini-sd", "--out", str(out), "--vae-steps", "2", "--steps", "2", "--batch-size", "8",
+                 "--eval-images", "0"]) == 0
+    assert (out / "tokenizer" / "vocab.json").is_file() and (out / "tokenizer" / "merges.txt").is_file()
+    result = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(out)], cwd=tmp_path, capture_output=True,
+                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(1, 16, 16, 3)" in result.stdout
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="models/mini-sd not built")
+def test_shipped_model_draws_the_digits_it_is_asked_for():
+    from erase.backbones import load_backbone
+    from erase.mini_sd import digit_accuracy
+
+    model = load_backbone(SHIPPED)
+    defaults = model.info["sample_defaults"]
+    acc = digit_accuracy(model, ("a handwritten digit {w}",), n=5, steps=defaults["steps"],
+                         guidance=defaults["guidance"])
+    assert acc["mean"] >= 0.7, acc
