@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,13 +111,27 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
         raise EraseError(f"{folder} holds concept data made with other settings; delete it to regenerate")
 
     plan = _plan(concept, config)
+    # Each finished set is kept in a work folder, so an interrupted run (800 SD images a set take
+    # minutes on a GPU) resumes at the set it was generating.
+    work = folder.with_name(f".{folder.name}.partial")
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "settings.json").is_file() and read_json(work / "settings.json") != settings:
+        shutil.rmtree(work)
+        work.mkdir()
+    write_json(work / "settings.json", settings)
     latents = {}
     for name in SETS:
+        done = work / f"{name}.safetensors"
+        if done.is_file():
+            latents[name] = load_file(done)["latents"]
+            continue
         prompts, seeds = zip(*plan[name])
         logger.info("generating %d %s images (%s)", len(seeds), name, ", ".join(dict.fromkeys(prompts))[:120])
         latents[name] = model.sample(list(prompts), list(seeds), steps=settings["steps"],
                                      guidance=settings["guidance"], batch_size=config.batch_size,
                                      progress=progress, return_latents=True).contiguous()
+        save_file({"latents": latents[name]}, str(work / f".{name}.tmp"))
+        os.replace(work / f".{name}.tmp", done)
     distinct = list(dict.fromkeys([""] + concept.forget + [concept.anchor] + concept.retain))
     embeddings = model.encode_conditions(distinct).float().cpu().contiguous()
     with atomic_dir(folder) as tmp:
@@ -129,6 +144,7 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
             "images": {name: [{"prompt": p, "seed": s} for p, s in plan[name]] for name in SETS},
             "versions": package_versions(),
         })
+    shutil.rmtree(work, ignore_errors=True)
     logger.info("cached concept data in %s", folder)
     return folder
 

@@ -69,12 +69,36 @@ def test_concept_data_is_generated_once_and_reused(tmp_path):
     # Image i is the same whatever the count: its seed depends on (seed, set, i) only.
     more = concept_unlearn_data(model, concept, ConceptDataConfig(images=4, steps=2, batch_size=2),
                                 cache_root=tmp_path, progress=False)
-    assert len(list(tmp_path.iterdir())) == 2
+    assert len(list(tmp_path.iterdir())) == 2  # the work folder of the second one is gone
     assert torch.equal(more.forget_x0[:3], data.forget_x0)
     # A changed model gets its own cache, never the old images.
     with torch.no_grad():
         next(iter(model.unet.parameters())).add_(1.0)
     assert generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False) != folder
+
+
+def test_interrupted_generation_resumes_at_the_unfinished_set(tmp_path, monkeypatch):
+    model = StableDiffusionBackbone(tiny_pipeline())
+    concept = load_concept("church")
+    config = ConceptDataConfig(images=2, steps=1, batch_size=2)
+    calls = []
+    sample = model.sample
+
+    def failing_on_retain(prompts, *args, **kwargs):
+        if prompts[0] in concept.retain:
+            raise KeyboardInterrupt
+        calls.append(prompts[0])
+        return sample(prompts, *args, **kwargs)
+
+    monkeypatch.setattr(model, "sample", failing_on_retain)
+    with pytest.raises(KeyboardInterrupt):
+        generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False)
+    assert calls == [concept.forget[0], concept.anchor]
+    monkeypatch.setattr(model, "sample", sample)
+    folder = generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    uninterrupted = generate_concept_cache(model, concept, config, cache_root=tmp_path / "fresh", progress=False)
+    assert (folder / "latents.safetensors").read_bytes() == (uninterrupted / "latents.safetensors").read_bytes()
 
 
 def test_damaged_cache_is_a_clear_error(tmp_path):
