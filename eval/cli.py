@@ -9,6 +9,16 @@ from erase.config import add_dataclass_arguments, build_config
 from erase.utils import EraseError
 
 
+EVAL_DESCRIPTION = """\
+Generate images with a model, measure them with a named protocol and write OUT/metrics.json
+(every setting, the model, the feature extractor, package versions), OUT/index.json and OUT/images/.
+To share the work between N processes run `torchrun --nproc_per_node N -m erase.cli -- eval ...`
+(the `--` keeps torchrun from reading --n) or `accelerate launch --multi_gpu --num_processes N -m
+erase.cli eval ...` (on CPUs too; accelerate's --cpu flag starts a single process): the images and
+metrics are the same as one process's. The defaults shown are digits-class's; each protocol has its
+own, and writes them into metrics.json."""
+
+
 def protocol_options(args: argparse.Namespace, protocol: type) -> None:
     """Refuse options that the chosen protocol does not have, rather than silently ignoring them."""
     from .protocols import PROTOCOLS
@@ -49,11 +59,7 @@ def add_commands(subparsers) -> None:
     from .protocols import PROTOCOLS
 
     p = subparsers.add_parser("eval", help="evaluate a model with a named protocol (writes OUT/metrics.json)",
-                              description="To share the work between processes run `torchrun --nproc_per_node N "
-                                          "-m erase.cli -- eval ...` (the `--` keeps torchrun from reading --n) or "
-                                          "`accelerate launch ... -m erase.cli eval ...`; the images and metrics are the "
-                                          "same as one process's. Defaults shown are digits-class's; each protocol has "
-                                          "its own, written into metrics.json.")
+                              description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
     p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
     p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")

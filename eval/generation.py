@@ -2,8 +2,9 @@
 
 Every image has its own seed, and the UNet always runs on batches of exactly `batch_size` images
 (the last one padded), so an image does not depend on the batch it lands in nor on how many
-processes share the work: `accelerate launch --num_processes 2 ... erase eval` writes the same
-files as a single process.
+processes share the work: `torchrun --nproc_per_node 2 -m erase.cli -- eval ...` (or
+`accelerate launch --multi_gpu --num_processes 2 -m erase.cli eval ...`, which works on CPUs too)
+writes the same files as a single process.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from accelerate import PartialState
 
 from erase.sampling import to_pil, to_uint8
-from erase.utils import EraseError, step_generator
+from erase.utils import EraseError
 
 from .prompts import PromptItem
 
@@ -45,10 +46,12 @@ def sample_prompts(pipe, items: Sequence[PromptItem], steps: int, batch_size: in
 
     diffusers takes one guidance scale per call, so items are grouped by guidance; each group is
     cut into batches of `batch_size` and the last batch is padded with copies of its last item.
-    Each image's initial latents come from its own CPU generator.
+    Each image's initial latents come from its own CPU generator seeded with the item's seed as is,
+    so that an I2P row's `sd_seed` means what it meant to the dataset's authors (up to the device
+    they drew the noise on: CPU noise makes the images independent of the device here).
     """
-    if not items:
-        return torch.empty(0)
+    if not items:  # a process with no share (more processes than prompts)
+        return torch.empty(0, 3, 0, 0)
     out: dict[int, torch.Tensor] = {}
     by_guidance: dict[float, list[int]] = {}
     for i, item in enumerate(items):
@@ -59,7 +62,7 @@ def sample_prompts(pipe, items: Sequence[PromptItem], steps: int, batch_size: in
             chunk = idx[start:start + batch_size]
             padded = chunk + chunk[-1:] * (batch_size - len(chunk))
             result = pipe(prompt=[items[i].prompt for i in padded],
-                          generator=[step_generator(items[i].seed) for i in padded],
+                          generator=[torch.Generator().manual_seed(items[i].seed) for i in padded],
                           num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                           output_type="pt")
             images = result.images.float().cpu() * 2 - 1  # diffusers gives [0, 1]
@@ -77,13 +80,14 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 
 def save_pngs(folder: Path, files: Sequence[str], images: torch.Tensor) -> None:
+    """Images in [-1, 1] as 8-bit PNG files at the relative paths `files` under `folder`."""
     for rel, image in zip(files, to_uint8(images)):
         path = folder / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         to_pil(image).save(path)
 
 
-def load_pngs(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
+def load_images(paths: Sequence[Path], size: tuple[int, int] | None = None) -> torch.Tensor:
     """Image files as (N, C, H, W) in [-1, 1]; grey stays one channel, anything else becomes RGB.
 
     `size` (height, width) resizes each image (bicubic), so that reference images of any size can
@@ -115,7 +119,12 @@ def shared_run_dir(out: str | Path, state: PartialState) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     state.wait_for_everyone()
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if state.num_processes == 1:  # with several, the others may still be writing into it
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     state.wait_for_everyone()
     if state.is_main_process:
         old = out.with_name(f".{out.name}.old")

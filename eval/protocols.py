@@ -21,9 +21,10 @@ from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, package_versions, write_json
 
-from .generation import process_state, load_pipeline, load_pngs, my_share, quantize, sample_prompts, save_pngs, shared_run_dir
+from .generation import (load_pipeline, load_images, my_share, process_state, quantize, sample_prompts, save_pngs,
+                         shared_run_dir)
 from .metrics import ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, nudenet_preset
-from .prompts import read_i2p_csv, read_prompt_file
+from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
 
 METRICS_FILE = "metrics.json"
 INDEX_FILE = "index.json"
@@ -45,9 +46,10 @@ def _load_classifier(path: str | None, device: torch.device):
     return classifier
 
 
-def _fid(features: str, classifier_path: str | None, weights: str | None, device: torch.device) -> FeatureFID:
+def _fid(features: str, classifier, weights: str | None, device: torch.device) -> FeatureFID:
+    """FID in Inception's feature space or in `classifier`'s (a loaded SmallClassifier)."""
     if features == "classifier":
-        return FeatureFID(_load_classifier(classifier_path, device)).to(device)
+        return FeatureFID(classifier).to(device)
     return FeatureFID("inception", weights_path=weights).to(device)
 
 
@@ -114,7 +116,7 @@ class ClassErasure(Protocol):
         # Load everything that can refuse the run before spending time on sampling.
         model = load_backbone(model_path).to(state.device)
         classifier = _load_classifier(self.classifier, state.device)
-        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
+        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device)
         forget = None if self.forget is None else model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
         reference = self._reference(retained)
@@ -221,6 +223,8 @@ class I2PNudity(Protocol):
     def __post_init__(self):
         if self.prompts is None:
             raise ValueError("--prompts is required: the I2P CSV")
+        if self.subset not in I2P_SUBSETS:
+            raise ValueError(f"unknown I2P subset {self.subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
         nudenet_preset(self.preset)
 
     def run(self, model_path, out, state=None):
@@ -282,7 +286,8 @@ class T2IUtility(Protocol):
         items = read_prompt_file(self.prompts, self.seed, self.guidance)[:self.limit]
         reference = self._reference_files()
         clip = clip_score_metric(self.clip_model).to(state.device)
-        fid = _fid(self.fid_features, self.classifier, self.fid_weights, state.device)
+        classifier = _load_classifier(self.classifier, state.device) if self.fid_features == "classifier" else None
+        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device)
         pipe = load_pipeline(model_path, state.device)
         mine = my_share(state, len(items))
         images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width)
@@ -295,7 +300,7 @@ class T2IUtility(Protocol):
                             [items[k].prompt for k in mine[b]])
             mine_ref = my_share(state, len(reference))
             for b in _batches(len(mine_ref)):
-                fid.update(load_pngs([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
+                fid.update(load_images([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
         fid_result = fid.compute()
         metrics = {"clip_score": float(clip.compute()), "fid": fid_result["fid"],
                    "fid_samples": fid_result["samples"], "fid_reference_images": fid_result["reference_images"]}
@@ -319,6 +324,3 @@ def get_protocol(name: str) -> type[Protocol]:
         raise EraseError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
     return PROTOCOLS[name]
 
-
-def protocol_fields(cls: type[Protocol]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]

@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
-from .generation import load_pngs  # noqa: E402
+from .generation import load_images  # noqa: E402
 from .protocols import INDEX_FILE, METRICS_FILE  # noqa: E402
 
 GRID_COLUMNS = 8  # images per class (or prompts per row) in a run's grid
@@ -59,7 +59,7 @@ class Run:
         else:
             files = [e["file"] for e in entries[:GRID_PROMPTS]]
             n_rows = -(-len(files) // GRID_COLUMNS)
-        images = load_pngs([self.path / f for f in files if f is not None])
+        images = load_images([self.path / f for f in files if f is not None])
         blank = -torch.ones_like(images[0])
         it = iter(images)
         ordered = torch.stack([next(it) if f is not None else blank for f in files])

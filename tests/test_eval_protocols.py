@@ -18,7 +18,7 @@ import torch
 from erase.classifier import SmallClassifier
 from erase.cli import main
 from erase.data import load_dataset
-from eval.generation import load_pngs, sample_prompts
+from eval.generation import load_images, sample_prompts
 from eval.metrics import FeatureFID, NudityCounts, clip_score_metric
 from eval.prompts import PromptItem
 from eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
@@ -54,7 +54,7 @@ def test_digits_class_metrics_agree_with_the_saved_pngs(digits_run, tiny_classif
     results = json.loads((digits_run / "metrics.json").read_text())
     metrics = results["metrics"]
     index = json.loads((digits_run / "index.json").read_text())["images"]
-    images = load_pngs([digits_run / e["file"] for e in index])
+    images = load_images([digits_run / e["file"] for e in index])
     labels = torch.tensor([e["class"] for e in index])
     classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
     with torch.no_grad():
@@ -137,13 +137,13 @@ def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_class
                          clip_model=str(tiny_clip_dir), fid_features="classifier", classifier=str(tiny_classifier_dir),
                          steps=2, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
     index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
-    images = load_pngs([tmp_path / "run" / e["file"] for e in index])
+    images = load_images([tmp_path / "run" / e["file"] for e in index])
     clip = clip_score_metric(tiny_clip_dir)
     clip.update(list(((images + 1) * 127.5).round().to(torch.uint8)), [e["prompt"] for e in index])
     assert results["metrics"]["clip_score"] == pytest.approx(float(clip.compute()), rel=1e-5, abs=1e-5)
     fid = FeatureFID(SmallClassifier.from_pretrained(tiny_classifier_dir))
     fid.update(images, real=False)
-    fid.update(load_pngs(sorted((tmp_path / "ref").iterdir()), size=images.shape[-2:]), real=True)
+    fid.update(load_images(sorted((tmp_path / "ref").iterdir()), size=images.shape[-2:]), real=True)
     assert results["metrics"]["fid"] == pytest.approx(fid.compute()["fid"], rel=1e-6)
     assert results["metrics"]["fid_reference_images"] == 4 and results["clip_model"] == str(tiny_clip_dir.resolve())
 
