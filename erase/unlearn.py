@@ -48,6 +48,16 @@ def resolve_params(model, requested: str | None, preference: tuple[str, ...]) ->
                      f"(it has {', '.join(available)}): pass --params")
 
 
+def select_parameters(model, group: str) -> dict[str, torch.nn.Parameter]:
+    """Freeze every weight, then unfreeze `group`: a method cannot move what it should not."""
+    for p in model.trainable_parameters("all").values():
+        p.requires_grad_(False)
+    params = model.trainable_parameters(group)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
 def make_config(method: type[Method], config: MethodConfig | dict | None, **options) -> MethodConfig:
     """The method's config from an instance, a dict (e.g. a JSON file) and keyword overrides."""
     if isinstance(config, MethodConfig):
@@ -73,7 +83,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             stop_after: int | None = None, progress: bool = True, **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
 
-    `model` is a model folder or a backbone object; `forget`/`retain`/`anchor` are class ids or names
+    `model` is a model folder or a backbone object (trained in place); `forget`/`retain`/`anchor` are class ids or names
     (or pass a prebuilt `data`); `config` and `**options` (e.g. `steps=100, lr=1e-4`) set the
     method's config. `stop_after=k` stops after step k with a checkpoint and no model, as an
     interruption would (a later call resumes). Returns `out`, or the checkpoint when stopped early.
@@ -104,11 +114,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     data.to(device)
 
     group = resolve_params(model, config.params, method_cls.params_preference)
-    for p in model.trainable_parameters("all").values():
-        p.requires_grad_(False)
-    params = model.trainable_parameters(group)
-    for p in params.values():
-        p.requires_grad_(True)
+    params = select_parameters(model, group)
     original = {n: p.detach().cpu().clone() for n, p in params.items()}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     algo = method_cls(model, config, data, params)
