@@ -89,10 +89,14 @@ def _settings(model, concept: Concept, config: ConceptDataConfig) -> dict:
     }
 
 
+def _key(settings: dict) -> dict:
+    """The settings that decide the images: the model's path is left out (its fingerprint is in)."""
+    return {k: v for k, v in settings.items() if k != "model"}
+
+
 def cache_dir_for(settings: dict, root: str | Path | None = None) -> Path:
     """`<root>/<concept>-<hash of the settings>`: the same settings always find the same folder."""
-    key = {k: v for k, v in settings.items() if k != "model"}  # the fingerprint identifies the model
-    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(repr(sorted(_key(settings).items())).encode()).hexdigest()[:12]
     name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in settings["concept"]["name"])[:40]
     return Path(root or default_cache_root()) / f"{name}-{digest}"
 
@@ -105,7 +109,7 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
     folder = cache_dir_for(settings, cache_root)
     if (folder / MANIFEST).is_file():
         manifest = read_json(folder / MANIFEST, what="concept cache manifest")
-        if manifest.get("settings") == settings:
+        if _key(manifest.get("settings", {})) == _key(settings):
             logger.info("reusing cached concept data %s", folder)
             return folder
         raise EraseError(f"{folder} holds concept data made with other settings; delete it to regenerate")
@@ -115,7 +119,7 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
     # minutes on a GPU) resumes at the set it was generating.
     work = folder.with_name(f".{folder.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
-    if (work / "settings.json").is_file() and read_json(work / "settings.json") != settings:
+    if (work / "settings.json").is_file() and _key(read_json(work / "settings.json")) != _key(settings):
         shutil.rmtree(work)
         work.mkdir()
     write_json(work / "settings.json", settings)
