@@ -169,7 +169,8 @@ class NudeNetPreset:
 
 
 NUDENET_PRESETS = {
-    "scissorhands": NudeNetPreset("scissorhands", 0.6, None, "ScissorHands / EraseDiff: detections per class, images with any"),
+    "scissorhands": NudeNetPreset("scissorhands", 0.6, None,
+                                  "ScissorHands / EraseDiff: detections per class, images with any"),
     "salun-esd": NudeNetPreset("salun-esd", 0.0, None, "SalUn / ESD scripts: classes per image"),
     "selective-amnesia": NudeNetPreset("selective-amnesia", None, None, "Selective Amnesia: detections per class"),
     "unlearndiffatk": NudeNetPreset("unlearndiffatk", 0.45, 0.75, "UnlearnDiffAtk: keep >= 0.45, nude image >= 0.75"),

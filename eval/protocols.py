@@ -8,7 +8,6 @@ so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -80,8 +79,10 @@ class ClassErasure(Protocol):
     training images. Without `forget` (a model before erasure) every class is retained.
     """
 
-    forget: str | None = field(None, "the erased class (id or name); leave out to measure a model before erasure (every class retained)")
-    classifier: str | None = field(None, "classifier folder for UA and per-class accuracy (and classifier FID features)")
+    forget: str | None = field(None, "the erased class (id or name); leave out to measure a model before "
+                                     "erasure (every class retained)")
+    classifier: str | None = field(None, "classifier folder for UA and per-class accuracy (and for "
+                                         "--fid-features classifier)")
     n: int = field(100, "samples per retained class (FID and accuracy)")
     n_forget: int | None = field(None, "samples of the forgotten class for UA (default: n)")
     steps: int = field(50, "DDIM steps")
@@ -94,7 +95,8 @@ class ClassErasure(Protocol):
     fid_weights: str | None = field(None, "local Inception weights file for FID (machines without network)")
     dataset: str = field("digits", "reference training images for FID: digits, cifar10 or folder:PATH")
     data_root: str | None = field(None, "where cifar10 is stored")
-    reference_per_class: int | None = field(None, "use the first K training images per retained class (SalUn: 500; default all)")
+    reference_per_class: int | None = field(None, "use the first K training images per retained class "
+                                                  "(SalUn: 500; default: all)")
 
     def __post_init__(self):
         if self.n < 2 or (self.n_forget is not None and self.n_forget < 1):
@@ -171,7 +173,7 @@ class ClassErasure(Protocol):
 
 @dataclass
 class DigitsClass(ClassErasure):
-    """The small benchmark: erase a digit from the shipped digits DDPM, measured in the shipped classifier's features."""
+    """The small benchmark: a digit erased from the shipped digits DDPM, FID in the shipped classifier's features."""
 
     name: ClassVar[str] = "digits-class"
 
@@ -216,7 +218,8 @@ class I2PNudity(Protocol):
     height: int | None = field(None, "image height (default: the pipeline's, 512 for SD 1.x)")
     width: int | None = field(None, "image width (default: the pipeline's)")
     batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
-    preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, unlearndiffatk")
+    preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, "
+                                        "unlearndiffatk")
     nudenet_batch_size: int = field(16, "images per NudeNet call")
     limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
 
@@ -269,7 +272,8 @@ class T2IUtility(Protocol):
     limit: int | None = field(None, "only the first N captions")
 
     def __post_init__(self):
-        missing = [f"--{n.replace('_', '-')}" for n in ("prompts", "reference", "clip_model") if getattr(self, n) is None]
+        missing = [f"--{name.replace('_', '-')}" for name in ("prompts", "reference", "clip_model")
+                   if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} required")
 

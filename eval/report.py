@@ -43,6 +43,13 @@ class Run:
     def scalar_metrics(self) -> dict[str, float | int]:
         return {k: v for k, v in self.results["metrics"].items() if isinstance(v, (int, float))}
 
+    def caption(self) -> str:
+        """What the grid shows: one row per class, or the prompts of its images in reading order."""
+        if self.index.get("kind") == "classes":
+            return f"{self.name}: one row per class"
+        prompts = [e["prompt"] for e in self.index["images"][:GRID_PROMPTS]]
+        return f"{self.name}: " + "; ".join(f"{k + 1}. {p}" for k, p in enumerate(prompts))
+
     def grid(self) -> Image.Image:
         """Up to GRID_COLUMNS images per class, one row per class; or the first prompts' images."""
         entries = self.index["images"]
@@ -98,7 +105,8 @@ def _charts(runs: list[Run]) -> dict[str, Image.Image]:
         labels = list(with_acc[0].results["metrics"]["per_class_accuracy"])
         charts["per-class-accuracy"] = _bar_chart(
             "classifier accuracy per class", "accuracy", labels,
-            {r.name: [r.results["metrics"]["per_class_accuracy"].get(c, float("nan")) for c in labels] for r in with_acc})
+            {r.name: [r.results["metrics"]["per_class_accuracy"].get(c, float("nan")) for c in labels]
+             for r in with_acc})
     with_nude = [r for r in runs if "detections_per_class" in r.results["metrics"]]
     if with_nude:
         labels = list(with_nude[0].results["metrics"]["detections_per_class"])
@@ -140,7 +148,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, Pat
             r.name = str(r.path)
     header, rows = _metrics_table(runs)
     differ = _differences(runs)
-    figures = {f"grid-{i}-{r.name.replace('/', '_')}": r.grid() for i, r in enumerate(runs)} | _charts(runs)
+    figures = {f"grid-{i}-{r.name.replace('/', '_')}": (r.grid(), r.caption()) for i, r in enumerate(runs)}
+    figures |= {name: (chart, name.replace("-", " ")) for name, chart in _charts(runs).items()}
     warning = (f"Not comparable: these settings differ between runs: {', '.join(differ)}."
                if differ and len(runs) > 1 else "")
 
@@ -148,7 +157,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, Pat
     html_parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Evaluation report</title>",
                   "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
                   "td,th{border:1px solid #aaa;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-                  ".warn{color:#a00;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}</style></head><body>",
+                  ".warn{color:#a00;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}"
+                  "</style></head><body>",
                   "<h1>Evaluation report</h1>"]
     if warning:
         md += [f"**{warning}**", ""]
@@ -163,11 +173,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, Pat
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / "figures").mkdir()
-        for name, image in figures.items():
+        for name, (image, caption) in figures.items():
             image.save(tmp / "figures" / f"{name}.png")
-            md += [f"![{name}](figures/{name}.png)", ""]
+            md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
             html_parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
-                              f"{_png_base64(image)}'><figcaption>{html.escape(name)}</figcaption></figure>")
+                              f"{_png_base64(image)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
         html_parts.append("</body></html>")
         atomic_write_text(tmp / "report.md", "\n".join(md) + "\n")
         atomic_write_text(tmp / "report.html", "\n".join(html_parts) + "\n")

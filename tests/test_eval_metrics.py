@@ -208,7 +208,7 @@ def test_nudenet_many_images_of_mixed_modes(detector):
 
 @pytest.mark.slow
 def test_nudenet_thousands_of_images(detector):
-    """The pitfall others hit: one detector reused over thousands of images (about 3 minutes on 2 CPU cores)."""
+    """The pitfall others hit: one detector reused over thousands of images (4 to 5 minutes on 2 idle CPU cores)."""
     detections = detector.detect(mixed_images(2000))
     assert len(detections) == 2000 and sum(map(len, detections[:4])) > 0
 

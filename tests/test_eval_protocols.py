@@ -102,7 +102,8 @@ def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
 def write_csv(path: Path, rows: list[tuple]) -> Path:
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["", "prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance", "case_number"])
+        w.writerow(["", "prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance",
+                    "case_number"])
         w.writerows([(i, *r, i) for i, r in enumerate(rows)])
     return path
 
@@ -229,7 +230,8 @@ def numbers(metrics: dict) -> dict[str, float]:
                     reason="torchrun is not installed next to this Python")
 def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     args = ["eval", "--model", str(tiny_ddpm_dir), "--protocol", "digits-class", "--forget", "3",
-            "--classifier", str(tiny_classifier_dir), "--n", "5", "--n-forget", "3", "--steps", "2", "--batch-size", "4"]
+            "--classifier", str(tiny_classifier_dir), "--n", "5", "--n-forget", "3", "--steps", "2",
+            "--batch-size", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
     # `--` stops torchrun from taking `--n` for an abbreviation of its own options.

@@ -49,6 +49,7 @@ def test_report_of_nudity_runs_charts_the_nudenet_counts(tmp_path, tiny_sd_dir):
     md_path, _ = build_report([tmp_path / "run"], tmp_path / "report")
     md = md_path.read_text()
     assert "figures/nudenet-counts.png" in md and "fraction_with_any" in md
+    assert "1. a body; 2. a beach" in md
     assert "Not comparable" not in md
 
 
