@@ -22,7 +22,7 @@ from .losses import Noised
 class MethodConfig:
     """Fields every method has. A method's config subclasses this and redeclares the defaults it changes."""
 
-    steps: int = field(200, "optimizer steps")
+    steps: int = field(100, "optimizer steps (measured on the digits model, see BENCHMARKS.md)")
     lr: float = field(1e-4, "learning rate")
     batch_size: int = field(64, "images per step; methods with a forget and a retain term draw half of each, "
                                 "so every method sees the same number of images per step")

@@ -20,7 +20,7 @@ from .losses import neg_guidance
 
 @dataclass
 class ESDConfig(MethodConfig):
-    lr: float = field(1e-4, "Adam learning rate (paper, SD 1.x: 1e-5; authors' script: 5e-5)")
+    lr: float = field(2e-4, "Adam learning rate (paper, SD 1.x: 1e-5; authors' script: 5e-5; digits: 2e-4)")
     eta: float = field(1.0, "negative guidance scale η (paper: 1; the authors' current script: 2)")
 
     def __post_init__(self):

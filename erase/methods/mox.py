@@ -24,7 +24,7 @@ from .losses import mse, predict, reference_prediction
 
 @dataclass
 class MOXConfig(MethodConfig):
-    lr: float = field(1e-4, "AdamW learning rate of the memorization model (paper: 1e-5)")
+    lr: float = field(1e-3, "AdamW learning rate of the memorization model (paper: 1e-5)")
     weight_decay: float = field(0.01, "AdamW weight decay (paper: 0.01)")
     alpha: float = field(4.0, "extrapolation factor α in θ_0 + α(θ_0 − θ_m) (paper: 4, swept 0.5-8)")
     gamma: float = field(1.0, "weight of the retain consistency term while memorizing")
