@@ -46,7 +46,8 @@ class Run:
     def caption(self) -> str:
         """What the grid shows: one row per class, or the prompts of its images in reading order."""
         if self.index.get("kind") == "classes":
-            return f"{self.name}: one row per class"
+            names = dict(sorted({e["class"]: e["class_name"] for e in self.index["images"]}.items()))
+            return f"{self.name}: one row per class ({', '.join(names.values())})"
         prompts = [e["prompt"] for e in self.index["images"][:GRID_PROMPTS]]
         return f"{self.name}: " + "; ".join(f"{k + 1}. {p}" for k, p in enumerate(prompts))
 
