@@ -46,7 +46,7 @@ def parse_value(text: str):
 
 def runs_to_do(methods: list[str], sets: list[str]) -> list[tuple[str, str, dict]]:
     """(run name, method, options): each method with its defaults, plus the --set grids."""
-    runs = [(m, m, {}) for m in methods]
+    runs = [(m, None if m == "original" else m, {}) for m in methods]
     grids: dict[str, dict[str, list]] = {}
     for item in sets:
         key, _, values = item.partition("=")
@@ -94,13 +94,13 @@ def markdown(rows: list[dict], cost: dict[str, float], forget_name: str, args) -
     head = (f"| run | UA on {args.n_forget} '{forget_name}' (%) | retained acc (%) | Δ retained (pts) | "
             f"feature FID (retained) | steps | wall (s) | s/step | step cost vs finetune |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    base = next(r for r in rows if r["run"] == "original")
+    base = next((r for r in rows if r["run"] == "original"), None)
     lines = []
     for r in rows:
         ratio = f"{cost[r['method']] / cost['finetune']:.2f}x" if r["method"] in cost and "finetune" in cost else ""
         train = r.get("train", {})
         lines.append(f"| {r['run']} | {100 * r['ua']:.1f} | {100 * r['retained_acc']:.1f} | "
-                     f"{100 * (r['retained_acc'] - base['retained_acc']):+.1f} | {r['fid_retained']:.2f} | "
+                     f"{100 * (r['retained_acc'] - base['retained_acc']) if base else float('nan'):+.1f} | {r['fid_retained']:.2f} | "
                      f"{train.get('steps', '')} | {train.get('wall_time_s', '')} | "
                      f"{train.get('seconds_per_step', 0) or 0:.3f} | {ratio} |")
     return head + "\n".join(lines) + "\n"
@@ -111,9 +111,9 @@ def main() -> None:
     p.add_argument("--model", default="models/digits-ddpm")
     p.add_argument("--classifier", default="models/digits-classifier")
     p.add_argument("--forget", default="3")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all)")
+    p.add_argument("--methods", default=",".join(["original", *METHODS]),
+                   help="comma list; 'original' is the unmodified model (default: it and every method)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=V1,V2", help="sweep grid rows")
-    p.add_argument("--no-defaults", action="store_true", help="run only the --set grids and the original")
     p.add_argument("--out", default="runs/bench-digits")
     p.add_argument("--n-forget", type=int, default=500, help="generated images of the forgotten digit")
     p.add_argument("--n-retain", type=int, default=100, help="generated images per retained digit")
@@ -136,7 +136,7 @@ def main() -> None:
     real_retained = real.images[real.labels != forget]
 
     rows = []
-    todo = [("original", None, {})] + runs_to_do([] if args.no_defaults else methods, args.set)
+    todo = runs_to_do(methods, args.set)
     for run, method, options in todo:
         folder = out / run
         cached = folder / "bench.json"
@@ -161,8 +161,9 @@ def main() -> None:
 
     cost_file = out / "cost.json"
     cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
-    if args.cost_rounds and not cost and not args.no_defaults:
-        cost = cost_pass(args.model, ["finetune"] + [m for m in methods if m != "finetune"], args.forget, out, args)
+    if args.cost_rounds and not cost:
+        timed = ["finetune"] + [m for m in methods if m not in ("finetune", "original")]
+        cost = cost_pass(args.model, timed, args.forget, out, args)
         write_json(cost_file, cost)
     table = markdown(rows, cost, base.class_names[forget], args)
     (out / "table.md").write_text(table)
