@@ -42,8 +42,8 @@ class ClassConditionalDDPM:
                  info: dict | None = None):
         if unet.config.num_class_embeds != len(class_names) + 1:
             raise EraseError(
-                f"the UNet has {unet.config.num_class_embeds} class embeddings but {len(class_names)} "
-                f"class names were given: a class-conditional DDPM needs K + 1 (the last is the null class)")
+                f"checkpoint does not match: the UNet has {unet.config.num_class_embeds} class embeddings "
+                f"(K classes + the null class) but {len(class_names)} class names were given")
         self.unet = unet
         self.scheduler = scheduler
         self.class_names = list(class_names)
@@ -176,6 +176,14 @@ class ClassConditionalDDPM:
         return ref
 
     # -- sampling -----------------------------------------------------------------------------------
+    def guided_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+        """Classifier-free guided ε: conditional and unconditional rows in one batched forward."""
+        if guidance == 1.0:
+            return self.predict_noise(x_t, t, cond)
+        both = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([cond, self.null_condition(len(cond))]))
+        eps_c, eps_u = both.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
         """x_T for each seed, drawn on the CPU so that it does not depend on device or batch."""
         return torch.stack([torch.randn(self.image_shape, generator=step_generator(s)) for s in seeds])
@@ -222,15 +230,9 @@ class ClassConditionalDDPM:
         x = self.initial_noise(seeds).to(device, dtype)
         # One generator per image for the stochastic part of DDIM (eta > 0).
         gens = [step_generator(s, 1) for s in seeds]
-        guided = guidance != 1.0
-        cond = torch.cat([labels, self.null_condition(len(labels))]) if guided else labels
         self.unet.eval()
         for t in scheduler.timesteps:
-            model_in = torch.cat([x, x]) if guided else x
-            eps = self.unet(model_in, t.to(device), class_labels=cond).sample
-            if guided:
-                eps_c, eps_u = eps.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
+            eps = self.guided_noise(x, t.to(device), labels, guidance)
             noise = None
             if eta > 0:
                 noise = torch.stack([torch.randn(self.image_shape, generator=g) for g in gens]).to(device, dtype)

@@ -1,0 +1,99 @@
+"""The class-conditional DDPM backbone: guidance, seeds, save/load and its errors."""
+
+import json
+
+import pytest
+import torch
+
+from erase.backbones import ClassConditionalDDPM, load_backbone
+from erase.utils import EraseError
+
+NAMES = ["zero", "one", "two", "three"]
+
+
+def tiny_model(seed: int = 0) -> ClassConditionalDDPM:
+    torch.manual_seed(seed)
+    return ClassConditionalDDPM.create(NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
+                                       attention_levels=(False, True), norm_num_groups=4,
+                                       num_train_timesteps=100)
+
+
+def test_batched_guidance_equals_two_separate_forwards():
+    model = tiny_model()
+    x = torch.randn(3, 1, 8, 8)
+    t = torch.tensor(40)
+    cond = model.encode_conditions([0, 2, 3])
+    with torch.no_grad():
+        eps_c = model.predict_noise(x, t, cond)
+        eps_u = model.predict_noise(x, t, model.null_condition(3))
+        guided = model.guided_noise(x, t, cond, guidance=3.0)
+    torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eps_c, eps_u), "the null class must give a different prediction"
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_image_depends_only_on_its_seed_not_on_the_request(eta):
+    model = tiny_model()
+    classes, seeds = [0, 1, 2, 3, 1], [11, 12, 13, 14, 15]
+    together = model.sample(classes, seeds, steps=4, eta=eta, batch_size=4)
+    alone = torch.cat([model.sample([c], [s], steps=4, eta=eta, batch_size=4) for c, s in zip(classes, seeds)])
+    reversed_order = model.sample(classes[::-1], seeds[::-1], steps=4, eta=eta, batch_size=4).flip(0)
+    assert torch.equal(together, alone)
+    assert torch.equal(together, reversed_order)
+    # Another compute batch size changes only float rounding.
+    torch.testing.assert_close(model.sample(classes, seeds, steps=4, eta=eta, batch_size=2), together,
+                               atol=1e-3, rtol=0)
+    assert not torch.equal(together[0], together[1]), "different seeds must give different images"
+
+
+def test_save_and_load_give_identical_samples(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m", note="test")
+    loaded = load_backbone(tmp_path / "m")
+    assert loaded.class_names == NAMES and loaded.info["note"] == "test"
+    assert torch.equal(model.sample([1, 3], [5, 6], steps=3), loaded.sample([1, 3], [5, 6], steps=3))
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_class_names_and_ids():
+    model = tiny_model()
+    assert model.encode_conditions(["three", "1", 2]).tolist() == [3, 1, 2]
+    assert model.null_condition(2).tolist() == [4, 4]
+    with pytest.raises(EraseError, match="unknown class 'seven'.*0=zero"):
+        model.class_index("seven")
+    with pytest.raises(EraseError, match="out of range"):
+        model.class_index(4)
+
+
+def test_parameter_groups_and_missing_cross_attention():
+    model = tiny_model()
+    attn = model.trainable_parameters("attn")
+    assert attn and all(".attentions." in n for n in attn)
+    assert set(attn).isdisjoint(model.trainable_parameters("noattn"))
+    assert list(model.trainable_parameters("class-emb")) == ["class_embedding.weight"]
+    with pytest.raises(EraseError, match="xattn.*cross-attention exists only in text-conditioned"):
+        model.trainable_parameters("xattn")
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    meta_file = tmp_path / "m" / "erase_model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["class_names"] = NAMES + ["four"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(EraseError, match="does not match: the UNet has 5 class embeddings.*but 5 class names"):
+        load_backbone(tmp_path / "m")
+    with pytest.raises(EraseError, match="does not exist"):
+        load_backbone(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EraseError, match="not a model folder"):
+        load_backbone(tmp_path / "empty")
+
+
+def test_sample_argument_errors():
+    model = tiny_model()
+    with pytest.raises(EraseError, match="one seed per image"):
+        model.sample([0, 1], [1])
+    with pytest.raises(EraseError, match="steps must be at least 1"):
+        model.sample([0], [1], steps=0)
