@@ -68,7 +68,8 @@ def evaluate(model, classifier, real_retained: torch.Tensor, forget: int, args) 
     for c, n in [(forget, args.n_forget)] + [(c, args.n_retain) for c in retained]:
         labels += [c] * n
         seeds += class_seeds(args.seed, c, n)
-    images = model.sample(labels, seeds, steps=args.sample_steps, guidance=args.guidance, batch_size=125)
+    guidance = model.sample_defaults["guidance"] if args.guidance is None else args.guidance
+    images = model.sample(labels, seeds, steps=args.sample_steps, guidance=guidance, batch_size=125)
     labels = torch.tensor(labels)
     verdicts = ClassifierVerdicts(model.num_classes)
     verdicts.update(torch.cat([classifier(x) for x in images.split(500)]), labels)
@@ -118,7 +119,7 @@ def main() -> None:
     p.add_argument("--n-forget", type=int, default=500, help="generated images of the forgotten digit")
     p.add_argument("--n-retain", type=int, default=100, help="generated images per retained digit")
     p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the evaluation samples")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance of the evaluation samples (default: the model's sample_defaults; 1.0 for the shipped digits model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the evaluation samples")
     p.add_argument("--cost-rounds", type=int, default=2, help="interleaved timing rounds (0 skips the cost pass)")
     p.add_argument("--cost-steps", type=int, default=10, help="steps per method and round in the cost pass")
