@@ -117,7 +117,8 @@ def test_class_data_defaults(tiny_model):
 
 def classifier_accuracy(model, classifier, classes: list[int], n: int) -> float:
     labels = [c for c in classes for _ in range(n)]
-    images = model.sample(labels, list(range(len(labels))), steps=20, batch_size=64)
+    images = model.sample(labels, list(range(len(labels))), steps=25, batch_size=64,
+                          guidance=model.sample_defaults["guidance"])
     with torch.no_grad():
         return (classifier(images).argmax(1) == torch.tensor(labels)).float().mean().item()
 
