@@ -38,10 +38,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     model = load_backbone(args.model).to(resolve_device(args.device))
     classes = parse_classes(args.classes) if args.classes else list(range(model.num_classes))
-    steps = args.steps or model.info.get("sample_defaults", {}).get("steps", 50)
-    guidance = args.guidance if args.guidance is not None else model.info.get("sample_defaults", {}).get("guidance", 3.0)
-    out = save_class_samples(model, classes, args.n, args.out, steps=steps, guidance=guidance,
-                             eta=args.eta, seed=args.seed, batch_size=args.batch_size)
+    defaults = model.sample_defaults
+    out = save_class_samples(model, classes, args.n, args.out, steps=args.steps or defaults["steps"],
+                             guidance=defaults["guidance"] if args.guidance is None else args.guidance,
+                             eta=defaults["eta"] if args.eta is None else args.eta,
+                             seed=args.seed, batch_size=args.batch_size)
     print(f"wrote {args.n * len(classes)} images and grid.png under {out}")
 
 
@@ -71,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class ids or names (default: all)")
     p.add_argument("--n", type=int, default=16, help="images per class (default 16)")
     p.add_argument("--out", required=True, help="output folder: OUT/<class>/<index>.png and OUT/grid.png")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's, 50)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale s (default: the model's, 3.0)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's sample_defaults, else 50)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale s of ε_∅ + s(ε_c − ε_∅) (default: the model's sample_defaults, else 3.0)")
+    p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: the model's, else 0)")
     p.add_argument("--seed", type=int, default=0, help="image i of class c gets a seed derived from (seed, c, i)")
     p.add_argument("--batch-size", type=int, default=64, help="images per UNet call (results depend on it only through float rounding: keep it fixed to reproduce bit for bit)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -102,6 +102,13 @@ class ClassConditionalDDPM:
 
     # -- what methods ask ---------------------------------------------------------------------------
     @property
+    def sample_defaults(self) -> dict:
+        """Steps, guidance and eta to sample with when the user gives none: the model's measured
+        values (`info.sample_defaults`, see models/README.md), else 50 DDIM steps at scale 3."""
+        recorded = self.info.get("sample_defaults", {})
+        return {k: recorded.get(k, v) for k, v in {"steps": 50, "guidance": 3.0, "eta": 0.0}.items()}
+
+    @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
