@@ -38,7 +38,7 @@ def test_digits_class_writes_every_setting_and_the_images(digits_run, tiny_ddpm_
     results = json.loads((digits_run / "metrics.json").read_text())
     assert results["protocol"] == "digits-class"
     assert set(results["settings"]) == {f.name for f in dataclasses.fields(DigitsClass)}
-    assert results["settings"]["n_forget"] == 8 and results["settings"]["guidance"] == 3.0
+    assert results["settings"]["n_forget"] == 8 and results["settings"]["guidance"] == 1.0
     assert results["model"] == str(Path(tiny_ddpm_dir).resolve())
     assert results["classifier"] == str(Path(tiny_classifier_dir).resolve())
     assert "classifier features" in results["feature_extractor"]
