@@ -6,7 +6,8 @@ UNet2DConditionModel with cross-attention, DDIM scheduler), only tiny: 16x16 gre
 caption word is one token. Prompt-based erasure ("three", "the number 3", ...) therefore runs
 through exactly the code path of SD 1.x, on a CPU, in minutes.
 
-Training has two phases so that it fits ~15 minutes on two CPU cores: the VAE alone (reconstruction
+Training has two phases, sized for about 15 minutes on two idle CPU cores (the shipped model took 46
+minutes on a heavily shared machine; see models/mini-sd/README.md): the VAE alone (reconstruction
 plus a small KL term), then the UNet and the text encoder jointly on the frozen VAE's latents, with
 10% of captions dropped to the empty prompt for classifier-free guidance.
 """
