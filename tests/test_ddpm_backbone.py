@@ -87,7 +87,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     with pytest.raises(EraseError, match="does not exist"):
         load_backbone(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EraseError, match="not a model folder"):
+    with pytest.raises(EraseError, match="is not a model: expected a folder with erase_model.json"):
         load_backbone(tmp_path / "empty")
 
 
