@@ -90,6 +90,7 @@ class SmallClassifier(nn.Module):
 class TrainClassifierConfig:
     dataset: str = field("digits", "dataset: digits, cifar10 or folder:PATH")
     data_root: str | None = field(None, "where cifar10 is stored")
+    download: bool = field(False, "download cifar10 into data_root if it is not there (needs network)")
     image_size: int | None = field(None, "resize images to this size (must match the generator's)")
     width: int = field(32, "channels of the first stage (then 2x, 4x)")
     epochs: int = field(30, "passes over the training set")
@@ -120,7 +121,8 @@ def accuracy(model: SmallClassifier, images: torch.Tensor, labels: torch.Tensor,
 
 def train_classifier(config: TrainClassifierConfig, out: str | Path) -> SmallClassifier:
     """Train on the dataset's train split, report accuracy on its test split, save to `out`."""
-    train = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size)
+    train = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size,
+                         download=config.download)
     test = load_dataset(config.dataset, "test", root=config.data_root, image_size=config.image_size)
     torch.manual_seed(config.seed)
     arch = ClassifierArch(train.images.shape[1], train.images.shape[-1], train.num_classes, config.width)

@@ -28,6 +28,7 @@ from .utils import EraseError, logger, package_versions, step_generator
 class TrainBaseConfig:
     dataset: str = field("digits", "dataset: digits, cifar10 or folder:PATH")
     data_root: str | None = field(None, "where cifar10 is stored (default $ERASE_DATA or ~/.cache/erase)")
+    download: bool = field(False, "download cifar10 into data_root if it is not there (needs network)")
     image_size: int | None = field(None, "resize images to this size (digits: 16 already)")
     steps: int = field(4000, "optimizer steps")
     batch_size: int = field(128, "images per step and process")
@@ -79,7 +80,9 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
     out = Path(out)
     ckpt_dir = out.with_name(out.name + "-checkpoints")
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    data = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size)
+    with accelerator.main_process_first():  # one process downloads, the others then read
+        data = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size,
+                            download=config.download)
     torch.manual_seed(config.seed)
     model = ClassConditionalDDPM.create(
         data.class_names, image_size=data.images.shape[-1], channels=data.images.shape[1],
