@@ -54,7 +54,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         help_text = f.metadata.get("help", "")
         if default is not None:
             help_text += f" (default: {','.join(map(str, default)) if is_seq else default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        # argparse %-formats help strings; a literal "10%" must reach it as "10%%".
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text.replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if is_seq:
