@@ -67,9 +67,10 @@ def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def anchor_target(model, b: Noised) -> torch.Tensor:
-    """`sg ε_θ(x_t, t, c_a)`: what the current model predicts for the anchor on the forget sample."""
-    return model.predict_noise(b.x_t, b.t, b.anchor).float()
+def anchor_target(model, b: Noised, unet=None) -> torch.Tensor:
+    """`sg ε_θ(x_t, t, c_a)`: what the current model (or `unet`, e.g. the frozen reference) predicts
+    for the anchor on the forget sample."""
+    return model.predict_noise(b.x_t, b.t, b.anchor, unet).float()
 
 
 def denoise(model, b: Noised, unet=None) -> torch.Tensor:
