@@ -28,7 +28,7 @@ from .checkpoint import (check_same_config, flatten_optimizer_state, latest_chec
 from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
-from .unlearn_data import UnlearnData, class_erasure_data
+from .unlearn_data import UnlearnData
 from .utils import EraseError, logger, package_versions, step_generator, write_json
 
 CONFIG_FILE = "erase_config.json"
@@ -78,7 +78,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
-            dataset: str | None = None, data: UnlearnData | None = None,
+            dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
@@ -110,7 +110,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     device = accelerator.device
     model.to(device)
     if data is None:
-        data = class_erasure_data(model, forget, retain, anchor, dataset)
+        data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)
     data.to(device)
 
     group = resolve_params(model, config.params, method_cls.params_preference)

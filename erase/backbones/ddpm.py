@@ -176,6 +176,15 @@ class ClassConditionalDDPM:
         keep = PARAMETER_GROUPS[group]
         return {n: p for n, p in self.unet.named_parameters() if keep(n)}
 
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+        """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
+        from ..unlearn_data import class_erasure_data
+
+        if images is not None:
+            raise EraseError("--images sets how many images are generated for a text concept; class "
+                             "erasure uses the dataset's real images (choose them with --dataset)")
+        return class_erasure_data(self, forget, retain, anchor, dataset)
+
     def frozen_copy(self) -> torch.nn.Module:
         """A frozen copy of the current UNet: the reference model ε_0 of the methods."""
         ref = copy.deepcopy(self.unet).eval()

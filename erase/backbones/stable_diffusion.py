@@ -243,6 +243,24 @@ class StableDiffusionBackbone:
                              "layers?); choose another group")
         return params
 
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+        """Forget/retain sets for a text concept: images this model generates from the concept's
+        forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
+
+        `forget` is a shipped concept name (`nudity`), a concept folder or a literal prompt; `anchor`
+        and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
+        """
+        from ..concept_data import ConceptDataConfig, concept_unlearn_data
+        from ..concepts import load_concept
+
+        if dataset is not None:
+            raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
+                             "generated from its prompts (set how many with --images)")
+        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
+            retain = [p.strip() for p in retain.split(",") if p.strip()]
+        config = ConceptDataConfig() if images is None else ConceptDataConfig(images=images)
+        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
+
     def frozen_copy(self) -> torch.nn.Module:
         """A frozen copy of the current UNet: the reference model ε_0 of the methods."""
         ref = copy.deepcopy(self.unet).eval()

@@ -32,7 +32,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     method = get_method(args.method)
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
-                  dataset=args.dataset, config=config, resume=not args.no_resume,
+                  dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
                   keep_checkpoints=args.keep_checkpoints)
     print(f"wrote {out} (model, delta.safetensors, erase_config.json)")
 
@@ -57,17 +57,24 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("unlearn", help="erase classes or concepts from a model with one of the methods",
-                       description="Erase classes from a model. Add --method NAME --help to see that "
+                       description="Erase classes or text concepts from a model. Add --method NAME --help to see that "
                                    "method's options.")
     p.__class__ = _UnlearnParser  # subparsers are built by argparse; this one learns --method first
-    p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`)")
+    p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "
+                                                  "diffusers pipeline folder, a .safetensors/.ckpt file or a hub id")
     p.add_argument("--method", required=True, choices=list(METHODS), help="unlearning method (`erase methods`)")
-    p.add_argument("--forget", required=True, help="class ids or names to forget, comma-separated (e.g. 3 or three,5)")
+    p.add_argument("--forget", required=True,
+                   help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
+                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh')")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--retain", help="classes to retain (default: every other class)")
+    p.add_argument("--retain", help="classes to retain (default: every other class); Stable Diffusion: a "
+                                    "prompt file or comma-separated prompts (default: the concept's retain.txt)")
     p.add_argument("--anchor", help="class each forget class is remapped to: one for all or one per forget "
-                                    "class (default: (c + 1) mod K, skipping forgotten classes)")
+                                    "class (default: (c + 1) mod K, skipping forgotten classes); Stable "
+                                    "Diffusion: the anchor prompt (default: the concept's anchor.txt)")
     p.add_argument("--dataset", help="dataset of the forget/retain images (default: the model's training set)")
+    p.add_argument("--images", type=int, help="Stable Diffusion: images generated and cached per set (forget, "
+                                              "anchor, retain); default 800 as in SalUn and EUPMU")
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")

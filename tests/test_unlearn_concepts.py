@@ -1,0 +1,40 @@
+"""`erase unlearn` on a Stable Diffusion pipeline: a text concept erased through the same command."""
+
+import json
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from erase.cli import main
+
+
+@pytest.mark.parametrize("method", ["eupmu", "esd"])
+def test_unlearn_a_prompt_concept_and_apply_the_delta_with_stock_diffusers(tiny_sd_dir, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "erased"
+    argv = ["unlearn", "--model", str(tiny_sd_dir), "--method", method, "--forget", "a photo of a cat",
+            "--retain", "a photo of a dog,a tree", "--images", "2", "--steps", "2", "--batch-size", "2",
+            "--out", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "erase_config.json").read_text())
+    assert record["method"] == method
+    assert record["data"]["concept"]["forget"] == ["a photo of a cat"]
+
+    delta = load_file(out / "delta.safetensors")
+    assert delta, "the delta holds the changed tensors"
+    original = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    erased = StableDiffusionPipeline.from_pretrained(out)
+    before = original.unet.state_dict()
+    assert any(not torch.equal(before[k], delta[k]) for k in delta)
+    missing, unexpected = original.unet.load_state_dict(delta, strict=False)
+    assert not unexpected
+    for k, v in erased.unet.state_dict().items():
+        assert torch.equal(original.unet.state_dict()[k], v), k
+
+
+def test_dataset_option_is_refused_for_text_concepts(tiny_sd_dir, tmp_path, capsys):
+    assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "rl", "--forget", "cat",
+                 "--dataset", "digits", "--out", str(tmp_path / "x")]) == 2
+    assert "--dataset applies to class-conditional models" in capsys.readouterr().err
