@@ -24,9 +24,9 @@ from .losses import mse, predict, reference_prediction
 
 @dataclass
 class MOXConfig(MethodConfig):
-    lr: float = field(1e-3, "AdamW learning rate of the memorization model (paper: 1e-5)")
+    lr: float = field(1e-4, "AdamW learning rate of the memorization model (paper: 1e-5; digits: 1e-4, see BENCHMARKS.md)")
     weight_decay: float = field(0.01, "AdamW weight decay (paper: 0.01)")
-    alpha: float = field(4.0, "extrapolation factor α in θ_0 + α(θ_0 − θ_m) (paper: 4, swept 0.5-8)")
+    alpha: float = field(1.0, "extrapolation factor α in θ_0 + α(θ_0 − θ_m) (paper: 4, swept 0.5-8; digits: 1 keeps utility, see BENCHMARKS.md)")
     gamma: float = field(1.0, "weight of the retain consistency term while memorizing")
     momentum: float = field(0.0, "η of the momentum variant (paper: 0.675); 0 extrapolates once at the end")
 
