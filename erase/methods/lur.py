@@ -26,7 +26,7 @@ from .losses import anchor_target, mse, predict
 
 @dataclass
 class LURConfig(MethodConfig):
-    lr: float = field(5e-4, "Adam learning rate of the outer step (as rl and eupmu)")
+    lr: float = field(1e-4, "Adam learning rate of the outer step (as rl and eupmu)")
     inner_lr: float = field(1e-2, "step size a of the look-ahead θ' = θ − a∇L")
     beta: float = field(1.0, "weight β of the term measured after the look-ahead")
     order: str = field("forget-first", "forget-first: look ahead along the forget gradient and measure the "

@@ -17,7 +17,7 @@ from .losses import anchor_target, mse, per_sample_size, predict
 
 @dataclass
 class RLConfig(MethodConfig):
-    lr: float = field(5e-4, "Adam learning rate (SalUn CIFAR-10 DDPM: 1e-4 for 1000 steps of 128; digits: 5e-4 for 100 steps of 64)")
+    lr: float = field(1e-4, "Adam learning rate (SalUn CIFAR-10 DDPM: 1e-4; digits: 1e-4 kept more than 5e-4, see BENCHMARKS.md)")
     alpha: float = field(1e-3, "weight of the retain loss summed over pixels (SalUn: 1e-3 for the DDPM, "
                                "0.1 for SD)")
     antithetic: bool = field(True, "draw timesteps in pairs t, T-1-t within a batch (as SalUn does)")

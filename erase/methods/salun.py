@@ -21,6 +21,7 @@ MASK_STREAM = 1 << 40  # an index no training step uses, so the mask's draws are
 
 @dataclass
 class SalUnConfig(RLConfig):
+    lr: float = field(5e-4, "Adam learning rate (digits: 5e-4 kept more than 1e-4, see BENCHMARKS.md)")
     mask_ratio: float = field(0.5, "fraction of weights kept trainable (SalUn: 0.5)")
     mask_batch_size: int = field(64, "forget images per batch while accumulating the saliency")
 

@@ -19,7 +19,7 @@ from .losses import anchor_target, mse, predict
 
 @dataclass
 class SurgeryConfig(MethodConfig):
-    lr: float = field(5e-4, "Adam learning rate (as eupmu)")
+    lr: float = field(1e-4, "Adam learning rate (as eupmu)")
     eps: float = field(0.0, "allowed first-order rise of the retain loss per step, ε")
 
 
