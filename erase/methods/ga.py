@@ -15,7 +15,8 @@ from .losses import mse, predict
 
 @dataclass
 class GAConfig(MethodConfig):
-    lr: float = field(1e-5, "Adam learning rate")
+    lr: float = field(3e-5, "Adam learning rate (measured on the digits model: 3e-5 forgets the digit in 40 steps "
+                                 "and already costs 40 points of retained accuracy; 1e-5 does not forget)")
     alpha: float = field(1.0, "weight of the retain denoising loss (0 is pure ascent)")
 
     def __post_init__(self):

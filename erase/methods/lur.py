@@ -27,7 +27,8 @@ from .losses import anchor_target, mse, predict
 @dataclass
 class LURConfig(MethodConfig):
     lr: float = field(1e-4, "Adam learning rate of the outer step (as rl and eupmu)")
-    inner_lr: float = field(1e-2, "step size a of the look-ahead θ' = θ − a∇L")
+    inner_lr: float = field(1e-3, "step size a of the look-ahead θ' = θ − a∇L (measured on the digits model: "
+                                   "1e-2 collapses every class in 40 steps, 1e-3 keeps 90% of retained accuracy)")
     beta: float = field(1.0, "weight β of the term measured after the look-ahead")
     order: str = field("forget-first", "forget-first: look ahead along the forget gradient and measure the "
                                        "retain loss there; retain-first: the reverse",
