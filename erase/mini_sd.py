@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .config import config_dict, field
 from .data import DIGITS_NAMES, load_dataset
 from .utils import EraseError, atomic_write_text, logger, package_versions, step_generator, write_json
+from .train_base import learning_rate, update_ema
 
 # Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
 # only words seen in training, in combinations never seen: they test paraphrase generalisation.
@@ -187,13 +188,6 @@ class MiniSDConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
-def _lr(config: MiniSDConfig, step: int) -> float:
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     vae.train()
@@ -212,12 +206,6 @@ def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
             logger.info("vae step %d/%d: loss %.4f", step + 1, config.vae_steps, loss_avg)
     vae.eval().requires_grad_(False)
     return loss_avg
-
-
-@torch.no_grad()
-def _ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - decay)
 
 
 def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
@@ -268,15 +256,15 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
-            group["lr"] = _lr(config, step)
+            group["lr"] = learning_rate(config, step)
         cond = text_encoder(ids[caption])[0]
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=cond).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        _ema(ema_unet, unet, config.ema_decay)
-        _ema(ema_text, text_encoder, config.ema_decay)
+        update_ema(ema_unet, unet, config.ema_decay)
+        update_ema(ema_text, text_encoder, config.ema_decay)
         value = loss.item()
         if not math.isfinite(value):
             raise EraseError(f"train-mini-sd: loss became {value} at step {step}; lower --lr (now {config.lr})")

@@ -58,7 +58,9 @@ class TrainBaseConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
 
 
-def learning_rate(config: TrainBaseConfig, step: int) -> float:
+def learning_rate(config, step: int) -> float:
+    """Linear warm-up to `config.lr`, then cosine decay to 10% at `config.steps` (any config with
+    `lr`, `warmup_steps` and `steps`: also the miniature SD's)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
