@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .config import add_dataclass_arguments, build_config, load_config_file
 from .utils import EraseError, logger, setup_logging

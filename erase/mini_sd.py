@@ -15,7 +15,6 @@ plus a small KL term), then the UNet and the text encoder jointly on the frozen 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import tempfile
 import time

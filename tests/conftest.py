@@ -109,3 +109,26 @@ def tiny_clip_dir(tmp_path_factory):
     CLIPModel(config).save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and a busy machine slows them down less."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny 8x8 digits DDPM saved to a folder, as `erase unlearn` reads it."""
+    from erase.backbones import ClassConditionalDDPM
+    from erase.data import DIGITS_NAMES
+
+    torch.manual_seed(0)
+    model = ClassConditionalDDPM.create(DIGITS_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
+                                        attention_levels=(False, True), norm_num_groups=4)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    model.save_pretrained(path, training={"config": {"dataset": "digits"}})
+    return path

@@ -1,6 +1,5 @@
 """Dataset loaders: digits, the CIFAR-10 reader (on archives the tests write), folders, bad input."""
 
-import io
 import pickle
 import tarfile
 

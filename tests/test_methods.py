@@ -9,31 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erase.backbones import ClassConditionalDDPM, load_backbone
-from erase.data import DIGITS_NAMES
+from erase.backbones import load_backbone
 from erase.methods import METHODS
 from erase.unlearn import unlearn
 
 TINY = dict(steps=3, batch_size=8, checkpoint_every=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run faster on one thread, and a busy machine does not slow them down as much.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ClassConditionalDDPM.create(DIGITS_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
-                                        attention_levels=(False, True), norm_num_groups=4)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path, training={"config": {"dataset": "digits"}})
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures in conftest.py
 
 
 @pytest.mark.parametrize("name", list(METHODS))

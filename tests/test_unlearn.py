@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from erase.backbones import ClassConditionalDDPM, load_backbone
+from erase.backbones import load_backbone
 from erase.checkpoint import latest_checkpoint, load_checkpoint
 from erase.cli import main
-from erase.data import DIGITS_NAMES
 from erase.methods import METHODS
 from erase.unlearn import unlearn
 from erase.unlearn_data import class_erasure_data
@@ -22,22 +21,7 @@ SHIPPED = ROOT / "models" / "digits-ddpm"
 CLASSIFIER = ROOT / "models" / "digits-classifier"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = ClassConditionalDDPM.create(DIGITS_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
-                                        attention_levels=(False, True), norm_num_groups=4)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path, training={"config": {"dataset": "digits"}})
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures in conftest.py
 
 
 def test_cli_and_config_file_round_trip(tiny_model, tmp_path):
