@@ -42,11 +42,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, path)
+
+
+def replace_dir(finished: Path, path: Path) -> None:
+    """Put the folder `finished` at `path`, replacing what is there with renames only."""
     old = path.with_name(f".{path.name}.old")
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
-    tmp.rename(path)
+    finished.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 

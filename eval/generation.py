@@ -19,7 +19,7 @@ import torch
 from accelerate import PartialState
 
 from erase.sampling import to_pil, to_uint8
-from erase.utils import EraseError
+from erase.utils import EraseError, replace_dir
 
 from .prompts import PromptItem
 
@@ -127,12 +127,7 @@ def shared_run_dir(out: str | Path, state: PartialState) -> Iterator[Path]:
         raise
     state.wait_for_everyone()
     if state.is_main_process:
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, out)
     state.wait_for_everyone()
 
 

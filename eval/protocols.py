@@ -205,6 +205,15 @@ def _generate_prompt_images(items, mine, pipe, steps, batch_size, height, width)
                                    height=height, width=width))
 
 
+def _write_prompt_run(out, state, files: list[str], mine, images, items, results: dict) -> None:
+    """This process's PNGs; the index and metrics.json from the main process; swapped in at once."""
+    with shared_run_dir(out, state) as tmp:
+        save_pngs(tmp, [files[k] for k in mine], images)
+        if state.is_main_process:
+            write_json(tmp / INDEX_FILE, _prompt_index(files, items))
+            write_json(tmp / METRICS_FILE, results)
+
+
 def _prompt_index(files: list[str], items) -> dict:
     return {"kind": "prompts", "images": [
         {"file": f, "prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row}
@@ -250,11 +259,7 @@ class I2PNudity(Protocol):
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
                                 prompts_file=str(Path(self.prompts).resolve()))
-        with shared_run_dir(out, state) as tmp:
-            save_pngs(tmp, [files[k] for k in mine], images)
-            if state.is_main_process:
-                write_json(tmp / INDEX_FILE, _prompt_index(files, items))
-                write_json(tmp / METRICS_FILE, results)
+        _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
 
@@ -319,11 +324,7 @@ class T2IUtility(Protocol):
         results = self._results(model_path, state, metrics, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
                                 reference=str(Path(self.reference).resolve()))
-        with shared_run_dir(out, state) as tmp:
-            save_pngs(tmp, [files[k] for k in mine], images)
-            if state.is_main_process:
-                write_json(tmp / INDEX_FILE, _prompt_index(files, items))
-                write_json(tmp / METRICS_FILE, results)
+        _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
 

@@ -13,13 +13,17 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 @pytest.fixture(scope="session")
 def tiny_ddpm_dir(tmp_path_factory):
     """An untrained 8x8 grey class-conditional DDPM over the ten digit names, saved to disk."""
+    return save_tiny_ddpm(tmp_path_factory.mktemp("models") / "tiny-ddpm", attention=False)
+
+
+def save_tiny_ddpm(path, attention: bool, **info):
+    """An untrained 8x8 digits DDPM (self-attention at the inner level if `attention`) saved at `path`."""
     from erase.backbones import ClassConditionalDDPM
 
     torch.manual_seed(0)
     model = ClassConditionalDDPM.create(DIGIT_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
-                                        attention_levels=(False, False), norm_num_groups=4)
-    path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
-    model.save_pretrained(path)
+                                        attention_levels=(False, attention), norm_num_groups=4)
+    model.save_pretrained(path, **info)
     return path
 
 
@@ -122,13 +126,6 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A tiny 8x8 digits DDPM saved to a folder, as `erase unlearn` reads it."""
-    from erase.backbones import ClassConditionalDDPM
-    from erase.data import DIGITS_NAMES
-
-    torch.manual_seed(0)
-    model = ClassConditionalDDPM.create(DIGITS_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
-                                        attention_levels=(False, True), norm_num_groups=4)
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    model.save_pretrained(path, training={"config": {"dataset": "digits"}})
-    return path
+    """A tiny digits DDPM with attention (so the `attn` group exists), as `erase unlearn` reads it."""
+    return save_tiny_ddpm(tmp_path_factory.mktemp("tiny") / "model", attention=True,
+                          training={"config": {"dataset": "digits"}})
