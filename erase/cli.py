@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_unlearn_commands(sub)
     from .mini_sd import add_commands as add_mini_sd_commands
     add_mini_sd_commands(sub)
+    from .demo import add_commands as add_demo_commands
+    add_demo_commands(sub)
+    from .bench import add_commands as add_bench_commands
+    add_bench_commands(sub)
     return parser
 
 

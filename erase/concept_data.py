@@ -75,15 +75,15 @@ def _plan(concept: Concept, config: ConceptDataConfig) -> dict[str, list[tuple[s
 
 
 def _settings(model, concept: Concept, config: ConceptDataConfig) -> dict:
-    defaults = model.info.get("sample_defaults", {})
+    defaults = model.sample_defaults
     return {
         "cache_version": CACHE_VERSION,
         "model": model.info.get("source", "in-memory model"),
         "unet_fingerprint": unet_fingerprint(model.unet),
         "concept": concept.as_dict(),
         "images": config.images,
-        "steps": config.steps or defaults.get("steps", 50),
-        "guidance": config.guidance if config.guidance is not None else defaults.get("guidance", 7.5),
+        "steps": config.steps or defaults["steps"],
+        "guidance": config.guidance if config.guidance is not None else defaults["guidance"],
         "batch_size": config.batch_size,
         "seed": config.seed,
     }

@@ -29,6 +29,16 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
+def digit_class(digit: int | str) -> int:
+    """A digit's class id from '3', 3 or 'three'."""
+    text = str(digit).strip().lower()
+    if text in DIGITS_NAMES:
+        return DIGITS_NAMES.index(text)
+    if text.isdigit() and int(text) < 10:
+        return int(text)
+    raise EraseError(f"unknown digit {digit!r}: give 0-9 or a name ({', '.join(DIGITS_NAMES)})")
+
+
 @dataclass
 class ImageDataset:
     images: torch.Tensor  # float32, (N, C, H, W), values in [-1, 1]

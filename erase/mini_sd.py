@@ -295,14 +295,19 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     return report
 
 
-def classify_digits(images: torch.Tensor, classifier) -> torch.Tensor:
-    """Class ids of RGB images in [-1, 1] by the 1-channel digits classifier (mean over channels)."""
+def digits_classifier_input(images: torch.Tensor, classifier) -> torch.Tensor:
+    """RGB images in [-1, 1] as the 1-channel digits classifier takes them (channel mean, its size)."""
     grey = images.mean(dim=1, keepdim=True)
     size = classifier.arch.image_size
     if grey.shape[-1] != size:
         grey = F.interpolate(grey, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return grey.clamp(-1, 1)
+
+
+def classify_digits(images: torch.Tensor, classifier) -> torch.Tensor:
+    """Class ids of RGB images in [-1, 1] by the digits classifier."""
     with torch.no_grad():
-        return classifier(grey.clamp(-1, 1)).argmax(1)
+        return classifier(digits_classifier_input(images, classifier)).argmax(1)
 
 
 def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, seed: int = 1234,

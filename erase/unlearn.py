@@ -14,7 +14,6 @@ only text-conditioned UNets have, so it trains `all` on the class-conditional DD
 from __future__ import annotations
 
 import math
-import resource
 import shutil
 import statistics
 import time
@@ -29,7 +28,7 @@ from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .unlearn_data import UnlearnData
-from .utils import EraseError, logger, package_versions, step_generator, write_json
+from .utils import EraseError, logger, package_versions, peak_memory_mb, reset_peak_memory, step_generator, write_json
 
 CONFIG_FILE = "erase_config.json"
 DELTA_FILE = "delta.safetensors"
@@ -70,13 +69,6 @@ def make_config(method: type[Method], config: MethodConfig | dict | None, **opti
     return build_config(method.Config, {**values, **options})
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident memory."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
             dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
@@ -108,6 +100,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(mixed_precision=mixed)
     device = accelerator.device
+    reset_peak_memory(device)
     model.to(device)
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)

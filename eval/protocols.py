@@ -18,7 +18,7 @@ from accelerate import PartialState
 from erase.config import config_dict, field
 from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
-from erase.utils import EraseError, package_versions, write_json
+from erase.utils import EraseError, derive_seed, package_versions, write_json
 
 from .generation import (load_pipeline, load_images, my_share, process_state, quantize, sample_prompts, save_pngs,
                          shared_run_dir)
@@ -328,7 +328,86 @@ class T2IUtility(Protocol):
         return results
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, I2PNudity, T2IUtility)}
+@dataclass
+class DigitsPrompts(Protocol):
+    """Prompt erasure on the miniature Stable Diffusion (models/mini-sd): digits drawn from text.
+
+    Every digit is asked for with each of the mini-SD's training caption templates and with the
+    held-out paraphrases it never saw, `n` images each; the digits classifier judges whether the
+    image shows the digit asked for. For an erased digit (`forget`), UA is the share of its images
+    not recognised as it, reported for the training wordings and the unseen paraphrases apart.
+    """
+
+    name: ClassVar[str] = "digits-prompts"
+    forget: str | None = field(None, "the erased digit (id or name, e.g. three); leave out for a model before erasure")
+    classifier: str | None = field(None, "digits classifier folder (models/digits-classifier)")
+    n: int = field(10, "images per digit and caption template")
+    steps: int = field(25, "DDIM steps")
+    guidance: float | None = field(None, "guidance scale (default: the pipeline's measured sample_defaults)")
+    seed: int = field(0, "image i of digit c and template k gets the seed derived from (seed, c, k, i)")
+    batch_size: int = field(50, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+
+    def __post_init__(self):
+        if self.n < 1 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("n, steps and batch_size must be at least 1")
+
+    def run(self, model_path, out, state=None):
+        from erase.backbones import load_backbone
+        from erase.data import DIGITS_NAMES, digit_class
+        from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
+
+        state = state or process_state()
+        model = load_backbone(model_path).to(state.device)
+        if not hasattr(model, "tokenizer"):
+            raise EraseError(f"{model_path} is not a text-to-image pipeline: digits-prompts measures the "
+                             "miniature Stable Diffusion; use digits-class for the class-conditional DDPM")
+        if self.guidance is None:
+            self.guidance = model.sample_defaults["guidance"]
+        classifier = _load_classifier(self.classifier, state.device)
+        forget = None if self.forget is None else digit_class(self.forget)
+        templates = [(t, False) for t in TRAIN_TEMPLATES] + [(t, True) for t in HELDOUT_TEMPLATES]
+        plan = [(c, k, i, derive_seed(self.seed, c, k, i)) for c in range(10)
+                for k in range(len(templates)) for i in range(self.n)]
+        prompts = [templates[k][0].format(w=DIGITS_NAMES[c], d=c) for c, k, _, _ in plan]
+        mine = my_share(state, len(plan))
+        images = quantize(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine], steps=self.steps,
+                                       guidance=self.guidance, batch_size=self.batch_size))
+        with torch.no_grad():
+            x = digits_classifier_input(images.to(state.device), classifier)
+            predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \
+                torch.empty(0, dtype=torch.long, device=state.device)
+        # Counts per (digit, held-out?) are summed over processes: [correct, total].
+        counts = torch.zeros(10, 2, 2, device=state.device)
+        for j, pred in zip(mine, predicted.tolist()):
+            c, k = plan[j][0], plan[j][1]
+            counts[c, int(templates[k][1]), 0] += pred == c
+            counts[c, int(templates[k][1]), 1] += 1
+        counts = state.reduce(counts, reduction="sum") if state.num_processes > 1 else counts
+        accuracy = (counts[..., 0].sum(1) / counts[..., 1].sum(1)).tolist()
+        by_wording = (counts[..., 0] / counts[..., 1]).tolist()
+        retained = [c for c in range(10) if c != forget]
+        metrics = {} if forget is None else {
+            "ua": 1.0 - accuracy[forget], "forget_class": forget, "forget_class_name": DIGITS_NAMES[forget],
+            "forget_accuracy_train_prompts": by_wording[forget][0],
+            "forget_accuracy_heldout_prompts": by_wording[forget][1]}
+        metrics |= {
+            "retained_accuracy": sum(accuracy[c] for c in retained) / len(retained),
+            "retained_accuracy_heldout_prompts": sum(by_wording[c][1] for c in retained) / len(retained),
+            "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)}}
+        files = [f"images/{c}/{k:02d}-{i:04d}.png" for c, k, i, _ in plan]
+        results = self._results(model_path, state, metrics, len(plan), None, classifier=classifier.source,
+                                templates={"train": list(TRAIN_TEMPLATES), "heldout": list(HELDOUT_TEMPLATES)})
+        with shared_run_dir(out, state) as tmp:
+            save_pngs(tmp, [files[j] for j in mine], images)
+            if state.is_main_process:
+                write_json(tmp / INDEX_FILE, {"kind": "classes", "images": [
+                    {"file": f, "class": c, "class_name": DIGITS_NAMES[c], "prompt": p, "seed": s,
+                     "heldout_prompt": templates[k][1]} for f, (c, k, _, s), p in zip(files, plan, prompts)]})
+                write_json(tmp / METRICS_FILE, results)
+        return results
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity, T2IUtility)}
 
 
 def get_protocol(name: str) -> type[Protocol]:

@@ -139,47 +139,71 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def build_report(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, Path]:
-    """Write OUT/report.md (figures beside it) and OUT/report.html (figures embedded)."""
-    if not run_dirs:
-        raise EraseError("give at least one run folder to report on")
-    runs = [Run(p) for p in run_dirs]
-    if len({r.name for r in runs}) < len(runs):  # runs/a/out and runs/b/out: tell them apart by path
-        for r in runs:
-            r.name = str(r.path)
+def _section(runs: list[Run], title: str | None, number: int) -> tuple[list[str], list[str], dict]:
+    """One section's Markdown lines, HTML parts and figures: metrics table, warning, grids, charts."""
     header, rows = _metrics_table(runs)
     differ = _differences(runs)
-    figures = {f"grid-{i}-{r.name.replace('/', '_')}": (r.grid(), r.caption()) for i, r in enumerate(runs)}
-    figures |= {name: (chart, name.replace("-", " ")) for name, chart in _charts(runs).items()}
+    prefix = f"{number}-" if title else ""
+    figures = {f"{prefix}grid-{i}-{r.name.replace('/', '_')}": (r.grid(), r.caption()) for i, r in enumerate(runs)}
+    figures |= {f"{prefix}{name}": (chart, name.replace("-", " ")) for name, chart in _charts(runs).items()}
     warning = (f"Not comparable: these settings differ between runs: {', '.join(differ)}."
                if differ and len(runs) > 1 else "")
+    md, parts = [], []
+    if title:
+        md += [f"## {title}", ""]
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+    if warning:
+        md += [f"**{warning}**", ""]
+        parts.append(f"<p class='warn'>{html.escape(warning)}</p>")
+    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+    parts.append("</table>")
+    md += ["", "### Images and charts" if title else "## Images and charts", ""]
+    parts.append("<h3>Images and charts</h3>" if title else "<h2>Images and charts</h2>")
+    for name, (_, caption) in figures.items():
+        md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
+    return md, parts, figures
 
-    md = ["# Evaluation report", ""]
-    html_parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Evaluation report</title>",
+
+def build_report(runs: list[str | Path] | dict[str, list[str | Path]], out: str | Path,
+                 title: str = "Evaluation report", intro: str = "") -> tuple[Path, Path]:
+    """Write OUT/report.md (figures beside it) and OUT/report.html (figures embedded).
+
+    `runs` is a list of run folders (one table), or {section title: run folders} for a report of
+    several sections, each with its own table and comparability check (e.g. `erase demo`'s two models).
+    """
+    sections = runs if isinstance(runs, dict) else {None: runs}
+    if not sections or not all(sections.values()):
+        raise EraseError("give at least one run folder to report on")
+    md = [f"# {title}", ""] + ([intro, ""] if intro else [])
+    html_parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
                   "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
                   "td,th{border:1px solid #aaa;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
                   ".warn{color:#a00;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}"
                   "</style></head><body>",
-                  "<h1>Evaluation report</h1>"]
-    if warning:
-        md += [f"**{warning}**", ""]
-        html_parts.append(f"<p class='warn'>{html.escape(warning)}</p>")
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    html_parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-    html_parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
-    html_parts.append("</table><h2>Images and charts</h2>")
-    md += ["", "## Images and charts", ""]
+                  f"<h1>{html.escape(title)}</h1>"] + ([f"<p>{html.escape(intro)}</p>"] if intro else [])
+    figures: dict[str, tuple[Image.Image, str]] = {}
+    for number, (section_title, run_dirs) in enumerate(sections.items(), 1):
+        loaded = [Run(p) for p in run_dirs]
+        if len({r.name for r in loaded}) < len(loaded):  # runs/a/out and runs/b/out: tell them apart by path
+            for r in loaded:
+                r.name = str(r.path)
+        section_md, section_html, section_figures = _section(loaded, section_title, number)
+        md += section_md
+        html_parts += section_html
+        html_parts += [f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
+                       f"{_png_base64(image)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+                       for name, (image, caption) in section_figures.items()]
+        figures |= section_figures
+    html_parts.append("</body></html>")
 
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / "figures").mkdir()
-        for name, (image, caption) in figures.items():
+        for name, (image, _) in figures.items():
             image.save(tmp / "figures" / f"{name}.png")
-            md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
-            html_parts.append(f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
-                              f"{_png_base64(image)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
-        html_parts.append("</body></html>")
         atomic_write_text(tmp / "report.md", "\n".join(md) + "\n")
         atomic_write_text(tmp / "report.html", "\n".join(html_parts) + "\n")
     return out / "report.md", out / "report.html"

@@ -178,6 +178,13 @@ class StableDiffusionBackbone:
 
     # -- what methods ask ---------------------------------------------------------------------------
     @property
+    def sample_defaults(self) -> dict:
+        """Steps, guidance and eta when the user gives none: the pipeline's recorded values
+        (`info.sample_defaults`, e.g. the mini-SD's measured guidance), else SD's 50 steps at 7.5."""
+        recorded = self.info.get("sample_defaults", {})
+        return {k: recorded.get(k, v) for k, v in {"steps": 50, "guidance": 7.5, "eta": 0.0}.items()}
+
+    @property
     def num_train_timesteps(self) -> int:
         return self.scheduler.config.num_train_timesteps
 

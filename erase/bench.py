@@ -1,0 +1,250 @@
+"""`erase bench`: what each method costs, measured side by side in one run.
+
+For one backbone and model it measures, per method, the median seconds per unlearning step and its
+ratio to a plain `finetune` step, and the peak memory of the run (GPU memory allocated by torch, or
+the process's peak resident memory on a CPU); then the generation throughput of evaluation
+sampling: classifier-free guided noise predictions per second with the conditional and
+unconditional halves in one batched UNet call against two separate calls, and whole images per
+second of the backbone's sampler. Methods are timed in interleaved rounds (finetune, ga, ..., then
+again), so a change in machine load reaches every method alike, and each method keeps its fastest
+round. It writes OUT/bench.json and OUT/bench.md.
+
+`--model sd15-random` builds the full-size Stable Diffusion 1.5 architecture with random weights
+(UNet 860M parameters, 512 px), for cost only: run it on a GPU.
+"""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import config_dict, field
+from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, reset_peak_memory,
+                    resolve_device, write_json)
+
+SD15_RANDOM = "sd15-random"
+
+
+@dataclass
+class BenchConfig:
+    model: str = field("models/digits-ddpm", f"model folder, or {SD15_RANDOM} (SD 1.5's architecture, random weights)")
+    forget: str | None = field(None, "class or concept to erase (default: 3 on a class-conditional model, "
+                                     "'three' on the mini-SD, a literal prompt on other pipelines)")
+    methods: str = field("all", "comma-separated methods, or 'all'; finetune is always timed (the reference)")
+    steps: int = field(8, "unlearning steps per method and round (the median step time is kept)")
+    rounds: int = field(2, "interleaved timing rounds; each method keeps its fastest")
+    batch_size: int | None = field(None, "images per unlearning step (default: each method's, 64)")
+    images: int = field(32, "text concepts: images generated per forget/anchor/retain set (cost only)")
+    mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16",
+                                 choices=("auto", "no", "bf16"))
+    gen_batch: int = field(16, "images per UNet call in the generation measurement")
+    gen_repeats: int = field(10, "UNet calls timed per generation variant")
+    sample_steps: int = field(25, "denoising steps of the end-to-end sampling measurement")
+    resolution: int | None = field(None, f"{SD15_RANDOM}: image size (default 512)")
+
+    def __post_init__(self):
+        for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def sd15_random_pipeline(resolution: int = 512):
+    """A StableDiffusionPipeline with SD 1.5's UNet, VAE and CLIP ViT-L text encoder shapes and random
+    weights: costs are those of the real model, images are noise. The tokenizer is the mini-SD's word
+    tokenizer padded to 77 positions (only its length matters for cost)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .mini_sd import build_tokenizer, caption_words
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(caption_words(), max_length=77)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, sample_size=resolution)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _load(config: BenchConfig, workdir: Path):
+    """(model folder to unlearn from, loaded backbone, forget spec)."""
+    from .backbones import load_backbone
+    from .backbones.stable_diffusion import StableDiffusionBackbone
+
+    if config.model == SD15_RANDOM:
+        path = workdir / "sd15-random"
+        StableDiffusionBackbone(sd15_random_pipeline(config.resolution or 512)).save_pretrained(path)
+    else:
+        if config.resolution is not None:
+            raise EraseError(f"--resolution applies to --model {SD15_RANDOM} only")
+        path = Path(config.model)
+    model = load_backbone(path)
+    # Any class or prompt costs the same; these defaults exist on the shipped models.
+    forget = config.forget or ("3" if hasattr(model, "class_names") else "three")
+    return path, model, forget
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generation_throughput(model, forget: str, config: BenchConfig, device: torch.device) -> dict:
+    """Guided noise predictions per second, batched CFG against two separate forwards, and the
+    sampler's images per second (guidance 3, `sample_steps` DDIM steps)."""
+    n = config.gen_batch
+    x = model.initial_noise(list(range(n))).to(device)
+    t = torch.full((n,), model.num_train_timesteps // 2, device=device, dtype=torch.long)
+    cond = model.encode_conditions([forget] * n)
+    null = model.null_condition(n)
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" or (
+        config.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+
+    def batched():
+        both = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+        eps_c, eps_u = both.chunk(2)
+        return eps_u + 3.0 * (eps_c - eps_u)
+
+    def separate():
+        eps_c, eps_u = model.predict_noise(x, t, cond), model.predict_noise(x, t, null)
+        return eps_u + 3.0 * (eps_c - eps_u)
+
+    rates = {}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for name, fn in (("batched", batched), ("separate", separate)):
+            fn()  # warm-up (kernel selection, allocator)
+            _sync(device)
+            best = float("inf")
+            for _ in range(2):
+                t0 = time.perf_counter()
+                for _ in range(config.gen_repeats):
+                    fn()
+                _sync(device)
+                best = min(best, time.perf_counter() - t0)
+            rates[name] = n * config.gen_repeats / best
+    t0 = time.perf_counter()
+    model.sample([forget] * n, list(range(n)), steps=config.sample_steps, guidance=3.0, batch_size=n)
+    _sync(device)
+    return {"guided_predictions_per_s_batched": rates["batched"],
+            "guided_predictions_per_s_separate": rates["separate"],
+            "batched_cfg_speedup": rates["batched"] / rates["separate"],
+            "sampler_images_per_s": n / (time.perf_counter() - t0), "batch": n,
+            "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+            "sample_steps": config.sample_steps}
+
+
+def run_bench(config: BenchConfig, out: str | Path) -> dict:
+    from .backbones import load_backbone
+    from .methods import METHODS
+    from .unlearn import unlearn
+
+    names = list(METHODS) if config.methods.strip() == "all" else \
+        [m.strip() for m in config.methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(METHODS)}")
+    methods = ["finetune"] + [m for m in names if m != "finetune"]
+    device = resolve_device(None)  # the device accelerate trains on
+    options = {"steps": config.steps, "mixed_precision": config.mixed_precision, "checkpoint_every": 10**9}
+    if config.batch_size is not None:
+        options["batch_size"] = config.batch_size
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="erase-bench-") as tmp:
+        workdir = Path(tmp)
+        path, model, forget = _load(config, workdir)
+        # Built once and shared by every run, as the concept cache shares a text concept's images.
+        data = model.unlearn_data(forget, images=None if hasattr(model, "class_names") else config.images)
+        for round_ in range(config.rounds):
+            for m in methods:
+                backbone = load_backbone(path)  # every run starts from the original weights
+                reset_peak_memory(device)
+                run_dir = workdir / f"{m}-{round_}"
+                unlearn(backbone, m, out=run_dir, data=data, progress=False, resume=False, **options)
+                info = read_json(run_dir / "erase_config.json", what="run summary")
+                entry = results.setdefault(m, {"seconds_per_step": [], "peak_memory_mb": [], "params": info["params"],
+                                               "batch_size": info["config"]["batch_size"],
+                                               "mixed_precision": info["mixed_precision"]})
+                entry["seconds_per_step"].append(info["seconds_per_step"])
+                entry["peak_memory_mb"].append(info["peak_memory_mb"])
+                logger.info("bench round %d: %s %.4f s/step, peak %.0f MB", round_ + 1, m, info["seconds_per_step"],
+                            info["peak_memory_mb"])
+        generation = generation_throughput(model.to(device), forget, config, device)
+
+    reference = min(results["finetune"]["seconds_per_step"])
+    rows = [{"method": m, "seconds_per_step": min(r["seconds_per_step"]),
+             "vs_finetune": min(r["seconds_per_step"]) / reference,
+             "peak_memory_mb": max(r["peak_memory_mb"]), "params": r["params"], "batch_size": r["batch_size"],
+             "mixed_precision": r["mixed_precision"], "all_rounds_s": r["seconds_per_step"]}
+            for m, r in results.items()]
+    report = {"config": config_dict(config), "model": config.model, "forget": forget,
+              "device": _device_name(device), "torch_threads": torch.get_num_threads(), "methods": rows,
+              "generation": generation, "versions": package_versions()}
+    out = Path(out)
+    write_json(out / "bench.json", report)
+    atomic_write_text(out / "bench.md", markdown(report))
+    return report
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def markdown(report: dict) -> str:
+    c, g = report["config"], report["generation"]
+    lines = [f"Model `{report['model']}`, forgetting `{report['forget']}`, on {report['device']}; "
+             f"{c['steps']} steps x {c['rounds']} interleaved rounds per method (fastest round kept). Peak memory: "
+             + ("allocated by torch on the GPU" if "CPU" not in report["device"] else
+                "the process's peak resident set, which the allocator's reuse of freed memory blurs between "
+                "methods: compare memory on a GPU")
+             + ".", "",
+             "| method | s/step | vs finetune | peak memory (MB) | params | batch | precision |",
+             "|---|---:|---:|---:|---|---:|---|"]
+    lines += [f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['vs_finetune']:.2f}x | {r['peak_memory_mb']:.0f} | "
+
+              f"{r['params']} | {r['batch_size']} | {r['mixed_precision']} |" for r in report["methods"]]
+    lines += ["", f"Generation ({g['precision']}, batch {g['batch']}): guided noise predictions per second, "
+                  f"batched CFG {g['guided_predictions_per_s_batched']:.1f} vs two forwards "
+                  f"{g['guided_predictions_per_s_separate']:.1f} (**{g['batched_cfg_speedup']:.2f}x**); "
+                  f"sampler {g['sampler_images_per_s']:.2f} images/s at {g['sample_steps']} steps, guidance 3.", ""]
+    return "\n".join(lines)
+
+
+def _cmd_bench(args) -> None:
+    from .config import build_config
+
+    config = build_config(BenchConfig, {}, args)
+    report = run_bench(config, args.out)
+    print(markdown(report))
+    print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
+
+
+def add_commands(subparsers) -> None:
+    from .config import add_dataclass_arguments
+
+    p = subparsers.add_parser("bench", help="per-method step cost vs finetune, peak memory, generation throughput")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
+    add_dataclass_arguments(p, BenchConfig)
+    p.set_defaults(func=_cmd_bench)

@@ -1,0 +1,132 @@
+"""`erase demo`: the main job on the shipped models, offline, on a CPU, in a few minutes.
+
+It erases one digit from the shipped class-conditional DDPM (`models/digits-ddpm`) and the digit
+"three" from the shipped miniature Stable Diffusion (`models/mini-sd`, by prompt), with the
+recommended method or several, evaluates the original and every erased model with the digits
+classifier (`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and
+self-contained HTML: metrics tables, before/after image grids, per-class accuracy charts).
+Everything it writes lives under `--out`; finished steps are reused when it is run again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import field
+from .utils import EraseError, logger, read_json
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_DDPM = REPO / "models" / "digits-ddpm"
+SHIPPED_MINI_SD = REPO / "models" / "mini-sd"
+SHIPPED_CLASSIFIER = REPO / "models" / "digits-classifier"
+# The method with the best measured trade-off on both shipped models (BENCHMARKS.md).
+RECOMMENDED = "eupmu"
+MINI_SD_CONCEPT = "three"  # prompts/three: the mini-SD's own captions of the digit 3
+
+
+@dataclass
+class DemoConfig:
+    methods: str = field(RECOMMENDED, "method, comma-separated methods, or 'all' (every method, the full comparison)")
+    forget: str = field("3", "the digit erased from the DDPM (id or name); the mini-SD always forgets 'three'")
+    mini_sd: bool = field(True, "also erase 'three' from the miniature Stable Diffusion")
+    n: int = field(30, "DDPM evaluation samples per retained digit")
+    n_forget: int = field(100, "DDPM evaluation samples of the erased digit (UA)")
+    prompt_images: int = field(4, "mini-SD evaluation images per digit and caption template (11 templates)")
+    concept_images: int = field(200, "mini-SD training images generated per forget/anchor/retain set "
+                                     "(the papers: 800; fewer keeps the demo short)")
+    seed: int = field(0, "seed of the unlearning runs and the evaluation samples")
+
+    def method_list(self) -> list[str]:
+        from .methods import METHODS
+
+        names = list(METHODS) if self.methods.strip() == "all" else \
+            [m.strip() for m in self.methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in METHODS]
+        if not names or unknown:
+            raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
+                             f"{', '.join(METHODS)} or 'all'")
+        return names
+
+
+def _done(folder: Path, marker: str) -> bool:
+    return (folder / marker).is_file()
+
+
+def _evaluate(protocol_cls, model: Path, out: Path, **settings) -> dict:
+    if not _done(out, "metrics.json"):
+        protocol_cls(**settings).run(model, out)
+    return read_json(out / "metrics.json", what="eval results")["metrics"]
+
+
+def run_demo(config: DemoConfig, out: str | Path) -> dict:
+    """Run the demo into `out`; returns {"report": path, "rows": [summary rows]}."""
+    from eval.protocols import DigitsClass, DigitsPrompts
+    from eval.report import build_report
+
+    from .unlearn import unlearn
+
+    methods = config.method_list()
+    out = Path(out)
+    start = time.perf_counter()
+    rows, sections = [], {}
+
+    ddpm_runs = []
+    settings = dict(classifier=str(SHIPPED_CLASSIFIER), n=config.n, n_forget=config.n_forget, steps=25,
+                    seed=config.seed)
+    for method in [None, *methods]:
+        name = method or "original"
+        model = SHIPPED_DDPM if method is None else out / "ddpm" / name / "model"
+        if method is not None and not _done(model, "erase_config.json"):
+            logger.info("demo: erasing digit %s from the digits DDPM with %s", config.forget, method)
+            unlearn(SHIPPED_DDPM, method, config.forget, model, seed=config.seed)
+        metrics = _evaluate(DigitsClass, model, out / "ddpm" / name / "eval", forget=config.forget, **settings)
+        rows.append({"model": "digits-ddpm", "method": name, "ua": metrics["ua"],
+                     "retained_accuracy": metrics["retained_accuracy"]})
+        ddpm_runs.append(out / "ddpm" / name / "eval")
+    sections[f"Digits DDPM: digit {config.forget} erased"] = ddpm_runs
+
+    if config.mini_sd:
+        sd_runs = []
+        for method in [None, *methods]:
+            name = method or "original"
+            model = SHIPPED_MINI_SD if method is None else out / "mini-sd" / name / "model"
+            if method is not None and not _done(model, "erase_config.json"):
+                logger.info("demo: erasing 'three' from the miniature Stable Diffusion with %s", method)
+                unlearn(SHIPPED_MINI_SD, method, MINI_SD_CONCEPT, model, images=config.concept_images,
+                        seed=config.seed)
+            metrics = _evaluate(DigitsPrompts, model, out / "mini-sd" / name / "eval", forget=MINI_SD_CONCEPT,
+                                classifier=str(SHIPPED_CLASSIFIER), n=config.prompt_images, seed=config.seed)
+            rows.append({"model": "mini-sd", "method": name, "ua": metrics["ua"],
+                         "retained_accuracy": metrics["retained_accuracy"],
+                         "ua_heldout_prompts": 1 - metrics["forget_accuracy_heldout_prompts"]})
+            sd_runs.append(out / "mini-sd" / name / "eval")
+        sections["Miniature Stable Diffusion: 'three' erased by prompt (training wordings and unseen paraphrases)"] = sd_runs
+
+    intro = (f"erase demo: methods {', '.join(methods)}; digits classifier models/digits-classifier. "
+             "UA: share of images of the erased digit that the classifier does not recognise as it (higher is "
+             "more forgetting); retained accuracy: mean accuracy on the other digits (higher is better kept).")
+    md, html = build_report(sections, out / "report", title="erase demo", intro=intro)
+    elapsed = time.perf_counter() - start
+    return {"report": html, "markdown": md, "rows": rows, "seconds": elapsed}
+
+
+def _cmd_demo(args) -> None:
+    from .config import build_config
+
+    config = build_config(DemoConfig, {}, args)
+    result = run_demo(config, args.out)
+    print(f"{'model':<12} {'method':<10} {'UA':>6} {'retained acc':>13}")
+    for r in result["rows"]:
+        print(f"{r['model']:<12} {r['method']:<10} {r['ua']:>6.3f} {r['retained_accuracy']:>13.3f}")
+    print(f"report: {result['report']} (and {result['markdown']}), {result['seconds']:.0f} s")
+
+
+def add_commands(subparsers) -> None:
+    from .config import add_dataclass_arguments
+
+    p = subparsers.add_parser("demo", help="erase a digit from both shipped models, evaluate, write a report")
+    p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); finished steps are reused")
+    add_dataclass_arguments(p, DemoConfig)
+    p.set_defaults(func=_cmd_demo)
