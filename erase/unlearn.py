@@ -69,6 +69,15 @@ def make_config(method: type[Method], config: MethodConfig | dict | None, **opti
     return build_config(method.Config, {**values, **options})
 
 
+def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
+    """Data-parallel processes must end with identical weights (they apply the same averaged gradients)."""
+    checksum = torch.stack([p.detach().double().sum() for p in params.values()]).sum().reshape(1)
+    sums = accelerator.gather(checksum)
+    if not torch.all(sums == sums[0]):
+        raise EraseError(f"the {accelerator.num_processes} processes ended with different weights "
+                         f"(checksums {sums.tolist()}): the data-parallel run is out of sync")
+
+
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
             dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
@@ -98,7 +107,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # Without a GPU, processes started by `accelerate launch` join one gloo group only when told to use the CPU.
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     device = accelerator.device
     reset_peak_memory(device)
     model.to(device)
@@ -173,6 +183,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         return latest_checkpoint(ckpt_dir)
 
     algo.finish()
+    if accelerator.num_processes > 1:
+        check_in_sync(accelerator, params)
     if not all(torch.isfinite(p).all() for p in params.values()):
         raise EraseError(f"{method_cls.name}: the final weights are not finite: the run diverged. "
                          f"Lower --lr (now {config.lr}) or --steps.")

@@ -34,7 +34,10 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
                   keep_checkpoints=args.keep_checkpoints)
-    print(f"wrote {out} (model, delta.safetensors, erase_config.json)")
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
+        print(f"wrote {out} (model, delta.safetensors, erase_config.json)")
 
 
 def describe_defaults(config_cls: type) -> str:
