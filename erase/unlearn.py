@@ -33,6 +33,7 @@ from .utils import EraseError, logger, package_versions, peak_memory_mb, reset_p
 CONFIG_FILE = "erase_config.json"
 DELTA_FILE = "delta.safetensors"
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
+LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
 
 def resolve_params(model, requested: str | None, preference: tuple[str, ...]) -> str:
@@ -67,6 +68,14 @@ def make_config(method: type[Method], config: MethodConfig | dict | None, **opti
         values = dict(config or {})
     # Options go through the same check as a config file, so a misspelt one is refused, not ignored.
     return build_config(method.Config, {**values, **options})
+
+
+def read_logs(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, float]]]:
+    """The logged values of several steps as floats, read from the device in one transfer."""
+    tensors = [v.detach().float().reshape(()) for _, logs in pending for v in logs.values() if torch.is_tensor(v)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [(step, {k: next(values) if torch.is_tensor(v) else float(v) for k, v in logs.items()})
+            for step, logs in pending]
 
 
 def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
@@ -156,28 +165,38 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     end = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
                disable=not (progress and accelerator.is_local_main_process))
+    # Losses stay on the device and are read every LOG_EVERY steps (and before each checkpoint):
+    # reading them every step would make the host wait for the GPU at every step.
+    pending: list[tuple[int, dict]] = []
+    interval_start = time.perf_counter()
     for step in bar:
-        t0 = time.perf_counter()
         # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
         g = step_generator(config.seed, step, accelerator.process_index)
         forget_b, retain_b = data.draw(model, n_forget, n_retain, g, config.antithetic)
         for pg in optimizer.param_groups:
             pg["lr"] = config.lr * algo.lr_scale(step)
         with accelerator.autocast():
-            logs = algo.step(Batch(forget_b, retain_b, step), ctx)
-        if bad := {k: v for k, v in logs.items() if not math.isfinite(v)}:
-            kept = latest_checkpoint(ckpt_dir)
-            where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
-            raise EraseError(f"{method_cls.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
-                             f"{step}: the run diverged; {where}. Lower --lr (now {config.lr}) or --steps.")
-        step_times.append(time.perf_counter() - t0)
-        elapsed += step_times[-1]
-        recent = (recent + [logs])[-LOSS_WINDOW:]
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            pending.append((step, algo.step(Batch(forget_b, retain_b, step), ctx)))
         done = step + 1
-        if accelerator.is_main_process and (done == stop_after or (done % config.checkpoint_every == 0
-                                                                   and done < config.steps)):
+        checkpoint_now = done == stop_after or (done % config.checkpoint_every == 0 and done < config.steps)
+        if not (checkpoint_now or done % LOG_EVERY == 0 or done == end):
+            continue
+        for bad_step, logs in read_logs(pending):
+            if bad := {k: v for k, v in logs.items() if not math.isfinite(v)}:
+                kept = latest_checkpoint(ckpt_dir)
+                where = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written yet"
+                raise EraseError(f"{method_cls.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
+                                 f"{bad_step}: the run diverged; {where}. Lower --lr (now {config.lr}) or --steps.")
+            recent = (recent + [logs])[-LOSS_WINDOW:]
+        # The losses were just read, so the device has finished these steps: the interval's time is exact.
+        per_step = (time.perf_counter() - interval_start) / len(pending)
+        step_times += [per_step] * len(pending)
+        elapsed += per_step * len(pending)
+        pending = []
+        bar.set_postfix({k: f"{v:.4g}" for k, v in recent[-1].items()}, refresh=False)
+        if accelerator.is_main_process and checkpoint_now:
             save_state(done)
+        interval_start = time.perf_counter()
     bar.close()
     if stop_after is not None and stop_after < config.steps:
         return latest_checkpoint(ckpt_dir)

@@ -1,6 +1,7 @@
 """What every method shares: the common config fields, the step's batch, and the `Method` base class.
 
-A method supplies `loss(batch)`; the loop in `erase.unlearn` does the rest (data, noise, optimizer,
+A method supplies `loss(batch)`, returning the loss and the values to log (detached tensors, which
+the loop reads from the device only every few steps); the loop in `erase.unlearn` does the rest (data, noise, optimizer,
 mixed precision, clipping, checkpoints, NaN guard). A method overrides `step` only when its
 algorithm is not "one loss, one backward, one optimizer step", and `finish` when the final weights
 are not the trained ones.
@@ -116,10 +117,10 @@ class Method:
     def setup(self) -> None:
         """Work done once on the original weights, before a resume restores later ones."""
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
         raise NotImplementedError
 
-    def step(self, batch: Batch, ctx: StepContext) -> dict[str, float]:
+    def step(self, batch: Batch, ctx: StepContext) -> dict[str, torch.Tensor | float]:
         loss, logs = self.loss(batch)
         ctx.backward(loss)
         ctx.optimizer_step()

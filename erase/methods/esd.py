@@ -40,4 +40,4 @@ class ESD(Method):
 
     def loss(self, batch):
         loss = neg_guidance(self.model, self.ref, batch.forget, self.config.eta)
-        return loss, {"esd": loss.item()}
+        return loss, {"esd": loss.detach()}

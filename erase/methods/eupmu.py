@@ -68,7 +68,7 @@ class EUPMU(Method):
             self.w.grad = delta.reshape(())
             self.w_opt.step()
             self.w.clamp_(min=0.0)
-        return {"remap": forget.item(), "retain": retain.item(), "w": self.w.item()}
+        return {"remap": forget.detach(), "retain": retain.detach(), "w": self.w.detach().clone()}
 
     def state_dict(self):
         tensors, meta = flatten_optimizer_state(self.w_opt)

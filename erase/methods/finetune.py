@@ -25,4 +25,4 @@ class Finetune(Method):
 
     def loss(self, batch):
         loss = denoise(self.model, batch.retain)
-        return loss, {"retain": loss.item()}
+        return loss, {"retain": loss.detach()}

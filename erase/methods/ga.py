@@ -33,4 +33,4 @@ class GA(Method):
         f, r = batch.forget, batch.retain
         pred_f, pred_r = predict(self.model, f, r)
         forget, retain = mse(pred_f, f.noise), mse(pred_r, r.noise)
-        return -forget + self.config.alpha * retain, {"forget": forget.item(), "retain": retain.item()}
+        return -forget + self.config.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}

@@ -84,4 +84,4 @@ class GradTau(Method):
         forget, retain = mse(pred_f, f.noise), mse(pred_r, r.noise)
         a = self.alpha(batch.step)
         loss = a * torch.relu(self.l_ref - forget) ** 2 + (1 - a) * retain
-        return loss, {"forget": forget.item(), "retain": retain.item(), "L_ref": self.l_ref}
+        return loss, {"forget": forget.detach(), "retain": retain.detach(), "L_ref": self.l_ref}

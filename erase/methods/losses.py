@@ -1,8 +1,8 @@
 """The building blocks every method is made of (METHODS.md, "Notation and shared building blocks").
 
 All losses are means over every element (pixels or latent entries) and over the batch, like
-`F.mse_loss`. Methods whose paper summed over pixels rescale their weights with `per_sample_size`
-so that a published weight keeps its meaning. A `Noised` batch carries its own noise and timesteps,
+`F.mse_loss`. Where a paper summed over pixels, the method's weight is converted to this convention
+(see `rl`), so that it means the same on every image size. A `Noised` batch carries its own noise and timesteps,
 so a loss can be recomputed on exactly the same draw (EUPMU's dual update needs that).
 """
 
@@ -24,11 +24,6 @@ class Noised:
     t: torch.Tensor
     x_t: torch.Tensor
     anchor: torch.Tensor | None = None  # the anchor condition of each forget sample
-
-
-def per_sample_size(x: torch.Tensor) -> int:
-    """Elements per sample: converts a sum-over-pixels weight into this module's mean convention."""
-    return x[0].numel()
 
 
 def noised(model, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator, antithetic: bool = False,

@@ -85,4 +85,4 @@ class LUR(Method):
             total, forget, retain = self.config.beta * inner_loss + outer_loss, outer_loss, inner_loss
         ctx.backward(total)
         ctx.optimizer_step()
-        return {"remap": forget.item(), "retain": retain.item()}
+        return {"remap": forget.detach(), "retain": retain.detach()}

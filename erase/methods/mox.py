@@ -52,7 +52,7 @@ class MOX(Method):
         target_r = reference_prediction(self.model, self.ref, r)
         pred_f, pred_r = predict(self.model, f, r)
         memorize, keep = mse(pred_f, f.noise), mse(pred_r, target_r)
-        return memorize + self.config.gamma * keep, {"memorize": memorize.item(), "consistency": keep.item()}
+        return memorize + self.config.gamma * keep, {"memorize": memorize.detach(), "consistency": keep.detach()}
 
     @torch.no_grad()
     def extrapolated(self) -> dict[str, torch.Tensor]:

@@ -40,4 +40,4 @@ class Surgery(Method):
         lam = torch.clamp((-dot - self.config.eps) / norm2.clamp_min(1e-20), min=0.0)
         ctx.set_grads([a + lam * b for a, b in zip(g_f, g_r)])
         ctx.optimizer_step()
-        return {"remap": forget.item(), "retain": retain.item(), "lambda": lam.item()}
+        return {"remap": forget.detach(), "retain": retain.detach(), "lambda": lam.detach()}
