@@ -76,3 +76,23 @@ def test_mox_extrapolates_away_from_memorization(tiny_model, tmp_path):
     # θ_u − θ_0 = α(θ_0 − θ_m): doubling α doubles the step, with the same memorization run.
     for k in base:
         torch.testing.assert_close(runs[2.0][k] - base[k], 2 * (runs[1.0][k] - base[k]), atol=1e-6, rtol=1e-4)
+
+
+def test_esd_samples_its_own_xt(tiny_model, tmp_path):
+    from erase.methods.losses import sample_to_step
+    from erase.utils import step_generator
+
+    model = load_backbone(tiny_model)
+    cond = model.encode_conditions([3, 3])
+    x0, t0 = sample_to_step(model, cond, step_generator(0), steps=4, stop=0, guidance=3.0)
+    x2, t2 = sample_to_step(model, cond, step_generator(0), steps=4, stop=2, guidance=3.0)
+    assert torch.equal(x0, model.initial_noise(torch.randint(2**62, (2,), generator=step_generator(0)).tolist()))
+    assert (t2 < t0).all() and not torch.equal(x0, x2)  # two DDIM steps later, closer to an image
+
+    options = dict(steps=4, batch_size=4, checkpoint_every=2, progress=False, sample_steps=3)
+    sampled = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "s", xt="sample", **options)).unet.state_dict()
+    cached = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "c", **options)).unet.state_dict()
+    assert any(not torch.equal(sampled[k], cached[k]) for k in sampled)
+    unlearn(tiny_model, "esd", "3", tmp_path / "r", xt="sample", stop_after=3, **options)
+    resumed = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "r", xt="sample", **options)).unet.state_dict()
+    assert all(torch.equal(sampled[k], resumed[k]) for k in sampled)

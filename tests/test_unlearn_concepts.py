@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 from erase.cli import main
 
 
-@pytest.mark.parametrize("method", ["eupmu", "esd"])
-def test_unlearn_a_prompt_concept_and_apply_the_delta_with_stock_diffusers(tiny_sd_dir, tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,extra", [("eupmu", []), ("esd", []), ("esd", ["--xt", "sample", "--sample-steps", "3"])])
+def test_unlearn_a_prompt_concept_and_apply_the_delta_with_stock_diffusers(tiny_sd_dir, tmp_path, monkeypatch, method,
+                                                                            extra):
     monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "erased"
     argv = ["unlearn", "--model", str(tiny_sd_dir), "--method", method, "--forget", "a photo of a cat",
             "--retain", "a photo of a dog,a tree", "--images", "2", "--steps", "2", "--batch-size", "2",
-            "--out", str(out)]
+            "--out", str(out), *extra]
     assert main(argv) == 0
     record = json.loads((out / "erase_config.json").read_text())
     assert record["method"] == method

@@ -79,6 +79,26 @@ def remap(model, b: Noised, unet=None) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sample_to_step(model, cond: torch.Tensor, g: torch.Generator, steps: int, stop: int,
+                   guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ESD's `x_t`: DDIM-sample the current model on `cond` (with classifier-free guidance) from
+    fresh noise for `stop` of `steps` steps; returns `x_t` and its training timestep `t` per sample."""
+    from diffusers import DDIMScheduler
+
+    n = len(cond)
+    sampler = DDIMScheduler.from_config(model.scheduler.config)
+    sampler.set_timesteps(steps)
+    device = model.device
+    x = model.initial_noise(torch.randint(2**62, (n,), generator=g).tolist()).to(device)
+    null = model.null_condition(n)
+    for t in sampler.timesteps[:stop]:
+        tt = t.to(device).expand(n)
+        eps_c, eps_u = model.predict_noise(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond, null])).chunk(2)
+        x = sampler.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    return x, sampler.timesteps[stop].to(device).expand(n)
+
+
+@torch.no_grad()
 def neg_guidance_target(model, ref, b: Noised, eta: float) -> torch.Tensor:
     """ESD's target: the reference's negatively guided prediction `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`."""
     null = model.null_condition(len(b.x_t))
