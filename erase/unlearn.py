@@ -125,6 +125,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)
     data.to(device)
 
+    if config.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
     group = resolve_params(model, config.params, method_cls.params_preference)
     params = select_parameters(model, group)
     original = {n: p.detach().cpu().clone() for n, p in params.items()}

@@ -207,10 +207,6 @@ class StableDiffusionBackbone:
         self._embeddings = {p: e.to(device) for p, e in self._embeddings.items()}
         return self
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute UNet activations in the backward pass: less memory for SD at 512 px, ~30% slower."""
-        self.unet.enable_gradient_checkpointing()
-
     @torch.no_grad()
     def encode_conditions(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings (N, seq, dim) of the prompts; each distinct prompt is encoded once."""

@@ -34,6 +34,8 @@ class MethodConfig:
     antithetic: bool = field(False, "draw timesteps in pairs t, T-1-t within a batch (SA / SalUn)")
     seed: int = field(0, "seed of every batch, noise and timestep draw")
     checkpoint_every: int = field(100, "write a resumable checkpoint every this many steps")
+    gradient_checkpointing: bool = field(False, "recompute UNet activations in the backward pass: less memory "
+                                                "(SD at 512 px on one GPU), slower steps")
     mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16; fp16 is not "
                                          "offered because surgery, lur and eupmu do gradient algebra that a loss "
                                          "scaler would corrupt", choices=("auto", "no", "bf16"))
