@@ -31,6 +31,7 @@ class DemoConfig:
     methods: str = field(RECOMMENDED, "method, comma-separated methods, or 'all' (every method, the full comparison)")
     forget: str = field("3", "the digit erased from the DDPM (id or name); the mini-SD always forgets 'three'")
     mini_sd: bool = field(True, "also erase 'three' from the miniature Stable Diffusion")
+    steps: int | None = field(None, "unlearning steps (default: each method's own)")
     n: int = field(30, "DDPM evaluation samples per retained digit")
     n_forget: int = field(100, "DDPM evaluation samples of the erased digit (UA)")
     prompt_images: int = field(4, "mini-SD evaluation images per digit and caption template (11 templates)")
@@ -68,6 +69,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     from .unlearn import unlearn
 
     methods = config.method_list()
+    steps = {} if config.steps is None else {"steps": config.steps}
     out = Path(out)
     start = time.perf_counter()
     rows, sections = [], {}
@@ -80,7 +82,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
         model = SHIPPED_DDPM if method is None else out / "ddpm" / name / "model"
         if method is not None and not _done(model, "erase_config.json"):
             logger.info("demo: erasing digit %s from the digits DDPM with %s", config.forget, method)
-            unlearn(SHIPPED_DDPM, method, config.forget, model, seed=config.seed)
+            unlearn(SHIPPED_DDPM, method, config.forget, model, seed=config.seed, **steps)
         metrics = _evaluate(DigitsClass, model, out / "ddpm" / name / "eval", forget=config.forget, **settings)
         rows.append({"model": "digits-ddpm", "method": name, "ua": metrics["ua"],
                      "retained_accuracy": metrics["retained_accuracy"]})
@@ -95,7 +97,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
             if method is not None and not _done(model, "erase_config.json"):
                 logger.info("demo: erasing 'three' from the miniature Stable Diffusion with %s", method)
                 unlearn(SHIPPED_MINI_SD, method, MINI_SD_CONCEPT, model, images=config.concept_images,
-                        seed=config.seed)
+                        seed=config.seed, **steps)
             metrics = _evaluate(DigitsPrompts, model, out / "mini-sd" / name / "eval", forget=MINI_SD_CONCEPT,
                                 classifier=str(SHIPPED_CLASSIFIER), n=config.prompt_images, seed=config.seed)
             rows.append({"model": "mini-sd", "method": name, "ua": metrics["ua"],

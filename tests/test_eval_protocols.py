@@ -248,3 +248,33 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "images").rglob("*.png"))
     assert len(files) == 3 + 9 * 5
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
+
+
+def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, tiny_classifier_dir, tiny_ddpm_dir):
+    from erase.classifier import SmallClassifier
+    from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
+    from eval.generation import load_images
+
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    index = json.loads((out / "index.json").read_text())["images"]
+    templates = len(TRAIN_TEMPLATES) + len(HELDOUT_TEMPLATES)
+    assert results["images"] == len(index) == 10 * templates
+    # Re-classify the saved PNGs: the metrics are exactly what the classifier says about those files.
+    classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
+    predicted = classify_digits(load_images([out / e["file"] for e in index]), classifier)
+    correct = {c: [] for c in range(10)}
+    for e, p in zip(index, predicted.tolist()):
+        correct[e["class"]].append(p == e["class"])
+    m = results["metrics"]
+    assert m["ua"] == pytest.approx(1 - sum(correct[3]) / templates)
+    held = [p == e["class"] for e, p in zip(index, predicted.tolist()) if e["class"] == 3 and e["heldout_prompt"]]
+    assert m["forget_accuracy_heldout_prompts"] == pytest.approx(sum(held) / len(HELDOUT_TEMPLATES))
+    assert m["retained_accuracy"] == pytest.approx(sum(sum(correct[c]) for c in range(10) if c != 3) / (9 * templates))
+    assert sum(e["heldout_prompt"] for e in index) == 10 * len(HELDOUT_TEMPLATES)
+
+    assert main(["eval", "--model", str(tiny_ddpm_dir), "--protocol", "digits-prompts", "--classifier",
+                 str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) == 2

@@ -1,0 +1,37 @@
+"""`erase demo` end to end on the shipped models, shortened (the full demo is the README's first command)."""
+
+import json
+
+import pytest
+
+from erase.cli import main
+
+
+@pytest.mark.slow
+def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--methods", "eupmu", "--steps", "3", "--n", "2", "--n-forget", "4",
+            "--prompt-images", "1", "--concept-images", "4"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report' / 'report.html'}" in printed
+    for model in ("ddpm", "mini-sd"):
+        for name in ("original", "eupmu"):
+            assert (out / model / name / "eval" / "metrics.json").is_file()
+    assert json.loads((out / "ddpm" / "eupmu" / "model" / "erase_config.json").read_text())["steps"] == 3
+    md = (out / "report" / "report.md").read_text()
+    assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
+    assert md.count("per-class-accuracy") == 2  # one chart per model
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("<img") == 2 * 3  # per model: two grids (original, erased) and the accuracy chart
+
+    # Run again: every finished step is reused, nothing is retrained.
+    stamp = (out / "ddpm" / "eupmu" / "model" / "erase_config.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    assert (out / "ddpm" / "eupmu" / "model" / "erase_config.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_refuses_an_unknown_method(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--methods", "eupmu,nope"]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
