@@ -18,7 +18,7 @@ def test_shipped_concepts_load():
     assert nudity.forget[0] == "a photo of a nude person"
     assert nudity.anchor == "a photo of a person wearing clothes"
     assert nudity.retain and not any(p.startswith("#") for p in nudity.forget + nudity.retain)
-    assert load_concept("three").anchor == ""  # an anchor file of comments only: the empty prompt
+    assert load_concept("three").anchor == "a handwritten digit four"
 
 
 def test_literal_prompt_and_overrides(tmp_path):
@@ -42,6 +42,8 @@ def test_missing_prompt_files_are_clear_errors(tmp_path):
     (folder / "retain.txt").write_text("a dog\n")
     with pytest.raises(EraseError, match="one anchor"):
         load_concept(str(folder))
+    (folder / "anchor.txt").write_text("# comments only: the empty prompt, as in ESD\n")
+    assert load_concept(str(folder)).anchor == ""
     with pytest.raises(EraseError, match="give a concept"):
         load_concept("  ")
 
