@@ -59,7 +59,7 @@ def test_concept_data_is_generated_once_and_reused(tmp_path):
     assert manifest["settings"]["unet_fingerprint"] and manifest["settings"]["steps"] == 2
     assert data.forget_x0.shape == (3, *model.latent_shape)
     assert data.forget_cond.shape == (3, model.tokenizer.model_max_length, 16)
-    assert torch.equal(data.anchor_cond[0], model.null_condition(1)[0].cpu())
+    assert torch.equal(data.anchor_cond[0], model.encode_conditions(["a handwritten digit four"])[0].cpu())
     assert len(data.retain_x0) == 6  # anchor images join the retain set (SalUn's recipe)
     # Cached embeddings are the text encoder's.
     assert torch.equal(data.retain_cond[3], model.encode_conditions([concept.retain[0]])[0])
