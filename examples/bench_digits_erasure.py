@@ -82,13 +82,12 @@ def evaluate(model, classifier, real_retained: torch.Tensor, forget: int, args) 
 
 
 def cost_pass(model_path: str, methods: list[str], forget: str, out: Path, args) -> dict[str, float]:
-    """Median seconds per step of each method, interleaved round by round so they share the machine's load."""
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.cost_rounds):
-        for m in methods:
-            unlearn(model_path, m, forget, out / "cost" / m, steps=args.cost_steps, progress=False)
-            times[m].append(json.loads((out / "cost" / m / "erase_config.json").read_text())["seconds_per_step"])
-    return {m: min(t) for m, t in times.items()}
+    """Seconds per step of each method, by `erase bench` (interleaved rounds, fastest round kept)."""
+    from erase.bench import BenchConfig, run_bench
+
+    config = BenchConfig(model=model_path, forget=forget, methods=",".join(methods), steps=args.cost_steps,
+                         rounds=args.cost_rounds)
+    return {r["method"]: r["seconds_per_step"] for r in run_bench(config, out / "cost")["methods"]}
 
 
 def markdown(rows: list[dict], cost: dict[str, float], forget_name: str, args) -> str:

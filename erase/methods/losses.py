@@ -102,8 +102,9 @@ def sample_to_step(model, cond: torch.Tensor, g: torch.Generator, steps: int, st
 def neg_guidance_target(model, ref, b: Noised, eta: float) -> torch.Tensor:
     """ESD's target: the reference's negatively guided prediction `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`."""
     null = model.null_condition(len(b.x_t))
-    e_null = model.predict_noise(b.x_t, b.t, null, ref).float()
-    e_cond = model.predict_noise(b.x_t, b.t, b.cond, ref).float()
+    # Both reference predictions in one UNet call, as batched classifier-free guidance does.
+    e_null, e_cond = model.predict_noise(torch.cat([b.x_t, b.x_t]), torch.cat([b.t, b.t]), torch.cat([null, b.cond]),
+                                         ref).float().chunk(2)
     return e_null - eta * (e_cond - e_null)
 
 
