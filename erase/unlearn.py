@@ -107,6 +107,11 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         raise EraseError("give an output folder (--out)")
     method_cls = get_method(method)
     config = make_config(method_cls, config, **options)
+    n_forget = round(config.batch_size * method_cls.forget_share)
+    n_retain = config.batch_size - n_forget
+    if (method_cls.forget_share > 0 and n_forget < 1) or (method_cls.forget_share < 1 and n_retain < 1):
+        raise EraseError(f"{method_cls.name} draws forget and retain samples in every batch: --batch-size must "
+                         f"be at least 2, got {config.batch_size}")
     base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
     if isinstance(model, (str, Path)):
         model = load_backbone(model)
@@ -162,8 +167,6 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             "run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
             "step_times": step_times, "recent": recent})
 
-    n_forget = round(config.batch_size * method_cls.forget_share)
-    n_retain = config.batch_size - n_forget
     end = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
                disable=not (progress and accelerator.is_local_main_process))

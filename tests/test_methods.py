@@ -112,3 +112,11 @@ def test_gradient_checkpointing_trains_the_same_weights(name, tiny_model, tmp_pa
     # near-zero gradient entry into a full step, so compare on average (lur: second order through
     # the checkpointed graph; its first-order variant differs ~8x more than this bound).
     assert mean_abs(plain, ckpt) < 1e-3 * mean_abs(plain, original)
+
+
+def test_batch_of_one_only_for_forget_only_methods(tiny_model, tmp_path):
+    from erase.utils import EraseError
+
+    with pytest.raises(EraseError, match="--batch-size must be at least 2"):
+        unlearn(tiny_model, "rl", "3", tmp_path / "rl", steps=1, batch_size=1, progress=False)
+    unlearn(tiny_model, "esd", "3", tmp_path / "esd", steps=1, batch_size=1, progress=False)  # ESD's own batch

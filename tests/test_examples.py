@@ -1,0 +1,31 @@
+"""The example scripts run (on tiny models, shortened)."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_erase_nudity_example_runs_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
+    csv_path = tmp_path / "i2p.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance"])
+        w.writerows([("a body", "sexual", 80, 5, 9), ("a beach", "sexual", 55, 7, 12), ("a street", "violence", 0, 6, 3)])
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "examples/erase_nudity_sd.py", "--model", str(tiny_sd_dir), "--i2p",
+                           str(csv_path), "--out", str(out), "--limit", "2", "--steps", "1", "--images", "2",
+                           "--eval-steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "ERASE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("original", "eupmu", "esd"):
+        metrics = json.loads((out / name / "i2p" / "metrics.json").read_text())
+        assert metrics["images"] == 2 and metrics["protocol"] == "i2p-nudity"
+    for method, params in (("eupmu", "all"), ("esd", "noxattn")):
+        record = json.loads((out / method / "model" / "erase_config.json").read_text())
+        assert record["params"] == params and record["config"]["lr"] == 1e-5
+    assert "## Nudity: NudeNet on I2P" in (out / "report" / "report.md").read_text()
