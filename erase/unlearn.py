@@ -13,6 +13,7 @@ only text-conditioned UNets have, so it trains `all` on the class-conditional DD
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import statistics
@@ -133,6 +134,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     group = resolve_params(model, config.params, method_cls.params_preference)
+    if config.lr is None:  # a method whose learning rate depends on the parameter group (esd)
+        config = dataclasses.replace(config, lr=method_cls.default_lr(group))
     params = select_parameters(model, group)
     original = {n: p.detach().cpu().clone() for n, p in params.items()}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)

@@ -29,7 +29,7 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_shows_the_main_commands():
     shown = {c[0] for c in readme_commands()}
-    assert {"unlearn", "eval", "train-base", "train-classifier", "report"} <= shown
+    assert {"demo", "unlearn", "eval", "bench", "train-base", "train-classifier", "report"} <= shown
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a[:3]))

@@ -44,7 +44,7 @@ class MethodConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
@@ -113,6 +113,11 @@ class Method:
     def paper(cls) -> str:
         """The first line of the method module's docstring: the paper and its arXiv id."""
         return (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+
+    @classmethod
+    def default_lr(cls, group: str) -> float:
+        """The learning rate for a parameter group when the config leaves `lr` unset (None)."""
+        raise NotImplementedError(f"{cls.name} has no default learning rate: set lr")
 
     def setup(self) -> None:
         """Work done once on the original weights, before a resume restores later ones."""

@@ -43,8 +43,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
 def describe_defaults(config_cls: type) -> str:
     """The defaults a method changes from the common ones, plus its own fields."""
     common = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
-    parts = [f"{f.name}={f.default}" for f in dataclasses.fields(config_cls)
-             if f.name not in common or f.default != common[f.name]]
+    parts = [f"{f.name}={'(depends on the parameter group, see --help)' if f.default is None and f.name == 'lr' else f.default}"
+             for f in dataclasses.fields(config_cls) if f.name not in common or f.default != common[f.name]]
     return ", ".join(parts)
 
 

@@ -3,8 +3,13 @@
 `neg_guidance`: the forget condition is trained to predict the reference model's negatively guided
 noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept. No retain
 term. ESD-u trains everything but cross-attention (`noxattn`, for broad concepts), ESD-x only
-cross-attention (`xattn`, for a specific concept). Backbones without cross-attention (the
-class-conditional DDPM) fall back to `all`.
+cross-attention (`xattn`, for a specific concept): only the path through which the condition
+enters. **[adaptation]** the class-conditional DDPM has no cross-attention; its condition enters
+through the class embedding, so ESD trains `class-emb` there, ESD-x's counterpart for one class.
+Measured on the digits (BENCHMARKS.md): with `all` weights ESD forgets the digit but keeps only 83%
+of the others at any learning rate from 5e-5 to 2e-4 (it has no retain term); with `class-emb` it
+forgets (UA 99%) and the other digits are untouched. An embedding row moves ~lr per Adam step and
+is ~1 from its neighbours, so that group needs a far larger learning rate than UNet weights.
 `x_t` comes from one of two places (`xt`): `sample`, ESD's own: the current model DDIM-samples
 from fresh noise on the forget condition (guidance `start_guidance`) down to a random one of
 `sample_steps` steps, so no images are needed (costs up to `sample_steps` guided forwards per step);
@@ -30,7 +35,8 @@ SAMPLE_STREAM = 1 << 41  # the x_t sampler's own random stream, separate from th
 
 @dataclass
 class ESDConfig(MethodConfig):
-    lr: float = field(2e-4, "Adam learning rate (paper, SD 1.x: 1e-5; authors' script: 5e-5; digits: 2e-4)")
+    lr: float | None = field(None, "Adam learning rate (default: 5e-2 for class-emb, 2e-4 for UNet weights, "
+                                   "measured on the digits; paper, SD 1.x: 1e-5; authors' script: 5e-5)")
     eta: float = field(1.0, "negative guidance scale η (paper: 1; the authors' current script: 2)")
     xt: str = field("cached", "where x_t comes from: cached (noised forget images) or sample (ESD's own: "
                               "partial DDIM sampling of the current model on the forget condition)",
@@ -50,7 +56,11 @@ class ESD(Method):
     name = "esd"
     Config = ESDConfig
     forget_share = 1.0
-    params_preference = ("noxattn", "all")
+    params_preference = ("noxattn", "class-emb", "all")
+
+    @classmethod
+    def default_lr(cls, group: str) -> float:
+        return 5e-2 if group == "class-emb" else 2e-4
 
     def setup(self):
         self.ref = self.model.frozen_copy()
