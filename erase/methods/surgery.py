@@ -3,7 +3,9 @@
 Two backward passes per step give `g_f = ∇L_f` (`remap`, forget → anchor) and `g_r = ∇L_r`
 (`denoise`, retain). The step follows `g_f + λ* g_r` with `λ* = max(0, (−⟨g_r, g_f⟩ − ε) / ‖g_r‖²)`:
 the direction closest to the forget gradient along which the retain loss rises by at most `ε` to
-first order. It is the baseline for EUPMU's cost and quality.
+first order. It is the baseline for EUPMU's cost and quality, so it remaps to the same target as
+`eupmu` (the frozen reference's anchor prediction by default; measured on the digits, remapping to
+the trained model's own anchor prediction let the model stop using the class label: 9% retained).
 """
 
 from __future__ import annotations
@@ -21,15 +23,21 @@ from .losses import anchor_target, mse, predict
 class SurgeryConfig(MethodConfig):
     lr: float = field(1e-4, "Adam learning rate (as eupmu)")
     eps: float = field(0.0, "allowed first-order rise of the retain loss per step, ε")
+    target: str = field("reference", "anchor prediction the forget condition is remapped to: reference (frozen "
+                                     "original model, as eupmu) or current (the trained model, as rl)",
+                        choices=("reference", "current"))
 
 
 class Surgery(Method):
     name = "surgery"
     Config = SurgeryConfig
 
+    def setup(self):
+        self.ref = self.model.frozen_copy() if self.config.target == "reference" else None
+
     def step(self, batch, ctx):
         f, r = batch.forget, batch.retain
-        target = anchor_target(self.model, f)
+        target = anchor_target(self.model, f, self.ref)
         pred_f, pred_r = predict(self.model, f, r)
         forget, retain = mse(pred_f, target), mse(pred_r, r.noise)
         # Both backward passes run through the joint forward graph; that is the cost EUPMU avoids.
