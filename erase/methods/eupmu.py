@@ -12,7 +12,7 @@ from the observed change of the retain loss:
 Cost: one backward and one extra retain forward per step, against two backward passes for surgery.
 Authors' code: DDPM `w_lr = 0.025`, `ε = 0`, Adam lr 1e-4; SD nudity `w_lr = 10`, `ε = 0.5`.
 
-Shipped defaults `ε = 0.5`, `w_lr = 0.5`, measured on the digits (BENCHMARKS.md): with the DDPM
+Shipped defaults `ε = 0.5`, `w_lr = 0.25`, measured on the digits (BENCHMARKS.md): with the DDPM
 setting `ε = 0` the retain loss of the step's own batch falls after almost every step, so `δ > 0`,
 `w` stays near 0 (0.02 after 100 steps), the update is the forget term alone and 30% of the other
 digits are lost. With the SD setting's `ε = 0.5`, `w` grows by about `w_lr` a step until the retain
@@ -34,8 +34,8 @@ from .losses import anchor_target, mse, predict
 @dataclass
 class EUPMUConfig(MethodConfig):
     lr: float = field(1e-4, "Adam learning rate (authors' DDPM setting: 1e-4)")
-    w_lr: float = field(0.5, "Adam learning rate of the dual weight w (authors: DDPM 0.025, SD nudity 10; "
-                             "digits: 0.5, see the module docstring)")
+    w_lr: float = field(0.25, "Adam learning rate of the dual weight w (authors: DDPM 0.025, SD nudity 10; "
+                             "digits: 0.25, see the module docstring)")
     eps: float = field(0.5, "required fall of log L_r per step, ε (authors: DDPM 0, SD nudity 0.5; digits: 0.5)")
     w_weight_decay: float = field(0.01, "Adam weight decay of w")
     target: str = field("reference", "anchor prediction the forget condition is remapped to: reference (frozen "
