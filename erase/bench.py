@@ -42,6 +42,7 @@ class BenchConfig:
     images: int = field(32, "text concepts: images generated per forget/anchor/retain set (cost only)")
     mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16",
                                  choices=("auto", "no", "bf16"))
+    gradient_checkpointing: bool = field(False, "recompute UNet activations in the backward pass (less memory)")
     gen_batch: int = field(16, "images per UNet call in the generation measurement")
     gen_repeats: int = field(10, "UNet calls timed per generation variant")
     sample_steps: int = field(25, "denoising steps of the end-to-end sampling measurement")
@@ -165,7 +166,8 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(METHODS)}")
     methods = ["finetune"] + [m for m in names if m != "finetune"]
     device = resolve_device(None)  # the device accelerate trains on
-    options = {"steps": config.steps, "mixed_precision": config.mixed_precision, "checkpoint_every": 10**9}
+    options = {"steps": config.steps, "mixed_precision": config.mixed_precision, "checkpoint_every": 10**9,
+               "gradient_checkpointing": config.gradient_checkpointing}
     if config.batch_size is not None:
         options["batch_size"] = config.batch_size
 
