@@ -22,7 +22,7 @@ def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatc
     assert json.loads((out / "ddpm" / "eupmu" / "model" / "erase_config.json").read_text())["steps"] == 3
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
-    assert md.count("per-class-accuracy") == 2  # one chart per model
+    assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
     html = (out / "report" / "report.html").read_text()
     assert html.count("<img") == 2 * 3  # per model: two grids (original, erased) and the accuracy chart
 
