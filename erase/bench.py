@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import config_dict, field
-from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, reset_peak_memory,
-                    resolve_device, write_json)
+from .utils import EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device, write_json
 
 SD15_RANDOM = "sd15-random"
 
@@ -156,15 +155,10 @@ def generation_throughput(model, forget: str, config: BenchConfig, device: torch
 
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
     from .backbones import load_backbone
-    from .methods import METHODS
+    from .methods import parse_methods
     from .unlearn import unlearn
 
-    names = list(METHODS) if config.methods.strip() == "all" else \
-        [m.strip() for m in config.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(METHODS)}")
-    methods = ["finetune"] + [m for m in names if m != "finetune"]
+    methods = ["finetune"] + [m for m in parse_methods(config.methods) if m != "finetune"]
     device = resolve_device(None)  # the device accelerate trains on
     options = {"steps": config.steps, "mixed_precision": config.mixed_precision, "checkpoint_every": 10**9,
                "gradient_checkpointing": config.gradient_checkpointing}
@@ -180,7 +174,6 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         for round_ in range(config.rounds):
             for m in methods:
                 backbone = load_backbone(path)  # every run starts from the original weights
-                reset_peak_memory(device)
                 run_dir = workdir / f"{m}-{round_}"
                 unlearn(backbone, m, out=run_dir, data=data, progress=False, resume=False, **options)
                 info = read_json(run_dir / "erase_config.json", what="run summary")

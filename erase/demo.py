@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import field
-from .utils import EraseError, logger, read_json
+from .utils import logger, read_json
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_DDPM = REPO / "models" / "digits-ddpm"
@@ -40,15 +40,9 @@ class DemoConfig:
     seed: int = field(0, "seed of the unlearning runs and the evaluation samples")
 
     def method_list(self) -> list[str]:
-        from .methods import METHODS
+        from .methods import parse_methods
 
-        names = list(METHODS) if self.methods.strip() == "all" else \
-            [m.strip() for m in self.methods.split(",") if m.strip()]
-        unknown = [m for m in names if m not in METHODS]
-        if not names or unknown:
-            raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
-                             f"{', '.join(METHODS)} or 'all'")
-        return names
+        return parse_methods(self.methods)
 
 
 def _done(folder: Path, marker: str) -> bool:

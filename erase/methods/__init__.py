@@ -23,10 +23,20 @@ from .surgery import Surgery
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     Finetune, GA, RL, SalUn, ESD, Surgery, MOX, GradTau, LUR, EUPMU)}
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method"]
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "parse_methods"]
 
 
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise EraseError(f"unknown method {name!r}; choose one of {', '.join(METHODS)} (`erase methods` lists them)")
     return METHODS[name]
+
+
+def parse_methods(text: str) -> list[str]:
+    """Method names from a comma-separated list, or every method for 'all'."""
+    names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
+                         f"{', '.join(METHODS)} or 'all'")
+    return names
