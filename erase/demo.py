@@ -73,31 +73,31 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
                     seed=config.seed)
     for method in [None, *methods]:
         name = method or "original"
-        model = SHIPPED_DDPM if method is None else out / "ddpm" / name / "model"
+        model = SHIPPED_DDPM if method is None else out / "ddpm" / "models" / name
         if method is not None and not _done(model, "erase_config.json"):
             logger.info("demo: erasing digit %s from the digits DDPM with %s", config.forget, method)
             unlearn(SHIPPED_DDPM, method, config.forget, model, seed=config.seed, **steps)
-        metrics = _evaluate(DigitsClass, model, out / "ddpm" / name / "eval", forget=config.forget, **settings)
+        metrics = _evaluate(DigitsClass, model, out / "ddpm" / "eval" / name, forget=config.forget, **settings)
         rows.append({"model": "digits-ddpm", "method": name, "ua": metrics["ua"],
                      "retained_accuracy": metrics["retained_accuracy"]})
-        ddpm_runs.append(out / "ddpm" / name / "eval")
+        ddpm_runs.append(out / "ddpm" / "eval" / name)
     sections[f"Digits DDPM: digit {config.forget} erased"] = ddpm_runs
 
     if config.mini_sd:
         sd_runs = []
         for method in [None, *methods]:
             name = method or "original"
-            model = SHIPPED_MINI_SD if method is None else out / "mini-sd" / name / "model"
+            model = SHIPPED_MINI_SD if method is None else out / "mini-sd" / "models" / name
             if method is not None and not _done(model, "erase_config.json"):
                 logger.info("demo: erasing 'three' from the miniature Stable Diffusion with %s", method)
                 unlearn(SHIPPED_MINI_SD, method, MINI_SD_CONCEPT, model, images=config.concept_images,
                         seed=config.seed, **steps)
-            metrics = _evaluate(DigitsPrompts, model, out / "mini-sd" / name / "eval", forget=MINI_SD_CONCEPT,
+            metrics = _evaluate(DigitsPrompts, model, out / "mini-sd" / "eval" / name, forget=MINI_SD_CONCEPT,
                                 classifier=str(SHIPPED_CLASSIFIER), n=config.prompt_images, seed=config.seed)
             rows.append({"model": "mini-sd", "method": name, "ua": metrics["ua"],
                          "retained_accuracy": metrics["retained_accuracy"],
                          "ua_heldout_prompts": 1 - metrics["forget_accuracy_heldout_prompts"]})
-            sd_runs.append(out / "mini-sd" / name / "eval")
+            sd_runs.append(out / "mini-sd" / "eval" / name)
         sections["Miniature Stable Diffusion: 'three' erased by prompt (training wordings and unseen paraphrases)"] = sd_runs
 
     intro = (f"erase demo: methods {', '.join(methods)}; digits classifier models/digits-classifier. "
