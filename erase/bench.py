@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from .config import config_dict, field
-from .utils import EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device, write_json
+from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
+                    resolve_mixed_precision, write_json)
 
 SD15_RANDOM = "sd15-random"
 
@@ -117,8 +118,7 @@ def generation_throughput(model, forget: str, config: BenchConfig, device: torch
     t = torch.full((n,), model.num_train_timesteps // 2, device=device, dtype=torch.long)
     cond = model.encode_conditions([forget] * n)
     null = model.null_condition(n)
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" or (
-        config.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()) else None
+    dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else None
 
     def batched():
         both = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))

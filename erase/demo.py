@@ -68,37 +68,32 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     start = time.perf_counter()
     rows, sections = [], {}
 
-    ddpm_runs = []
-    settings = dict(classifier=str(SHIPPED_CLASSIFIER), n=config.n, n_forget=config.n_forget, steps=25,
-                    seed=config.seed)
-    for method in [None, *methods]:
-        name = method or "original"
-        model = SHIPPED_DDPM if method is None else out / "ddpm" / "models" / name
-        if method is not None and not _done(model, "erase_config.json"):
-            logger.info("demo: erasing digit %s from the digits DDPM with %s", config.forget, method)
-            unlearn(SHIPPED_DDPM, method, config.forget, model, seed=config.seed, **steps)
-        metrics = _evaluate(DigitsClass, model, out / "ddpm" / "eval" / name, forget=config.forget, **settings)
-        rows.append({"model": "digits-ddpm", "method": name, "ua": metrics["ua"],
-                     "retained_accuracy": metrics["retained_accuracy"]})
-        ddpm_runs.append(out / "ddpm" / "eval" / name)
-    sections[f"Digits DDPM: digit {config.forget} erased"] = ddpm_runs
-
-    if config.mini_sd:
-        sd_runs = []
+    def erase_and_evaluate(key: str, shipped: Path, forget: str, protocol, unlearn_options: dict,
+                           eval_settings: dict) -> list[Path]:
+        """The original and each method's erased model, each evaluated; returns the eval folders."""
+        runs = []
         for method in [None, *methods]:
             name = method or "original"
-            model = SHIPPED_MINI_SD if method is None else out / "mini-sd" / "models" / name
+            model = shipped if method is None else out / key / "models" / name
             if method is not None and not _done(model, "erase_config.json"):
-                logger.info("demo: erasing 'three' from the miniature Stable Diffusion with %s", method)
-                unlearn(SHIPPED_MINI_SD, method, MINI_SD_CONCEPT, model, images=config.concept_images,
-                        seed=config.seed, **steps)
-            metrics = _evaluate(DigitsPrompts, model, out / "mini-sd" / "eval" / name, forget=MINI_SD_CONCEPT,
-                                classifier=str(SHIPPED_CLASSIFIER), n=config.prompt_images, seed=config.seed)
-            rows.append({"model": "mini-sd", "method": name, "ua": metrics["ua"],
-                         "retained_accuracy": metrics["retained_accuracy"],
-                         "ua_heldout_prompts": 1 - metrics["forget_accuracy_heldout_prompts"]})
-            sd_runs.append(out / "mini-sd" / "eval" / name)
-        sections["Miniature Stable Diffusion: 'three' erased by prompt (training wordings and unseen paraphrases)"] = sd_runs
+                logger.info("demo: erasing %s from %s with %s", forget, shipped.name, method)
+                unlearn(shipped, method, forget, model, seed=config.seed, **steps, **unlearn_options)
+            run = out / key / "eval" / name
+            metrics = _evaluate(protocol, model, run, forget=forget, classifier=str(SHIPPED_CLASSIFIER),
+                                seed=config.seed, **eval_settings)
+            rows.append({"model": key, "method": name, "ua": metrics["ua"],
+                         "retained_accuracy": metrics["retained_accuracy"]})
+            runs.append(run)
+        return runs
+
+    sections[f"Digits DDPM: digit {config.forget} erased"] = erase_and_evaluate(
+        "digits-ddpm", SHIPPED_DDPM, config.forget, DigitsClass, {},
+        dict(n=config.n, n_forget=config.n_forget, steps=25))
+    if config.mini_sd:
+        sections["Miniature Stable Diffusion: 'three' erased by prompt (training wordings and unseen "
+                 "paraphrases)"] = erase_and_evaluate(
+            "mini-sd", SHIPPED_MINI_SD, MINI_SD_CONCEPT, DigitsPrompts, {"images": config.concept_images},
+            dict(n=config.prompt_images))
 
     intro = (f"erase demo: methods {', '.join(methods)}; digits classifier models/digits-classifier. "
              "UA: share of images of the erased digit that the classifier does not recognise as it (higher is "

@@ -29,7 +29,8 @@ from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .unlearn_data import UnlearnData
-from .utils import EraseError, logger, package_versions, peak_memory_mb, reset_peak_memory, step_generator, write_json
+from .utils import (EraseError, logger, package_versions, peak_memory_mb, reset_peak_memory, resolve_mixed_precision,
+                    step_generator, write_json)
 
 CONFIG_FILE = "erase_config.json"
 DELTA_FILE = "delta.safetensors"
@@ -119,9 +120,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     out = Path(out)
     ckpt_dir = out.with_name(out.name + "-checkpoints")
 
-    mixed = config.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mixed = resolve_mixed_precision(config.mixed_precision)
     # Without a GPU, processes started by `accelerate launch` join one gloo group only when told to use the CPU.
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     device = accelerator.device

@@ -121,6 +121,13 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_mixed_precision(mode: str) -> str:
+    """'auto' becomes bf16 on a GPU that supports it, else 'no' (fp32); other modes pass through."""
+    if mode != "auto":
+        return mode
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory measurement: torch's GPU counter, or Linux's peak RSS of this process."""
     if device.type == "cuda":

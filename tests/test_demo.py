@@ -16,10 +16,10 @@ def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatc
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report' / 'report.html'}" in printed
-    for model in ("ddpm", "mini-sd"):
+    for model in ("digits-ddpm", "mini-sd"):
         for name in ("original", "eupmu"):
             assert (out / model / "eval" / name / "metrics.json").is_file()
-    assert json.loads((out / "ddpm" / "models" / "eupmu" / "erase_config.json").read_text())["steps"] == 3
+    assert json.loads((out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").read_text())["steps"] == 3
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
     assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
@@ -27,9 +27,9 @@ def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatc
     assert html.count("<img") == 2 * 3  # per model: two grids (original, erased) and the accuracy chart
 
     # Run again: every finished step is reused, nothing is retrained.
-    stamp = (out / "ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns
+    stamp = (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns
     assert main(argv) == 0
-    assert (out / "ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns == stamp
+    assert (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns == stamp
 
 
 def test_demo_refuses_an_unknown_method(tmp_path, capsys):
