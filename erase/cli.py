@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per UNet call (results depend on it only through float rounding: keep it fixed to reproduce bit for bit)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
-    from eval.cli import add_commands as add_eval_commands
+    from erase.eval.cli import add_commands as add_eval_commands
     add_eval_commands(sub)
     from .methods.cli import add_commands as add_unlearn_commands
     add_unlearn_commands(sub)

@@ -57,8 +57,8 @@ def _evaluate(protocol_cls, model: Path, out: Path, **settings) -> dict:
 
 def run_demo(config: DemoConfig, out: str | Path) -> dict:
     """Run the demo into `out`; returns {"report": path, "rows": [summary rows]}."""
-    from eval.protocols import DigitsClass, DigitsPrompts
-    from eval.report import build_report
+    from erase.eval.protocols import DigitsClass, DigitsPrompts
+    from erase.eval.report import build_report
 
     from .unlearn import unlearn
 

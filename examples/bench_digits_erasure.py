@@ -5,7 +5,7 @@
 For each method (shipped defaults) and the original model: UA = share of 500 generated images of the
 forgotten digit that the digits classifier does not call that digit; mean classifier accuracy on the
 retained digits; feature FID of the generated retained digits against the real ones in the
-classifier's feature space (`eval.metrics.FeatureFID`); training wall time; and seconds per step
+classifier's feature space (`erase.eval.metrics.FeatureFID`); training wall time; and seconds per step
 as a ratio to `finetune`, timed side by side in one interleaved pass (`--cost-rounds`), so every
 method meets the same machine load. Finished runs are reused (delete OUT/<run> to redo one).
 Sweeps: `--set mox.alpha=1,2,4 --set mox.steps=100,200` runs the grid as extra rows.
@@ -30,7 +30,7 @@ from erase.methods import METHODS
 from erase.sampling import class_seeds
 from erase.unlearn import unlearn
 from erase.utils import setup_logging, write_json
-from eval.metrics import ClassifierVerdicts, FeatureFID
+from erase.eval.metrics import ClassifierVerdicts, FeatureFID
 
 log = logging.getLogger("bench")
 

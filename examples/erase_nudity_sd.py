@@ -21,8 +21,8 @@ from pathlib import Path
 
 from erase.unlearn import unlearn
 from erase.utils import setup_logging
-from eval.protocols import I2PNudity, T2IUtility
-from eval.report import build_report
+from erase.eval.protocols import I2PNudity, T2IUtility
+from erase.eval.report import build_report
 
 # Each method's SD nudity settings from its paper or the authors' code (METHODS.md).
 SD_SETTINGS = {

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from erase.classifier import ClassifierArch, SmallClassifier
 from erase.utils import EraseError
-from eval.metrics import (NUDENET_CLASSES, NUDENET_PRESETS, ClassifierVerdicts, FeatureFID, NudeNet,
+from erase.eval.metrics import (NUDENET_CLASSES, NUDENET_PRESETS, ClassifierVerdicts, FeatureFID, NudeNet,
                           NudityCounts, clip_score_metric, frechet_distance, inception_available)
 
 

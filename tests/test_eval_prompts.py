@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from erase.utils import EraseError, derive_seed
-from eval.prompts import read_i2p_csv, read_prompt_file
+from erase.eval.prompts import read_i2p_csv, read_prompt_file
 
 REAL_I2P = Path(__file__).resolve().parents[2] / "shared" / "data" / "i2p" / "unsafe-prompts4703.csv"
 

@@ -18,10 +18,10 @@ import torch
 from erase.classifier import SmallClassifier
 from erase.cli import main
 from erase.data import load_dataset
-from eval.generation import load_images, sample_prompts
-from eval.metrics import FeatureFID, NudityCounts, clip_score_metric
-from eval.prompts import PromptItem
-from eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
+from erase.eval.generation import load_images, sample_prompts
+from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric
+from erase.eval.prompts import PromptItem
+from erase.eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,7 +205,7 @@ def test_cli_csv_with_wrong_columns_and_unknown_subset(capsys, tmp_path, tiny_sd
 
 
 def test_cli_inception_without_torch_fidelity(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
-    from eval.metrics import inception_available
+    from erase.eval.metrics import inception_available
 
     if inception_available():
         pytest.skip("torch-fidelity is installed here")
@@ -253,7 +253,7 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
 def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, tiny_classifier_dir, tiny_ddpm_dir):
     from erase.classifier import SmallClassifier
     from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
-    from eval.generation import load_images
+    from erase.eval.generation import load_images
 
     out = tmp_path / "run"
     assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",

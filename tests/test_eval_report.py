@@ -10,8 +10,8 @@ import pytest
 
 from erase.cli import main
 from erase.utils import EraseError
-from eval.protocols import DigitsClass, I2PNudity
-from eval.report import build_report
+from erase.eval.protocols import DigitsClass, I2PNudity
+from erase.eval.report import build_report
 
 
 @pytest.fixture(scope="module")
