@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .utils import EraseError, atomic_dir, read_json, write_json
+from .utils import EraseError, atomic_dir, logger, read_json, write_json
 
 
 def flatten_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,6 +65,22 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     state = read_json(path / "state.json", what="checkpoint state")
     tensors = {p.stem: load_file(p) for p in path.glob("*.safetensors")}
     return tensors, state
+
+
+def load_latest_checkpoint(folder: str | Path) -> tuple[Path, dict[str, dict[str, torch.Tensor]], dict] | None:
+    """The newest checkpoint of `folder` that reads back whole, as (path, tensors, state); None if none does.
+
+    A checkpoint damaged after it was written (a truncated file, a disk error) is skipped with a
+    warning for the one before it, which `save_checkpoint` keeps for that reason.
+    """
+    for path in reversed(sorted(p for p in Path(folder).glob("step-*") if (p / "state.json").is_file())):
+        try:
+            tensors, state = load_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type; any failure means unreadable
+            logger.warning("skipping unreadable checkpoint %s (%s: %s)", path, type(e).__name__, e)
+            continue
+        return path, tensors, state
+    return None
 
 
 def check_same_config(saved: dict, current: dict, what: str) -> None:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .concepts import Concept
 from .config import config_dict, field
 from .unlearn_data import UnlearnData
-from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions, read_json, write_json
+from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions, read_json, safe_name, write_json
 
 MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
@@ -97,8 +97,7 @@ def _key(settings: dict) -> dict:
 def cache_dir_for(settings: dict, root: str | Path | None = None) -> Path:
     """`<root>/<concept>-<hash of the settings>`: the same settings always find the same folder."""
     digest = hashlib.sha256(repr(sorted(_key(settings).items())).encode()).hexdigest()[:12]
-    name = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in settings["concept"]["name"])[:40]
-    return Path(root or default_cache_root()) / f"{name}-{digest}"
+    return Path(root or default_cache_root()) / f"{safe_name(settings['concept']['name'])}-{digest}"
 
 
 def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | None = None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from .utils import EraseError, logger
+from .utils import EraseError, logger, read_text
 
 PROMPT_FILES = ("forget.txt", "anchor.txt", "retain.txt")
 GENERAL_RETAIN = Path("general") / "retain.txt"
@@ -46,8 +46,16 @@ def read_prompts(path: str | Path, what: str = "prompt file") -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise EraseError(f"{what} not found: {path} (one prompt a line, # for comments)")
-    lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+    lines = (line.strip() for line in read_text(path, what).splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, but False for a prompt too long to be a file name (it is then taken as a prompt)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def available_concepts(root: str | Path | None = None) -> list[str]:
@@ -84,9 +92,9 @@ def load_concept(spec: str, anchor: str | None = None, retain: str | Path | Sequ
         raise EraseError("give a concept to erase: a name such as nudity, a concept folder, or a prompt")
     root = Path(root) if root else prompts_root()
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if _is_dir(path):
         concept = load_concept_folder(path)
-    elif (root / spec).is_dir():
+    elif _is_dir(root / spec):
         concept = load_concept_folder(root / spec)
     else:
         logger.info("%r is not a concept in %s (%s): erasing it as a literal prompt", spec, root,
@@ -101,4 +109,7 @@ def load_concept(spec: str, anchor: str | None = None, retain: str | Path | Sequ
                           else [r for r in retain if r.strip()])
         if not concept.retain:
             raise EraseError("the retain prompts are empty: give at least one benign prompt")
+    if concept.anchor.strip() in {p.strip() for p in concept.forget}:
+        raise EraseError(f"the anchor prompt {concept.anchor!r} is one of the prompts to forget: remapping a "
+                         "prompt to itself trains on a zero loss; give another --anchor")
     return concept

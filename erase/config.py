@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from .utils import EraseError
+from .utils import EraseError, read_text
 
 
 def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse's name
@@ -74,7 +76,7 @@ def load_config_file(path: str | Path | None) -> dict:
     if not path.is_file():
         raise EraseError(f"config file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "config file"))
     except json.JSONDecodeError as e:
         raise EraseError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
@@ -82,21 +84,71 @@ def load_config_file(path: str | Path | None) -> dict:
     return data
 
 
+_TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _scalar_ok(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, tp)
+
+
+def check_value(name: str, value: Any, hint: Any, metadata: Any, source: str) -> Any:
+    """`value` of field `name` checked against its type and choices; returns it (lists as tuples).
+
+    The command line converts text with the same types, so a config file or a Python call can pass
+    nothing that the command line would refuse: `{"lr": true}` is an error, not lr 1.0.
+    """
+    option = "--" + name.replace("_", "-")
+    optional = type(None) in typing.get_args(hint)
+    tp, is_seq = _base_type(hint)
+    if value is None:
+        if optional:
+            return None
+        raise EraseError(f"{option} ({source}) may not be null: give {_TYPE_NAMES.get(tp, tp.__name__)}")
+    if tp is str and isinstance(value, os.PathLike):  # a Python caller's Path
+        value = os.fspath(value)
+    items = value if is_seq else [value]
+    if is_seq and not isinstance(value, (list, tuple)):
+        raise EraseError(f"{option} ({source}) must be a list of {_TYPE_NAMES.get(tp, tp.__name__)} values, "
+                         f"got {json.dumps(value, default=str)}")
+    for item in items:
+        if not _scalar_ok(item, tp):
+            got = json.dumps(item, default=str) if not isinstance(item, float) else repr(item)
+            raise EraseError(f"{option} ({source}) must be {_TYPE_NAMES.get(tp, tp.__name__)}, "
+                             f"got {got} ({type(item).__name__})")
+        if "choices" in metadata and item not in metadata["choices"]:
+            raise EraseError(f"{option} ({source}): {item!r} is not one of {', '.join(map(str, metadata['choices']))}")
+    if tp is float:  # 1 from a JSON file means 1.0, as on the command line
+        return tuple(float(v) for v in value) if is_seq else float(value)
+    return tuple(value) if is_seq else value
+
+
 def build_config(cls: type, file_values: dict, args: argparse.Namespace | None = None, **overrides) -> Any:
-    """Defaults < file values < command-line values < overrides; unknown keys are refused."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """Defaults < file values < command-line values < overrides; unknown keys and wrong types are refused."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values = {k.replace("-", "_"): v for k, v in file_values.items()}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise EraseError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; "
-                         f"known: {', '.join(sorted(names))}")
+                         f"known: {', '.join(sorted(fields))}")
+    sources = dict.fromkeys(values, "config file")
     if args is not None:
-        values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+        values.update(given)
+        sources.update(dict.fromkeys(given, "command line"))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    sources.update(dict.fromkeys(given, "option"))
     hints = typing.get_type_hints(cls)
-    for k, v in values.items():  # JSON gives lists where the dataclass wants tuples
-        if isinstance(v, list) and _base_type(hints[k])[1]:
-            values[k] = tuple(v)
+    for k, v in values.items():
+        if k not in fields:
+            raise EraseError(f"unknown option {k} for {cls.__name__}; known: {', '.join(sorted(fields))}")
+        values[k] = check_value(k, v, hints[k], fields[k].metadata, sources[k])
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:

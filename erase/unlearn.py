@@ -23,17 +23,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
+from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
 from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
+from .methods.losses import Noised
 from .unlearn_data import UnlearnData
-from .utils import (EraseError, logger, package_versions, peak_memory_mb, reset_peak_memory, resolve_mixed_precision,
-                    step_generator, write_json)
-
-CONFIG_FILE = "erase_config.json"
-DELTA_FILE = "delta.safetensors"
+from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
+from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
+                    resolve_mixed_precision, step_generator, write_json)
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
 LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
@@ -80,6 +79,28 @@ def read_logs(pending: list[tuple[int, dict]]) -> list[tuple[int, dict[str, floa
             for step, logs in pending]
 
 
+def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: MethodConfig, step: int,
+                process: int, shards: int):
+    """This process's batch of `step`: `shards` draws, each from its own (seed, step, shard) generator.
+
+    Every draw comes from (seed, step, shard) alone, so a resumed run is identical, and one process
+    drawing shards 0..N-1 sees what N processes drawing one shard each see.
+    """
+    parts = [data.draw(model, n_forget // shards, n_retain // shards,
+                       step_generator(config.seed, step, process * shards + j), config.antithetic)
+             for j in range(shards)]
+    if shards == 1:
+        return parts[0]
+
+    def join(batches):
+        if batches[0] is None:
+            return None
+        return Noised(**{f.name: None if getattr(batches[0], f.name) is None else
+                         torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Noised)})
+
+    return join([p[0] for p in parts]), join([p[1] for p in parts])
+
+
 def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
     """Data-parallel processes must end with identical weights (they apply the same averaged gradients)."""
     checksum = torch.stack([p.detach().double().sum() for p in params.values()]).sum().reshape(1)
@@ -92,13 +113,19 @@ def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
             dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
-            stop_after: int | None = None, progress: bool = True, **options) -> Path:
+            stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
+            **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
 
     `model` is a model folder or a backbone object (trained in place); `forget`/`retain`/`anchor` are class ids or names
     (or pass a prebuilt `data`); `config` and `**options` (e.g. `steps=100, lr=1e-4`) set the
     method's config. `stop_after=k` stops after step k with a checkpoint and no model, as an
     interruption would (a later call resumes). Returns `out`, or the checkpoint when stopped early.
+    `out` must be new, empty or an earlier `erase unlearn` output unless `overwrite` (see `erase.outputs`).
+
+    `shards=k` draws each process's batch as k equal shards, shard j of process p from the
+    generator of (seed, step, p·k + j): one process with `shards=N` and N times the batch draws
+    exactly the samples that N processes draw, which is how data-parallel exactness is tested.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -109,6 +136,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         raise EraseError("give an output folder (--out)")
     method_cls = get_method(method)
     config = make_config(method_cls, config, **options)
+    if images is not None and images < 1:
+        raise EraseError(f"--images must be at least 1, got {images}")
+    if shards < 1 or config.batch_size % shards:
+        raise EraseError(f"shards must be at least 1 and divide batch_size {config.batch_size}, got {shards}")
+    check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [],
+                 checkpoints=True)
     n_forget = round(config.batch_size * method_cls.forget_share)
     n_retain = config.batch_size - n_forget
     if (method_cls.forget_share > 0 and n_forget < 1) or (method_cls.forget_share < 1 and n_retain < 1):
@@ -126,13 +159,13 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     device = accelerator.device
     reset_peak_memory(device)
     model.to(device)
+    group = resolve_params(model, config.params, method_cls.params_preference)  # before any data is generated
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)
     data.to(device)
 
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    group = resolve_params(model, config.params, method_cls.params_preference)
     if config.lr is None:  # a method whose learning rate depends on the parameter group (esd)
         config = dataclasses.replace(config, lr=method_cls.default_lr(group))
     params = select_parameters(model, group)
@@ -145,9 +178,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     run = {"method": method_cls.name, "config": config_dict(config), "params": group,
            "base_model": base_model, "data": data.description}
     start, elapsed, step_times, recent = 0, 0.0, [], []
-    last = latest_checkpoint(ckpt_dir) if resume else None
-    if last is not None:
-        tensors, state = load_checkpoint(last)
+    found = load_latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        last, tensors, state = found
         check_same_config(state["run"], run, f"from {last}")
         with torch.no_grad():
             for n, p in params.items():
@@ -178,8 +211,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     interval_start = time.perf_counter()
     for step in bar:
         # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
-        g = step_generator(config.seed, step, accelerator.process_index)
-        forget_b, retain_b = data.draw(model, n_forget, n_retain, g, config.antithetic)
+        forget_b, retain_b = draw_shards(data, model, n_forget, n_retain, config, step,
+                                         accelerator.process_index, shards)
         for pg in optimizer.param_groups:
             pg["lr"] = config.lr * algo.lr_scale(step)
         with accelerator.autocast():
@@ -227,10 +260,15 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
     if accelerator.is_main_process:
-        model.save_pretrained(out, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model", "data", "steps")})
-        save_file(changed, out / DELTA_FILE, metadata={"format": "unet state_dict subset (load with strict=False)",
-                                                       "method": method_cls.name})
-        write_json(out / CONFIG_FILE, summary)
+        # Model, delta, summary and marker appear together in one folder swap: a run killed or out of
+        # disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
+                                                                           "data", "steps")})
+            save_file(changed, tmp / DELTA_FILE, metadata={"format": "unet state_dict subset (load with strict=False)",
+                                                           "method": method_cls.name})
+            write_json(tmp / CONFIG_FILE, summary)
+            mark_output(tmp, "unlearn")
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         logger.info("%s: saved %s (%d steps, %.1f s, %.3f s/step)", method_cls.name, out, config.steps,

@@ -103,6 +103,9 @@ def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | N
     else:
         raise EraseError(f"give one anchor for all forget classes or one per forget class "
                          f"({len(forget_ids)}), got {len(anchor_list)}")
+    if forgotten_anchors := sorted({a for a in anchors.values() if a in forget_ids}):
+        raise EraseError(f"anchor class(es) {forgotten_anchors} are being forgotten themselves (the anchor equal to "
+                         "the forgotten class trains on a zero loss): give an --anchor that is not in --forget")
 
     name = dataset or model.info.get("training", {}).get("config", {}).get("dataset", "digits")
     data = load_dataset(name, "train", root=data_root, image_size=model.image_shape[-1])

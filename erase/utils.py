@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,16 +30,24 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
-    An interrupted write leaves the old folder (or nothing) in place, never half a folder.
+    An interrupted write leaves the old folder (or nothing) in place, never half a folder. The
+    folder gets the mode the user's umask gives a new folder (temporary folders are made 0700).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -46,26 +56,60 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def replace_dir(finished: Path, path: Path) -> None:
-    """Put the folder `finished` at `path`, replacing what is there with renames only."""
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    """Put the folder `finished` at `path`, replacing what is there (a folder or a file) with renames only."""
+    old = None
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent)) / path.name
         path.rename(old)
     finished.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old.parent, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def non_finite_paths(data: Any, where: str = "") -> list[str]:
+    """Paths (`metrics.fid`, `losses[3]`) of the NaN or infinite floats inside `data`."""
+    if isinstance(data, float):
+        return [] if math.isfinite(data) else [where or "value"]
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in non_finite_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(data, (list, tuple)):
+        return [p for i, v in enumerate(data) for p in non_finite_paths(v, f"{where}[{i}]")]
+    return []
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON: a NaN or infinity is refused (a figure that does not exist is written as null with a reason)."""
+    if bad := non_finite_paths(data):
+        raise EraseError(f"refusing to write {Path(path).name}: {', '.join(bad[:5])} "
+                         f"{'is' if len(bad) == 1 else 'are'} not a finite number (the run produced NaN or "
+                         "infinity; rerun with -v to see where)")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; any other encoding is refused with one line."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EraseError(f"{what} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise EraseError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def read_json(path: str | Path, what: str = "file") -> Any:
@@ -73,9 +117,15 @@ def read_json(path: str | Path, what: str = "file") -> Any:
     if not path.is_file():
         raise EraseError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise EraseError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def safe_name(text: str, max_length: int = 40) -> str:
+    """A file or folder name made from free text (a prompt): letters, digits, - and _ only, shortened."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:max_length].strip("-")
+    return name or "unnamed"
 
 
 def derive_seed(seed: int, *indices: int) -> int:
@@ -116,9 +166,22 @@ def package_versions() -> dict[str, str]:
 
 
 def resolve_device(device: str | None = None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` as a torch.device, refused when this machine does not have it; default cuda if present."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise EraseError(f"--device {device!r} is not a device name: use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise EraseError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+        if resolved.index is not None and resolved.index >= count:
+            raise EraseError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif resolved.type not in ("cpu", "mps") or (resolved.type == "mps" and not torch.backends.mps.is_available()):
+        raise EraseError(f"--device {device} is not available here: use cpu or cuda")
+    return resolved
 
 
 def resolve_mixed_precision(mode: str) -> str:

@@ -68,6 +68,7 @@ class StepContext:
         self.optimizer = optimizer
         self.params = params
         self.grad_clip = grad_clip
+        self._reduced = False  # set_grads(..., reduced=True): the next step's gradients need no all-reduce
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -77,16 +78,35 @@ class StepContext:
         gs = torch.autograd.grad(loss, self.params, retain_graph=retain_graph, allow_unused=True)
         return [torch.zeros_like(p) if g is None else g for g, p in zip(gs, self.params)]
 
-    def set_grads(self, grads: list[torch.Tensor]) -> None:
+    def set_grads(self, grads: list[torch.Tensor], reduced: bool = False) -> None:
+        """Use `grads` for the next optimizer step; `reduced`: they are already means over processes."""
         for p, g in zip(self.params, grads):
             p.grad = g
+        self._reduced = reduced
+
+    def reduce_mean(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Means over the data-parallel processes, in one collective: the tensors travel as one flat buffer."""
+        if self.accelerator.num_processes == 1 or not tensors:
+            return tensors
+        flat = self.accelerator.reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
+        return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+    def global_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-process batch mean (detached) as the mean over every process's batch.
+
+        The processes draw equal batches, so the mean of their means is the mean over the joint
+        batch: a method that uses a loss's value (eupmu's log L, its dual step) gets the number one
+        process with the joint batch would get.
+        """
+        return self.reduce_mean([value.detach().float()])[0]
 
     def optimizer_step(self) -> None:
-        """Average gradients over processes, clip, step, clear. Every method steps through here."""
-        if self.accelerator.num_processes > 1:
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        """Average gradients over processes (one flat all-reduce), clip, step, clear. Every method steps here."""
+        if not self._reduced:
+            with_grad = [p for p in self.params if p.grad is not None]
+            for p, g in zip(with_grad, self.reduce_mean([p.grad for p in with_grad])):
+                p.grad = g
+        self._reduced = False
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.optimizer.step()

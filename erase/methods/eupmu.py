@@ -67,15 +67,19 @@ class EUPMU(Method):
         target = anchor_target(self.model, f, self.ref)
         pred_f, pred_r = predict(self.model, f, r)
         forget, retain = mse(pred_f, target), mse(pred_r, r.noise)
-        ctx.backward(self.w.detach() * retain.log() + forget.log())
+        # The objective is w·log L_r + log L_f of the losses over the whole batch, across processes:
+        # ∇log L = ∇L / L, so each process backpropagates its own L over the joint L (a constant).
+        # Averaged over processes, that is the gradient one process with the joint batch computes.
+        joint_forget, joint_retain = ctx.reduce_mean([forget.detach().float(), retain.detach().float()])
+        ctx.backward(self.w.detach() * retain / joint_retain + forget / joint_forget)
         ctx.optimizer_step()
         with torch.no_grad():
-            after = mse(predict(self.model, r)[0], r.noise)
-            delta = retain.detach().log() - after.log() - self.config.eps
+            after = ctx.global_mean(mse(predict(self.model, r)[0], r.noise))
+            delta = joint_retain.log() - after.log() - self.config.eps  # the same on every process
             self.w.grad = delta.reshape(())
             self.w_opt.step()
             self.w.clamp_(min=0.0)
-        return {"remap": forget.detach(), "retain": retain.detach(), "w": self.w.detach().clone()}
+        return {"remap": joint_forget, "retain": joint_retain, "w": self.w.detach().clone()}
 
     def state_dict(self):
         tensors, meta = flatten_optimizer_state(self.w_opt)

@@ -43,9 +43,13 @@ class Surgery(Method):
         # Both backward passes run through the joint forward graph; that is the cost EUPMU avoids.
         g_f = ctx.grads(forget, retain_graph=True)
         g_r = ctx.grads(retain)
+        # λ* comes from the gradients of the joint batch: both are averaged over the processes first
+        # (one collective), so that N processes take the step one process with the joint batch takes.
+        joint = ctx.reduce_mean(g_f + g_r)
+        g_f, g_r = joint[:len(g_f)], joint[len(g_f):]
         dot = sum((a * b).sum() for a, b in zip(g_r, g_f))
         norm2 = sum((b * b).sum() for b in g_r)
         lam = torch.clamp((-dot - self.config.eps) / norm2.clamp_min(1e-20), min=0.0)
-        ctx.set_grads([a + lam * b for a, b in zip(g_f, g_r)])
+        ctx.set_grads([a + lam * b for a, b in zip(g_f, g_r)], reduced=True)
         ctx.optimizer_step()
         return {"remap": forget.detach(), "retain": retain.detach(), "lambda": lam.detach()}
