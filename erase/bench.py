@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import config_dict, field
+from .outputs import mark_output
 from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
                     resolve_mixed_precision, write_json)
 
@@ -198,6 +199,7 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     out = Path(out)
     write_json(out / "bench.json", report)
     atomic_write_text(out / "bench.md", markdown(report))
+    mark_output(out, "bench")
     return report
 
 

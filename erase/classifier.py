@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import config_dict, field
 from .data import load_dataset
+from .outputs import mark_output
 from .utils import EraseError, atomic_dir, logger, package_versions, read_json, step_generator, write_json
 
 CONFIG_FILE = "classifier.json"
@@ -70,6 +71,7 @@ class SmallClassifier(nn.Module):
         with atomic_dir(path) as tmp:
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
             write_json(tmp / CONFIG_FILE, {"arch": asdict(self.arch), "class_names": self.class_names, **info})
+            mark_output(tmp, "train-classifier")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "SmallClassifier":
@@ -77,9 +79,17 @@ class SmallClassifier(nn.Module):
         meta = read_json(path / CONFIG_FILE, what="classifier config")
         if not (path / WEIGHTS_FILE).is_file():
             raise EraseError(f"{path} has no {WEIGHTS_FILE}: not a classifier folder")
-        model = cls(ClassifierArch(**meta["arch"]), meta["class_names"])
         try:
-            model.load_state_dict(load_file(path / WEIGHTS_FILE))
+            model = cls(ClassifierArch(**meta["arch"]), meta["class_names"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise EraseError(f"{path / CONFIG_FILE} does not describe a classifier ({type(e).__name__}: {e})") from None
+        try:
+            weights = load_file(path / WEIGHTS_FILE)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise EraseError(f"{path / WEIGHTS_FILE} cannot be read ({e}): the file is damaged or truncated; "
+                             "copy or train it again") from None
+        try:
+            model.load_state_dict(weights)
         except RuntimeError as e:
             raise EraseError(f"{path}: weights do not match the architecture in {CONFIG_FILE} ({e})") from None
         model.info = meta

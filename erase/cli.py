@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from .config import add_dataclass_arguments, build_config, load_config_file
-from .utils import EraseError, logger, setup_logging
+from .utils import EraseError, logger, setup_logging, warn_if_costly
+
+# Options whose values are paths a command reads: its --out may be none of them (nor inside or around one).
+INPUT_OPTIONS = ("model", "classifier", "prompts", "reference", "clip_model", "config", "runs", "retain",
+                 "dataset", "data_root", "fid_weights")
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
@@ -30,15 +35,38 @@ def parse_classes(text: str) -> list[str]:
     return items
 
 
+def check_sample_options(args: argparse.Namespace) -> None:
+    """Every `erase sample` option checked before the model is loaded."""
+    import math
+
+    for name in ("n", "steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise EraseError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("guidance", "eta"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise EraseError(f"--{name} must be a finite number >= 0, got {value}")
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from .backbones import load_backbone
     from .sampling import save_class_samples
     from .utils import resolve_device
 
-    model = load_backbone(args.model).to(resolve_device(args.device))
-    classes = parse_classes(args.classes) if args.classes else list(range(model.num_classes))
+    check_sample_options(args)
+    device = resolve_device(args.device)
+    classes = parse_classes(args.classes) if args.classes else None
+    model = load_backbone(args.model).to(device)
+    if not hasattr(model, "num_classes"):
+        raise EraseError(f"{args.model} is not a class-conditional model: `erase sample` draws classes; "
+                         "use `erase eval` with a prompt protocol for a text-to-image pipeline")
+    classes = classes or list(range(model.num_classes))
+    ids = [model.class_index(c) for c in classes]  # an unknown class is refused before sampling
     defaults = model.sample_defaults
-    out = save_class_samples(model, classes, args.n, args.out, steps=args.steps or defaults["steps"],
+    steps = defaults["steps"] if args.steps is None else args.steps
+    warn_if_costly("sample", args.n * len(ids), steps)
+    out = save_class_samples(model, ids, args.n, args.out, steps=steps,
                              guidance=defaults["guidance"] if args.guidance is None else args.guidance,
                              eta=defaults["eta"] if args.eta is None else args.eta,
                              seed=args.seed, batch_size=args.batch_size)
@@ -88,7 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_commands(sub)
     from .bench import add_commands as add_bench_commands
     add_bench_commands(sub)
+    add_overwrite_options(sub)
     return parser
+
+
+def add_overwrite_options(sub) -> None:
+    """`--overwrite` on every command that writes an `--out` folder, which is then checked before work starts."""
+    for name, p in sub.choices.items():
+        if any("--out" in a.option_strings for a in p._actions):
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace --out even if it holds files this command did not write")
+            p.set_defaults(output_kind=name)
+
+
+def check_out(args: argparse.Namespace) -> None:
+    from .outputs import check_output
+
+    if getattr(args, "output_kind", None) is None:
+        return
+    inputs = []
+    for name in INPUT_OPTIONS:
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        inputs += [v.removeprefix("folder:") for v in values if isinstance(v, str)]
+    check_output(args.out, args.output_kind, args.overwrite, inputs=inputs,
+                 checkpoints=args.output_kind in ("unlearn", "train-base"))
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,14 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        check_out(args)
         args.func(args)
     except EraseError as e:
         logger.debug("details", exc_info=True)
-        print(f"erase {args.command}: error: {e}", file=sys.stderr)
+        print(f"erase {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"erase {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - a failure nobody foresaw still gets one line; -v shows where
+        if args.verbose:
+            traceback.print_exc()
+        kind = "error" if isinstance(e, OSError) else f"unexpected error ({type(e).__name__})"
+        hint = "" if args.verbose else " (rerun with -v for the traceback)"
+        print(f"erase {args.command}: {kind}: {one_line(e)}{hint}", file=sys.stderr)
+        return 1
     return 0
 
 

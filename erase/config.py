@@ -155,5 +155,14 @@ def build_config(cls: type, file_values: dict, args: argparse.Namespace | None =
         raise EraseError(f"invalid {cls.__name__}: {e}") from None
 
 
+def check_channels(name: str, channels: tuple[int, ...], groups: int) -> None:
+    """GroupNorm splits a layer's channels into `groups`: refuse channel counts it cannot divide."""
+    if not channels:
+        raise ValueError(f"{name} needs at least one level")
+    if bad := [c for c in channels if c < 1 or c % groups]:
+        raise ValueError(f"{name} {','.join(map(str, channels))}: {','.join(map(str, bad))} is not a positive "
+                         f"multiple of {groups} (GroupNorm splits each level's channels into {groups} groups)")
+
+
 def config_dict(config: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import field
+from .outputs import mark_output
 from .utils import logger, read_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,6 +66,8 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     methods = config.method_list()
     steps = {} if config.steps is None else {"steps": config.steps}
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
     rows, sections = [], {}
 

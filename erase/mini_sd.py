@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import config_dict, field
+from .config import check_channels, config_dict, field
 from .data import DIGITS_NAMES, load_dataset
-from .utils import EraseError, atomic_write_text, logger, package_versions, step_generator, write_json
+from .outputs import mark_output
+from .utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
 from .train_base import learning_rate, update_ema
 
 # Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
@@ -50,6 +51,7 @@ HELDOUT_TEMPLATES = (
 # concepts (nudity, objects, styles) tokenize to something other than unknown tokens on this model.
 EXTRA_WORDS = ("photo", "person", "nude", "naked", "wearing", "clothes", "painting", "style", "by", "van",
                "gogh", "car", "dog", "cat", "church", "parachute", "with", "in", "and", "sketch", "art")
+NORM_GROUPS = 8  # GroupNorm groups of the miniature VAE and UNet
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
@@ -126,7 +128,7 @@ def build_tokenizer(words: list[str], max_length: int = 16, folder: str | Path |
 # -- model construction -----------------------------------------------------------------------------
 def build_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), unet_channels=(16, 32),
                    text_hidden: int = 32, text_layers: int = 2, latent_channels: int = 4,
-                   norm_groups: int = 8):
+                   norm_groups: int = NORM_GROUPS):
     """A fresh, untrained StableDiffusionPipeline of the miniature architecture (also used by tests)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -185,6 +187,12 @@ class MiniSDConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        check_channels("unet_channels", self.unet_channels, NORM_GROUPS)
+        check_channels("vae_channels", self.vae_channels, NORM_GROUPS)
+        if self.text_hidden < 2 or self.text_hidden % 2:
+            raise ValueError(f"text_hidden must be an even number (two attention heads), got {self.text_hidden}")
+        if self.eval_images < 0 or self.eval_steps < 1:
+            raise ValueError("eval_images must be >= 0 and eval_steps >= 1")
 
 
 def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
@@ -287,10 +295,12 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
         report["accuracy"]["settings"] = {"images_per_digit_and_template": config.eval_images,
                                           "steps": config.eval_steps, "guidance": config.eval_guidance}
         logger.info("digit accuracy: %s", report["accuracy"])
-    backbone.save_pretrained(out, training=report,
-                             sample_defaults={"steps": config.eval_steps, "guidance": config.eval_guidance})
-    # transformers 5 saves only tokenizer.json; older versions' CLIPTokenizer reads vocab.json + merges.txt.
-    build_tokenizer(caption_words(), folder=Path(out) / "tokenizer")
+    with atomic_dir(out) as tmp:  # pipeline, tokenizer files and marker appear together
+        backbone.save_pretrained(tmp, training=report,
+                                 sample_defaults={"steps": config.eval_steps, "guidance": config.eval_guidance})
+        # transformers 5 saves only tokenizer.json; older versions' CLIPTokenizer reads vocab.json + merges.txt.
+        build_tokenizer(caption_words(), folder=tmp / "tokenizer")
+        mark_output(tmp, "train-mini-sd")
     logger.info("saved %s (%.0f s of training)", out, train_time)
     return report
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .outputs import mark_output
 from .utils import atomic_dir, derive_seed, write_json
 
 
@@ -59,4 +60,5 @@ def save_class_samples(model, classes: Sequence[int | str], n: int, out: str | P
         make_grid(images, rows=len(ids), scale=2).save(tmp / "grid.png")
         write_json(tmp / "index.json", {"steps": steps, "guidance": guidance, "eta": eta, "seed": seed,
                                         "batch_size": batch_size, "images": index})
+        mark_output(tmp, "sample")
     return Path(out)

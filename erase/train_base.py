@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import ClassConditionalDDPM
-from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_checkpoint,
+from .checkpoint import (check_same_config, flatten_optimizer_state, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
-from .config import config_dict, field
+from .config import check_channels, config_dict, field
 from .data import load_dataset
-from .utils import EraseError, logger, package_versions, step_generator
+from .outputs import mark_output
+from .utils import EraseError, atomic_dir, logger, package_versions, step_generator
+
+NORM_GROUPS = 8  # GroupNorm groups of the UNet (ClassConditionalDDPM.create's default)
 
 
 @dataclass
@@ -56,6 +59,14 @@ class TrainBaseConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        check_channels("block_out_channels", self.block_out_channels, NORM_GROUPS)
+        if len(self.attention_levels) != len(self.block_out_channels):
+            raise ValueError(f"attention_levels needs one entry per level of block_out_channels "
+                             f"({len(self.block_out_channels)}), got {len(self.attention_levels)}")
+        if self.image_size is not None and (self.image_size < 1 or self.image_size % 2 ** (len(self.block_out_channels) - 1)):
+            raise ValueError(f"image_size {self.image_size} must be a positive multiple of "
+                             f"{2 ** (len(self.block_out_channels) - 1)} (the UNet halves it at each of its "
+                             f"{len(self.block_out_channels) - 1} downsamplings)")
 
 
 def learning_rate(config, step: int) -> float:
@@ -96,9 +107,9 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
 
     start, elapsed, loss_avg = 0, 0.0, None
     saved_config = config_dict(config)
-    last = latest_checkpoint(ckpt_dir) if resume else None
-    if last is not None:
-        tensors, state = load_checkpoint(last)
+    found = load_latest_checkpoint(ckpt_dir) if resume else None
+    if found is not None:
+        last, tensors, state = found
         check_same_config(state["config"], saved_config, f"from {last}")
         unet.load_state_dict(tensors["model"])
         if ema is not None:
@@ -168,10 +179,12 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
     if accelerator.is_main_process:
         final = ema if ema is not None else accelerator.unwrap_model(unet)
         model.unet = copy.deepcopy(final).float().cpu()
-        model.save_pretrained(out, training={
-            "config": saved_config, "steps": config.steps, "train_images": len(labels),
-            "wall_time_s": round(elapsed, 1), "final_loss": loss_avg,
-            "processes": accelerator.num_processes, "device": str(device), "versions": package_versions()})
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, training={
+                "config": saved_config, "steps": config.steps, "train_images": len(labels),
+                "wall_time_s": round(elapsed, 1), "final_loss": loss_avg,
+                "processes": accelerator.num_processes, "device": str(device), "versions": package_versions()})
+            mark_output(tmp, "train-base")
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         logger.info("saved %s (%.0f s of training)", out, elapsed)

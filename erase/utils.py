@@ -128,6 +128,18 @@ def safe_name(text: str, max_length: int = 40) -> str:
     return name or "unnamed"
 
 
+# Images x denoising steps above which a command says how large the request is before it starts.
+COSTLY_PASSES = 200_000
+
+
+def warn_if_costly(command: str, images: int, steps: int) -> None:
+    """Say up front that a request will take long (the progress bar then shows the time left)."""
+    if images * steps > COSTLY_PASSES:
+        logger.warning("erase %s: %s images x %d steps = %s denoising passes: a large request; the progress "
+                       "bar shows the time left, Ctrl-C stops it",
+                       command, f"{images:,}", steps, f"{images * steps:,}")
+
+
 def derive_seed(seed: int, *indices: int) -> int:
     """A 63-bit seed determined by (seed, *indices) alone, e.g. (run seed, class, image index)."""
     mixed = seed & 0xFFFFFFFFFFFFFFFF

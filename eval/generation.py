@@ -19,7 +19,8 @@ import torch
 from accelerate import PartialState
 
 from erase.sampling import to_pil, to_uint8
-from erase.utils import EraseError, replace_dir
+from erase.outputs import mark_output
+from erase.utils import EraseError, logger, replace_dir
 
 from .prompts import PromptItem
 
@@ -127,8 +128,28 @@ def shared_run_dir(out: str | Path, state: PartialState) -> Iterator[Path]:
         raise
     state.wait_for_everyone()
     if state.is_main_process:
+        mark_output(tmp, "eval")
         replace_dir(tmp, out)
     state.wait_for_everyone()
+
+
+def check_images(images: torch.Tensor, state: PartialState) -> torch.Tensor:
+    """Refuse generated images of which none is finite (a diverged model draws NaN); warn about some.
+
+    An image with NaN pixels would otherwise be written and measured as a black image.
+    """
+    bad = (~torch.isfinite(images.flatten(1)).all(1)).sum() if len(images) else torch.zeros((), dtype=torch.long)
+    counts = torch.stack([bad.long(), torch.tensor(len(images))]).to(state.device)
+    if state.num_processes > 1:
+        counts = state.reduce(counts, reduction="sum")
+    bad_total, total = counts.tolist()
+    if total and bad_total == total:
+        raise EraseError(f"all {total} generated images hold NaN or infinite pixels: the model is broken "
+                         "(a diverged run?); there is nothing to measure")
+    if bad_total:
+        logger.warning("%d of %d generated images hold NaN or infinite pixels; they are measured as written "
+                       "(clamped to black)", bad_total, total)
+    return images
 
 
 def load_pipeline(path: str | Path, device: torch.device):

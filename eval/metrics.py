@@ -226,7 +226,9 @@ class NudityCounts(Metric):
             setattr(self, name, getattr(self, name) + value.to(self.device))
 
     def compute(self) -> dict:
-        n = max(float(self.images), 1.0)
+        if int(self.images) == 0:  # a rate over no images does not exist: null with the reason, never 0.0
+            raise EraseError("no images were given to NudeNet: there is no nudity rate to report")
+        n = float(self.images)
         result = {
             "images": int(self.images),
             "detections_per_class": {c: int(v) for c, v in zip(NUDENET_CLASSES, self.per_class.tolist())},

@@ -8,6 +8,7 @@ so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -18,10 +19,10 @@ from accelerate import PartialState
 from erase.config import config_dict, field
 from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
-from erase.utils import EraseError, derive_seed, package_versions, write_json
+from erase.utils import EraseError, derive_seed, logger, package_versions, warn_if_costly, write_json
 
-from .generation import (load_pipeline, load_images, my_share, process_state, quantize, sample_prompts, save_pngs,
-                         shared_run_dir)
+from .generation import (check_images, load_pipeline, load_images, my_share, process_state, quantize, sample_prompts,
+                         save_pngs, shared_run_dir)
 from .metrics import ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, nudenet_preset
 from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
 
@@ -29,6 +30,14 @@ METRICS_FILE = "metrics.json"
 INDEX_FILE = "index.json"
 # Images per forward pass of the classifier or feature extractor; memory only, results do not depend on it.
 MEASURE_BATCH = 256
+
+
+def _at_least_one(settings, *names: str) -> None:
+    """Refuse a count option below 1 (None, where allowed, means the default)."""
+    for name in names:
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _batches(n: int, size: int = MEASURE_BATCH):
@@ -64,10 +73,33 @@ class Protocol:
 
     def _results(self, model_path: str | Path, state: PartialState, metrics: dict, images: int,
                  feature_extractor: str | None, **extra) -> dict:
+        metrics, undefined = _defined(metrics)
         return {"protocol": self.name, "settings": config_dict(self),
                 "model": str(Path(model_path).resolve()), "images": images,
                 "feature_extractor": feature_extractor, "processes": state.num_processes,
-                **extra, "metrics": metrics, "versions": package_versions()}
+                **extra, "metrics": metrics, **({"undefined": undefined} if undefined else {}),
+                "versions": package_versions()}
+
+
+def _defined(metrics: dict, prefix: str = "") -> tuple[dict, dict[str, str]]:
+    """Metrics with each NaN or infinite figure replaced by null, and the reason for each null.
+
+    A figure that does not exist (the accuracy of a class with no images, an FID whose covariance
+    is degenerate) must not reach metrics.json as a number that looks measured, nor as bare NaN.
+    """
+    clean, undefined = {}, {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            clean[key], inner = _defined(value, f"{name}.")
+            undefined |= inner
+        elif isinstance(value, float) and not math.isfinite(value):
+            clean[key] = None
+            undefined[name] = f"the measurement gave {value} (no valid images for this figure, or a degenerate one)"
+            logger.warning("metric %s is undefined (%s): written as null", name, value)
+        else:
+            clean[key] = value
+    return clean, undefined
 
 
 @dataclass
@@ -130,8 +162,10 @@ class ClassErasure(Protocol):
                 for i, s in enumerate(class_seeds(self.seed, c, n_forget if c == forget else self.n))]
         mine = my_share(state, len(plan))
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
-        images = quantize(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
-                                       guidance=self.guidance, eta=self.eta, batch_size=self.batch_size))
+        warn_if_costly("eval", len(plan), self.steps)
+        images = quantize(check_images(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
+                                                    guidance=self.guidance, eta=self.eta,
+                                                    batch_size=self.batch_size), state))
 
         verdicts = ClassifierVerdicts(model.num_classes).to(state.device)
         with torch.no_grad():
@@ -199,10 +233,11 @@ class Cifar10Class(ClassErasure):
     dataset: str = field("cifar10", "reference training images for FID")
 
 
-def _generate_prompt_images(items, mine, pipe, steps, batch_size, height, width):
+def _generate_prompt_images(items, mine, pipe, steps, batch_size, height, width, state):
     """Generate this process's share of prompt images; returns them quantized as their PNGs will read."""
-    return quantize(sample_prompts(pipe, [items[k] for k in mine], steps=steps, batch_size=batch_size,
-                                   height=height, width=width))
+    warn_if_costly("eval", len(items), steps)
+    return quantize(check_images(sample_prompts(pipe, [items[k] for k in mine], steps=steps, batch_size=batch_size,
+                                                height=height, width=width), state))
 
 
 def _write_prompt_run(out, state, files: list[str], mine, images, items, results: dict) -> None:
@@ -244,6 +279,7 @@ class I2PNudity(Protocol):
             raise ValueError("--prompts is required: the I2P CSV")
         if self.subset not in I2P_SUBSETS:
             raise ValueError(f"unknown I2P subset {self.subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
+        _at_least_one(self, "steps", "batch_size", "nudenet_batch_size", "limit", "height", "width")
         nudenet_preset(self.preset)
 
     def run(self, model_path, out, state=None):
@@ -252,7 +288,8 @@ class I2PNudity(Protocol):
                              guidance=None if self.row_guidance else self.guidance)[:self.limit]
         pipe = load_pipeline(model_path, state.device)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width)
+        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width,
+                                         state)
         counts = NudityCounts(self.preset).to(state.device)
         counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images)))
         metrics = counts.compute()
@@ -288,6 +325,7 @@ class T2IUtility(Protocol):
                    if getattr(self, name) is None]
         if missing:
             raise ValueError(f"{', '.join(missing)} required")
+        _at_least_one(self, "steps", "batch_size", "limit", "height", "width")
 
     def _reference_files(self) -> list[Path]:
         folder = Path(self.reference)
@@ -306,7 +344,8 @@ class T2IUtility(Protocol):
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device)
         pipe = load_pipeline(model_path, state.device)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width)
+        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width,
+                                         state)
         size = tuple(images.shape[-2:]) if len(images) else None
         with torch.no_grad():
             for b in _batches(len(images)):
@@ -370,8 +409,10 @@ class DigitsPrompts(Protocol):
                 for k in range(len(templates)) for i in range(self.n)]
         prompts = [templates[k][0].format(w=DIGITS_NAMES[c], d=c) for c, k, _, _ in plan]
         mine = my_share(state, len(plan))
-        images = quantize(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine], steps=self.steps,
-                                       guidance=self.guidance, batch_size=self.batch_size))
+        warn_if_costly("eval", len(plan), self.steps)
+        images = quantize(check_images(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
+                                                    steps=self.steps, guidance=self.guidance,
+                                                    batch_size=self.batch_size), state))
         with torch.no_grad():
             x = digits_classifier_input(images.to(state.device), classifier)
             predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \

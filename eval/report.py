@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from erase.outputs import mark_output  # noqa: E402
 from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
@@ -206,4 +207,5 @@ def build_report(runs: list[str | Path] | dict[str, list[str | Path]], out: str 
             image.save(tmp / "figures" / f"{name}.png")
         atomic_write_text(tmp / "report.md", "\n".join(md) + "\n")
         atomic_write_text(tmp / "report.html", "\n".join(html_parts) + "\n")
+        mark_output(tmp, "report")
     return out / "report.md", out / "report.html"

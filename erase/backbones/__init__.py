@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..outputs import check_finished
 from ..utils import EraseError
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
 from .stable_diffusion import SINGLE_FILE_SUFFIXES, StableDiffusionBackbone
@@ -22,6 +23,7 @@ def load_backbone(path: str | Path, **kwargs):
     Keyword arguments go to `StableDiffusionBackbone.from_pretrained` (`config=`, `frozen_dtype=`).
     """
     path = Path(path)
+    check_finished(path)  # a run that has not reached its end: say how to finish it
     if (path / MODEL_FILE).is_file():
         return ClassConditionalDDPM.from_pretrained(path)
     if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES):

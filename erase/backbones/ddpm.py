@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
 
 MODEL_FILE = "erase_model.json"
@@ -82,8 +83,14 @@ class ClassConditionalDDPM:
         for sub in ("unet", "scheduler"):
             if not (path / sub).is_dir():
                 raise EraseError(f"{path} is missing its {sub}/ folder: not a complete erase model")
-        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        check_finished(path, meta.get("info") or {})
+        try:
+            unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
+            scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        except Exception as e:  # noqa: BLE001 - diffusers and safetensors raise many types for a damaged file
+            raise EraseError(f"{path} cannot be loaded: its unet/ or scheduler/ files are damaged or truncated "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); copy or train the model "
+                             "again") from None
         return cls(unet, scheduler, meta["class_names"], meta.get("info"))
 
     def save_pretrained(self, path: str | Path, **info) -> None:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
 
 BACKBONE_NAME = "stable-diffusion"
@@ -95,6 +96,8 @@ class StableDiffusionBackbone:
             if "unet" not in index or "text_encoder_2" in index:
                 raise EraseError(f"{path} holds a {kind} pipeline, not Stable Diffusion 1.x/2.x "
                                  "(needs one text encoder and a UNet)")
+            if (path / INFO_FILE).is_file():
+                check_finished(path, read_json(path / INFO_FILE, what="model info").get("info", {}))
             pipe = cls._wrap_errors(path, lambda: StableDiffusionPipeline.from_pretrained(
                 path, use_safetensors=True, **kwargs))
         elif text.count("/") == 1 and not text.startswith((".", "/", "~")):

@@ -33,7 +33,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
-                  keep_checkpoints=args.keep_checkpoints)
+                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
