@@ -114,7 +114,7 @@ def check_value(name: str, value: Any, hint: Any, metadata: Any, source: str) ->
         value = os.fspath(value)
     items = value if is_seq else [value]
     if is_seq and not isinstance(value, (list, tuple)):
-        raise EraseError(f"{option} ({source}) must be a list of {_TYPE_NAMES.get(tp, tp.__name__)} values, "
+        raise EraseError(f"{option} ({source}) must be a list (each item {_TYPE_NAMES.get(tp, tp.__name__)}), "
                          f"got {json.dumps(value, default=str)}")
     for item in items:
         if not _scalar_ok(item, tp):
@@ -136,19 +136,16 @@ def build_config(cls: type, file_values: dict, args: argparse.Namespace | None =
     if unknown:
         raise EraseError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; "
                          f"known: {', '.join(sorted(fields))}")
-    sources = dict.fromkeys(values, "config file")
-    if args is not None:
-        given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-        values.update(given)
-        sources.update(dict.fromkeys(given, "command line"))
-    given = {k: v for k, v in overrides.items() if v is not None}
-    values.update(given)
-    sources.update(dict.fromkeys(given, "option"))
     hints = typing.get_type_hints(cls)
-    for k, v in values.items():
-        if k not in fields:
-            raise EraseError(f"unknown option {k} for {cls.__name__}; known: {', '.join(sorted(fields))}")
-        values[k] = check_value(k, v, hints[k], fields[k].metadata, sources[k])
+    # Each source is checked on its own: a wrong value in a file is an error even where the command line overrides it.
+    command_line = {k: v for k, v in vars(args).items() if k in fields and v is not None} if args is not None else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for source, layer in (("config file", values), ("command line", command_line), ("option", given)):
+        for k, v in layer.items():
+            if k not in fields:
+                raise EraseError(f"unknown option {k} for {cls.__name__}; known: {', '.join(sorted(fields))}")
+            layer[k] = check_value(k, v, hints[k], fields[k].metadata, source)
+    values = {**values, **command_line, **given}
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:

@@ -40,14 +40,12 @@ def _umask() -> int:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
-    An interrupted write leaves the old folder (or nothing) in place, never half a folder. The
-    folder gets the mode the user's umask gives a new folder (temporary folders are made 0700).
+    An interrupted write leaves the old folder (or nothing) in place, never half a folder.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        tmp.chmod(0o777 & ~_umask())
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -55,8 +53,24 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     replace_dir(tmp, path)
 
 
+def apply_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the modes the user's umask gives new files (0644/0755 for 022).
+
+    Temporary folders are made 0700 and safetensors writes 0600 files; a model or report on a
+    shared server must be readable by the people the umask lets read it.
+    """
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def replace_dir(finished: Path, path: Path) -> None:
     """Put the folder `finished` at `path`, replacing what is there (a folder or a file) with renames only."""
+    apply_umask(finished)
     old = None
     if path.exists() or path.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent)) / path.name
