@@ -141,7 +141,9 @@ def check_images(images: torch.Tensor, state: PartialState) -> torch.Tensor:
     bad = (~torch.isfinite(images.flatten(1)).all(1)).sum() if len(images) else torch.zeros((), dtype=torch.long)
     counts = torch.stack([bad.long(), torch.tensor(len(images))]).to(state.device)
     if state.num_processes > 1:
-        counts = state.reduce(counts, reduction="sum")
+        from accelerate.utils import reduce
+
+        counts = reduce(counts, reduction="sum")
     bad_total, total = counts.tolist()
     if total and bad_total == total:
         raise EraseError(f"all {total} generated images hold NaN or infinite pixels: the model is broken "

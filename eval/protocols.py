@@ -423,7 +423,10 @@ class DigitsPrompts(Protocol):
             c, k = plan[j][0], plan[j][1]
             counts[c, int(templates[k][1]), 0] += pred == c
             counts[c, int(templates[k][1]), 1] += 1
-        counts = state.reduce(counts, reduction="sum") if state.num_processes > 1 else counts
+        if state.num_processes > 1:  # PartialState has no reduce; accelerate's operation does it
+            from accelerate.utils import reduce
+
+            counts = reduce(counts, reduction="sum")
         accuracy = (counts[..., 0].sum(1) / counts[..., 1].sum(1)).tolist()
         by_wording = (counts[..., 0] / counts[..., 1]).tolist()
         retained = [c for c in range(10) if c != forget]
