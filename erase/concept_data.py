@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from .concepts import Concept
 from .config import config_dict, field
 from .unlearn_data import UnlearnData
-from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions, read_json, safe_name, write_json
+from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions, read_json, safe_name, warn_if_costly, write_json
 
 MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
@@ -114,6 +114,7 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
         raise EraseError(f"{folder} holds concept data made with other settings; delete it to regenerate")
 
     plan = _plan(concept, config)
+    warn_if_costly("unlearn (concept images)", len(SETS) * config.images, settings["steps"])
     # Each finished set is kept in a work folder, so an interrupted run (800 SD images a set take
     # minutes on a GPU) resumes at the set it was generating.
     work = folder.with_name(f".{folder.name}.partial")

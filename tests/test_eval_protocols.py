@@ -186,7 +186,7 @@ def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_di
 
 def test_cli_missing_prompt_file(capsys, tmp_path, tiny_sd_dir, tiny_clip_dir):
     code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "t2i-utility", "--prompts",
-                        tmp_path / "none.txt", "--reference", tmp_path, "--clip-model", tiny_clip_dir,
+                        tmp_path / "none.txt", "--reference", tmp_path / "ref", "--clip-model", tiny_clip_dir,
                         "--fid-features", "classifier", "--out", tmp_path / "o")
     assert code == 2 and "prompt file not found" in out
     assert not (tmp_path / "o").exists()
