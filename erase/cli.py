@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         kind = "error" if isinstance(e, OSError) else f"unexpected error ({type(e).__name__})"
-        hint = "" if args.verbose else " (rerun with -v for the traceback)"
+        hint = "" if args.verbose else f" (rerun as `erase -v {args.command} ...` for the traceback)"
         print(f"erase {args.command}: {kind}: {one_line(e)}{hint}", file=sys.stderr)
         return 1
     return 0

@@ -33,6 +33,7 @@ from .unlearn_data import UnlearnData
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
+
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
 LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
@@ -138,8 +139,6 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     config = make_config(method_cls, config, **options)
     if images is not None and images < 1:
         raise EraseError(f"--images must be at least 1, got {images}")
-    if shards < 1 or config.batch_size % shards:
-        raise EraseError(f"shards must be at least 1 and divide batch_size {config.batch_size}, got {shards}")
     check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [],
                  checkpoints=True)
     n_forget = round(config.batch_size * method_cls.forget_share)
@@ -147,6 +146,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if (method_cls.forget_share > 0 and n_forget < 1) or (method_cls.forget_share < 1 and n_retain < 1):
         raise EraseError(f"{method_cls.name} draws forget and retain samples in every batch: --batch-size must "
                          f"be at least 2, got {config.batch_size}")
+    if shards < 1 or n_forget % shards or n_retain % shards:
+        raise EraseError(f"shards={shards} must divide the {n_forget} forget and {n_retain} retain samples of a batch")
     base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
     if isinstance(model, (str, Path)):
         model = load_backbone(model)

@@ -39,6 +39,10 @@ class Run:
             raise EraseError(f"run folder not found: {self.path}")
         self.results = read_json(self.path / METRICS_FILE, what="eval results (written by `erase eval`)")
         self.index = read_json(self.path / INDEX_FILE, what="image index (written by `erase eval`)")
+        if not isinstance(self.results, dict) or not isinstance(self.results.get("metrics"), dict) \
+                or not isinstance(self.index, dict) or not isinstance(self.index.get("images"), list):
+            raise EraseError(f"{self.path} is not an `erase eval` run: its {METRICS_FILE} needs a 'metrics' object "
+                             f"and its {INDEX_FILE} an 'images' list")
         self.name = self.path.name
 
     def scalar_metrics(self) -> dict[str, float | int]:

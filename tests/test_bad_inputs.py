@@ -63,7 +63,7 @@ def workspace(tmp_path_factory, tiny_model, tiny_classifier_dir):
     cfg.mkdir()
     for name, text in {"lr-bool": '{"lr": true}', "fp16": '{"mixed_precision": "fp16"}', "steps-str": '{"steps": "10"}',
                        "unknown": '{"stepz": 3}', "broken": '{"lr": ', "list": "[1, 2]", "lr-nan": '{"lr": NaN}',
-                       "channels-str": '{"block_out_channels": "32,64"}'}.items():
+                       "channels-str": '{"block_out_channels": "32,64"}', "seed-huge": '{"seed": 1e400}'}.items():
         (cfg / f"{name}.json").write_text(text)
     (cfg / "latin1.json").write_bytes('{"seed": 1} # caf\xe9'.encode("latin-1"))
 
@@ -82,6 +82,10 @@ def workspace(tmp_path_factory, tiny_model, tiny_classifier_dir):
     run = ws / "run-without-metrics"
     run.mkdir()
     (run / "index.json").write_text("{}")
+    odd_run = ws / "run-odd-metrics"
+    odd_run.mkdir()
+    (odd_run / "metrics.json").write_text('{"protocol": "digits-class"}')
+    (odd_run / "index.json").write_text('{"images": []}')
     bad_run = ws / "run-latin1"
     bad_run.mkdir()
     (bad_run / "metrics.json").write_bytes('{"a": "\xe9"}'.encode("latin-1"))
@@ -217,6 +221,14 @@ CASES = [
     # report, demo, bench
     ("report-run-missing", ["report", "{ws}/nope", "--out", "{ws}/new"], r"run folder not found"),
     ("report-run-without-metrics", ["report", "{ws}/run-without-metrics", "--out", "{ws}/new"], r"eval results"),
+    ("report-metrics-without-numbers", ["report", "{ws}/run-odd-metrics", "--out", "{ws}/new"],
+     r"not an `erase eval` run"),
+    ("sample-eta-negative", S + ["--eta", "-1", "--out", "{ws}/new"], r"--eta must be a finite number >= 0"),
+    ("unlearn-checkpoint-every-zero", U + ["--checkpoint-every", "0", "--out", "{ws}/new"],
+     r"checkpoint_every must be at least 1"),
+    ("unlearn-config-seed-huge", U + ["--config", "{ws}/configs/seed-huge.json", "--out", "{ws}/new"],
+     r"--seed.*integer"),
+    ("eval-n-forget-zero", DC + ["--n-forget", "0", "--out", "{ws}/new"], r"n_forget at least 1"),
     ("report-metrics-not-utf8", ["report", "{ws}/run-latin1", "--out", "{ws}/new"], r"not UTF-8"),
     ("report-out-is-run", ["report", "{ws}/run-without-metrics", "--out", "{ws}/run-without-metrics"],
      r"overwrite the input"),
