@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_channels, config_dict, field
-from .data import DIGITS_NAMES, load_dataset
+from .data import DIGITS_NAMES, digit_class, load_dataset
 from .outputs import mark_output
 from .utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
-from .train_base import learning_rate, update_ema
+from .train_base import learning_rate
 
 # Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
 # only words seen in training, in combinations never seen: they test paraphrase generalisation.
@@ -178,6 +178,8 @@ class MiniSDConfig:
     eval_guidance: float = field(3.0, "guidance scale of the accuracy check")
     eval_steps: int = field(25, "DDIM steps of the accuracy check")
     seed: int = field(0, "seed of weights, batches, noise and timesteps")
+    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
+                                         "retrained reference for erasing them")
 
     def __post_init__(self):
         for name in ("vae_steps", "steps", "batch_size"):
@@ -193,6 +195,13 @@ class MiniSDConfig:
             raise ValueError(f"text_hidden must be an even number (two attention heads), got {self.text_hidden}")
         if self.eval_images < 0 or self.eval_steps < 1:
             raise ValueError("eval_images must be >= 0 and eval_steps >= 1")
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Constant-decay EMA, the recipe the shipped miniature SD was trained (and measured) with."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
 
 
 def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
@@ -221,6 +230,13 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
 
     start = time.perf_counter()
     data = load_dataset("digits", "train")
+    excluded = sorted({digit_class(d) for d in config.exclude})
+    if excluded:
+        if len(excluded) == 10:
+            raise EraseError("train-mini-sd: --exclude leaves no digit to train on")
+        # Their images go, and with them every caption naming them.
+        data = data.subset([c for c in range(10) if c not in excluded])
+        logger.info("training without digits %s: %d images left", excluded, len(data))
     images = data.images.expand(-1, 3, -1, -1).contiguous()  # grey digits as RGB, as SD expects
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(caption_words())
@@ -283,7 +299,7 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     train_time = time.perf_counter() - start
 
     backbone = StableDiffusionBackbone(pipe)
-    report = {"config": config_dict(config), "train_images": len(images), "vae_final_loss": vae_loss,
+    report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded, "vae_final_loss": vae_loss,
               "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}

@@ -44,6 +44,20 @@ def test_train_command_writes_a_stock_pipeline(tmp_path):
     assert "(1, 16, 16, 3)" in result.stdout
 
 
+def test_exclude_drops_the_digit_from_training(tmp_path):
+    import json
+
+    from erase.data import load_dataset
+
+    labels = load_dataset("digits", "train").labels
+    out = tmp_path / "mini"
+    assert main(["train-mini-sd", "--out", str(out), "--vae-steps", "1", "--steps", "1", "--batch-size", "4",
+                 "--eval-images", "0", "--exclude", "three"]) == 0
+    record = json.loads((out / "erase_info.json").read_text())["info"]["training"]
+    assert record["excluded_digits"] == [3]
+    assert record["train_images"] == int((labels != 3).sum())
+
+
 @pytest.mark.slow
 def test_shipped_model_draws_the_digits_it_is_asked_for():
     from erase.backbones import load_backbone
