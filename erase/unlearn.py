@@ -2,9 +2,11 @@
 
 The loop owns everything a method should not care about: data draws, the optimizer, mixed
 precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, the progress bar, and
-the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed, and
-`erase_config.json`). Each step's randomness comes from `step_generator(seed, step, rank)`, so a run
-resumed from a checkpoint is identical to an uninterrupted one.
+the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
+`erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
+`report_to` hands the same losses to accelerate's trackers (e.g. tensorboard, if installed). Each
+step's randomness comes from `step_generator(seed, step, rank)`, so a run resumed from a checkpoint
+is identical to an uninterrupted one.
 
 Parameter groups: `--params` picks one explicitly (an unknown group is an error). Left unset, the
 method's preference list decides: the first group the backbone offers (ESD prefers `noxattn`, which
@@ -14,6 +16,7 @@ only text-conditioned UNets have, so it trains `all` on the class-conditional DD
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import statistics
@@ -34,6 +37,7 @@ from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE,
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
 
+LOSS_HISTORY_FILE = "loss_history.jsonl"
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
 LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
@@ -102,6 +106,19 @@ def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: 
     return join([p[0] for p in parts]), join([p[1] for p in parts])
 
 
+def tracker_names(report_to: str | None) -> list[str]:
+    """accelerate tracker names from a comma-separated list, refused up front when not installed."""
+    from accelerate.tracking import get_available_trackers
+
+    names = [n.strip() for n in (report_to or "").split(",") if n.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise EraseError(f"--report-to {','.join(missing)}: not installed (pip install {' '.join(missing)}); "
+                         f"available here: {', '.join(sorted(available)) or 'none'}")
+    return names
+
+
 def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
     """Data-parallel processes must end with identical weights (they apply the same averaged gradients)."""
     checksum = torch.stack([p.detach().double().sum() for p in params.values()]).sum().reshape(1)
@@ -115,6 +132,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
+            report_to: str | None = None,
             **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
 
@@ -123,6 +141,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     method's config. `stop_after=k` stops after step k with a checkpoint and no model, as an
     interruption would (a later call resumes). Returns `out`, or the checkpoint when stopped early.
     `out` must be new, empty or an earlier `erase unlearn` output unless `overwrite` (see `erase.outputs`).
+    `report_to` ("tensorboard", or several comma-separated accelerate trackers) logs every step's
+    losses under OUT-logs/ as well.
 
     `shards=k` draws each process's batch as k equal shards, shard j of process p from the
     generator of (seed, step, p·k + j): one process with `shards=N` and N times the batch draws
@@ -153,10 +173,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         model = load_backbone(model)
     out = Path(out)
     ckpt_dir = out.with_name(out.name + "-checkpoints")
+    trackers = tracker_names(report_to)
 
     mixed = resolve_mixed_precision(config.mixed_precision)
     # Without a GPU, processes started by `accelerate launch` join one gloo group only when told to use the CPU.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=out.with_name(out.name + "-logs") if trackers else None)
     device = accelerator.device
     reset_peak_memory(device)
     model.to(device)
@@ -178,7 +200,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
 
     run = {"method": method_cls.name, "config": config_dict(config), "params": group,
            "base_model": base_model, "data": data.description}
-    start, elapsed, step_times, recent = 0, 0.0, [], []
+    start, elapsed, step_times, recent, history = 0, 0.0, [], [], []
     found = load_latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
         last, tensors, state = found
@@ -189,6 +211,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
         algo.load_state_dict(tensors.get("method", {}), state["method"])
         start, elapsed, step_times, recent = state["step"], state["elapsed_s"], state["step_times"], state["recent"]
+        history = state["history"]
         logger.info("resuming %s from %s (step %d of %d)", method_cls.name, last, start, config.steps)
     elif ckpt_dir.exists() and not resume:
         shutil.rmtree(ckpt_dir)
@@ -201,8 +224,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             tensors["method"] = m_tensors
         return save_checkpoint(ckpt_dir, step, tensors, {
             "run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
-            "step_times": step_times, "recent": recent})
+            "step_times": step_times, "recent": recent, "history": history})
 
+    if trackers:
+        # Tracker configs take flat scalars only.
+        accelerator.init_trackers(out.name, config={"method": method_cls.name, "params": group, **{
+            k: v for k, v in config_dict(config).items() if isinstance(v, (int, float, str, bool))}})
     end = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
                disable=not (progress and accelerator.is_local_main_process))
@@ -231,6 +258,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                 raise EraseError(f"{method_cls.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
                                  f"{bad_step}: the run diverged; {where}. Lower --lr (now {config.lr}) or --steps.")
             recent = (recent + [logs])[-LOSS_WINDOW:]
+            history.append({"step": bad_step + 1, **logs})
+            if trackers:
+                accelerator.log(logs, step=bad_step + 1)
         # The losses were just read, so the device has finished these steps: the interval's time is exact.
         per_step = (time.perf_counter() - interval_start) / len(pending)
         step_times += [per_step] * len(pending)
@@ -241,6 +271,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             save_state(done)
         interval_start = time.perf_counter()
     bar.close()
+    if trackers:
+        accelerator.end_training()
     if stop_after is not None and stop_after < config.steps:
         return latest_checkpoint(ckpt_dir)
 
@@ -261,14 +293,15 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
     if accelerator.is_main_process:
-        # Model, delta, summary and marker appear together in one folder swap: a run killed or out of
-        # disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.
+        # Model, delta, summary, loss history and marker appear together in one folder swap: a run killed
+        # or out of disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                            "data", "steps")})
             save_file(changed, tmp / DELTA_FILE, metadata={"format": "unet state_dict subset (load with strict=False)",
                                                            "method": method_cls.name})
             write_json(tmp / CONFIG_FILE, summary)
+            (tmp / LOSS_HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in history))
             mark_output(tmp, "unlearn")
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

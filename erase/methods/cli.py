@@ -33,7 +33,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
-                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite)
+                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
@@ -81,6 +81,8 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    p.add_argument("--report-to", help="also log every step's losses to accelerate trackers under OUT-logs/, e.g. "
+                                       "tensorboard (comma-separated; each must be installed)")
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("methods", help="list the unlearning methods with their papers and defaults")
