@@ -160,7 +160,7 @@ class ClassErasure(Protocol):
 
     def _neighbours(self, classifier, num_classes: int, forget: int, device: torch.device) -> list[int]:
         """The retained classes the classifier confuses most with `forget` on the real test split."""
-        data = load_dataset(self.dataset, "test", root=self.data_root)
+        data = load_dataset(self.dataset, "test", root=self.data_root, image_size=classifier.arch.image_size)
         with torch.no_grad():
             probs = torch.cat([classifier(data.images[b].to(device)).double().softmax(1).cpu()
                                for b in _batches(len(data))])
