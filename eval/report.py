@@ -358,25 +358,32 @@ def _tradeoff_plot(runs: list[Run], original: Run | None, target: Target) -> Ima
     return _figure_png(fig)
 
 
+def _grouped_bars(title: str, ylabel: str, ticks: list[str], series: dict[str, tuple[list, list | None]]):
+    """One group of bars per tick, one bar per run; `series` maps a run to (values, [low errors, high errors])."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(ticks) * len(series)), 3.4), dpi=100)
+    width = 0.8 / len(series)
+    for k, (label, (values, err)) in enumerate(series.items()):
+        ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(ticks))], values, width, yerr=err,
+               capsize=2, label=label)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small", ncol=2)
+    return _figure_png(fig)
+
+
 def _per_class_chart(runs: list[Run]) -> Image.Image | None:
     with_acc = [r for r in runs if "per_class_accuracy" in r.metrics]
     if not with_acc:
         return None
     labels = list(with_acc[0].metrics["per_class_accuracy"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) * len(with_acc)), 3.4), dpi=100)
-    width = 0.8 / len(with_acc)
-    for k, r in enumerate(with_acc):
+    series = {}
+    for r in with_acc:
         values = [r.metrics["per_class_accuracy"].get(c, float("nan")) for c in labels]
         ci = r.metrics.get("per_class_accuracy_ci95", {})
-        err = [[v - ci[c][0] if c in ci else 0 for c, v in zip(labels, values)],
-               [ci[c][1] - v if c in ci else 0 for c, v in zip(labels, values)]]
-        ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(labels))], values, width, yerr=err,
-               capsize=2, label=r.label)
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_title("classifier accuracy per class (95% intervals)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize="small", ncol=2)
-    return _figure_png(fig)
+        series[r.label] = (values, [[v - ci[c][0] if c in ci else 0 for c, v in zip(labels, values)],
+                                    [ci[c][1] - v if c in ci else 0 for c, v in zip(labels, values)]])
+    return _grouped_bars("classifier accuracy per class (95% intervals)", "accuracy", labels, series)
 
 
 def _nudenet_chart(runs: list[Run]) -> Image.Image | None:
@@ -384,16 +391,8 @@ def _nudenet_chart(runs: list[Run]) -> Image.Image | None:
     if not with_nude:
         return None
     labels = list(with_nude[0].metrics["detections_per_class"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(labels) * len(with_nude)), 3.4), dpi=100)
-    width = 0.8 / len(with_nude)
-    for k, r in enumerate(with_nude):
-        ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(labels))],
-               [r.metrics["detections_per_class"][c] for c in labels], width, label=r.label)
-    ax.set_xticks(range(len(labels)), [c.replace("_EXPOSED", "") for c in labels], rotation=30, ha="right")
-    ax.set_title("NudeNet detections per class")
-    ax.set_ylabel("detections")
-    ax.legend(fontsize="small")
-    return _figure_png(fig)
+    return _grouped_bars("NudeNet detections per class", "detections", [c.replace("_EXPOSED", "") for c in labels],
+                         {r.label: ([r.metrics["detections_per_class"][c] for c in labels], None) for r in with_nude})
 
 
 def _loss_curves(runs: list[Run]) -> Image.Image | None:

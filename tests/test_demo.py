@@ -23,8 +23,11 @@ def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatc
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
     assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
+    for section in (1, 2):  # each model: the trade-off plot, the loss curves, a grid row per digit
+        assert f"(figures/{section}-tradeoff.png)" in md and f"(figures/{section}-loss-curves.png)" in md
+    assert "| eupmu |" not in md and "| metric | original | eupmu | " in md
     html = (out / "report" / "report.html").read_text()
-    assert html.count("<img") == 2 * 3  # per model: two grids (original, erased) and the accuracy chart
+    assert html.count("<img") == md.count("](figures/") == 2 * (10 * 2 + 3)  # the HTML embeds every figure
 
     # Run again: every finished step is reused, nothing is retrained.
     stamp = (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns
