@@ -42,9 +42,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = protocol.run(args.model, args.out)
     if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
-        for key, value in results["metrics"].items():
-            if not isinstance(value, dict):
-                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        metrics = results["metrics"]
+        for key, value in metrics.items():
+            if isinstance(value, dict) or key.endswith("_ci95"):
+                continue
+            if key == "fid" and metrics.get("fid_reliable") is False:
+                print(f"  fid: n/a ({metrics['fid_samples']} images, fewer than the {metrics['fid_min_samples']} "
+                      f"a full-rank covariance needs: {value:.4f} is not a result)")
+                continue
+            interval = metrics.get(f"{key}_ci95")
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"  {key}: {text}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

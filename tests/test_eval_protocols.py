@@ -207,6 +207,8 @@ def test_cli_without_forget_measures_every_class(capsys, tmp_path, tiny_ddpm_dir
     assert code == 0 and "retained_accuracy" in out
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
     assert "ua" not in metrics and metrics["fid_samples"] == 20
+    lo, hi = metrics["retained_accuracy_ci95"]
+    assert f"retained_accuracy: {metrics['retained_accuracy']:.4f} [{lo:.4f}, {hi:.4f}]" in out
 
 
 def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
