@@ -498,7 +498,11 @@ class DigitsPrompts(Protocol):
         return results
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity, T2IUtility)}
+# The attacks are protocols too (eval/attacks.py builds on the classes above, hence the late import).
+from .attacks import ATTACKS  # noqa: E402
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity,
+                                                            T2IUtility) + ATTACKS}
 
 
 def get_protocol(name: str) -> type[Protocol]:

@@ -7,6 +7,7 @@ with the conditional and unconditional predictions computed in one batched forwa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -261,3 +262,34 @@ class ClassConditionalDDPM:
                 noise = torch.stack([torch.randn(self.image_shape, generator=g) for g in gens]).to(device, dtype)
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
         return x.float().clamp(-1, 1).cpu()
+
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # What the attacks of `erase.eval.attacks` need beyond sampling: the condition as a vector. The
+    # UNet is never changed by them; a condition is overridden only inside a `with` block.
+    def condition_vector(self, cls: int | str) -> torch.Tensor:
+        """A copy of the class embedding of `cls` (an id, a name, or the null class's id), shape (D,)."""
+        index = self.null_class if cls == self.null_class else self.class_index(cls)
+        return self.unet.class_embedding.weight[index].detach().clone()
+
+    @contextlib.contextmanager
+    def override_condition(self, cls: int | str, vector: torch.Tensor):
+        """Inside the block, class `cls` is embedded as `vector` (D,) instead of its table row.
+
+        Predictions and samples for `cls` then use `vector`, differentiably (gradients reach
+        `vector`, which is how class-embedding inversion learns it); other classes, the null class
+        and the UNet's weights are untouched, and everything is back as it was after the block.
+        """
+        index = self.class_index(cls)
+        if vector.shape != self.unet.class_embedding.weight.shape[1:]:
+            raise EraseError(f"a condition vector for this model has shape "
+                             f"{tuple(self.unet.class_embedding.weight.shape[1:])}, got {tuple(vector.shape)}")
+
+        def replace_row(module, inputs, output):
+            chosen = (inputs[0] == index).unsqueeze(-1)
+            return torch.where(chosen, vector.to(output.device, output.dtype), output)
+
+        handle = self.unet.class_embedding.register_forward_hook(replace_row)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -345,3 +345,72 @@ class StableDiffusionBackbone:
             shape = self.latent_shape if return_latents else (3, self.image_size, self.image_size)
             return torch.empty(0, *shape)
         return torch.cat(out)
+
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # What the attacks of `erase.eval.attacks` need beyond prompts: the text encoder fed with token
+    # embeddings (learned tokens, adversarial prefixes), and a DDIM sampler that gradients can run
+    # through (latent-inversion attacks). None of them changes a weight.
+    @torch.no_grad()
+    def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's input token embeddings of the prompts, padded to the tokenizer's length
+        (N, L, D), and each prompt's token count including its start and end tokens (N,)."""
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.text_encoder.device)
+        return self.text_encoder.get_input_embeddings()(ids).float(), tokens.attention_mask.sum(1)
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Text conditions (N, L, cross-attention dim) from input token embeddings (N, L, D), as
+        `encode_conditions` makes them from token ids: position embeddings and the causal
+        transformer are the encoder's own; differentiable in `embeddings`."""
+        table = self.text_encoder.get_input_embeddings()
+        if embeddings.ndim != 3 or embeddings.shape[-1] != table.embedding_dim:
+            raise EraseError(f"token embeddings for this text encoder have shape (N, L, {table.embedding_dim}), "
+                             f"got {tuple(embeddings.shape)}")
+        # The ids only set the shape: a forward hook puts the given embeddings in place of their lookup.
+        ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=self.text_encoder.device)
+        handle = table.register_forward_hook(lambda module, inputs, output: embeddings.to(output.dtype))
+        try:
+            hidden = self.text_encoder(ids)[0]
+        finally:
+            handle.remove()
+        return hidden.to(self.unet.dtype)
+
+    def denoise(self, latents: torch.Tensor, cond: torch.Tensor, steps: int, guidance: float,
+                uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """Final latents of deterministic DDIM (eta 0) from initial `latents` under conditions `cond`
+        (N, L, dim), with classifier-free guidance against `uncond` (default: the empty prompt).
+
+        The same computation as `sample(..., return_latents=True)` (the stock pipeline: DDIM from
+        this model's schedule, guidance above 1 only), written out so that gradients can flow to
+        `latents` and `cond`. Run it under `torch.no_grad()` to sample.
+        """
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        guided = guidance > 1.0
+        if guided:
+            uncond = self.null_condition(len(cond)) if uncond is None else uncond
+            both = torch.cat([uncond, cond])
+        x = latents.to(self.device, self.unet.dtype) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            if guided:
+                eps_u, eps_c = self.predict_noise(torch.cat([x, x]), t, both).chunk(2)
+                eps = eps_u + guidance * (eps_c - eps_u)
+            else:
+                eps = self.predict_noise(x, t, cond)
+            x = scheduler.step(eps, t, x).prev_sample
+        return x
+
+    def invert(self, latents: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
+        """DDIM inversion: the starting latents from which `denoise(..., cond, steps, guidance=1)`
+        returns approximately `latents` (final scaled latents, e.g. an image's `encode_images`)."""
+        from diffusers import DDIMInverseScheduler
+
+        scheduler = DDIMInverseScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        x = latents.to(self.device, self.unet.dtype)
+        for t in scheduler.timesteps:
+            x = scheduler.step(self.predict_noise(x, t, cond), t, x).prev_sample
+        return x
