@@ -215,7 +215,7 @@ class Attack(Protocol):
             "pre_attack_success": float(counts[0]) / n,
             "post_attack_success": float(counts[1]) / n,
             "units": len(units),
-            "budget": {k: getattr(self, k) for k in self.budget_fields},
+            "budget": {k: getattr(self, k) for k in self.budget_fields} | log.get("budget", {}),
             "cost": {"search_s": round(search_s, 3), "plain_sampling_s": round(plain_s, 3),
                      "search_s_per_unit": round(search_s / max(len(units), 1), 4),
                      # the search against sampling the same images plainly, both timed in this run
@@ -327,7 +327,7 @@ class ClassInversion(Attack):
             raise EraseError(f"{self.dataset} has no training images of class {self.target}")
         held = images[torch.randperm(len(images), generator=step_generator(self.seed, EVAL_STREAM))[:self.attack_batch]]
         start = model.condition_vector(model.null_class if self.init == "null" else self.target)
-        best, log = None, {"train_images": len(images), "restarts": []}
+        best, log = None, {"budget": {"train_images": len(images)}, "restarts": []}
         for r in range(self.restarts):
             g = step_generator(self.seed, INIT_STREAM, r)
             vector = (start + (0 if r == 0 else start.std() * torch.randn(start.shape, generator=g).to(start))
