@@ -266,6 +266,41 @@ def _check_shape(found: dict[str, torch.Tensor], name: str, shape: tuple[int, ..
     return tensor
 
 
+def _invert(attack, start: torch.Tensor, data: torch.Tensor, loss) -> tuple[torch.Tensor, dict]:
+    """Learn a vector (a condition, a token embedding) from `start` with Adam, minimising
+    `loss(vector, batch, generator)` on random batches of `data`; the first start is `start` itself,
+    each further one `start` plus noise of its spread. The start whose loss on one fixed batch
+    (fixed noise and timesteps) is lowest is kept; the log has that loss before and after each start.
+    """
+    fixed = data[torch.randperm(len(data), generator=step_generator(attack.seed, EVAL_STREAM))[:attack.attack_batch]]
+
+    def fixed_loss(vector) -> float:
+        with torch.no_grad():
+            return loss(vector, fixed, step_generator(attack.seed, EVAL_STREAM, 1)).item()
+
+    best, log = None, {"restarts": []}
+    for r in range(attack.restarts):
+        g = step_generator(attack.seed, INIT_STREAM, r)
+        noise = 0 if r == 0 else start.std() * torch.randn(start.shape, generator=g).to(start)
+        vector = (start + noise).clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([vector], lr=attack.attack_lr)
+        losses, before = [], fixed_loss(vector)
+        for step in range(attack.attack_steps):
+            g = step_generator(attack.seed, STEP_STREAM, r, step)
+            batch = data[torch.randint(len(data), (attack.attack_batch,), generator=g)]
+            value = loss(vector, batch, g)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            losses.append(value.item())
+        after = fixed_loss(vector)
+        log["restarts"].append({"fixed_batch_loss_start": before, "fixed_batch_loss": after,
+                                "first_losses": losses[:10], "last_losses": losses[-10:]})
+        if best is None or after < best[0]:
+            best = (after, vector.detach().clone())
+    return best[1], log
+
+
 # -- class-conditional DDPM ------------------------------------------------------------------------------
 @dataclass
 class ClassInversion(Attack):
@@ -273,7 +308,7 @@ class ClassInversion(Attack):
 
     The vector replaces the class's embedding while sampling; the detector is the classifier.
     `restarts` learns from several starts and keeps the one with the lowest denoising loss on a
-    fixed held batch (the detector is not consulted while searching).
+    fixed batch (the detector is not consulted while searching).
     """
 
     name: ClassVar[str] = "attack-class-inversion"
@@ -289,7 +324,7 @@ class ClassInversion(Attack):
     attack_steps: int = field(200, "Adam steps of the inversion")
     attack_batch: int = field(32, "images per step")
     attack_lr: float = field(0.05, "Adam learning rate (embedding rows have norm ~1)")
-    restarts: int = field(1, "independent starts; the one with the lowest held-out denoising loss is kept")
+    restarts: int = field(1, "independent starts; the one with the lowest denoising loss on a fixed batch is kept")
     init: str = field("null", "start from the null class's embedding, or the (erased) class's own",
                       choices=("null", "class"))
 
@@ -325,32 +360,10 @@ class ClassInversion(Attack):
         images = data.subset([self.target]).images[:self.train_images]
         if len(images) == 0:
             raise EraseError(f"{self.dataset} has no training images of class {self.target}")
-        held = images[torch.randperm(len(images), generator=step_generator(self.seed, EVAL_STREAM))[:self.attack_batch]]
         start = model.condition_vector(model.null_class if self.init == "null" else self.target)
-        best, log = None, {"budget": {"train_images": len(images)}, "restarts": []}
-        for r in range(self.restarts):
-            g = step_generator(self.seed, INIT_STREAM, r)
-            vector = (start + (0 if r == 0 else start.std() * torch.randn(start.shape, generator=g).to(start))
-                      ).clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([vector], lr=self.attack_lr)
-            losses = []
-            with torch.no_grad():
-                held_start = self._denoising_loss(model, vector, held, step_generator(self.seed, EVAL_STREAM, 1)).item()
-            for step in range(self.attack_steps):
-                g = step_generator(self.seed, STEP_STREAM, r, step)
-                x0 = images[torch.randint(len(images), (self.attack_batch,), generator=g)]
-                loss = self._denoising_loss(model, vector, x0, g)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            with torch.no_grad():
-                held_loss = self._denoising_loss(model, vector, held, step_generator(self.seed, EVAL_STREAM, 1)).item()
-            log["restarts"].append({"first_losses": losses[:10], "last_losses": losses[-10:],
-                                    "held_loss_start": held_start, "held_loss": held_loss})
-            if best is None or held_loss < best[0]:
-                best = (held_loss, vector.detach().clone())
-        return {"condition": best[1][None]}, log
+        vector, log = _invert(self, start, images, lambda v, x0, g: self._denoising_loss(model, v, x0, g))
+        log["budget"] = {"train_images": len(images)}
+        return {"condition": vector[None]}, log
 
     def attacked(self, model, units, found):
         vector = _check_shape(found, "condition", tuple(model.condition_vector(self.target).shape))[0]
@@ -463,7 +476,7 @@ class ConceptInversion(TextAttack):
     attack_steps: int = field(300, "Adam steps")
     attack_batch: int = field(16, "images per step")
     attack_lr: float = field(0.02, "Adam learning rate")
-    restarts: int = field(1, "independent starts; the one with the lowest held-out denoising loss is kept")
+    restarts: int = field(1, "independent starts; the one with the lowest denoising loss on a fixed batch is kept")
     init_word: str = field("a", "the token whose embedding S* starts from")
 
     def __post_init__(self):
@@ -497,32 +510,9 @@ class ConceptInversion(TextAttack):
         targets = _concept_images(reference, prompts, [derive_seed(self.seed, TARGET_STREAM, j)
                                                        for j in range(self.train_images)],
                                   self.steps, self.guidance, self.batch_size)
-        held = targets[:self.attack_batch]
-        start = model.token_embeddings([self.init_word])[0][0, 1]
-        best, log = None, {"restarts": []}
-        for r in range(self.restarts):
-            g = step_generator(self.seed, INIT_STREAM, r)
-            noise = 0 if r == 0 else start.std() * torch.randn(start.shape, generator=g).to(start)
-            vector = (start + noise).expand(self.tokens, -1).clone().requires_grad_(True)
-            optimizer = torch.optim.Adam([vector], lr=self.attack_lr)
-            losses = []
-            with torch.no_grad():
-                held_start = self._loss(model, vector, held, step_generator(self.seed, EVAL_STREAM)).item()
-            for step in range(self.attack_steps):
-                g = step_generator(self.seed, STEP_STREAM, r, step)
-                batch = targets[torch.randint(len(targets), (self.attack_batch,), generator=g)]
-                loss = self._loss(model, vector, batch, g)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            with torch.no_grad():
-                held_loss = self._loss(model, vector, held, step_generator(self.seed, EVAL_STREAM)).item()
-            log["restarts"].append({"first_losses": losses[:10], "last_losses": losses[-10:],
-                                    "held_loss_start": held_start, "held_loss": held_loss})
-            if best is None or held_loss < best[0]:
-                best = (held_loss, vector.detach().clone())
-        return {"token": best[1][None]}, log
+        start = model.token_embeddings([self.init_word])[0][0, 1].expand(self.tokens, -1)
+        vector, log = _invert(self, start, targets, lambda v, x0, g: self._loss(model, v, x0, g))
+        return {"token": vector[None]}, log
 
     def attacked(self, model, units, found):
         width = model.token_embeddings([""])[0].shape[-1]
@@ -584,7 +574,7 @@ class PrefixAttack(TextAttack):
             live = torch.ones(len(open_units), dtype=torch.bool)
             group = [units[k] for k in open_units]
             if r == 0:
-                log["held_loss_start"] = self._held_loss(model, group, prefixes, targets)
+                log["fixed_draw_loss_start"] = self._fixed_draw_loss(model, group, prefixes, targets)
             for step in range(1, self.attack_steps + 1):
                 g = step_generator(self.seed, STEP_STREAM, r, step)
                 per_unit = self._loss(model, group, prefixes, targets[open_units], g)
@@ -604,7 +594,7 @@ class PrefixAttack(TextAttack):
                     if not live.any():
                         break
             open_units = [k for k, alive in zip(open_units, live.tolist()) if alive]
-        log["held_loss_end"] = self._held_loss(model, units, found, targets)
+        log["fixed_draw_loss_end"] = self._fixed_draw_loss(model, units, found, targets)
         log["unbroken_units"] = len(open_units)
         return {"prefix": found}, log
 
@@ -614,7 +604,7 @@ class PrefixAttack(TextAttack):
         eps = model.predict_noise(x_t, t, self._conditions(model, units, prefixes))
         return ((eps - noise) ** 2).flatten(1).mean(1)
 
-    def _held_loss(self, model, units, prefixes, targets) -> float:
+    def _fixed_draw_loss(self, model, units, prefixes, targets) -> float:
         """The mean loss under one fixed draw of noise and timesteps, comparable between prefixes."""
         with torch.no_grad():
             return float(self._loss(model, units, prefixes, targets, step_generator(self.seed, EVAL_STREAM)).mean())

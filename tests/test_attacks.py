@@ -59,7 +59,7 @@ def test_class_inversion_tiny(tiny_ddpm_dir, tiny_classifier_dir, tmp_path, one_
     results = protocol.run(tiny_ddpm_dir, out)
     _check_run(out, 4, "condition")
     restart = results["metrics"]["search"]["restarts"][0]
-    assert restart["held_loss"] < restart["held_loss_start"]  # same fixed draw: the loss went down
+    assert restart["fixed_batch_loss"] < restart["fixed_batch_loss_start"]  # same fixed draw: the loss went down
     _, tensors = load_attack(out, protocol.name)
     model = load_backbone(tiny_ddpm_dir)
     assert not torch.allclose(tensors["condition"][0], model.condition_vector(model.null_class))  # it moved
@@ -112,9 +112,9 @@ def test_text_attacks_tiny(cls, settings, tensor, tiny_sd_dir, tiny_classifier_d
     _check_run(out, 3, tensor)
     log = results["metrics"]["search"]
     if cls is ConceptInversion:
-        assert log["restarts"][0]["held_loss"] < log["restarts"][0]["held_loss_start"]
+        assert log["restarts"][0]["fixed_batch_loss"] < log["restarts"][0]["fixed_batch_loss_start"]
     elif cls is PrefixAttack:
-        assert log["held_loss_end"] < log["held_loss_start"]
+        assert log["fixed_draw_loss_end"] < log["fixed_draw_loss_start"]
     else:
         assert log["losses"][-1] < log["losses"][0]  # the sample moved towards the target image
     _, tensors = load_attack(out, protocol.name)
