@@ -15,6 +15,7 @@ only text-conditioned UNets have, so it trains `all` on the class-conditional DD
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +33,7 @@ from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .methods.losses import Noised
+from .robust import AdversarialCondition
 from .unlearn_data import UnlearnData
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
@@ -197,6 +199,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo = method_cls(model, config, data, params)
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
+    robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
+                                   config.seed) if config.adversarial_every else None)
 
     run = {"method": method_cls.name, "config": config_dict(config), "params": group,
            "base_model": base_model, "data": data.description}
@@ -243,7 +247,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                                          accelerator.process_index, shards)
         for pg in optimizer.param_groups:
             pg["lr"] = config.lr * algo.lr_scale(step)
-        with accelerator.autocast():
+        with accelerator.autocast(), robust.applied(step, forget_b) if robust else contextlib.nullcontext():
             pending.append((step, algo.step(Batch(forget_b, retain_b, step), ctx)))
         done = step + 1
         checkpoint_now = done == stop_after or (done % config.checkpoint_every == 0 and done < config.steps)

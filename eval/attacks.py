@@ -31,7 +31,6 @@ images; every random draw comes from a generator derived from the run's seed.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import torch
 
 from erase.config import config_dict, field
 from erase.sampling import class_seeds, to_uint8
-from erase.utils import EraseError, derive_seed, step_generator, write_json
+from erase.utils import EraseError, derive_seed, read_json, step_generator, write_json
 
 from .generation import my_share, process_state, quantize, save_pngs, shared_run_dir
 from .protocols import INDEX_FILE, METRICS_FILE, Protocol, _load_classifier
@@ -112,7 +111,7 @@ def load_attack(path: str | Path, name: str) -> tuple[dict, dict[str, torch.Tens
     if not (folder / ATTACK_INFO).is_file() or not (folder / ATTACK_TENSORS).is_file():
         raise EraseError(f"--replay {folder} is not an attack run: expected {ATTACK_INFO} and {ATTACK_TENSORS} "
                          "written by `erase eval --protocol attack-...`")
-    info = json.loads((folder / ATTACK_INFO).read_text())
+    info = read_json(folder / ATTACK_INFO, what="saved attack")
     if info.get("attack") != name:
         raise EraseError(f"--replay {folder} holds a {info.get('attack')!r} attack; replay it with "
                          f"--protocol {info.get('attack')}, not {name}")
@@ -142,7 +141,7 @@ class Attack(Protocol):
     def __post_init__(self):
         if self.forget is None:
             raise ValueError("--forget is required: the concept or class the attack tries to bring back")
-        for name in ("n", "steps", "batch_size", "restarts"):
+        for name in ("n", "steps", "batch_size", "restarts", "check_every"):
             if getattr(self, name, 1) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if getattr(self, "attack_steps", 0) < 0:
@@ -186,7 +185,7 @@ class Attack(Protocol):
         my_units = [units[k] for k in mine]
 
         start = time.perf_counter()
-        pre = quantize(self.plain(model, my_units))
+        pre = quantize(self.plain(model, my_units)) if my_units else torch.empty(0)  # more processes than units
         plain_s = time.perf_counter() - start
         log: dict = {}
         search_s = 0.0
@@ -202,11 +201,9 @@ class Attack(Protocol):
                       if self.per_unit else found)
         post = quantize(self.attacked(model, my_units, mine_found)) if my_units else pre
 
-        counts = torch.tensor([float(self.detector(pre).sum()) if my_units else 0.0,
-                               float(self.detector(post).sum()) if my_units else 0.0,
-                               float(len(my_units))], device=state.device)
         pre_ok = self.detector(pre).tolist() if my_units else []
         post_ok = self.detector(post).tolist() if my_units else []
+        counts = torch.tensor([sum(pre_ok), sum(post_ok), len(my_units)], dtype=torch.float32, device=state.device)
         if state.num_processes > 1:
             counts = state.reduce(counts, reduction="sum")
             pre_ok, post_ok = _gather_list(pre_ok), _gather_list(post_ok)

@@ -13,6 +13,7 @@ draws, and a checker that blacks out images would hide it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -414,3 +415,25 @@ class StableDiffusionBackbone:
         for t in scheduler.timesteps:
             x = scheduler.step(self.predict_noise(x, t, cond), t, x).prev_sample
         return x
+
+    @contextlib.contextmanager
+    def override_condition(self, condition: torch.Tensor, replacement: torch.Tensor):
+        """Inside the block, the trainable UNet reads the text condition `condition` (L, dim) as
+        `replacement` (L, dim) wherever it is given it, differentiably in `replacement`; other
+        conditions, frozen reference copies and the weights are untouched (the counterpart of the
+        class-conditional backbone's `override_condition`, for robust erasure)."""
+        if replacement.shape != condition.shape:
+            raise EraseError(f"a replacement condition must have the shape {tuple(condition.shape)}, "
+                             f"got {tuple(replacement.shape)}")
+
+        def replace_rows(module, args, kwargs):
+            hidden = kwargs["encoder_hidden_states"]
+            chosen = (hidden == condition.to(hidden)).flatten(1).all(1)[:, None, None]
+            kwargs["encoder_hidden_states"] = torch.where(chosen, replacement.to(hidden), hidden)
+            return args, kwargs
+
+        handle = self.unet.register_forward_pre_hook(replace_rows, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
