@@ -326,7 +326,7 @@ class ClassInversion(Attack):
                       choices=("null", "class"))
 
     def prepare(self, model, state):
-        if not callable(getattr(model, "override_condition", None)):
+        if not callable(getattr(model, "condition_vector", None)):
             raise EraseError(f"{self.name} attacks class-conditional models; for a text-to-image model use "
                              "attack-concept-inversion, attack-prefix, attack-ring-a-bell or attack-null-latent")
         self.target = model.class_index(self.forget)
