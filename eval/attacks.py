@@ -42,7 +42,7 @@ from erase.config import config_dict, field
 from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, derive_seed, read_json, step_generator, write_json
 
-from .generation import my_share, process_state, quantize, save_pngs, shared_run_dir
+from .generation import check_images, my_share, process_state, quantize, save_pngs, shared_run_dir
 from .protocols import INDEX_FILE, METRICS_FILE, Protocol, _load_classifier
 
 ATTACK_TENSORS = "attack.safetensors"
@@ -185,7 +185,9 @@ class Attack(Protocol):
         my_units = [units[k] for k in mine]
 
         start = time.perf_counter()
-        pre = quantize(self.plain(model, my_units)) if my_units else torch.empty(0)  # more processes than units
+        # A process may have no units (more processes than units); it still joins check_images' reduce.
+        nothing = torch.empty(0, 1, 1, 1)
+        pre = quantize(check_images(self.plain(model, my_units) if my_units else nothing, state))
         plain_s = time.perf_counter() - start
         log: dict = {}
         search_s = 0.0
@@ -199,13 +201,15 @@ class Attack(Protocol):
             search_s = time.perf_counter() - start
         mine_found = ({k: v[mine[0]:mine[-1] + 1] if mine else v[:0] for k, v in found.items()}
                       if self.per_unit else found)
-        post = quantize(self.attacked(model, my_units, mine_found)) if my_units else pre
+        post = quantize(check_images(self.attacked(model, my_units, mine_found) if my_units else nothing, state))
 
         pre_ok = self.detector(pre).tolist() if my_units else []
         post_ok = self.detector(post).tolist() if my_units else []
         counts = torch.tensor([sum(pre_ok), sum(post_ok), len(my_units)], dtype=torch.float32, device=state.device)
-        if state.num_processes > 1:
-            counts = state.reduce(counts, reduction="sum")
+        if state.num_processes > 1:  # PartialState has no reduce; accelerate's operation does it
+            from accelerate.utils import reduce
+
+            counts = reduce(counts, reduction="sum")
             pre_ok, post_ok = _gather_list(pre_ok), _gather_list(post_ok)
         n = max(float(counts[2]), 1.0)
         metrics = {
