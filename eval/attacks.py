@@ -224,7 +224,8 @@ class Attack(Protocol):
                      "processes": state.num_processes},
             "search": log,
         }
-        results = self._results(model_path, state, metrics, 2 * len(units), None, attack_version=self.version,
+        results = self._results(model_path, state, metrics, 2 * len(units), None, attack=self.name,
+                                attack_version=self.version,
                                 **self.detector.describe(),
                                 replayed_from=None if replayed is None else str(Path(self.replay).resolve()))
         files = [(f"images/pre/{k:05d}.png", f"images/post/{k:05d}.png") for k in range(len(units))]

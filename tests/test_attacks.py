@@ -28,6 +28,7 @@ def _check_run(out: Path, units: int, tensor: str) -> dict:
     m = metrics["metrics"]
     assert 0.0 <= m["pre_attack_success"] <= 1.0 and 0.0 <= m["post_attack_success"] <= 1.0
     assert m["units"] == units and m["budget"] and m["cost"]["plain_sampling_s"] > 0
+    assert metrics["attack"] == metrics["protocol"]  # how `erase report` recognises an attack run
     assert len(_pngs(out / "images" / "pre")) == units and len(_pngs(out / "images" / "post")) == units
     index = json.loads((out / "index.json").read_text())
     assert index["kind"] == "attack" and len(index["images"]) == units
