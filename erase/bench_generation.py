@@ -103,7 +103,7 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
     seeds = list(range(n))
     if hasattr(model, "class_names"):
         classes = sample_conditions(model, n)
-        model.unet.to(device, dtype)
+        model.unet.to(device, dtype) if model.unet.dtype != dtype else model.unet.to(device)
         labels = model.encode_conditions(classes)
 
         def stock():
