@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..utils import to_device
+
 
 @dataclass
 class Noised:
@@ -38,8 +40,8 @@ def noised(model, x0: torch.Tensor, cond: torch.Tensor, g: torch.Generator, anti
         t = torch.cat([half, T - 1 - half])[:n]
     else:
         t = torch.randint(T, (n,), generator=g)
-    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-    t = t.to(x0.device)
+    noise = to_device(torch.randn(x0.shape, generator=g).to(x0.dtype), x0.device)
+    t = to_device(t, x0.device)
     return Noised(x0, cond, noise, t, model.add_noise(x0, noise, t), anchor)
 
 
