@@ -329,7 +329,7 @@ def _cmd_bench(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("bench", help="per-method step cost vs finetune, peak memory, generation throughput")
+    p = subparsers.add_parser("bench")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
     add_dataclass_arguments(p, BenchConfig)
     p.set_defaults(func=_cmd_bench)

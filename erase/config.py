@@ -46,7 +46,11 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add `--field-name` for each field of `cls` (defaults stay None so that a file can set them)."""
+    """Add `--field-name` for each field of `cls`: booleans as `--name/--no-name`, tuples as `A,B,...`.
+
+    Defaults stay None in the namespace, so that `build_config` can tell what the command line set
+    from what a config file or the dataclass provides; the help shows the dataclass default.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -64,8 +68,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
             scalar = _parse_bool if tp is bool else tp
             kwargs["type"] = lambda s, scalar=scalar: tuple(scalar(x) for x in s.split(",") if x)
             kwargs["metavar"] = "A,B,..."
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _parse_bool if tp is bool else tp
+            kwargs["type"] = tp
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

@@ -182,7 +182,7 @@ def _cmd_demo(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("demo", help="erase a digit from both shipped models, evaluate, write a report")
+    p = subparsers.add_parser("demo")
     p.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo); finished steps are reused")
     add_dataclass_arguments(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)

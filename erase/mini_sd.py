@@ -371,7 +371,7 @@ def _cmd_train_mini_sd(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("train-mini-sd", help="train the miniature Stable Diffusion on captioned digits")
+    p = subparsers.add_parser("train-mini-sd")
     p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusionPipeline)")
     p.add_argument("--config", help="JSON file of options (command-line options override it)")
     add_dataclass_arguments(p, MiniSDConfig)

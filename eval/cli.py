@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from erase.config import add_dataclass_arguments, build_config
-from erase.utils import EraseError
 
 
 EVAL_DESCRIPTION = """\
@@ -15,30 +13,23 @@ Generate images with a model, measure them with a named protocol and write OUT/m
 To share the work between N processes run `torchrun --nproc_per_node N -m erase.cli -- eval ...`
 (the `--` keeps torchrun from reading --n) or `accelerate launch --multi_gpu --num_processes N -m
 erase.cli eval ...` (on CPUs too; accelerate's --cpu flag starts a single process): the images and
-metrics are the same as one process's. The defaults shown are digits-class's; each protocol has its
-own, and writes them into metrics.json."""
+metrics are the same as one process's. `erase eval --protocol NAME --help` lists the options of
+that protocol with its defaults (every setting is also written into metrics.json)."""
 
 
-def protocol_options(args: argparse.Namespace, protocol: type) -> None:
-    """Refuse options that the chosen protocol does not have, rather than silently ignoring them."""
+def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """The options of protocol `name`, with its defaults (none until a protocol is named)."""
     from .protocols import PROTOCOLS
 
-    own = {f.name for f in dataclasses.fields(protocol)}
-    every = {f.name for p in PROTOCOLS.values() for f in dataclasses.fields(p)}
-    stray = sorted(n for n in every - own if getattr(args, n, None) is not None)
-    if stray:
-        raise EraseError(f"option(s) {', '.join('--' + n.replace('_', '-') for n in stray)} do not apply to "
-                         f"protocol {protocol.name}; its options are "
-                         + ", ".join("--" + n.replace("_", "-") for n in sorted(own)))
+    if name in PROTOCOLS:
+        add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .generation import process_state
     from .protocols import get_protocol
 
-    protocol_cls = get_protocol(args.protocol)
-    protocol_options(args, protocol_cls)
-    protocol = build_config(protocol_cls, {}, args)
+    protocol = build_config(get_protocol(args.protocol), {}, args)
     results = protocol.run(args.model, args.out)
     if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
@@ -66,18 +57,17 @@ def add_commands(subparsers) -> None:
     """Add `eval` and `report` to the `erase` command's subparsers."""
     from .protocols import PROTOCOLS
 
-    p = subparsers.add_parser("eval", help="evaluate a model with a named protocol (writes OUT/metrics.json)",
-                              description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocols = "\n".join(f"  {name:15s} {(p.__doc__ or '').strip().splitlines()[0]}" for name, p in PROTOCOLS.items())
+    p = subparsers.add_parser("eval", description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=f"protocols (`erase eval --protocol NAME --help` for the options of one):\n{protocols}")
     p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
-    p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
+    p.add_argument("--protocol", required=True, choices=list(PROTOCOLS), metavar="PROTOCOL",
+                   help=f"one of: {', '.join(PROTOCOLS)}")
     p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")
-    added: set[str] = set()
-    for protocol in PROTOCOLS.values():
-        add_dataclass_arguments(p, protocol, skip=tuple(added))
-        added |= {f.name for f in dataclasses.fields(protocol)}
+    p.options_depend_on("--protocol", add_protocol_options)
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("report", help="compare eval runs side by side (Markdown + self-contained HTML)")
+    p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
     p.set_defaults(func=cmd_report)
