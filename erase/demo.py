@@ -19,12 +19,12 @@ from pathlib import Path
 
 from .config import field
 from .outputs import mark_output
+from .resources import shipped_model
 from .utils import logger, read_json, setup_logging
 
-REPO = Path(__file__).resolve().parent.parent
-SHIPPED_DDPM = REPO / "models" / "digits-ddpm"
-SHIPPED_MINI_SD = REPO / "models" / "mini-sd"
-SHIPPED_CLASSIFIER = REPO / "models" / "digits-classifier"
+SHIPPED_DDPM = shipped_model("digits-ddpm")
+SHIPPED_MINI_SD = shipped_model("mini-sd")
+SHIPPED_CLASSIFIER = shipped_model("digits-classifier")
 # The method with the best measured trade-off on both shipped models (BENCHMARKS.md).
 RECOMMENDED = "eupmu"
 MINI_SD_CONCEPT = "three"  # prompts/three: the mini-SD's own captions of the digit 3

@@ -357,7 +357,9 @@ def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, see
 
 
 def default_classifier_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "models" / "digits-classifier"
+    from .resources import shipped_model
+
+    return shipped_model("digits-classifier")
 
 
 # -- command line ---------------------------------------------------------------------------------
