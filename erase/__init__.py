@@ -1,3 +1,67 @@
-"""erase: concept erasure (machine unlearning) for diffusion models."""
+"""erase: concept erasure (machine unlearning) for diffusion models.
+
+The Python API, in the order of the main job (reference: `erase.api`):
+
+    import erase
+
+    model = erase.load_model("digits-ddpm")                          # a shipped model, a folder, a hub id
+    erased = erase.unlearn(model, "eupmu", forget="3", out="runs/no-three", steps=50)
+    scores = erase.evaluate(erased, "digits-class", out="runs/no-three-eval", forget="3",
+                            classifier="digits-classifier", n=10, n_forget=20)
+    print(scores.metrics["ua"], scores.metrics["retained_accuracy"])
+    erase.report([scores], "runs/report")
+
+- `load_model` returns a backbone (`erase.backbones`), the interface every method trains through;
+- `unlearn` returns an `UnlearnResult`: the unlearned model in memory, its folder, its summary;
+- `evaluate` runs a named protocol and returns an `EvalResult`: metrics, settings, run folder;
+  attacks on an erased model are protocols of `erase.eval` too, run the same way;
+- `report` writes a side-by-side Markdown and HTML report and returns a `Report`;
+- `METHODS` and `PROTOCOLS` are the registries of methods and evaluation protocols by name.
+
+Every name is imported on first use, so `import erase` imports neither torch nor diffusers. The
+command line (`erase --help`) is `erase.cli`; the training loop behind `unlearn` is the module
+`erase.unlearn` (`from erase.unlearn import unlearn`: it returns the output folder).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import types
 
 __version__ = "0.1.0"
+
+# Public name: the module that defines it, imported on first access.
+_EXPORTS = {
+    "load_model": "erase.api", "unlearn": "erase.api", "evaluate": "erase.api", "report": "erase.api",
+    "UnlearnResult": "erase.api", "EvalResult": "erase.api", "Report": "erase.api",
+    "METHODS": "erase.methods", "PROTOCOLS": "erase.eval.protocols",
+}
+# The submodules are listed too, so that documentation tools (pdoc) walk them; `import erase` imports none.
+__all__ = ["__version__", *_EXPORTS, "eval", *sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'erase' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`erase.unlearn` is the API function, although the training loop's module is `erase/unlearn.py`:
+    importing that submodule would otherwise rebind the package attribute `unlearn` to the module."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "unlearn" and isinstance(value, types.ModuleType):
+            return  # the submodule stays reachable as sys.modules["erase.unlearn"] and by `from erase.unlearn import`
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -6,6 +6,7 @@ prediction, parameter groups, a frozen reference copy) so that methods never bra
 
 from __future__ import annotations
 
+import pkgutil
 from pathlib import Path
 
 from ..outputs import check_finished
@@ -13,7 +14,9 @@ from ..utils import EraseError
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
 from .stable_diffusion import SINGLE_FILE_SUFFIXES, StableDiffusionBackbone
 
-__all__ = ["ClassConditionalDDPM", "StableDiffusionBackbone", "load_backbone"]
+# The submodules are listed too, so that documentation tools (pdoc) walk them.
+__all__ = ["ClassConditionalDDPM", "StableDiffusionBackbone", "load_backbone",
+           *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
 def load_backbone(path: str | Path, **kwargs):
