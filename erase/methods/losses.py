@@ -1,4 +1,4 @@
-"""The building blocks every method is made of (METHODS.md, "Notation and shared building blocks").
+"""The building blocks every method is made of (docs/methods.md, "Notation").
 
 All losses are means over every element (pixels or latent entries) and over the batch, like
 `F.mse_loss`. Where a paper summed over pixels, the method's weight is converted to this convention
