@@ -45,11 +45,13 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                            hidden: bool = False) -> None:
     """Add `--field-name` for each field of `cls`: booleans as `--name/--no-name`, tuples as `A,B,...`.
 
     Defaults stay None in the namespace, so that `build_config` can tell what the command line set
     from what a config file or the dataclass provides; the help shows the dataclass default.
+    `hidden` options are parsed but left out of the help.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -61,7 +63,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if default is not None:
             help_text += f" (default: {','.join(map(str, default)) if is_seq else default})"
         # argparse %-formats help strings; a literal "10%" must reach it as "10%%".
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": argparse.SUPPRESS if hidden else help_text.replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if is_seq:

@@ -4,7 +4,8 @@ It imports nothing but argparse, so that `erase --help` answers at once: a comma
 come from config dataclasses in modules that import torch) are added only when that command is
 parsed (`fill`). Two more conventions:
 
-- option names accept underscores as well as dashes (`--batch_size` is `--batch-size`), as
+- option names accept underscores as well as dashes (`--batch_size` is `--batch-size`), and an
+  on/off option a value (`--gradient-checkpointing false` is `--no-gradient-checkpointing`), as
   HfArgumentParser does;
 - options may depend on another option's value (`options_depend_on`): `erase unlearn --method esd
   --help` lists ESD's own options, `erase eval --protocol i2p-nudity --help` that protocol's.
@@ -25,6 +26,24 @@ def dashed(args: Sequence[str]) -> list[str]:
             name, sep, value = arg.partition("=")
             arg = name.replace("_", "-") + sep + value
         out.append(arg)
+    return out
+
+
+BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def boolean_values(args: Sequence[str], flags: set[str]) -> list[str]:
+    """`--flag true|false` and `--flag=false` written as `--flag` / `--no-flag`, for the on/off `flags`."""
+    out, i = [], 0
+    while i < len(args):
+        name, sep, value = args[i].partition("=")
+        if name in flags and not sep and i + 1 < len(args) and args[i + 1].lower() in BOOLEAN_WORDS:
+            value, sep, i = args[i + 1], "=", i + 1
+        if name in flags and sep and value.lower() in BOOLEAN_WORDS:
+            out.append(name if BOOLEAN_WORDS[value.lower()] else "--no-" + name[2:])
+        else:
+            out.append(args[i])
+        i += 1
     return out
 
 
@@ -55,7 +74,9 @@ class EraseParser(argparse.ArgumentParser):
             except argparse.ArgumentError:  # e.g. the option without its value: the real parse says so
                 value = None
             add_options(self, value)
-        return super().parse_known_args(args, namespace)
+        flags = {s for a in self._actions if isinstance(a, argparse.BooleanOptionalAction)
+                 for s in a.option_strings if not s.startswith("--no-")}
+        return super().parse_known_args(boolean_values(args, flags), namespace)
 
 
 class CommandSlots:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from erase.config import add_dataclass_arguments, build_config
+from erase.utils import EraseError
 
 
 EVAL_DESCRIPTION = """\
@@ -18,18 +20,40 @@ that protocol with its defaults (every setting is also written into metrics.json
 
 
 def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> None:
-    """The options of protocol `name`, with its defaults (none until a protocol is named)."""
+    """The options of protocol `name`, with its defaults (none until a protocol is named). The other
+    protocols' options are parsed too, out of the help, so that `protocol_options` can say which
+    protocol an option belongs to rather than argparse's bare "unrecognized arguments"."""
     from .protocols import PROTOCOLS
 
-    if name in PROTOCOLS:
-        add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
+    if name not in PROTOCOLS:
+        return
+    add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
+    added = {f.name for f in dataclasses.fields(PROTOCOLS[name])}
+    for other in PROTOCOLS.values():
+        add_dataclass_arguments(parser, other, skip=tuple(added), hidden=True)
+        added |= {f.name for f in dataclasses.fields(other)}
+
+
+def protocol_options(args: argparse.Namespace, protocol: type) -> None:
+    """Refuse options that the chosen protocol does not have, rather than silently ignoring them."""
+    from .protocols import PROTOCOLS
+
+    own = {f.name for f in dataclasses.fields(protocol)}
+    every = {f.name for p in PROTOCOLS.values() for f in dataclasses.fields(p)}
+    stray = sorted(n for n in every - own if getattr(args, n, None) is not None)
+    if stray:
+        raise EraseError(f"option(s) {', '.join('--' + n.replace('_', '-') for n in stray)} do not apply to "
+                         f"protocol {protocol.name}; its options are "
+                         + ", ".join("--" + n.replace("_", "-") for n in sorted(own)))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .generation import process_state
     from .protocols import get_protocol
 
-    protocol = build_config(get_protocol(args.protocol), {}, args)
+    protocol_cls = get_protocol(args.protocol)
+    protocol_options(args, protocol_cls)
+    protocol = build_config(protocol_cls, {}, args)
     results = protocol.run(args.model, args.out)
     if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
@@ -61,8 +85,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("eval", description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=f"protocols (`erase eval --protocol NAME --help` for the options of one):\n{protocols}")
     p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
-    p.add_argument("--protocol", required=True, choices=list(PROTOCOLS), metavar="PROTOCOL",
-                   help=f"one of: {', '.join(PROTOCOLS)}")
+    p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
     p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")
     p.options_depend_on("--protocol", add_protocol_options)
     p.set_defaults(func=cmd_eval)
