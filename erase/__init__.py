@@ -19,30 +19,31 @@ The Python API, in the order of the main job (reference: `erase.api`):
 - `METHODS` and `PROTOCOLS` are the registries of methods and evaluation protocols by name.
 
 Every name is imported on first use, so `import erase` imports neither torch nor diffusers. The
-command line (`erase --help`) is `erase.cli`; the training loop behind `unlearn` is the module
-`erase.unlearn` (`from erase.unlearn import unlearn`: it returns the output folder).
+command line (`erase --help`) is `erase.cli`. `erase.unlearn` is the module of the training loop,
+made callable: `erase.unlearn(...)` is `erase.api.unlearn(...)`, while `from erase.unlearn import
+unlearn` is the loop itself (it returns the output folder).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-import sys
-import types
 
 __version__ = "0.1.0"
 
 # Public name: the module that defines it, imported on first access.
 _EXPORTS = {
-    "load_model": "erase.api", "unlearn": "erase.api", "evaluate": "erase.api", "report": "erase.api",
+    "load_model": "erase.api", "evaluate": "erase.api", "report": "erase.api",
     "UnlearnResult": "erase.api", "EvalResult": "erase.api", "Report": "erase.api",
     "METHODS": "erase.methods", "PROTOCOLS": "erase.eval.protocols",
 }
 # The submodules are listed too, so that documentation tools (pdoc) walk them; `import erase` imports none.
-__all__ = ["__version__", *_EXPORTS, "eval", *sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _EXPORTS)]
+__all__ = ["__version__", *_EXPORTS, "eval", *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
 def __getattr__(name: str):
+    if name == "unlearn":  # the submodule, which is callable: erase.unlearn(...) is erase.api.unlearn(...)
+        return importlib.import_module("erase.unlearn")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'erase' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -53,15 +54,3 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
 
-
-class _Package(types.ModuleType):
-    """`erase.unlearn` is the API function, although the training loop's module is `erase/unlearn.py`:
-    importing that submodule would otherwise rebind the package attribute `unlearn` to the module."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name == "unlearn" and isinstance(value, types.ModuleType):
-            return  # the submodule stays reachable as sys.modules["erase.unlearn"] and by `from erase.unlearn import`
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
