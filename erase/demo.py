@@ -126,12 +126,12 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
 
     from erase.eval.report import build_report
 
+    sections = _sections(config)
+    methods = config.method_list()  # an unknown method is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
-    sections = _sections(config)
-    methods = config.method_list()
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
     parts = [(key, methods) for key in reversed(sections)] + [(key, [None]) for key in reversed(sections)]
     workers = min(config.workers or default_workers(), len(parts))
