@@ -144,8 +144,8 @@ def read_i2p_csv(path: str | Path, subset: str = "all", seed: int | None = None,
             row_guidance = _number(row, guidance_col) if guidance is None else guidance
         except _BadCell as e:
             raise EraseError(f"{where}: {e}") from None
-        if not row["prompt"].strip():
-            raise EraseError(f"{where}: column 'prompt' is empty")
+        # An empty prompt is kept: the published I2P file has one (case 2260), and its authors
+        # generated an image for it like for any other row.
         items.append(PromptItem(row["prompt"].strip(), row_seed, row_guidance, i))
     if not items:
         raise EraseError(f"{path}: none of its {len(rows)} rows is in the I2P subset {subset!r}: there is nothing "
