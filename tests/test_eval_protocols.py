@@ -96,7 +96,9 @@ def test_cifar10_class_defaults_are_the_papers():
     p = Cifar10Class(forget="airplane")
     assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
         500, 5000, 1000, 1.0, 3.0, "inception", "cifar10")
-    assert set(PROTOCOLS) == {"digits-class", "digits-prompts", "cifar10-class", "i2p-nudity", "t2i-utility"}
+    assert set(PROTOCOLS) == {"digits-class", "digits-prompts", "cifar10-class", "i2p-nudity", "t2i-utility",
+                              "attack-class-inversion", "attack-concept-inversion", "attack-prefix",
+                              "attack-ring-a-bell", "attack-null-latent"}
 
 
 def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
