@@ -101,7 +101,7 @@ def _load(config: BenchConfig, workdir: Path):
         path = Path(config.model)
     model = load_backbone(path)
     # Any class or prompt costs the same; these defaults exist on the shipped models.
-    forget = config.forget or ("3" if hasattr(model, "class_names") else "three")
+    forget = config.forget or ("3" if model.condition_kind == "class" else "three")
     return path, model, forget
 
 
@@ -116,18 +116,16 @@ def generation_throughput(model, forget: str, config: BenchConfig, device: torch
     sampler's images per second (guidance 3, `sample_steps` DDIM steps)."""
     n = config.gen_batch
     x = model.initial_noise(list(range(n))).to(device)
-    t = torch.full((n,), model.num_train_timesteps // 2, device=device, dtype=torch.long)
+    t = model.draw_timesteps(n, torch.Generator().manual_seed(0)).to(device)
     cond = model.encode_conditions([forget] * n)
     null = model.null_condition(n)
     dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else None
 
     def batched():
-        both = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
-        eps_c, eps_u = both.chunk(2)
-        return eps_u + 3.0 * (eps_c - eps_u)
+        return model.guided_prediction(x, t, cond, 3.0)
 
     def separate():
-        eps_c, eps_u = model.predict_noise(x, t, cond), model.predict_noise(x, t, null)
+        eps_c, eps_u = model.predict(x, t, cond), model.predict(x, t, null)
         return eps_u + 3.0 * (eps_c - eps_u)
 
     rates = {}
@@ -171,7 +169,7 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         workdir = Path(tmp)
         path, model, forget = _load(config, workdir)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
-        data = model.unlearn_data(forget, images=None if hasattr(model, "class_names") else config.images)
+        data = model.unlearn_data(forget, images=None if model.condition_kind == "class" else config.images)
         for round_ in range(config.rounds):
             for m in methods:
                 backbone = load_backbone(path)  # every run starts from the original weights

@@ -79,13 +79,12 @@ def test_mox_extrapolates_away_from_memorization(tiny_model, tmp_path):
 
 
 def test_esd_samples_its_own_xt(tiny_model, tmp_path):
-    from erase.methods.losses import sample_to_step
     from erase.utils import step_generator
 
     model = load_backbone(tiny_model)
     cond = model.encode_conditions([3, 3])
-    x0, t0 = sample_to_step(model, cond, step_generator(0), steps=4, stop=0, guidance=3.0)
-    x2, t2 = sample_to_step(model, cond, step_generator(0), steps=4, stop=2, guidance=3.0)
+    x0, t0 = model.partial_sample(cond, step_generator(0), steps=4, stop=0, guidance=3.0)
+    x2, t2 = model.partial_sample(cond, step_generator(0), steps=4, stop=2, guidance=3.0)
     assert torch.equal(x0, model.initial_noise(torch.randint(2**62, (2,), generator=step_generator(0)).tolist()))
     assert (t2 < t0).all() and not torch.equal(x0, x2)  # two DDIM steps later, closer to an image
 
