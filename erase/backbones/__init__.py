@@ -14,12 +14,14 @@ from ..outputs import check_finished
 from ..utils import EraseError
 from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
+from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone
 
-BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (ClassConditionalDDPM, StableDiffusionBackbone)}
+BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
+    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone)}
 
 __all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusionBackbone",
-           "get_backbone", "load_backbone"]
+           "StableDiffusionXLBackbone", "get_backbone", "load_backbone"]
 
 
 def get_backbone(name: str) -> type[Backbone]:

@@ -54,6 +54,8 @@ class TextToImageBackbone(Backbone):
             if self.components.get(name) is not None:
                 self.components[name].requires_grad_(False).eval()
         self.pipeline_scheduler = pipe.scheduler  # kept for save_pretrained: a saved model samples as it came
+        # Pipeline settings that are config, not modules (e.g. SDXL's force_zeros_for_empty_prompt).
+        self.pipeline_config = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in self.components}
         self.scheduler = self._training_scheduler(pipe.scheduler)
         self.info = dict(info or {})
         self._embeddings: dict[str, Condition] = {}
@@ -63,10 +65,13 @@ class TextToImageBackbone(Backbone):
         raise NotImplementedError
 
     def _training_scheduler(self, shipped):
-        """The schedule training noises with, from the shipped sampler's config (betas, T, shift)."""
+        """The schedule training noises with, from the shipped sampler's config (betas, T, shift).
+
+        Latents are never clipped to [-1, 1] (a DDIM default meant for pixels, which Euler configs
+        such as SDXL's leave unset)."""
         from diffusers import DDPMScheduler
 
-        return DDPMScheduler.from_config(shipped.config)
+        return DDPMScheduler.from_config(shipped.config, clip_sample=False)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -147,7 +152,7 @@ class TextToImageBackbone(Backbone):
 
     def pipeline(self, scheduler=None):
         """A stock diffusers pipeline sharing this backbone's modules (no copies)."""
-        return self.pipeline_class()(**{**self.components, **self.PIPELINE_KWARGS,
+        return self.pipeline_class()(**{**self.components, **self.pipeline_config, **self.PIPELINE_KWARGS,
                                         "scheduler": scheduler or self.pipeline_scheduler})
 
     def save_pretrained(self, path: str | Path, **info) -> None:
