@@ -78,3 +78,25 @@ def test_unknown_model_lists_what_was_tried(tmp_path):
         assert name in str(e.value)
     with pytest.raises(EraseError, match="Hub model nobody/nothing"):
         load_backbone("nobody/nothing")  # offline and not in the cache
+
+
+def test_flow_matching_interpolates_and_targets_the_velocity():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erase.backbones import StableDiffusion3Backbone
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    model = StableDiffusion3Backbone(tiny_sd3_pipeline())
+    assert model.prediction_type == "flow"
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, *model.latent_shape, generator=g)
+    b = noised(model, x0, model.encode_conditions(["the number 3"] * 6), g, antithetic=True)
+    # Timesteps come from the shipped scheduler's shifted σ table (σ·1000), mirrored pairs when antithetic.
+    table = FlowMatchEulerDiscreteScheduler.from_config(model.pipeline_scheduler.config).timesteps
+    assert all(bool((table == t).any()) for t in b.t)
+    sigma = (b.t / 1000).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(b.x_t, (1 - sigma) * x0 + sigma * b.noise)
+    torch.testing.assert_close(b.target, b.noise - x0)
+    with torch.no_grad():
+        pred = model.predict(b.x_t, b.t, b.cond).float()
+        torch.testing.assert_close(denoise(model, b), ((pred - (b.noise - x0)) ** 2).mean())

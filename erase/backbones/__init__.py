@@ -14,14 +14,15 @@ from ..outputs import check_finished
 from ..utils import EraseError
 from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
+from .sd3 import StableDiffusion3Backbone
 from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
-    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone)}
+    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone)}
 
-__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusionBackbone",
-           "StableDiffusionXLBackbone", "get_backbone", "load_backbone"]
+__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusion3Backbone",
+           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone"]
 
 
 def get_backbone(name: str) -> type[Backbone]:
