@@ -10,7 +10,9 @@ again), so a change in machine load reaches every method alike, and each method 
 round. It writes OUT/bench.json and OUT/bench.md.
 
 `--model sd15-random` builds the full-size Stable Diffusion 1.5 architecture with random weights
-(UNet 860M parameters, 512 px), for cost only: run it on a GPU.
+(UNet 860M parameters, 512 px), `sdxl-random` SDXL's (UNet 2.6B, 1024 px) and `sd3-random` SD3
+medium's (flow-matching transformer 2B, 1024 px; `erase.bench_models`), for cost only: run them on
+a GPU. Any model folder of any backbone is measured the same way.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ SD15_RANDOM = "sd15-random"
 
 @dataclass
 class BenchConfig:
-    model: str = field("models/digits-ddpm", f"model folder, or {SD15_RANDOM} (SD 1.5's architecture, random weights)")
+    model: str = field("models/digits-ddpm", f"model folder, or {SD15_RANDOM}, sdxl-random or sd3-random (that "
+                                             "architecture with random weights, native resolution)")
     forget: str | None = field(None, "class or concept to erase (default: 3 on a class-conditional model, "
                                      "'three' on the mini-SD, a literal prompt on other pipelines)")
     methods: str = field("all", "comma-separated methods, or 'all'; finetune is always timed (the reference)")
@@ -47,7 +50,7 @@ class BenchConfig:
     gen_batch: int = field(16, "images per UNet call in the generation measurement")
     gen_repeats: int = field(10, "UNet calls timed per generation variant")
     sample_steps: int = field(25, "denoising steps of the end-to-end sampling measurement")
-    resolution: int | None = field(None, f"{SD15_RANDOM}: image size (default 512)")
+    resolution: int | None = field(None, "random-weight models: image size (default: native, 512 or 1024)")
 
     def __post_init__(self):
         for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps"):
@@ -89,15 +92,19 @@ def sd15_random_pipeline(resolution: int = 512):
 
 def _load(config: BenchConfig, workdir: Path):
     """(model folder to unlearn from, loaded backbone, forget spec)."""
-    from .backbones import load_backbone
-    from .backbones.stable_diffusion import StableDiffusionBackbone
+    from .backbones import StableDiffusion3Backbone, StableDiffusionBackbone, StableDiffusionXLBackbone, load_backbone
+    from .bench_models import sd3_random_pipeline, sdxl_random_pipeline
 
-    if config.model == SD15_RANDOM:
-        path = workdir / "sd15-random"
-        StableDiffusionBackbone(sd15_random_pipeline(config.resolution or 512)).save_pretrained(path)
+    random_models = {SD15_RANDOM: (StableDiffusionBackbone, sd15_random_pipeline, 512),
+                     "sdxl-random": (StableDiffusionXLBackbone, sdxl_random_pipeline, 1024),
+                     "sd3-random": (StableDiffusion3Backbone, sd3_random_pipeline, 1024)}
+    if config.model in random_models:
+        backbone_cls, build, native = random_models[config.model]
+        path = workdir / config.model
+        backbone_cls(build(config.resolution or native)).save_pretrained(path)
     else:
         if config.resolution is not None:
-            raise EraseError(f"--resolution applies to --model {SD15_RANDOM} only")
+            raise EraseError(f"--resolution applies to --model {', '.join(random_models)} only")
         path = Path(config.model)
     model = load_backbone(path)
     # Any class or prompt costs the same; these defaults exist on the shipped models.

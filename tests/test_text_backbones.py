@@ -73,3 +73,22 @@ def test_delta_applies_to_the_original_in_stock_diffusers(family, tmp_path):
     _, unexpected = getattr(pipe, backbone_cls.DENOISER).load_state_dict(delta, strict=False)
     assert not unexpected and set(delta) == set(model.trainable_parameters("condition"))
     assert torch.equal(backbone_cls(pipe).sample(prompts, seeds, steps=2, guidance=3.0, batch_size=2), expected)
+
+
+def test_sd3_without_t5_saves_and_loads(tmp_path):
+    """SD3 with its T5 dropped (as sd3-random builds it): the folder records the absence, loads back
+    through the registry, and the condition keeps T5's sequence length with zeros in its place."""
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    from erase.backbones import StableDiffusion3Backbone
+
+    pipe = tiny_sd3_pipeline()
+    with_t5 = StableDiffusion3Backbone(pipe).encode_conditions(["the number 3"]).tensors["encoder_hidden_states"]
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None
+    StableDiffusion3Backbone(pipe).save_pretrained(tmp_path / "no-t5")
+    model = load_backbone(tmp_path / "no-t5")
+    assert type(model) is StableDiffusion3Backbone and model.components["text_encoder_3"] is None
+    embeds = model.encode_conditions(["the number 3"]).tensors["encoder_hidden_states"]
+    clip_tokens = model.components["tokenizer"].model_max_length
+    assert embeds.shape == with_t5.shape and not embeds[:, clip_tokens:].any()
+    assert model.sample(["the number 3"], [1], steps=2, guidance=3.0, batch_size=1).shape == (1, *model.image_shape)

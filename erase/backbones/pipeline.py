@@ -110,7 +110,9 @@ class TextToImageBackbone(Backbone):
         `frozen_dtype`: dtype of the frozen VAE and text encoders (e.g. torch.float16 on a GPU); the
         denoiser stays float32 so that its optimizer keeps full-precision weights, and mixed
         precision comes from autocast in the training loop."""
-        kwargs = dict(cls.PIPELINE_KWARGS)
+        # Components a folder records as absent (SD3 without T5, no safety checker) stay absent.
+        absent = {name: None for name, entry in (source.index or {}).items() if entry == [None, None]}
+        kwargs = {**absent, **cls.PIPELINE_KWARGS}
         pipeline_cls = cls.pipeline_class()
         if source.kind == "file":
             extra = {}
