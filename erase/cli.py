@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_unlearn_commands(sub)
     from .mini_sd import add_commands as add_mini_sd_commands
     add_mini_sd_commands(sub)
+    from .mini_flow import add_commands as add_mini_flow_commands
+    add_mini_flow_commands(sub)
     from .demo import add_commands as add_demo_commands
     add_demo_commands(sub)
     from .bench import add_commands as add_bench_commands

@@ -126,19 +126,27 @@ def build_tokenizer(words: list[str], max_length: int = 16, folder: str | Path |
 
 
 # -- model construction -----------------------------------------------------------------------------
+def build_vae(image_size: int = 16, vae_channels=(16, 32), latent_channels: int = 4, norm_groups: int = 8, **extra):
+    """The miniature's AutoencoderKL: one 2x downsampling per extra level, no mid-block attention."""
+    from diffusers import AutoencoderKL
+
+    levels = len(vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(vae_channels), layers_per_block=1, norm_num_groups=norm_groups,
+        sample_size=image_size, mid_block_add_attention=False, **extra)  # attention buys nothing at 8x8
+
+
 def build_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), unet_channels=(16, 32),
                    text_hidden: int = 32, text_layers: int = 2, latent_channels: int = 4,
                    norm_groups: int = NORM_GROUPS):
     """A fresh, untrained StableDiffusionPipeline of the miniature architecture (also used by tests)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     levels = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(vae_channels), layers_per_block=1, norm_num_groups=norm_groups,
-        sample_size=image_size, mid_block_add_attention=False)  # attention buys nothing at 8x8
+    vae = build_vae(image_size, vae_channels, latent_channels, norm_groups)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
