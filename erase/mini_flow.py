@@ -22,40 +22,25 @@ import torch.nn.functional as F
 
 from .config import config_dict, field
 from .data import load_dataset
-from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, _train_vae, build_tokenizer, build_vae, caption_words,
-                      captions, digit_accuracy)
+from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
+                      caption_words, captions, check_and_save, draw_captioned_batch)
 from .train_base import learning_rate, update_ema
 from .utils import EraseError, logger, package_versions, step_generator
 
 
 @dataclass
-class MiniFlowConfig:
-    vae_steps: int = field(400, "VAE training steps (phase 1)")
-    vae_lr: float = field(1e-3, "VAE AdamW learning rate")
-    vae_kl_weight: float = field(1e-4, "weight of the KL term of the VAE (keeps latents near N(0, I))")
+class MiniFlowConfig(MiniTrainingConfig):
     steps: int = field(6000, "transformer + text encoders training steps (phase 2)")
-    batch_size: int = field(64, "images per step")
     lr: float = field(1e-3, "peak AdamW learning rate of phase 2 (warm-up, cosine decay to 10%)")
-    warmup_steps: int = field(200, "linear warm-up steps of phase 2")
-    caption_dropout: float = field(0.1, "probability of training on the empty prompt (classifier-free guidance)")
-    ema_decay: float = field(0.999, "EMA of the transformer and text encoder weights; the EMA weights are saved")
-    width: int = field(64, "transformer width (heads x 16)")
+    width: int = field(64, "transformer width (heads of 16)")
     layers: int = field(4, "joint transformer blocks")
     text_hidden: int = field(32, "width of each of the two CLIP text encoders")
-    vae_channels: tuple[int, ...] = field((16, 32), "VAE channels per level (one 2x downsampling per extra level)")
-    eval_images: int = field(20, "images per digit for the accuracy check after training (0 skips it)")
-    eval_guidance: float = field(3.0, "guidance scale of the accuracy check")
-    eval_steps: int = field(25, "Euler steps of the accuracy check")
-    seed: int = field(0, "seed of weights, batches, noise and timesteps")
 
     def __post_init__(self):
-        for name in ("vae_steps", "steps", "batch_size", "layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.width < 16 or self.width % 16:
-            raise ValueError(f"width must be a positive multiple of 16 (heads of 16), got {self.width}")
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        super().__post_init__()
+        if self.layers < 1 or self.width < 16 or self.width % 16:
+            raise ValueError(f"layers must be at least 1 and width a positive multiple of 16, got {self.layers}, "
+                             f"{self.width}")
 
 
 def build_flow_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), width: int = 64, layers: int = 4,
@@ -111,16 +96,11 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     params = [p for m in trained for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     flat = [c for label in range(10) for c in captions(label)] + [""]
-    per_class = len(TRAIN_TEMPLATES)
     loss_avg = None
     for step in range(config.steps):
         g = step_generator(config.seed, 1, step)
-        idx = torch.randint(len(latents), (config.batch_size,), generator=g)
-        x0 = latents[idx]
-        caption = data.labels[idx] * per_class + torch.randint(per_class, (len(idx),), generator=g)
-        caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = len(flat) - 1
-        noise = torch.randn(x0.shape, generator=g)
-        t = backbone.draw_timesteps(len(idx), g)
+        x0, caption, noise = draw_captioned_batch(latents, data.labels, config, g)
+        t = backbone.draw_timesteps(len(x0), g)
         # Every distinct caption through both text encoders once per step (81 short captions), with gradients.
         embeds, _, pooled, _ = pipe.encode_prompt(flat, None, None, device="cpu", do_classifier_free_guidance=False)
         cond = Condition(encoder_hidden_states=embeds, pooled_projections=pooled)[caption]
@@ -149,18 +129,7 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
               "vae_shift_factor": shift, "vae_scaling_factor": scale, "final_loss": loss_avg,
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
-    if config.eval_images > 0:
-        report["accuracy"] = {
-            name: digit_accuracy(backbone, templates, config.eval_images, config.eval_steps, config.eval_guidance)
-            for name, templates in (("train_template", ("a handwritten digit {w}",)),
-                                    ("heldout_templates", HELDOUT_TEMPLATES))}
-        logger.info("digit accuracy: %s", report["accuracy"])
-    backbone.save_pretrained(out, training=report,
-                             sample_defaults={"steps": config.eval_steps, "guidance": config.eval_guidance})
-    for name in ("tokenizer", "tokenizer_2"):  # older transformers read vocab.json + merges.txt, as for the mini-SD
-        build_tokenizer(caption_words(), folder=Path(out) / name)
-    logger.info("saved %s (%.0f s of training)", out, train_time)
-    return report
+    return check_and_save(backbone, report, config, out, ("tokenizer", "tokenizer_2"), "train-mini-flow")
 
 
 def _cmd_train_mini_flow(args) -> None:

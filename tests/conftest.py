@@ -143,3 +143,11 @@ def install_in_hub_cache(hf_home, repo_id: str, folder) -> None:
     shutil.copytree(folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
+
+
+def assert_trained_only(group: set[str], before: dict, after: dict, delta: dict, what: str) -> None:
+    """Some weights moved, all of them in `group`, and `delta` holds exactly the moved tensors' new values."""
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed, f"{what} changed no weight"
+    assert changed <= group, f"{what} changed weights outside the group: {sorted(changed - group)[:3]}"
+    assert set(delta) == changed and all(torch.equal(delta[k], after[k]) for k in delta)

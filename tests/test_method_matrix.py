@@ -12,6 +12,7 @@ from erase.backbones import StableDiffusionBackbone, load_backbone
 from erase.methods import METHODS
 from erase.unlearn import unlearn
 from erase.unlearn_data import UnlearnData
+from conftest import assert_trained_only
 from test_sd_backbone import tiny_pipeline
 from tiny_pipelines import FAMILIES
 
@@ -44,12 +45,8 @@ def test_method_on_backbone(method, backbone, tmp_path):
     out = unlearn(path, method, out=tmp_path / "full", data=data, **RUN)
     trained = load_backbone(out)
     after = trained.denoiser.state_dict()
-    group = set(trained.trainable_parameters("condition"))
-    changed = {k for k in after if not torch.equal(after[k], before[k])}
-    assert changed, f"{method} changed no weight"
-    assert changed <= group, f"{method} changed weights outside the group: {sorted(changed - group)[:3]}"
-    delta = load_file(out / "delta.safetensors")
-    assert set(delta) == changed and all(torch.equal(delta[k], after[k]) for k in delta)
+    assert_trained_only(set(trained.trainable_parameters("condition")), before, after,
+                        load_file(out / "delta.safetensors"), method)
 
     unlearn(path, method, out=tmp_path / "resumed", data=data, stop_after=2, **RUN)
     resumed = load_backbone(unlearn(path, method, out=tmp_path / "resumed", data=data, **RUN)).denoiser.state_dict()
