@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
+from safetensors.torch import save_file
 
 from ..utils import EraseError, read_json, step_generator
 
@@ -195,8 +196,6 @@ class Backbone:
 
         Stock diffusers applies it with `pipe.<denoiser>.load_state_dict(load_file(path), strict=False)`.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
