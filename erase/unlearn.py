@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .backbones.base import Condition
 from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
 from .config import build_config, config_dict
@@ -92,11 +93,14 @@ def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: 
     if shards == 1:
         return parts[0]
 
+    def cat(values):  # tensors, or conditions (named tensors)
+        return Condition.cat(values) if isinstance(values[0], Condition) else torch.cat(values)
+
     def join(batches):
         if batches[0] is None:
             return None
         return Noised(**{f.name: None if getattr(batches[0], f.name) is None else
-                         torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Noised)})
+                         cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Noised)})
 
     return join([p[0] for p in parts]), join([p[1] for p in parts])
 
