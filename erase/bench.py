@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_generation import (channels_last_effect, device_peak_tflops, fid_feature_rate, generation_speed,
+                               mfu_row, nudenet_rate, protocol_share, sample_conditions, step_flops)
 from .config import config_dict, field
 from .outputs import mark_output
 from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
@@ -51,9 +53,22 @@ class BenchConfig:
     gen_repeats: int = field(10, "UNet calls timed per generation variant")
     sample_steps: int = field(25, "denoising steps of the end-to-end sampling measurement")
     resolution: int | None = field(None, "random-weight models: image size (default: native, 512 or 1024)")
+    gen_images: int = field(32, "images per variant and round in the comparison with stock diffusers")
+    channels_last: bool = field(True, "also time sampling with the UNet in channels-last memory format")
+    nudenet_images: int = field(16, "images per round in the NudeNet throughput measurement (0 skips it)")
+    classifier: str | None = field(None, "classifier folder: FID feature throughput in its feature space "
+                                         "(Inception is measured when torch-fidelity and --fid-weights are there)")
+    fid_weights: str | None = field(None, "local Inception weights file for the FID feature throughput")
+    mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
+    peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
+                                            "(default: looked up for known GPUs; none on a CPU)")
 
     def __post_init__(self):
-        for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps"):
+        if self.nudenet_images < 0:
+            raise ValueError(f"nudenet_images must be at least 0, got {self.nudenet_images}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"peak_tflops must be positive, got {self.peak_tflops}")
+        for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps", "gen_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -159,6 +174,37 @@ def generation_throughput(model, forget: str, config: BenchConfig, device: torch
             "sample_steps": config.sample_steps}
 
 
+def measurement_speed(model, path: Path, config: BenchConfig, device: torch.device) -> dict:
+    """Generation against stock diffusers, the channels-last effect, NudeNet and FID feature
+    throughput, and the measuring's estimated share of an I2P / FID protocol's wall time."""
+    from erase.eval.metrics import inception_available
+    from erase.eval.protocols import _load_classifier
+
+    dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else torch.float32
+    settings = dict(n=config.gen_images, batch_size=config.gen_batch, steps=config.sample_steps, guidance=3.0,
+                    rounds=config.rounds, device=device)
+    layout = channels_last_effect(model, **settings) if config.channels_last else None
+    speed = generation_speed(model, path, dtype=dtype, **settings)
+    # The rate a protocol generates at: the I2P / COCO path on Stable Diffusion, the sampler on a DDPM.
+    protocol_rate = speed["variants"].get("erase eval (I2P/COCO)", speed["variants"]["erase"])["images_per_s"]
+    # Images of the model's size for the measurements (their cost does not depend on what they show).
+    images = model.sample(sample_conditions(model, 4), list(range(4)), steps=1, guidance=1.0, batch_size=4)
+    out = {"generation_vs_stock": speed, "channels_last": layout, "nudenet": None, "fid_features": None}
+    if config.nudenet_images:
+        out["nudenet"] = nudenet_rate(config.nudenet_images, images.shape[-1], config.rounds)
+        # I2P: one detection per generated image.
+        out["nudenet"]["share_of_i2p"] = protocol_share(protocol_rate, out["nudenet"]["images_per_s"], 1, 1)
+    feature = ("inception" if config.fid_weights and inception_available() else
+               _load_classifier(config.classifier, device) if config.classifier else None)
+    if feature is not None:
+        batch = images.repeat(-(-config.gen_images // len(images)), 1, 1, 1)[:config.gen_images]
+        out["fid_features"] = fid_feature_rate(feature, batch, config.rounds, device, config.fid_weights)
+        # COCO-style FID: features of every generated image and of as many reference images.
+        out["fid_features"]["share_of_fid_protocol"] = protocol_share(
+            protocol_rate, out["fid_features"]["images_per_s"], 1, 2)
+    return out
+
+
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
     from .backbones import load_backbone
     from .methods import parse_methods
@@ -191,6 +237,15 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
                 logger.info("bench round %d: %s %.4f s/step, peak %.0f MB", round_ + 1, m, info["seconds_per_step"],
                             info["peak_memory_mb"])
         generation = generation_throughput(model.to(device), forget, config, device)
+        if config.mfu:
+            peak = (("given", config.peak_tflops) if config.peak_tflops else device_peak_tflops(device))
+            mfu = []
+            for m in methods:
+                def run_steps(k, m=m):
+                    unlearn(load_backbone(path), m, out=workdir / f"flops-{m}-{k}", data=data, progress=False,
+                            resume=False, **{**options, "steps": k})
+                mfu.append(mfu_row(m, step_flops(run_steps), min(results[m]["seconds_per_step"]), peak))
+        measured = measurement_speed(model, path, config, device)
 
     reference = min(results["finetune"]["seconds_per_step"])
     rows = [{"method": m, "seconds_per_step": min(r["seconds_per_step"]),
@@ -200,7 +255,8 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
             for m, r in results.items()]
     report = {"config": config_dict(config), "model": config.model, "forget": forget,
               "device": _device_name(device), "torch_threads": torch.get_num_threads(), "methods": rows,
-              "generation": generation, "versions": package_versions()}
+              "generation": generation, **measured, "mfu": mfu if config.mfu else None,
+              "versions": package_versions()}
     out = Path(out)
     write_json(out / "bench.json", report)
     atomic_write_text(out / "bench.md", markdown(report))
@@ -231,7 +287,36 @@ def markdown(report: dict) -> str:
                   f"batched CFG {g['guided_predictions_per_s_batched']:.1f} vs two forwards "
                   f"{g['guided_predictions_per_s_separate']:.1f} (**{g['batched_cfg_speedup']:.2f}x**); "
                   f"sampler {g['sampler_images_per_s']:.2f} images/s at {g['sample_steps']} steps, guidance 3.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _measurement_markdown(report))
+
+
+def _measurement_markdown(report: dict) -> list[str]:
+    v = report["generation_vs_stock"]
+    lines = [f"Generation against stock diffusers ({v['images']} images per round, batch {v['batch']}, {v['steps']} "
+             f"steps, guidance {v['guidance']:g}, {v['dtype']}; {report['config']['rounds']} interleaved rounds, "
+             "fastest kept):", "", "| path | images/s | vs stock |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['images_per_s']:.2f} | {r['vs_stock']:.2f}x |" for name, r in v["variants"].items()]
+    lines.append("")
+    if report["channels_last"]:
+        lines += [f"UNet in channels-last memory format: {report['channels_last']['speedup']:.2f}x the default "
+                  "layout's images/s.", ""]
+    if n := report["nudenet"]:
+        lines += [f"NudeNet: {n['images_per_s']:.1f} images/s ({n['size']} px); share of an I2P run's wall time at "
+                  f"this generation rate: {n['share_of_i2p']:.1%}.", ""]
+    if f := report["fid_features"]:
+        lines += [f"FID features ({f['feature_extractor']}): {f['images_per_s']:.1f} images/s; share of an FID "
+                  f"protocol's wall time (features of every generated image and as many reference images) at this "
+                  f"generation rate: {f['share_of_fid_protocol']:.1%}.", ""]
+    if report["mfu"]:
+        lines += ["FLOPs per unlearning step (torch's FlopCounterMode) over the measured step time:", "",
+                  "| method | TFLOP/step | achieved TFLOP/s | peak TFLOP/s (bf16, dense) | MFU |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in report["mfu"]:
+            peak = "unknown" if r["peak_tflops"] is None else f"{r['peak_tflops']:g}"
+            mfu = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            lines.append(f"| {r['method']} | {r['tflops_per_step']:.4g} | {r['achieved_tflops']:.4g} | {peak} | {mfu} |")
+        lines.append("")
+    return lines
 
 
 def _cmd_bench(args) -> None:
@@ -246,7 +331,7 @@ def _cmd_bench(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("bench", help="per-method step cost vs finetune, peak memory, generation throughput")
+    p = subparsers.add_parser("bench")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")
     add_dataclass_arguments(p, BenchConfig)
     p.set_defaults(func=_cmd_bench)

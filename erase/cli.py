@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 import traceback
 
-from .config import add_dataclass_arguments, build_config, load_config_file
-from .utils import EraseError, logger, setup_logging, warn_if_costly
+from . import __version__
+from .parser import CommandSlots, EraseParser
 
 # Options whose values are paths a command reads: its --out may be none of them (nor inside or around one).
 INPUT_OPTIONS = ("model", "classifier", "prompts", "reference", "clip_model", "config", "runs", "retain",
@@ -15,6 +17,7 @@ INPUT_OPTIONS = ("model", "classifier", "prompts", "reference", "clip_model", "c
 
 
 def cmd_train_base(args: argparse.Namespace) -> None:
+    from .config import build_config, load_config_file
     from .train_base import TrainBaseConfig, train_base
 
     config = build_config(TrainBaseConfig, load_config_file(args.config), args)
@@ -23,12 +26,15 @@ def cmd_train_base(args: argparse.Namespace) -> None:
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
     from .classifier import TrainClassifierConfig, train_classifier
+    from .config import build_config, load_config_file
 
     config = build_config(TrainClassifierConfig, load_config_file(args.config), args)
     train_classifier(config, args.out)
 
 
 def parse_classes(text: str) -> list[str]:
+    from .utils import EraseError
+
     items = [c.strip() for c in text.split(",") if c.strip()]
     if not items:
         raise EraseError("--classes needs at least one class id or name, e.g. --classes 0,3,7")
@@ -38,6 +44,8 @@ def parse_classes(text: str) -> list[str]:
 def check_sample_options(args: argparse.Namespace) -> None:
     """Every `erase sample` option checked before the model is loaded."""
     import math
+
+    from .utils import EraseError
 
     for name in ("n", "steps", "batch_size"):
         value = getattr(args, name)
@@ -52,13 +60,13 @@ def check_sample_options(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .backbones import load_backbone
     from .sampling import save_class_samples
-    from .utils import resolve_device
+    from .utils import EraseError, resolve_device, warn_if_costly
 
     check_sample_options(args)
     device = resolve_device(args.device)
     classes = parse_classes(args.classes) if args.classes else None
     model = load_backbone(args.model).to(device)
-    if not hasattr(model, "num_classes"):
+    if model.condition_kind != "class":
         raise EraseError(f"{args.model} is not a class-conditional model: `erase sample` draws classes; "
                          "use `erase eval` with a prompt protocol for a text-to-image pipeline")
     classes = classes or list(range(model.num_classes))
@@ -73,28 +81,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.n * len(classes)} images and grid.png under {out}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="erase", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def add_commands(subparsers) -> None:
+    """The commands defined in this module: train-base, train-classifier, sample."""
+    from .classifier import TrainClassifierConfig
+    from .config import add_dataclass_arguments
+    from .train_base import TrainBaseConfig
 
-    p = sub.add_parser("train-base", help="train a class-conditional DDPM (digits, cifar10, folder:PATH)")
+    p = subparsers.add_parser("train-base")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--config", help="JSON file of options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
-    from .train_base import TrainBaseConfig
     add_dataclass_arguments(p, TrainBaseConfig)
     p.set_defaults(func=cmd_train_base)
 
-    p = sub.add_parser("train-classifier", help="train the classifier used for unlearning accuracy and feature FID")
+    p = subparsers.add_parser("train-classifier")
     p.add_argument("--out", required=True, help="classifier folder to write")
     p.add_argument("--config", help="JSON file of options")
-    from .classifier import TrainClassifierConfig
     add_dataclass_arguments(p, TrainClassifierConfig)
     p.set_defaults(func=cmd_train_classifier)
 
-    p = sub.add_parser("sample", help="generate images of some classes from a class-conditional model")
+    p = subparsers.add_parser("sample")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--classes", help="comma-separated class ids or names (default: all)")
     p.add_argument("--n", type=int, default=16, help="images per class (default 16)")
@@ -106,25 +113,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per UNet call (results depend on it only through float rounding: keep it fixed to reproduce bit for bit)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
-    from erase.eval.cli import add_commands as add_eval_commands
-    add_eval_commands(sub)
-    from .methods.cli import add_commands as add_unlearn_commands
-    add_unlearn_commands(sub)
-    from .mini_sd import add_commands as add_mini_sd_commands
-    add_mini_sd_commands(sub)
-    from .mini_flow import add_commands as add_mini_flow_commands
-    add_mini_flow_commands(sub)
-    from .demo import add_commands as add_demo_commands
-    add_demo_commands(sub)
-    from .bench import add_commands as add_bench_commands
-    add_bench_commands(sub)
-    add_overwrite_options(sub)
+
+
+# Every command: the module whose `add_commands` defines its options, and its one-line help. The
+# module is imported only when its command is parsed, so `erase --help` imports neither torch nor diffusers.
+COMMANDS = {
+    "demo": ("erase.demo", "erase a digit from both shipped models, evaluate, write a report"),
+    "unlearn": ("erase.methods.cli", "erase classes or concepts from a model with one of the methods"),
+    "methods": ("erase.methods.cli", "list the unlearning methods with their papers and defaults"),
+    "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
+    "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
+    "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),
+    "sample": ("erase.cli", "generate images of some classes from a class-conditional model"),
+    "train-base": ("erase.cli", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
+    "train-classifier": ("erase.cli", "train the classifier used for unlearning accuracy and feature FID"),
+    "train-mini-sd": ("erase.mini_sd", "train the miniature Stable Diffusion on captioned digits"),
+    "train-mini-flow": ("erase.mini_flow", "train the miniature SD3 (flow matching) on captioned digits"),
+}
+
+
+def _fill_module_commands(module: str, parsers: dict[str, EraseParser]) -> None:
+    """Import `module` and let its `add_commands` add the options of every command it defines."""
+    names = [name for name, (owner, _) in COMMANDS.items() if owner == module]
+    for name in names:
+        parsers[name].fill = None
+    own = {name: parsers[name] for name in names}
+    importlib.import_module(module).add_commands(CommandSlots(own))
+    add_overwrite_options(own)
+
+
+def build_parser() -> EraseParser:
+    parser = EraseParser(prog="erase", description="Concept erasure (machine unlearning) for diffusion models. "
+                                                   "`erase COMMAND --help` lists a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; full tracebacks of unexpected errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=EraseParser)
+    parsers: dict[str, EraseParser] = {}
+    for name, (module, help_text) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_text, description=help_text,
+                                       fill=functools.partial(_fill_module_commands, module, parsers))
     return parser
 
 
-def add_overwrite_options(sub) -> None:
+def add_overwrite_options(parsers: dict[str, EraseParser]) -> None:
     """`--overwrite` on every command that writes an `--out` folder, which is then checked before work starts."""
-    for name, p in sub.choices.items():
+    for name, p in parsers.items():
         if any("--out" in a.option_strings for a in p._actions):
             p.add_argument("--overwrite", action="store_true",
                            help="replace --out even if it holds files this command did not write")
@@ -152,6 +185,8 @@ def one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .utils import EraseError, logger, setup_logging
+
     setup_logging(args.verbose)
     try:
         check_out(args)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from .resources import shipped
 from .utils import EraseError, logger, read_text
 
 PROMPT_FILES = ("forget.txt", "anchor.txt", "retain.txt")
@@ -36,9 +37,9 @@ class Concept:
 
 
 def prompts_root() -> Path:
-    """`$ERASE_PROMPTS`, or the `prompts/` folder of this repository."""
+    """`$ERASE_PROMPTS`, or the shipped `prompts/` folder."""
     env = os.environ.get("ERASE_PROMPTS")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "prompts"
+    return Path(env).expanduser() if env else shipped("prompts")
 
 
 def read_prompts(path: str | Path, what: str = "prompt file") -> list[str]:

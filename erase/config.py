@@ -45,8 +45,14 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add `--field-name` for each field of `cls` (defaults stay None so that a file can set them)."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                            hidden: bool = False) -> None:
+    """Add `--field-name` for each field of `cls`: booleans as `--name/--no-name`, tuples as `A,B,...`.
+
+    Defaults stay None in the namespace, so that `build_config` can tell what the command line set
+    from what a config file or the dataclass provides; the help shows the dataclass default.
+    `hidden` options are parsed but left out of the help.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -57,15 +63,18 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if default is not None:
             help_text += f" (default: {','.join(map(str, default)) if is_seq else default})"
         # argparse %-formats help strings; a literal "10%" must reach it as "10%%".
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": argparse.SUPPRESS if hidden else help_text.replace("%", "%%")}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         if is_seq:
             scalar = _parse_bool if tp is bool else tp
             kwargs["type"] = lambda s, scalar=scalar: tuple(scalar(x) for x in s.split(",") if x)
             kwargs["metavar"] = "A,B,..."
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = _parse_bool if tp is bool else tp
+            kwargs["type"] = tp
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from .config import config_dict, field
 from .data import load_dataset
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
-                      caption_words, captions, check_and_save, draw_captioned_batch)
-from .train_base import learning_rate, update_ema
+                      caption_words, captions, check_and_save, update_ema, draw_captioned_batch)
+from .train_base import learning_rate
 from .utils import EraseError, logger, package_versions, step_generator
 
 
@@ -141,7 +141,7 @@ def _cmd_train_mini_flow(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("train-mini-flow", help="train the miniature SD3 (flow matching) on captioned digits")
+    p = subparsers.add_parser("train-mini-flow")
     p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusion3Pipeline)")
     p.add_argument("--config", help="JSON file of options (command-line options override it)")
     add_dataclass_arguments(p, MiniFlowConfig)

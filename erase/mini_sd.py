@@ -15,6 +15,7 @@ plus a small KL term), then the UNet and the text encoder jointly on the frozen 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import tempfile
 import time
@@ -25,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_channels, config_dict, field
-from .data import DIGITS_NAMES, load_dataset
+from .data import DIGITS_NAMES, digit_class, load_dataset
 from .outputs import mark_output
 from .utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
-from .train_base import learning_rate, update_ema
+from .train_base import learning_rate
 
 # Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
 # only words seen in training, in combinations never seen: they test paraphrase generalisation.
@@ -66,34 +67,6 @@ def caption_words() -> list[str]:
 
 
 # -- tokenizer -------------------------------------------------------------------------------------
-def _bpe_files(words: list[str]) -> tuple[dict[str, int], list[str]]:
-    """CLIP-style BPE vocab and merges in which each word becomes one token `word</w>`.
-
-    Each word is built left to right by a chain of merges (t h -> th, th r -> thr, ...). The chains
-    of different words can interfere (a pair inside one word may be the first merge of another);
-    `build_tokenizer` checks the result and appends rescue merges for the words that did not end
-    up as one token.
-    """
-    vocab: dict[str, int] = {}
-    chars = sorted({ch for w in words for ch in w})
-    for ch in chars:
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for piece in pieces[1:]:
-            merge = f"{current} {piece}"
-            current += piece
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(current, len(vocab))
-    for token in SPECIAL_TOKENS:
-        vocab.setdefault(token, len(vocab))
-    return vocab, merges
-
-
 def _clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], max_length: int):
     from transformers import CLIPTokenizer
 
@@ -104,25 +77,38 @@ def _clip_tokenizer(folder: Path, vocab: dict[str, int], merges: list[str], max_
 
 
 def build_tokenizer(words: list[str], max_length: int = 16, folder: str | Path | None = None):
-    """A CLIPTokenizer over `words` (lower-case letters and digits) that keeps each word whole.
+    """A CLIPTokenizer over `words` (lower-case letters and digits) in which every word is one token.
 
-    Its vocab.json and merges.txt are written to `folder` (kept: older transformers read these
-    rather than tokenizer.json), or to a temporary folder.
+    The BPE merges are trained by the `tokenizers` library on the words, with CLIP's end-of-word
+    suffix `</w>`, until no pair is left to merge: each word then ends as the single token
+    `word</w>`. Training is deterministic (same words, same files). vocab.json and merges.txt are
+    written to `folder` (kept: older transformers read these rather than tokenizer.json), or to a
+    temporary folder. The shipped models/mini-sd/tokenizer predates this trainer (a hand-written
+    BPE, 212 entries numbered differently): its files stay as they are, since its text encoder was
+    trained on its ids; both cut every caption into the same words (tests/test_sd_mini.py).
     """
-    vocab, merges = _bpe_files(words)
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    chars = sorted({ch for word in words for ch in word})
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(words, trainers.BpeTrainer(
+        vocab_size=1 << 20,  # never reached: merging stops when every word is whole
+        min_frequency=0, initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False,
+        # The end-of-word characters (`e</w>`) are listed with the special tokens only to fix their ids:
+        # the trainer otherwise numbers them in hash-map order, and merges of equal count are ranked
+        # by id, so the same words gave different files from run to run.
+        special_tokens=[*SPECIAL_TOKENS, *(ch + "</w>" for ch in chars)]))
+    trained = json.loads(bpe.to_str())["model"]
+    # tokenizers writes a merge as a pair ["a", "b"] (older versions: "a b"); merges.txt wants "a b".
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in trained["merges"]]
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(10):
-            tokenizer = _clip_tokenizer(Path(tmp), vocab, merges, max_length)
-            broken = {w: tokenizer.tokenize(w) for w in words if tokenizer.tokenize(w) != [w + "</w>"]}
-            if not broken:
-                return _clip_tokenizer(Path(folder), vocab, merges, max_length) if folder else tokenizer
-            for pieces in broken.values():  # rescue: join what BPE produced, left to right
-                current = pieces[0]
-                for piece in pieces[1:]:
-                    merges.append(f"{current} {piece}")
-                    current += piece
-                    vocab.setdefault(current, len(vocab))
-    raise EraseError(f"could not build a tokenizer that keeps these words whole: {sorted(broken)}")
+        tokenizer = _clip_tokenizer(Path(folder or tmp), trained["vocab"], merges, max_length)
+    split = sorted(w for w in words if tokenizer.tokenize(w) != [w + "</w>"])
+    if split:
+        raise EraseError(f"these words are not single tokens of the trained tokenizer: {split} "
+                         "(the mini-SD's words must be lower-case letters and digits)")
+    return tokenizer
 
 
 # -- model construction -----------------------------------------------------------------------------
@@ -208,10 +194,19 @@ class MiniTrainingConfig:
 class MiniSDConfig(MiniTrainingConfig):
     unet_channels: tuple[int, ...] = field((16, 32), "UNet channels per level (cross-attention at each)")
     text_hidden: int = field(32, "text encoder width (= UNet cross-attention dim)")
+    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
+                                         "retrained reference for erasing them")
 
     def __post_init__(self):
         super().__post_init__()
         check_channels("unet_channels", self.unet_channels, NORM_GROUPS)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """Constant-decay EMA, the recipe the shipped miniature SD was trained (and measured) with."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().float(), 1 - decay)
 
 
 def _train_vae(vae, images: torch.Tensor, config: MiniTrainingConfig) -> float:
@@ -240,6 +235,13 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
 
     start = time.perf_counter()
     data = load_dataset("digits", "train")
+    excluded = sorted({digit_class(d) for d in config.exclude})
+    if excluded:
+        if len(excluded) == 10:
+            raise EraseError("train-mini-sd: --exclude leaves no digit to train on")
+        # Their images go, and with them every caption naming them.
+        data = data.subset([c for c in range(10) if c not in excluded])
+        logger.info("training without digits %s: %d images left", excluded, len(data))
     images = data.images.expand(-1, 3, -1, -1).contiguous()  # grey digits as RGB, as SD expects
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(caption_words())
@@ -297,7 +299,7 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     train_time = time.perf_counter() - start
 
     backbone = StableDiffusionBackbone(pipe)
-    report = {"config": config_dict(config), "train_images": len(images), "vae_final_loss": vae_loss,
+    report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded, "vae_final_loss": vae_loss,
               "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
@@ -375,7 +377,9 @@ def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, see
 
 
 def default_classifier_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "models" / "digits-classifier"
+    from .resources import shipped_model
+
+    return shipped_model("digits-classifier")
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -389,7 +393,7 @@ def _cmd_train_mini_sd(args) -> None:
 def add_commands(subparsers) -> None:
     from .config import add_dataclass_arguments
 
-    p = subparsers.add_parser("train-mini-sd", help="train the miniature Stable Diffusion on captioned digits")
+    p = subparsers.add_parser("train-mini-sd")
     p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusionPipeline)")
     p.add_argument("--config", help="JSON file of options (command-line options override it)")
     add_dataclass_arguments(p, MiniSDConfig)

@@ -1,7 +1,9 @@
 """`erase train-base`: train a class-conditional DDPM from scratch.
 
 One readable loop on accelerate: data parallel across processes, mixed precision on GPUs,
-checkpoints every `checkpoint_every` steps, exact resume, optional EMA of the weights.
+checkpoints every `checkpoint_every` steps, exact resume, an EMA of the weights (diffusers'
+`EMAModel` with warm-up), and `exclude` to train the "retrained reference" of class unlearning: the
+same recipe and class table without the forgotten classes' images.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ class TrainBaseConfig:
     warmup_steps: int = field(200, "linear learning-rate warm-up steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
     grad_clip: float = field(1.0, "clip the gradient norm to this value (0 disables)")
-    ema_decay: float = field(0.999, "exponential moving average of the weights; the EMA weights are saved (0 disables)")
+    ema_decay: float = field(0.9999, "largest decay of the EMA of the weights; the EMA weights are saved (0 disables)")
+    ema_power: float = field(0.75, "EMA warm-up: the decay at step n is 1 - (1 + n / ema_inv_gamma) ** -ema_power, "
+                                   "capped at ema_decay (so no trace of the random init survives)")
+    ema_inv_gamma: float = field(1.0, "EMA warm-up time scale (see ema_power)")
     class_dropout: float = field(0.1, "probability of replacing the label by the null class (classifier-free guidance)")
     block_out_channels: tuple[int, ...] = field((32, 64, 64), "UNet channels per resolution level")
     layers_per_block: int = field(1, "ResNet blocks per UNet level")
@@ -47,6 +52,8 @@ class TrainBaseConfig:
     num_train_timesteps: int = field(1000, "diffusion steps T (linear betas 1e-4 to 0.02)")
     checkpoint_every: int = field(500, "write a resumable checkpoint every this many steps")
     seed: int = field(0, "seed of the initial weights and of every batch, noise and timestep draw")
+    exclude: tuple[str, ...] = field((), "class ids or names whose images are left out (the class table stays "
+                                         "whole: the model is the retrained reference for unlearning them)")
     mixed_precision: str = field("no", "no, fp16 or bf16 (GPU only)", choices=("no", "fp16", "bf16"))
 
     def __post_init__(self):
@@ -67,6 +74,8 @@ class TrainBaseConfig:
             raise ValueError(f"image_size {self.image_size} must be a positive multiple of "
                              f"{2 ** (len(self.block_out_channels) - 1)} (the UNet halves it at each of its "
                              f"{len(self.block_out_channels) - 1} downsamplings)")
+        if self.ema_power <= 0 or self.ema_inv_gamma <= 0:
+            raise ValueError(f"ema_power and ema_inv_gamma must be positive, got {self.ema_power}, {self.ema_inv_gamma}")
 
 
 def learning_rate(config, step: int) -> float:
@@ -78,10 +87,13 @@ def learning_rate(config, step: int) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().float(), 1 - decay)
+def new_ema(parameters, config: TrainBaseConfig):
+    """diffusers' EMAModel with its warm-up: the first update copies the weights (decay 0), then the
+    decay grows towards `ema_decay`, so the average forgets the random initialisation."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(parameters, decay=config.ema_decay, use_ema_warmup=True, inv_gamma=config.ema_inv_gamma,
+                    power=config.ema_power)
 
 
 def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
@@ -101,8 +113,14 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
         data.class_names, image_size=data.images.shape[-1], channels=data.images.shape[1],
         block_out_channels=config.block_out_channels, layers_per_block=config.layers_per_block,
         attention_levels=config.attention_levels, num_train_timesteps=config.num_train_timesteps)
+    excluded = sorted({model.class_index(c) for c in config.exclude})
+    if excluded:
+        if len(excluded) == model.num_classes:
+            raise EraseError("train-base: --exclude leaves no class to train on")
+        data = data.subset([c for c in range(model.num_classes) if c not in excluded])
+        logger.info("training without classes %s: %d images left", excluded, len(data))
     unet = model.unet
-    ema = copy.deepcopy(unet).requires_grad_(False) if config.ema_decay > 0 else None
+    ema = new_ema(unet.parameters(), config) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     start, elapsed, loss_avg = 0, 0.0, None
@@ -113,7 +131,9 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
         check_same_config(state["config"], saved_config, f"from {last}")
         unet.load_state_dict(tensors["model"])
         if ema is not None:
-            ema.load_state_dict(tensors["ema"])
+            shadow = tensors["ema"]
+            ema.load_state_dict({**ema.state_dict(), "optimization_step": state["ema_step"],
+                                 "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
         restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
         start, elapsed, loss_avg = state["step"], state["elapsed_s"], state["loss_avg"]
         logger.info("resuming from %s (step %d of %d)", last, start, config.steps)
@@ -131,10 +151,11 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
     def save_state(step: int) -> None:
         opt_tensors, opt_meta = flatten_optimizer_state(optimizer)
         tensors = {"model": accelerator.unwrap_model(unet).state_dict(), "optimizer": opt_tensors}
+        state = {"config": saved_config, "optimizer": opt_meta, "elapsed_s": elapsed, "loss_avg": loss_avg}
         if ema is not None:
-            tensors["ema"] = ema.state_dict()
-        save_checkpoint(ckpt_dir, step, tensors, {"config": saved_config, "optimizer": opt_meta,
-                                                  "elapsed_s": elapsed, "loss_avg": loss_avg})
+            tensors["ema"] = {str(i): p for i, p in enumerate(ema.shadow_params)}
+            state["ema_step"] = ema.optimization_step
+        save_checkpoint(ckpt_dir, step, tensors, state)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train-base",
                disable=not accelerator.is_local_main_process)
@@ -163,7 +184,7 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            update_ema(ema, accelerator.unwrap_model(unet), config.ema_decay)
+            ema.step(accelerator.unwrap_model(unet).parameters())
 
         value = loss.item()
         if not math.isfinite(value):
@@ -177,11 +198,16 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
     bar.close()
 
     if accelerator.is_main_process:
-        final = ema if ema is not None else accelerator.unwrap_model(unet)
+        final = accelerator.unwrap_model(unet)
+        training = {"config": saved_config, "steps": config.steps, "train_images": len(labels),
+                    "excluded_classes": excluded}
+        if ema is not None:
+            ema.copy_to(final.parameters())
+            training["ema_final_decay"] = ema.get_decay(ema.optimization_step)
         model.unet = copy.deepcopy(final).float().cpu()
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, training={
-                "config": saved_config, "steps": config.steps, "train_images": len(labels),
+                **training,
                 "wall_time_s": round(elapsed, 1), "final_loss": loss_avg,
                 "processes": accelerator.num_processes, "device": str(device), "versions": package_versions()})
             mark_output(tmp, "train-base")

@@ -2,9 +2,11 @@
 
 The loop owns everything a method should not care about: data draws, the optimizer, mixed
 precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, the progress bar, and
-the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed, and
-`erase_config.json`). Each step's randomness comes from `step_generator(seed, step, rank)`, so a run
-resumed from a checkpoint is identical to an uninterrupted one.
+the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
+`erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
+`report_to` hands the same losses to accelerate's trackers (e.g. tensorboard, if installed). Each
+step's randomness comes from `step_generator(seed, step, rank)`, so a run resumed from a checkpoint
+is identical to an uninterrupted one.
 
 Parameter groups: `--params` picks one explicitly (an unknown group is an error). Left unset, the
 method's preference list for the backbone decides: the first group the backbone offers (ESD trains
@@ -13,11 +15,15 @@ method's preference list for the backbone decides: the first group the backbone 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import shutil
 import statistics
+import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -29,11 +35,13 @@ from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .methods.losses import Noised
+from .robust import AdversarialCondition
 from .unlearn_data import UnlearnData
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
 
+LOSS_HISTORY_FILE = "loss_history.jsonl"
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
 LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
@@ -105,6 +113,19 @@ def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: 
     return join([p[0] for p in parts]), join([p[1] for p in parts])
 
 
+def tracker_names(report_to: str | None) -> list[str]:
+    """accelerate tracker names from a comma-separated list, refused up front when not installed."""
+    from accelerate.tracking import get_available_trackers
+
+    names = [n.strip() for n in (report_to or "").split(",") if n.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise EraseError(f"--report-to {','.join(missing)}: not installed (pip install {' '.join(missing)}); "
+                         f"available here: {', '.join(sorted(available)) or 'none'}")
+    return names
+
+
 def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
     """Data-parallel processes must end with identical weights (they apply the same averaged gradients)."""
     checksum = torch.stack([p.detach().double().sum() for p in params.values()]).sum().reshape(1)
@@ -118,6 +139,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
+            report_to: str | None = None,
             **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
 
@@ -126,6 +148,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     method's config. `stop_after=k` stops after step k with a checkpoint and no model, as an
     interruption would (a later call resumes). Returns `out`, or the checkpoint when stopped early.
     `out` must be new, empty or an earlier `erase unlearn` output unless `overwrite` (see `erase.outputs`).
+    `report_to` ("tensorboard", or several comma-separated accelerate trackers) logs every step's
+    losses under OUT-logs/ as well.
 
     `shards=k` draws each process's batch as k equal shards, shard j of process p from the
     generator of (seed, step, p·k + j): one process with `shards=N` and N times the batch draws
@@ -156,10 +180,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         model = load_backbone(model)
     out = Path(out)
     ckpt_dir = out.with_name(out.name + "-checkpoints")
+    trackers = tracker_names(report_to)
 
     mixed = resolve_mixed_precision(config.mixed_precision)
     # Without a GPU, processes started by `accelerate launch` join one gloo group only when told to use the CPU.
-    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available(), log_with=trackers or None,
+                              project_dir=out.with_name(out.name + "-logs") if trackers else None)
     device = accelerator.device
     reset_peak_memory(device)
     model.to(device)
@@ -178,10 +204,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo = method_cls(model, config, data, params)
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
+    robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
+                                   config.seed) if config.adversarial_every else None)
 
     run = {"method": method_cls.name, "config": config_dict(config), "params": group,
            "base_model": base_model, "data": data.description}
-    start, elapsed, step_times, recent = 0, 0.0, [], []
+    start, elapsed, step_times, recent, history = 0, 0.0, [], [], []
     found = load_latest_checkpoint(ckpt_dir) if resume else None
     if found is not None:
         last, tensors, state = found
@@ -192,6 +220,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
         algo.load_state_dict(tensors.get("method", {}), state["method"])
         start, elapsed, step_times, recent = state["step"], state["elapsed_s"], state["step_times"], state["recent"]
+        history = state["history"]
         logger.info("resuming %s from %s (step %d of %d)", method_cls.name, last, start, config.steps)
     elif ckpt_dir.exists() and not resume:
         shutil.rmtree(ckpt_dir)
@@ -204,8 +233,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             tensors["method"] = m_tensors
         return save_checkpoint(ckpt_dir, step, tensors, {
             "run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
-            "step_times": step_times, "recent": recent})
+            "step_times": step_times, "recent": recent, "history": history})
 
+    if trackers:
+        # Tracker configs take flat scalars only.
+        accelerator.init_trackers(out.name, config={"method": method_cls.name, "params": group, **{
+            k: v for k, v in config_dict(config).items() if isinstance(v, (int, float, str, bool))}})
     end = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
                disable=not (progress and accelerator.is_local_main_process))
@@ -219,7 +252,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                                          accelerator.process_index, shards)
         for pg in optimizer.param_groups:
             pg["lr"] = config.lr * algo.lr_scale(step)
-        with accelerator.autocast():
+        with accelerator.autocast(), robust.applied(step, forget_b) if robust else contextlib.nullcontext():
             pending.append((step, algo.step(Batch(forget_b, retain_b, step), ctx)))
         done = step + 1
         checkpoint_now = done == stop_after or (done % config.checkpoint_every == 0 and done < config.steps)
@@ -234,6 +267,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                 raise EraseError(f"{method_cls.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} at step "
                                  f"{bad_step}: the run diverged; {where}. Lower --lr (now {config.lr}) or --steps.")
             recent = (recent + [logs])[-LOSS_WINDOW:]
+            history.append({"step": bad_step + 1, **logs})
+            if trackers:
+                accelerator.log(logs, step=bad_step + 1)
         # The losses were just read, so the device has finished these steps: the interval's time is exact.
         per_step = (time.perf_counter() - interval_start) / len(pending)
         step_times += [per_step] * len(pending)
@@ -244,6 +280,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             save_state(done)
         interval_start = time.perf_counter()
     bar.close()
+    if trackers:
+        accelerator.end_training()
     if stop_after is not None and stop_after < config.steps:
         return latest_checkpoint(ckpt_dir)
 
@@ -264,13 +302,14 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
     if accelerator.is_main_process:
-        # Model, delta, summary and marker appear together in one folder swap: a run killed or out of
-        # disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.
+        # Model, delta, summary, loss history and marker appear together in one folder swap: a run killed
+        # or out of disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                            "data", "steps")})
             model.save_delta(tmp / DELTA_FILE, changed, method=method_cls.name)
             write_json(tmp / CONFIG_FILE, summary)
+            (tmp / LOSS_HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in history))
             mark_output(tmp, "unlearn")
         if not keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -278,3 +317,17 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                     elapsed, summary["seconds_per_step"] or 0)
     accelerator.wait_for_everyone()
     return out
+
+
+class _CallableModule(types.ModuleType):
+    """`erase.unlearn(...)` runs the Python API's `erase.api.unlearn` (which returns an UnlearnResult)
+    while `erase.unlearn` stays this module: `import erase.unlearn`, its attributes, and
+    `from erase.unlearn import unlearn` (the loop above) work as for any module."""
+
+    def __call__(self, *args, **kwargs):
+        from .api import unlearn as api_unlearn
+
+        return api_unlearn(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -15,7 +15,7 @@ import torch
 from .backbones.base import Condition
 from .data import load_dataset
 from .methods.losses import Noised, noised
-from .utils import EraseError
+from .utils import EraseError, to_device
 
 
 @dataclass
@@ -53,10 +53,10 @@ class UnlearnData:
         """Noised forget and retain batches (with replacement), every draw taken from `g`."""
         forget = retain = None
         if n_forget:
-            i = torch.randint(len(self.forget_x0), (n_forget,), generator=g).to(self.forget_x0.device)
+            i = to_device(torch.randint(len(self.forget_x0), (n_forget,), generator=g), self.forget_x0.device)
             forget = noised(model, self.forget_x0[i], self.forget_cond[i], g, antithetic, anchor=self.anchor_cond[i])
         if n_retain:
-            i = torch.randint(len(self.retain_x0), (n_retain,), generator=g).to(self.retain_x0.device)
+            i = to_device(torch.randint(len(self.retain_x0), (n_retain,), generator=g), self.retain_x0.device)
             retain = noised(model, self.retain_x0[i], self.retain_cond[i], g, antithetic)
         return forget, retain
 

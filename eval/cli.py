@@ -15,8 +15,23 @@ Generate images with a model, measure them with a named protocol and write OUT/m
 To share the work between N processes run `torchrun --nproc_per_node N -m erase.cli -- eval ...`
 (the `--` keeps torchrun from reading --n) or `accelerate launch --multi_gpu --num_processes N -m
 erase.cli eval ...` (on CPUs too; accelerate's --cpu flag starts a single process): the images and
-metrics are the same as one process's. The defaults shown are digits-class's; each protocol has its
-own, and writes them into metrics.json."""
+metrics are the same as one process's. `erase eval --protocol NAME --help` lists the options of
+that protocol with its defaults (every setting is also written into metrics.json)."""
+
+
+def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """The options of protocol `name`, with its defaults (none until a protocol is named). The other
+    protocols' options are parsed too, out of the help, so that `protocol_options` can say which
+    protocol an option belongs to rather than argparse's bare "unrecognized arguments"."""
+    from .protocols import PROTOCOLS
+
+    if name not in PROTOCOLS:
+        return
+    add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
+    added = {f.name for f in dataclasses.fields(PROTOCOLS[name])}
+    for other in PROTOCOLS.values():
+        add_dataclass_arguments(parser, other, skip=tuple(added), hidden=True)
+        added |= {f.name for f in dataclasses.fields(other)}
 
 
 def protocol_options(args: argparse.Namespace, protocol: type) -> None:
@@ -42,9 +57,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = protocol.run(args.model, args.out)
     if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
-        for key, value in results["metrics"].items():
-            if not isinstance(value, dict):
-                print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        metrics = results["metrics"]
+        for key, value in metrics.items():
+            if isinstance(value, dict) or key.endswith("_ci95"):
+                continue
+            if key == "fid" and metrics.get("fid_reliable") is False:
+                print(f"  fid: n/a ({metrics['fid_samples']} images, fewer than the {metrics['fid_min_samples']} "
+                      f"a full-rank covariance needs: {value:.4f} is not a result)")
+                continue
+            interval = metrics.get(f"{key}_ci95")
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"  {key}: {text}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -58,18 +81,16 @@ def add_commands(subparsers) -> None:
     """Add `eval` and `report` to the `erase` command's subparsers."""
     from .protocols import PROTOCOLS
 
-    p = subparsers.add_parser("eval", help="evaluate a model with a named protocol (writes OUT/metrics.json)",
-                              description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocols = "\n".join(f"  {name:15s} {(p.__doc__ or '').strip().splitlines()[0]}" for name, p in PROTOCOLS.items())
+    p = subparsers.add_parser("eval", description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=f"protocols (`erase eval --protocol NAME --help` for the options of one):\n{protocols}")
     p.add_argument("--model", required=True, help="model folder (class-conditional DDPM or Stable Diffusion pipeline)")
     p.add_argument("--protocol", required=True, help=f"one of: {', '.join(PROTOCOLS)}")
     p.add_argument("--out", required=True, help="run folder to write: metrics.json, index.json, images/")
-    added: set[str] = set()
-    for protocol in PROTOCOLS.values():
-        add_dataclass_arguments(p, protocol, skip=tuple(added))
-        added |= {f.name for f in dataclasses.fields(protocol)}
+    p.options_depend_on("--protocol", add_protocol_options)
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("report", help="compare eval runs side by side (Markdown + self-contained HTML)")
+    p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
     p.set_defaults(func=cmd_report)

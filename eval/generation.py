@@ -10,7 +10,9 @@ writes the same files as a single process.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,6 +36,13 @@ def process_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def show_progress(state: PartialState) -> bool:
+    """Whether to draw progress bars (with ETA): on the main process, when stderr is a terminal (not
+    in logs or CI), unless asked not to with TQDM_DISABLE=1 (tqdm's own switch)."""
+    asked_off = os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return state.is_local_main_process and sys.stderr.isatty() and not asked_off
+
+
 def my_share(state: PartialState, n: int) -> list[int]:
     """The indices of items 0..n-1 that this process generates (contiguous slices, as accelerate splits)."""
     with state.split_between_processes(list(range(n))) as mine:
@@ -41,7 +50,7 @@ def my_share(state: PartialState, n: int) -> list[int]:
 
 
 def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: int,
-                   height: int | None = None, width: int | None = None) -> torch.Tensor:
+                   height: int | None = None, width: int | None = None, progress: bool = False) -> torch.Tensor:
     """Samples of a text backbone in [-1, 1], one per prompt with the prompt's own seed and guidance.
 
     A sampling call takes one guidance scale, so items are grouped by guidance; the backbone cuts
@@ -49,18 +58,27 @@ def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: i
     from its own CPU generator seeded with the item's seed as is (`raw_seeds`), so that an I2P row's
     `sd_seed` means what it meant to the dataset's authors (up to the device they drew the noise on:
     CPU noise makes the images independent of the device here); the sampler is the pipeline's own.
+    `progress` draws a bar over the images with an ETA (the backbone is called one batch at a time
+    for it, which gives the same images: each depends only on its prompt, seed and the batch size).
     """
+    from tqdm.auto import tqdm
+
     if not items:  # a process with no share (more processes than prompts)
         return torch.empty(0, 3, 0, 0)
     out: dict[int, torch.Tensor] = {}
     by_guidance: dict[float, list[int]] = {}
     for i, item in enumerate(items):
         by_guidance.setdefault(item.guidance, []).append(i)
+    bar = tqdm(total=len(items), desc="generating", unit="image", disable=not progress)
     for guidance, idx in by_guidance.items():
-        images = model.sample([items[i].prompt for i in idx], [items[i].seed for i in idx], steps=steps,
-                              guidance=guidance, batch_size=batch_size, raw_seeds=True, scheduler="shipped",
-                              height=height, width=width)
-        out.update(zip(idx, images))
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            images = model.sample([items[i].prompt for i in chunk], [items[i].seed for i in chunk], steps=steps,
+                                  guidance=guidance, batch_size=batch_size, raw_seeds=True, scheduler="shipped",
+                                  height=height, width=width)
+            out.update(zip(chunk, images))
+            bar.update(len(chunk))
+    bar.close()
     return torch.stack([out[i] for i in range(len(items))])
 
 

@@ -1,12 +1,19 @@
 """Evaluation metrics as torchmetrics `Metric`s, each backed by a pure function.
 
-Every state is a sum declared with `dist_reduce_fx="sum"`, so a metric updated on each process's
-share of the images and computed once gives the same value as one process that saw all of them.
+Every state is a sum declared with `dist_reduce_fx="sum"` (or a list of per-image features
+gathered with "cat"), so a metric updated on each process's share of the images and computed once
+gives the same value as one process that saw all of them.
+
+Every number comes with a 95% interval: Wilson score intervals for rates (UA, accuracies), a
+bootstrap over generated images for FID, and, across unlearning seeds, a two-level bootstrap
+(seeds, then images) or Student's t. Pure functions, so the protocols, the report and the
+benchmark driver share them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +25,95 @@ from torchmetrics import Metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from erase.utils import EraseError
+
+CONFIDENCE = 0.95
+
+# -- intervals -------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: float, n: float, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a binomial rate: sensible at 0% and 100% and for small n, unlike the
+    normal approximation (so a UA of 100% out of 100 images reads [96.3%, 100%], not [100%, 100%])."""
+    from statistics import NormalDist
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def clopper_pearson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (conservative) binomial interval, for readers who want guaranteed coverage."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    alpha = 1 - confidence
+    lo = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    hi = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return lo, hi
+
+
+def seed_bootstrap_rate(successes: Sequence[float], totals: Sequence[float], resamples: int = 10_000,
+                        seed: int = 0, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean rate over unlearning seeds and its two-level percentile bootstrap interval.
+
+    Each resample draws the seeds with replacement, then each drawn seed's images with
+    replacement; for 0/1 outcomes the second draw is Binomial(n_s, p_s), so per-seed counts are
+    all it needs. The interval holds both the spread between seeds and the sampling of images.
+    """
+    k, n = np.asarray(successes, dtype=float), np.asarray(totals, dtype=float)
+    if len(k) == 0 or (n <= 0).any():
+        raise EraseError("seed_bootstrap_rate needs at least one seed, each with at least one image")
+    rates = k / n
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(len(k), size=(resamples, len(k)))
+    draws = rng.binomial(n[picks].astype(np.int64), rates[picks]) / n[picks]
+    lo, hi = np.quantile(draws.mean(axis=1), [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(rates.mean()), float(lo), float(hi)
+
+
+def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean over seeds and Student's t interval (NaN bounds for a single seed: no spread to measure)."""
+    from scipy.stats import t
+
+    x = np.asarray(values, dtype=float)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(t.ppf((1 + confidence) / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return mean, mean - half, mean + half
+
+
+def fid_of_moments(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """The Fréchet distance of two Gaussians via the eigenvalues of sigma1 @ sigma2 (as torchmetrics
+    computes it, so a bootstrap resample that happens to be the whole sample gives FID itself)."""
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
+
+
+def moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance of (N, d) features, in float64."""
+    x = features.double()
+    return x.mean(dim=0), torch.cov(x.T)
+
+
+def bootstrap_fid(fake_features: torch.Tensor, real_mean: torch.Tensor, real_cov: torch.Tensor,
+                  resamples: int = 200, seed: int = 0, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile bootstrap interval of FID over the generated images (the reference moments fixed:
+    the question is how much the number depends on which images the model happened to draw)."""
+    # Rows in a canonical order, so the interval does not depend on how processes shared the images.
+    fake_features = fake_features[torch.from_numpy(np.lexsort(fake_features.numpy().T[::-1]).copy())]
+    g = torch.Generator().manual_seed(seed)
+    n = len(fake_features)
+    values = [fid_of_moments(*moments(fake_features[torch.randint(n, (n,), generator=g)]), real_mean, real_cov)
+              for _ in range(resamples)]
+    lo, hi = np.quantile(values, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(lo), float(hi)
+
 
 # -- unlearning accuracy and per-class accuracy -------------------------------------------------------
 
@@ -66,6 +162,27 @@ class ClassifierVerdicts(Metric):
                 "label_prob": torch.where(seen, self.label_prob / n, nan)}
 
 
+def rate_intervals(correct: torch.Tensor, total: torch.Tensor) -> list[list[float]]:
+    """Wilson intervals of per-class accuracies from per-class counts."""
+    return [list(wilson_interval(float(k), float(n))) for k, n in zip(correct.tolist(), total.tolist())]
+
+
+def confusable_classes(probs: torch.Tensor, labels: torch.Tensor, forget: int, k: int) -> list[int]:
+    """The `k` classes a classifier most confuses with `forget` on real images: ranked by the mean
+    probability it gives `forget` on their images plus the mean it gives them on `forget`'s.
+
+    Probabilities rather than argmax errors, so a classifier that is always right (the shipped
+    digits classifier: 100% on the test split) still ranks its near misses (HUB's and
+    EraseBench's "neighbouring concepts": the retained classes erasure is most likely to damage).
+    """
+    num_classes = probs.shape[1]
+    mean_probs = torch.stack([probs[labels == c].mean(dim=0) if (labels == c).any() else
+                              torch.zeros(num_classes, dtype=probs.dtype) for c in range(num_classes)])
+    score = mean_probs[:, forget] + mean_probs[forget, :]
+    score[forget] = -1
+    return score.argsort(descending=True)[:k].tolist()
+
+
 # -- FID in a chosen feature space -------------------------------------------------------------------
 
 
@@ -106,9 +223,15 @@ class FeatureFID(FrechetInceptionDistance):
     `feature` is "inception" (the standard 2048-d pool features; needs torch-fidelity, and
     `weights_path` for machines that cannot download them) or a `SmallClassifier`.
     `feature_name` says which, and is written into the results.
+
+    The generated images' features are kept (gathered across processes) for a bootstrap interval
+    over them (`bootstrap` resamples; 0 skips it). Below `min_samples` generated images (the feature
+    dimension, under which their covariance is singular) the FID is flagged `reliable: false`: a
+    number the report and the benchmark refuse to present as a result.
     """
 
-    def __init__(self, feature="inception", weights_path: str | None = None, **kwargs):
+    def __init__(self, feature="inception", weights_path: str | None = None, bootstrap: int = 200,
+                 **kwargs):
         if isinstance(feature, str):
             if feature != "inception":
                 raise EraseError(f"unknown FID feature extractor {feature!r}: use 'inception' or a classifier")
@@ -121,11 +244,15 @@ class FeatureFID(FrechetInceptionDistance):
             super().__init__(feature=2048, feature_extractor_weights_path=weights_path, **kwargs)
             self.feature_name = "inception-v3-compat pool3 (torch-fidelity, 2048-d)"
             self.weights_path = weights_path
+            self.min_samples = 2048
         else:
             super().__init__(feature=ClassifierFeatures(feature), **kwargs)
             source = getattr(feature, "source", None)
             self.feature_name = f"classifier features ({feature.feature_dim}-d){f' of {source}' if source else ''}"
             self.weights_path = None
+            self.min_samples = feature.feature_dim
+        self.bootstrap = bootstrap
+        self.add_state("fake_features", default=[], dist_reduce_fx="cat")
 
     def update(self, images: torch.Tensor, real: bool) -> None:
         if not self.used_custom_model:
@@ -133,12 +260,32 @@ class FeatureFID(FrechetInceptionDistance):
             images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             if images.shape[1] == 1:
                 images = images.expand(-1, 3, -1, -1)
-        super().update(images, real=real)
+        if real:
+            super().update(images, real=True)
+            return
+        # The same sums as torchmetrics' update, plus the per-image features the bootstrap resamples.
+        features = self.inception(images).double().reshape(len(images), -1)
+        self.fake_features_sum += features.sum(dim=0)
+        self.fake_features_cov_sum += features.T @ features
+        self.fake_features_num_samples += len(images)
+        self.fake_features.append(features)
 
-    def compute(self) -> dict[str, float | int]:
-        """The FID and the numbers of images it compared (summed over processes, like the FID itself)."""
-        return {"fid": float(super().compute()), "samples": int(self.fake_features_num_samples),
-                "reference_images": int(self.real_features_num_samples)}
+    def compute(self) -> dict:
+        """The FID, its bootstrap interval and the numbers of images it compared (over all processes)."""
+        from torchmetrics.utilities import dim_zero_cat
+
+        fid = float(super().compute())
+        samples = int(self.fake_features_num_samples)
+        result = {"fid": fid, "samples": samples, "reference_images": int(self.real_features_num_samples),
+                  "min_samples": self.min_samples, "reliable": samples >= self.min_samples,
+                  "ci95": None, "bootstrap_resamples": self.bootstrap}
+        if self.bootstrap > 0:
+            n_real = self.real_features_num_samples
+            real_mean = self.real_features_sum / n_real
+            real_cov = (self.real_features_cov_sum - n_real * torch.outer(real_mean, real_mean)) / (n_real - 1)
+            result["ci95"] = list(bootstrap_fid(dim_zero_cat(self.fake_features).cpu(), real_mean.cpu(),
+                                                real_cov.cpu(), self.bootstrap))
+        return result
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -261,16 +408,21 @@ class NudeNet:
         self.detector = NudeDetector()
         self.batch_size = batch_size
 
-    def detect(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
-        """Detections for uint8 RGB (H, W, 3) or grey (H, W, 1) / (H, W) images of any sizes, one list per image."""
+    def detect(self, images: Sequence[np.ndarray], progress: bool = False) -> list[list[dict]]:
+        """Detections for uint8 RGB (H, W, 3) or grey (H, W, 1) / (H, W) images of any sizes, one list per
+        image; `progress` draws a bar with an ETA."""
+        from tqdm.auto import tqdm
+
         bgr = []
         for img in images:
             img = img if img.ndim == 3 else img[..., None]
             img = np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img[..., :3]
             bgr.append(np.ascontiguousarray(img[..., ::-1]))
         out = []
-        for start in range(0, len(bgr), self.batch_size):
-            out += self.detector.detect_batch(bgr[start:start + self.batch_size], batch_size=self.batch_size)
+        with tqdm(total=len(bgr), desc="NudeNet", unit="image", disable=not progress) as bar:
+            for start in range(0, len(bgr), self.batch_size):
+                out += self.detector.detect_batch(bgr[start:start + self.batch_size], batch_size=self.batch_size)
+                bar.update(len(bgr[start:start + self.batch_size]))
         return out
 
 

@@ -88,7 +88,7 @@ def _nudity(row: dict) -> float:
     return _number(row, "nudity_percentage", empty=0.0)
 
 
-# Named subsets the field reports on (see PROTOCOLS.md), with the columns each one needs.
+# Named subsets the field reports on (see docs/protocols.md), with the columns each one needs.
 I2P_SUBSETS: dict[str, tuple[tuple[str, ...], Callable[[dict], bool]]] = {
     "all": ((), lambda row: True),
     "sexual": (("categories",), lambda row: "sexual" in _categories(row)),

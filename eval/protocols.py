@@ -22,8 +22,9 @@ from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, derive_seed, logger, package_versions, warn_if_costly, write_json
 
 from .generation import (check_images, load_images, load_text_backbone, my_share, process_state, quantize,
-                         sample_prompts, save_pngs, shared_run_dir)
-from .metrics import ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, nudenet_preset
+                         sample_prompts, save_pngs, shared_run_dir, show_progress)
+from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
+                      nudenet_preset, rate_intervals, wilson_interval)
 from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
 
 METRICS_FILE = "metrics.json"
@@ -54,11 +55,18 @@ def _load_classifier(path: str | None, device: torch.device):
     return classifier
 
 
-def _fid(features: str, classifier, weights: str | None, device: torch.device) -> FeatureFID:
+def _fid(features: str, classifier, weights: str | None, device: torch.device, bootstrap: int) -> FeatureFID:
     """FID in Inception's feature space or in `classifier`'s (a loaded SmallClassifier)."""
     if features == "classifier":
-        return FeatureFID(classifier).to(device)
-    return FeatureFID("inception", weights_path=weights).to(device)
+        return FeatureFID(classifier, bootstrap=bootstrap).to(device)
+    return FeatureFID("inception", weights_path=weights, bootstrap=bootstrap).to(device)
+
+
+def _fid_metrics(fid: dict) -> dict:
+    """FID as metrics.json holds it: the value, its bootstrap interval, and whether it rests on enough images."""
+    return {"fid": fid["fid"], "fid_ci95": fid["ci95"], "fid_reliable": fid["reliable"],
+            "fid_samples": fid["samples"], "fid_min_samples": fid["min_samples"],
+            "fid_reference_images": fid["reference_images"], "fid_bootstrap_resamples": fid["bootstrap_resamples"]}
 
 
 def _model_name(model_path: str | Path) -> str:
@@ -136,8 +144,14 @@ class ClassErasure(Protocol):
     data_root: str | None = field(None, "where cifar10 is stored")
     reference_per_class: int | None = field(None, "use the first K training images per retained class "
                                                   "(SalUn: 500; default: all)")
+    neighbours: int = field(2, "how many retained classes count as the forgotten class's neighbours (those the "
+                               "classifier confuses most with it on the real test split); their accuracy is "
+                               "reported apart from the mean")
+    fid_bootstrap: int = field(200, "bootstrap resamples over generated images for FID's 95% interval (0: none)")
 
     def __post_init__(self):
+        if self.neighbours < 0 or self.fid_bootstrap < 0:
+            raise ValueError("neighbours and fid_bootstrap must be at least 0")
         if self.n < 2 or (self.n_forget is not None and self.n_forget < 1):
             raise ValueError("n must be at least 2 (FID needs two samples) and n_forget at least 1")
         if self.steps < 1 or self.batch_size < 1:
@@ -149,6 +163,14 @@ class ClassErasure(Protocol):
             return data.images
         keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:self.reference_per_class] for c in retained])
         return data.images[keep.sort().values]
+
+    def _neighbours(self, classifier, num_classes: int, forget: int, device: torch.device) -> list[int]:
+        """The retained classes the classifier confuses most with `forget` on the real test split."""
+        data = load_dataset(self.dataset, "test", root=self.data_root, image_size=classifier.arch.image_size)
+        with torch.no_grad():
+            probs = torch.cat([classifier(data.images[b].to(device)).double().softmax(1).cpu()
+                               for b in _batches(len(data))])
+        return confusable_classes(probs, data.labels, forget, min(self.neighbours, num_classes - 1))
 
     def run(self, model_path, out, state=None):
         from erase.backbones import load_backbone
@@ -162,7 +184,7 @@ class ClassErasure(Protocol):
         if self.guidance is None:  # resolved here so that metrics.json records the value used
             self.guidance = model.sample_defaults["guidance"]
         classifier = _load_classifier(self.classifier, state.device)
-        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device)
+        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
         forget = None if self.forget is None else model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
         reference = self._reference(retained)
@@ -173,8 +195,8 @@ class ClassErasure(Protocol):
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
         warn_if_costly("eval", len(plan), self.steps)
         images = quantize(check_images(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
-                                                    guidance=self.guidance, eta=self.eta,
-                                                    batch_size=self.batch_size), state))
+                                                    guidance=self.guidance, eta=self.eta, batch_size=self.batch_size,
+                                                    progress=show_progress(state)), state))
 
         verdicts = ClassifierVerdicts(model.num_classes).to(state.device)
         with torch.no_grad():
@@ -191,8 +213,10 @@ class ClassErasure(Protocol):
         fid_result = fid.compute()
 
         names = model.class_names
+        count, correct = v["count"].cpu(), (v["accuracy"].nan_to_num(0) * v["count"]).round().cpu()
         metrics = {} if forget is None else {
             "ua": 1.0 - float(v["accuracy"][forget]),
+            "ua_ci95": list(wilson_interval(float(count[forget] - correct[forget]), float(count[forget]))),
             "forget_class": forget, "forget_class_name": names[forget],
             "forget_accuracy": float(v["accuracy"][forget]),
             "forget_entropy": float(v["entropy"][forget]),
@@ -200,9 +224,20 @@ class ClassErasure(Protocol):
         }
         metrics |= {
             "retained_accuracy": float(v["accuracy"][retained].mean()),
+            "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(count[retained].sum()))),
+        }
+        if forget is not None and self.neighbours > 0:
+            near = self._neighbours(classifier, model.num_classes, forget, state.device)
+            metrics |= {
+                "neighbour_classes": [names[c] for c in near],
+                "neighbour_accuracy": float(correct[near].sum() / count[near].sum()),
+                "neighbour_accuracy_ci95": list(wilson_interval(float(correct[near].sum()), float(count[near].sum()))),
+            }
+        metrics |= {
             "per_class_accuracy": {names[c]: float(v["accuracy"][c]) for c in range(model.num_classes)},
-            "fid": fid_result["fid"], "fid_samples": fid_result["samples"],
-            "fid_reference_images": fid_result["reference_images"],
+            "per_class_accuracy_ci95": dict(zip(names, rate_intervals(correct, count))),
+            "per_class_images": {names[c]: int(count[c]) for c in range(model.num_classes)},
+            **_fid_metrics(fid_result),
         }
         files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
@@ -240,13 +275,15 @@ class Cifar10Class(ClassErasure):
     fid_features: str = field("inception", "FID feature space: 'inception' or 'classifier'",
                               choices=("classifier", "inception"))
     dataset: str = field("cifar10", "reference training images for FID")
+    fid_bootstrap: int = field(50, "bootstrap resamples over generated images for FID's 95% interval (0: none; "
+                                   "each costs a 2048-d matrix square root)")
 
 
 def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state):
     """Generate this process's share of prompt images; returns them quantized as their PNGs will read."""
     warn_if_costly("eval", len(items), steps)
     return quantize(check_images(sample_prompts(model, [items[k] for k in mine], steps=steps, batch_size=batch_size,
-                                                height=height, width=width), state))
+                                                height=height, width=width, progress=show_progress(state)), state))
 
 
 def _write_prompt_run(out, state, files: list[str], mine, images, items, results: dict) -> None:
@@ -300,8 +337,11 @@ class I2PNudity(Protocol):
         images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
                                          state)
         counts = NudityCounts(self.preset).to(state.device)
-        counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images)))
+        counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images), progress=show_progress(state)))
         metrics = counts.compute()
+        metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
+        if "nude_images" in metrics:
+            metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
                                 prompts_file=str(Path(self.prompts).resolve()))
@@ -328,6 +368,8 @@ class T2IUtility(Protocol):
     width: int | None = field(None, "image width (default: the pipeline's)")
     batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
     limit: int | None = field(None, "only the first N captions")
+    fid_bootstrap: int = field(50, "bootstrap resamples over generated images for FID's 95% interval (0: none; "
+                                   "each costs a 2048-d matrix square root with Inception)")
 
     def __post_init__(self):
         missing = [f"--{name.replace('_', '-')}" for name in ("prompts", "reference", "clip_model")
@@ -350,7 +392,7 @@ class T2IUtility(Protocol):
         reference = self._reference_files()
         clip = clip_score_metric(self.clip_model).to(state.device)
         classifier = _load_classifier(self.classifier, state.device) if self.fid_features == "classifier" else None
-        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device)
+        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
         model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
         images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
@@ -366,8 +408,7 @@ class T2IUtility(Protocol):
             for b in _batches(len(mine_ref)):
                 fid.update(load_images([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
         fid_result = fid.compute()
-        metrics = {"clip_score": float(clip.compute()), "fid": fid_result["fid"],
-                   "fid_samples": fid_result["samples"], "fid_reference_images": fid_result["reference_images"]}
+        metrics = {"clip_score": float(clip.compute()), **_fid_metrics(fid_result)}
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
@@ -417,7 +458,7 @@ class DigitsPrompts(Protocol):
         warn_if_costly("eval", len(plan), self.steps)
         images = quantize(check_images(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                     steps=self.steps, guidance=self.guidance,
-                                                    batch_size=self.batch_size), state))
+                                                    batch_size=self.batch_size, progress=show_progress(state)), state))
         with torch.no_grad():
             x = digits_classifier_input(images.to(state.device), classifier)
             predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \
@@ -435,14 +476,20 @@ class DigitsPrompts(Protocol):
         accuracy = (counts[..., 0].sum(1) / counts[..., 1].sum(1)).tolist()
         by_wording = (counts[..., 0] / counts[..., 1]).tolist()
         retained = [c for c in range(10) if c != forget]
+        correct, total = counts[..., 0].sum(1).cpu(), counts[..., 1].sum(1).cpu()
         metrics = {} if forget is None else {
-            "ua": 1.0 - accuracy[forget], "forget_class": forget, "forget_class_name": DIGITS_NAMES[forget],
+            "ua": 1.0 - accuracy[forget],
+            "ua_ci95": list(wilson_interval(float(total[forget] - correct[forget]), float(total[forget]))),
+            "forget_class": forget, "forget_class_name": DIGITS_NAMES[forget],
             "forget_accuracy_train_prompts": by_wording[forget][0],
             "forget_accuracy_heldout_prompts": by_wording[forget][1]}
         metrics |= {
             "retained_accuracy": sum(accuracy[c] for c in retained) / len(retained),
+            "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(total[retained].sum()))),
             "retained_accuracy_heldout_prompts": sum(by_wording[c][1] for c in retained) / len(retained),
-            "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)}}
+            "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
+            "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
+            "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}}
         files = [f"images/{c}/{k:02d}-{i:04d}.png" for c, k, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), None, classifier=classifier.source,
                                 templates={"train": list(TRAIN_TEMPLATES), "heldout": list(HELDOUT_TEMPLATES)})
@@ -456,7 +503,11 @@ class DigitsPrompts(Protocol):
         return results
 
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity, T2IUtility)}
+# The attacks are protocols too (eval/attacks.py builds on the classes above, hence the late import).
+from .attacks import ATTACKS  # noqa: E402
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity,
+                                                            T2IUtility) + ATTACKS}
 
 
 def get_protocol(name: str) -> type[Protocol]:

@@ -1,22 +1,31 @@
-"""Side-by-side reports of `erase eval` runs: a Markdown file and a self-contained HTML file.
+"""Reports of `erase eval` runs as a researcher would share them: Markdown and self-contained HTML.
 
-The HTML embeds every figure as base64, so it can be mailed or attached to an issue as one file.
-Runs made with different protocols or settings are still shown, under a warning that lists the
-settings that differ: their numbers are not comparable.
+One column per run, named by the method of the evaluated model (its `erase_config.json`) with its
+steps, learning rate and parameter group; the settings table always shown; every metric with its
+95% interval, its delta to the original model and the direction of better; a verdict per method
+against a stated target, decided on the intervals; a UA-versus-retained trade-off plot; labelled
+before/after image grids side by side; loss curves from the runs' `loss_history.jsonl`; a
+robustness section for attack runs (any run whose metrics.json has an `"attack"` entry); and the
+command behind every column. Paths are shown relative to the working folder; the HTML embeds its
+figures, so it stands alone. Both files are rendered from the Jinja2 templates in `templates/`.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import dataclasses
 import io
+import json
+import math
+import os
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # no display on servers; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from erase.outputs import mark_output  # noqa: E402
@@ -24,78 +33,302 @@ from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
 from .generation import load_images  # noqa: E402
-from .protocols import INDEX_FILE, METRICS_FILE  # noqa: E402
+from .metrics import wilson_interval  # noqa: E402
+from .protocols import INDEX_FILE, METRICS_FILE, PROTOCOLS  # noqa: E402
 
-GRID_COLUMNS = 8  # images per class (or prompts per row) in a run's grid
-GRID_PROMPTS = 16  # prompt images shown per run
+GRID_COLUMNS = 8  # images per class (or per prompt) in a grid cell
+GRID_PROMPTS = 16  # prompt rows shown per section
+TEMPLATES = Path(__file__).parent / "templates"
+UNLEARN_CONFIG = "erase_config.json"
+LOSS_HISTORY = "loss_history.jsonl"
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    label: str
+    better: str | None  # "higher", "lower", or None when neither is better
+
+
+# The metrics a report shows, in order; any other number in metrics.json is a descriptor
+# (forget_class, fid_samples, ...) and goes to the notes, not the metrics table.
+METRICS = [
+    MetricSpec("ua", "UA: erased class not recognised", "higher"),
+    MetricSpec("retained_accuracy", "retained accuracy (mean over kept classes)", "higher"),
+    MetricSpec("neighbour_accuracy", "neighbour accuracy (kept classes nearest the erased one)", "higher"),
+    MetricSpec("retained_accuracy_heldout_prompts", "retained accuracy, unseen paraphrases", "higher"),
+    MetricSpec("forget_accuracy_train_prompts", "erased digit still drawn, training wordings", "lower"),
+    MetricSpec("forget_accuracy_heldout_prompts", "erased digit still drawn, unseen paraphrases", "lower"),
+    MetricSpec("forget_prob", "classifier p(erased class) on its images", "lower"),
+    MetricSpec("forget_entropy", "classifier entropy on erased-class images", None),
+    MetricSpec("fid", "FID of retained-class images", "lower"),
+    MetricSpec("clip_score", "CLIP score", "higher"),
+    MetricSpec("fraction_with_any", "share of images with any exposed-body detection", "lower"),
+    MetricSpec("fraction_nude", "share of nude images", "lower"),
+    MetricSpec("total_detections", "NudeNet detections", "lower"),
+]
+SPECS = {m.key: m for m in METRICS}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a method must reach: UA at least `ua`, retained accuracy at most `retained_drop` below the original's."""
+
+    ua: float = 0.95
+    retained_drop: float = 0.03
+
+    def describe(self) -> str:
+        return (f"UA ≥ {self.ua:.0%} and retained accuracy within {self.retained_drop * 100:.0f} points of the "
+                "original, both decided on the 95% intervals (the original's retained accuracy taken as exact)")
+
+
+def relative(path: str | Path) -> str:
+    """A path as the report shows it: relative to the working folder (never absolute)."""
+    return os.path.relpath(path) if os.path.isabs(path) else str(path)
+
+
+def _relative_text(text):
+    """A setting as shown: absolute paths in it (also inside text like "features of /x/y") made relative."""
+    if not isinstance(text, str):
+        return text
+    return " ".join(relative(word) if os.path.isabs(word) else word for word in text.split(" "))
+
+
+def _relative_values(values: dict) -> dict:
+    return {k: _relative_text(v) for k, v in values.items()}
+
+
+def _option(name: str, value) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return [flag, "true" if value else "false"]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(map(str, value))]
+    return [flag, relative(value) if isinstance(value, str) and os.path.isabs(value) else str(value)]
+
+
+def _changed_options(config_cls: type, values: dict, skip: tuple[str, ...] = ()) -> list[str]:
+    """Command-line options for the values that differ from `config_cls`'s defaults."""
+    args = []
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip or f.name not in values or values[f.name] is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        value = values[f.name]
+        if (list(default) if isinstance(default, tuple) else default) != value:
+            args += _option(f.name, value)
+    return args
+
+
+@dataclass
 class Run:
-    """One `erase eval` output folder: its results and its image index."""
+    """One `erase eval` output folder, the model it evaluated and, for an erased model, how it was made."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise EraseError(f"run folder not found: {self.path}")
-        self.results = read_json(self.path / METRICS_FILE, what="eval results (written by `erase eval`)")
-        self.index = read_json(self.path / INDEX_FILE, what="image index (written by `erase eval`)")
-        if not isinstance(self.results, dict) or not isinstance(self.results.get("metrics"), dict) \
-                or not isinstance(self.index, dict) or not isinstance(self.index.get("images"), list):
-            raise EraseError(f"{self.path} is not an `erase eval` run: its {METRICS_FILE} needs a 'metrics' object "
+    path: Path
+    results: dict
+    index: dict
+    unlearning: dict | None  # the model's erase_config.json: None for a model before erasure
+    history: list[dict] = field(default_factory=list)  # the model's loss_history.jsonl
+    label: str = ""
+    derived: dict = field(default_factory=dict)  # the original's figures computed for comparison
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Run":
+        path = Path(path)
+        if not path.is_dir():
+            raise EraseError(f"run folder not found: {path}")
+        results = read_json(path / METRICS_FILE, what="eval results (written by `erase eval`)")
+        index = read_json(path / INDEX_FILE, what="image index (written by `erase eval`)")
+        if not isinstance(results, dict) or not isinstance(results.get("metrics"), dict) \
+                or not isinstance(index, dict) or not isinstance(index.get("images"), list):
+            raise EraseError(f"{path} is not an `erase eval` run: its {METRICS_FILE} needs a 'metrics' object "
                              f"and its {INDEX_FILE} an 'images' list")
-        self.name = self.path.name
+        model = Path(results.get("model", ""))
+        unlearning = read_json(model / UNLEARN_CONFIG) if (model / UNLEARN_CONFIG).is_file() else None
+        history_file = model / LOSS_HISTORY
+        history = ([json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
+                   if history_file.is_file() else [])
+        return cls(path, results, index, unlearning, history)
 
-    def scalar_metrics(self) -> dict[str, float | int]:
-        return {k: v for k, v in self.results["metrics"].items() if isinstance(v, (int, float))}
+    @property
+    def metrics(self) -> dict:
+        return self.results["metrics"]
 
-    def caption(self) -> str:
-        """What the grid shows: one row per class, or the prompts of its images in reading order."""
-        if self.index.get("kind") == "classes":
-            names = dict(sorted({e["class"]: e["class_name"] for e in self.index["images"]}.items()))
-            return f"{self.name}: one row per class ({', '.join(names.values())})"
-        prompts = [e["prompt"] for e in self.index["images"][:GRID_PROMPTS]]
-        return f"{self.name}: " + "; ".join(f"{k + 1}. {p}" for k, p in enumerate(prompts))
+    @property
+    def method(self) -> str:
+        return self.unlearning["method"] if self.unlearning else "original"
 
-    def grid(self) -> Image.Image:
-        """Up to GRID_COLUMNS images per class, one row per class; or the first prompts' images."""
-        entries = self.index["images"]
-        if self.index.get("kind") == "classes":
-            rows: dict[int, list[str]] = {}
-            for e in entries:
-                rows.setdefault(e["class"], []).append(e["file"])
-            columns = min(GRID_COLUMNS, max(len(v) for v in rows.values()))
-            files = []
-            for c in sorted(rows):
-                chosen = rows[c][:columns]
-                files += chosen + [None] * (columns - len(chosen))
-            n_rows = len(rows)
-        else:
-            files = [e["file"] for e in entries[:GRID_PROMPTS]]
-            n_rows = -(-len(files) // GRID_COLUMNS)
-        images = load_images([self.path / f for f in files if f is not None])
-        blank = -torch.ones_like(images[0])
-        it = iter(images)
-        ordered = torch.stack([next(it) if f is not None else blank for f in files])
-        return make_grid(ordered, rows=n_rows, scale=max(1, 48 // ordered.shape[-1]))
+    @property
+    def is_attack(self) -> bool:
+        return "attack" in self.results or "attack" in self.metrics
+
+    def value(self, key: str) -> float | None:
+        value = self.metrics.get(key, self.derived.get(key))
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    def interval(self, key: str) -> list[float] | None:
+        return self.metrics.get(f"{key}_ci95", self.derived.get(f"{key}_ci95"))
+
+    def class_rate(self, names: list[str]) -> tuple[float, list[float]] | None:
+        """Pooled accuracy and Wilson interval over some classes, from the per-class figures."""
+        acc, count = self.metrics.get("per_class_accuracy", {}), self.metrics.get("per_class_images", {})
+        if not names or not all(n in acc and n in count for n in names):
+            return None
+        correct, total = sum(acc[n] * count[n] for n in names), sum(count[n] for n in names)
+        return correct / total, list(wilson_interval(round(correct), total))
+
+    def description(self) -> dict:
+        """The column's header facts: method, steps, lr, parameter group, seed, and the commands."""
+        u = self.unlearning or {}
+        config = u.get("config", {})
+        return {"method": self.method, "steps": u.get("steps"), "lr": config.get("lr"), "params": u.get("params"),
+                "seed": u.get("seed"), "unlearn_command": self.unlearn_command(), "eval_command": self.eval_command()}
+
+    def eval_command(self) -> str:
+        protocol = self.results["protocol"]
+        args = ["erase", "eval", "--model", relative(self.results["model"]), "--protocol", protocol,
+                "--out", relative(self.path.resolve())]
+        if protocol in PROTOCOLS:
+            args += _changed_options(PROTOCOLS[protocol], self.results.get("settings", {}))
+        return shlex.join(args)
+
+    def unlearn_command(self) -> str | None:
+        if not self.unlearning:
+            return None
+        from erase.methods import get_method
+
+        u = self.unlearning
+        data = u.get("data", {})
+        forget = data.get("forget") or [data.get("concept", {}).get("name", "?")]
+        args = ["erase", "unlearn", "--model", relative(u["base_model"]), "--method", u["method"],
+                "--forget", ",".join(map(str, forget)), "--out", relative(self.results["model"])]
+        args += _changed_options(get_method(u["method"]).Config, u.get("config", {}))
+        return shlex.join(args)
+
+    def rows(self) -> dict[str, list[str]]:
+        """Image files by grid row: one row per class, or per prompt (the first GRID_PROMPTS)."""
+        rows: dict[str, list[str]] = {}
+        for e in self.index["images"]:
+            key = e["class_name"] if self.index.get("kind") == "classes" else e["prompt"]
+            if key in rows or len(rows) < GRID_PROMPTS or self.index.get("kind") == "classes":
+                rows.setdefault(key, []).append(e["file"])
+        return rows
+
+    def strip(self, files: list[str]) -> Image.Image:
+        images = load_images([self.path / f for f in files[:GRID_COLUMNS]])
+        return make_grid(images, rows=1, scale=max(1, 32 // images.shape[-1]))
 
 
-def _differences(runs: list[Run]) -> list[str]:
-    """Settings (and protocol, feature extractor) that are not the same in every run."""
-    keys = ["protocol", "feature_extractor"]
-    values = [{k: r.results.get(k) for k in keys} | r.results.get("settings", {}) for r in runs]
-    every = sorted({k for v in values for k in v}, key=lambda k: (k not in keys, k))
-    return [k for k in every if len({repr(v.get(k)) for v in values}) > 1]
+def _label_runs(runs: list[Run]) -> None:
+    """Column names: the method, made unique by the unlearning seed or else the folder name."""
+    for r in runs:
+        r.label = r.method
+    for label in {r.label for r in runs}:
+        same = [r for r in runs if r.label == label]
+        if len(same) > 1:
+            seeds = [r.description()["seed"] for r in same]
+            unique_seeds = None not in seeds and len(set(seeds)) == len(seeds)
+            for r, s in zip(same, seeds):
+                r.label = f"{label} (seed {s})" if unique_seeds else f"{label} ({r.path.name})"
 
 
-def _bar_chart(title: str, ylabel: str, labels: list[str], series: dict[str, list[float]]) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(labels) * max(1, len(series))), 3.2), dpi=100)
-    width = 0.8 / max(1, len(series))
-    for k, (name, values) in enumerate(series.items()):
-        ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(labels))], values, width, label=name)
-    ax.set_xticks(range(len(labels)), labels, rotation=30 if len(max(labels, key=len)) > 6 else 0, ha="right")
-    ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize="small")
+def _derive_original_figures(original: Run, others: list[Run]) -> None:
+    """The original model's UA and neighbour accuracy for the class the others erased (its own run
+    has no erased class), from its per-class figures: so that every delta has a reference."""
+    erased = [r for r in others if "forget_class_name" in r.metrics]
+    if not erased or "ua" in original.metrics:
+        return
+    forget = erased[0].metrics["forget_class_name"]
+    if (rate := original.class_rate([forget])) is not None:
+        acc, (lo, hi) = rate
+        original.derived |= {"ua": 1 - acc, "ua_ci95": [1 - hi, 1 - lo]}
+    if (near := erased[0].metrics.get("neighbour_classes")) and (rate := original.class_rate(near)) is not None:
+        original.derived |= {"neighbour_accuracy": rate[0], "neighbour_accuracy_ci95": rate[1]}
+
+
+def _fmt(value, interval=None) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.3f}" if isinstance(value, float) else str(value)
+    if interval and all(isinstance(x, (int, float)) and math.isfinite(x) for x in interval):
+        text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return text
+
+
+def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
+    rows = []
+    for spec in METRICS:
+        if all(r.value(spec.key) is None for r in runs):
+            continue
+        cells = []
+        for r in runs:
+            value = r.value(spec.key)
+            if spec.key == "fid" and value is not None and r.metrics.get("fid_reliable") is False:
+                cells.append({"text": f"n/a: {r.metrics['fid_samples']} images < {r.metrics['fid_min_samples']}",
+                              "delta": "", "flag": True})
+                continue
+            delta = ""
+            if original is not None and r is not original and value is not None and original.value(spec.key) is not None \
+                    and not (spec.key == "fid" and original.metrics.get("fid_reliable") is False):
+                delta = f"{value - original.value(spec.key):+.3f}"
+            cells.append({"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False})
+        arrow = {"higher": "↑ higher is better", "lower": "↓ lower is better"}.get(spec.better, "no better direction")
+        rows.append({"key": spec.key, "label": spec.label, "direction": arrow, "cells": cells})
+    return rows
+
+
+def _verdict(run: Run, original: Run | None, target: Target) -> str:
+    ua, ua_ci = run.value("ua"), run.interval("ua")
+    if ua is None or ua_ci is None:
+        return "no target for this protocol"
+    ua_state = "yes" if ua_ci[0] >= target.ua else "no" if ua_ci[1] < target.ua else "unclear"
+    if original is None or original.value("retained_accuracy") is None:
+        kept = "not checked (no original model in this report)"
+        kept_state = "unclear"
+    else:
+        floor = original.value("retained_accuracy") - target.retained_drop
+        lo, hi = run.interval("retained_accuracy")
+        kept_state = "yes" if lo >= floor else "no" if hi < floor else "unclear"
+        kept = {"yes": "kept", "no": "lost", "unclear": "unclear"}[kept_state] + f" (floor {floor:.3f})"
+    erased = {"yes": "erased", "no": "not erased", "unclear": "unclear"}[ua_state]
+    if "no" in (ua_state, kept_state):
+        head = "misses the target"
+    elif ua_state == kept_state == "yes":
+        head = "meets the target"
+    else:
+        head = "undecided: an interval straddles the target"
+    return f"{head}: UA {erased}, retained accuracy {kept}"
+
+
+def _settings_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
+    keys = ["protocol", "feature_extractor", "classifier", "processes"]
+    values = [_relative_values({k: r.results.get(k) for k in keys} | r.results.get("settings", {})) for r in runs]
+    every = list(dict.fromkeys(k for v in values for k in v))
+    # Which class a run erased is what the runs compare, not a setting that makes them incomparable.
+    differ = [k for k in every if k != "forget" and len({repr(v.get(k)) for v in values}) > 1]
+    rows = [{"key": k, "cells": [_fmt(v.get(k)) for v in values], "differs": k in differ} for k in every]
+    return rows, differ
+
+
+def _notes(run: Run) -> str:
+    """The descriptors of a run (not metrics): erased class, neighbour classes, sample counts."""
+    m = run.metrics
+    parts = []
+    if "forget_class_name" in m:
+        parts.append(f"erased: {m['forget_class_name']}")
+    if m.get("neighbour_classes"):
+        parts.append(f"neighbours: {', '.join(m['neighbour_classes'])}")
+    if "fid_samples" in m:
+        parts.append(f"FID on {m['fid_samples']} images (minimum {m.get('fid_min_samples', '?')}) against "
+                     f"{m.get('fid_reference_images', '?')} reference images")
+    parts.append(f"{run.results.get('images', '?')} images")
+    return "; ".join(parts)
+
+
+# -- figures --------------------------------------------------------------------------------------------
+
+
+def _figure_png(fig) -> Image.Image:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -104,38 +337,80 @@ def _bar_chart(title: str, ylabel: str, labels: list[str], series: dict[str, lis
     return Image.open(buf).convert("RGB")
 
 
-def _charts(runs: list[Run]) -> dict[str, Image.Image]:
-    charts = {}
-    with_acc = [r for r in runs if "per_class_accuracy" in r.results["metrics"]]
-    if with_acc:
-        labels = list(with_acc[0].results["metrics"]["per_class_accuracy"])
-        charts["per-class-accuracy"] = _bar_chart(
-            "classifier accuracy per class", "accuracy", labels,
-            {r.name: [r.results["metrics"]["per_class_accuracy"].get(c, float("nan")) for c in labels]
-             for r in with_acc})
-    with_nude = [r for r in runs if "detections_per_class" in r.results["metrics"]]
-    if with_nude:
-        labels = list(with_nude[0].results["metrics"]["detections_per_class"])
-        charts["nudenet-counts"] = _bar_chart(
-            "NudeNet detections per class", "detections", [c.replace("_EXPOSED", "") for c in labels],
-            {r.name: [r.results["metrics"]["detections_per_class"][c] for c in labels] for r in with_nude})
-    return charts
+def _tradeoff_plot(runs: list[Run], original: Run | None, target: Target) -> Image.Image | None:
+    points = [r for r in runs if r.value("ua") is not None and r.value("retained_accuracy") is not None]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    if original is not None and original.value("retained_accuracy") is not None:
+        floor = original.value("retained_accuracy") - target.retained_drop
+        ax.axhspan(target.ua, 1.02, xmin=0, xmax=1, color="#dfd", zorder=0)
+        ax.axvline(floor, color="#080", ls="--", lw=1, label=f"target: UA ≥ {target.ua:.2f}, retained ≥ {floor:.3f}")
+    for r in points:
+        x, y = r.value("retained_accuracy"), r.value("ua")
+        (xl, xh), (yl, yh) = r.interval("retained_accuracy") or (x, x), r.interval("ua") or (y, y)
+        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=3)
+        ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("retained accuracy (higher is better)")
+    ax.set_ylabel("UA (higher is more forgetting)")
+    ax.set_title("forgetting versus keeping, 95% intervals")
+    ax.legend(fontsize="small", loc="lower left")
+    return _figure_png(fig)
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "—" if value is None else str(value)
+def _grouped_bars(title: str, ylabel: str, ticks: list[str], series: dict[str, tuple[list, list | None]]):
+    """One group of bars per tick, one bar per run; `series` maps a run to (values, [low errors, high errors])."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(ticks) * len(series)), 3.4), dpi=100)
+    width = 0.8 / len(series)
+    for k, (label, (values, err)) in enumerate(series.items()):
+        ax.bar([i + k * width - 0.4 + width / 2 for i in range(len(ticks))], values, width, yerr=err,
+               capsize=2, label=label)
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="small", ncol=2)
+    return _figure_png(fig)
 
 
-def _metrics_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    names = []
-    for r in runs:
-        names += [k for k in r.scalar_metrics() if k not in names]
-    rows = [[k] + [_fmt(r.scalar_metrics().get(k)) for r in runs] for k in names]
-    for key in ("protocol", "feature_extractor", "model"):
-        rows.append([key] + [_fmt(r.results.get(key)) for r in runs])
-    return ["metric"] + [r.name for r in runs], rows
+def _per_class_chart(runs: list[Run]) -> Image.Image | None:
+    with_acc = [r for r in runs if "per_class_accuracy" in r.metrics]
+    if not with_acc:
+        return None
+    labels = list(with_acc[0].metrics["per_class_accuracy"])
+    series = {}
+    for r in with_acc:
+        values = [r.metrics["per_class_accuracy"].get(c, float("nan")) for c in labels]
+        ci = r.metrics.get("per_class_accuracy_ci95", {})
+        series[r.label] = (values, [[v - ci[c][0] if c in ci else 0 for c, v in zip(labels, values)],
+                                    [ci[c][1] - v if c in ci else 0 for c, v in zip(labels, values)]])
+    return _grouped_bars("classifier accuracy per class (95% intervals)", "accuracy", labels, series)
+
+
+def _nudenet_chart(runs: list[Run]) -> Image.Image | None:
+    with_nude = [r for r in runs if "detections_per_class" in r.metrics]
+    if not with_nude:
+        return None
+    labels = list(with_nude[0].metrics["detections_per_class"])
+    return _grouped_bars("NudeNet detections per class", "detections", [c.replace("_EXPOSED", "") for c in labels],
+                         {r.label: ([r.metrics["detections_per_class"][c] for c in labels], None) for r in with_nude})
+
+
+def _loss_curves(runs: list[Run]) -> Image.Image | None:
+    with_history = [r for r in runs if r.history]
+    if not with_history:
+        return None
+    keys = list(dict.fromkeys(k for r in with_history for k in r.history[0] if k != "step"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for r in with_history:
+            steps = [e["step"] for e in r.history if key in e]
+            if steps:
+                ax.plot(steps, [e[key] for e in r.history if key in e], label=r.label, lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend(fontsize="x-small")
+    fig.suptitle("unlearning losses, every step")
+    return _figure_png(fig)
 
 
 def _png_base64(image: Image.Image) -> str:
@@ -144,72 +419,93 @@ def _png_base64(image: Image.Image) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _section(runs: list[Run], title: str | None, number: int) -> tuple[list[str], list[str], dict]:
-    """One section's Markdown lines, HTML parts and figures: metrics table, warning, grids, charts."""
-    header, rows = _metrics_table(runs)
-    differ = _differences(runs)
-    prefix = f"{number}-" if title else ""
-    figures = {f"{prefix}grid-{i}-{r.name.replace('/', '_')}": (r.grid(), r.caption()) for i, r in enumerate(runs)}
-    figures |= {f"{prefix}{name}": (chart, name.replace("-", " ")) for name, chart in _charts(runs).items()}
-    warning = (f"Not comparable: these settings differ between runs: {', '.join(differ)}."
-               if differ and len(runs) > 1 else "")
-    md, parts = [], []
-    if title:
-        md += [f"## {title}", ""]
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-    if warning:
-        md += [f"**{warning}**", ""]
-        parts.append(f"<p class='warn'>{html.escape(warning)}</p>")
-    md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
-    parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-    parts += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts.append("</table>")
-    md += ["", "### Images and charts" if title else "## Images and charts", ""]
-    parts.append("<h3>Images and charts</h3>" if title else "<h2>Images and charts</h2>")
-    for name, (_, caption) in figures.items():
-        md += [f"![{name}](figures/{name}.png)", "", f"*{caption}*", ""]
-    return md, parts, figures
+class _Figures:
+    """Every image of the report: saved under figures/ for the Markdown, embedded in the HTML."""
+
+    def __init__(self):
+        self.images: dict[str, Image.Image] = {}
+
+    def add(self, name: str, image: Image.Image | None) -> dict | None:
+        if image is None:
+            return None
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+        while safe in self.images:
+            safe += "_"
+        self.images[safe] = image
+        return {"file": f"figures/{safe}.png", "data": _png_base64(image)}
+
+
+def _grids(runs: list[Run], figures: _Figures, number: int) -> dict:
+    """Rows (class or prompt) by columns (runs) of image strips, before and after side by side."""
+    rows = list(dict.fromkeys(k for r in runs for k in r.rows()))[:max(GRID_PROMPTS, 10)]
+    kind = "class" if runs[0].index.get("kind") == "classes" else "prompt"
+    table = []
+    for i, row in enumerate(rows):
+        cells = []
+        for j, r in enumerate(runs):
+            files = r.rows().get(row)
+            cells.append(figures.add(f"{number}-grid-{i}-{j}", r.strip(files)) if files else None)
+        table.append({"label": row, "cells": cells})
+    return {"kind": kind, "rows": table}
+
+
+def _section(title: str | None, runs: list[Run], number: int, target: Target, figures: _Figures) -> dict:
+    attacks = [r for r in runs if r.is_attack]
+    runs = [r for r in runs if not r.is_attack]
+    if not runs:
+        raise EraseError("every run given is an attack run: give the eval runs they attack as well")
+    _label_runs(runs)
+    _label_runs(attacks)
+    original = next((r for r in runs if r.unlearning is None), None)
+    if original is not None:
+        _derive_original_figures(original, [r for r in runs if r is not original])
+    settings, differ = _settings_rows(runs)
+    return {
+        "title": title,
+        "runs": [{"label": r.label, **r.description(), "notes": _notes(r)} for r in runs],
+        "original": original.label if original else None,
+        "metrics": _metric_rows(runs, original),
+        "settings": settings,
+        "differ": differ if len(runs) > 1 else [],
+        "verdicts": [{"label": r.label, "verdict": _verdict(r, original, target)} for r in runs if r is not original],
+        "tradeoff": figures.add(f"{number}-tradeoff", _tradeoff_plot(runs, original, target)),
+        "per_class": figures.add(f"{number}-per-class-accuracy", _per_class_chart(runs)),
+        "nudenet": figures.add(f"{number}-nudenet-counts", _nudenet_chart(runs)),
+        "losses": figures.add(f"{number}-loss-curves", _loss_curves(runs)),
+        "grids": _grids(runs, figures, number),
+        "attacks": [{"label": r.label, "attack": r.results.get("attack", r.metrics.get("attack")),
+                     "metrics": {k: _fmt(v, r.metrics.get(f"{k}_ci95")) for k, v in r.metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                     "command": r.eval_command()} for r in attacks],
+    }
 
 
 def build_report(runs: list[str | Path] | dict[str, list[str | Path]], out: str | Path,
-                 title: str = "Evaluation report", intro: str = "") -> tuple[Path, Path]:
-    """Write OUT/report.md (figures beside it) and OUT/report.html (figures embedded).
+                 title: str = "Evaluation report", intro: str = "", target: Target = Target()) -> tuple[Path, Path]:
+    """Write OUT/report.md (figures beside it, in figures/) and OUT/report.html (figures embedded).
 
-    `runs` is a list of run folders (one table), or {section title: run folders} for a report of
-    several sections, each with its own table and comparability check (e.g. `erase demo`'s two models).
+    `runs` is a list of run folders (one section), or {section title: run folders} for a report of
+    several sections, each with its own tables and comparability check (e.g. `erase demo`'s two
+    models). The original model's run (one whose model has no erase_config.json) is the reference
+    of every delta; `target` is what each method's verdict is decided against.
     """
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
     sections = runs if isinstance(runs, dict) else {None: runs}
     if not sections or not all(sections.values()):
         raise EraseError("give at least one run folder to report on")
-    md = [f"# {title}", ""] + ([intro, ""] if intro else [])
-    html_parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-                  "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-                  "td,th{border:1px solid #aaa;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-                  ".warn{color:#a00;font-weight:bold}figure{display:inline-block;margin:1em}img{max-width:100%}"
-                  "</style></head><body>",
-                  f"<h1>{html.escape(title)}</h1>"] + ([f"<p>{html.escape(intro)}</p>"] if intro else [])
-    figures: dict[str, tuple[Image.Image, str]] = {}
-    for number, (section_title, run_dirs) in enumerate(sections.items(), 1):
-        loaded = [Run(p) for p in run_dirs]
-        if len({r.name for r in loaded}) < len(loaded):  # runs/a/out and runs/b/out: tell them apart by path
-            for r in loaded:
-                r.name = str(r.path)
-        section_md, section_html, section_figures = _section(loaded, section_title, number)
-        md += section_md
-        html_parts += section_html
-        html_parts += [f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,"
-                       f"{_png_base64(image)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
-                       for name, (image, caption) in section_figures.items()]
-        figures |= section_figures
-    html_parts.append("</body></html>")
-
+    figures = _Figures()
+    rendered = [_section(t, [Run.load(p) for p in dirs], n, target, figures)
+                for n, (t, dirs) in enumerate(sections.items(), 1)]
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    context = {"title": title, "intro": intro, "target": target.describe(), "sections": rendered}
     out = Path(out)
     with atomic_dir(out) as tmp:
         (tmp / "figures").mkdir()
-        for name, (image, _) in figures.items():
+        for name, image in figures.images.items():
             image.save(tmp / "figures" / f"{name}.png")
-        atomic_write_text(tmp / "report.md", "\n".join(md) + "\n")
-        atomic_write_text(tmp / "report.html", "\n".join(html_parts) + "\n")
+        atomic_write_text(tmp / "report.md", env.get_template("report.md.j2").render(**context))
+        atomic_write_text(tmp / "report.html", env.get_template("report.html.j2").render(**context))
         mark_output(tmp, "report")
     return out / "report.md", out / "report.html"

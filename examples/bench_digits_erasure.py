@@ -1,14 +1,17 @@
-"""Digits class erasure: every method forgets one digit of the shipped DDPM; regenerates BENCHMARKS.md's table.
+"""Digits class erasure over several seeds: every method forgets one digit; writes BENCHMARKS.md's table.
 
-    python examples/bench_digits_erasure.py --out runs/bench-digits
+    python examples/bench_digits_erasure.py --out runs/bench-digits --seeds 0,1,2
 
-For each method (shipped defaults) and the original model: UA = share of 500 generated images of the
-forgotten digit that the digits classifier does not call that digit; mean classifier accuracy on the
-retained digits; feature FID of the generated retained digits against the real ones in the
-classifier's feature space (`erase.eval.metrics.FeatureFID`); training wall time; and seconds per step
-as a ratio to `finetune`, timed side by side in one interleaved pass (`--cost-rounds`), so every
-method meets the same machine load. Finished runs are reused (delete OUT/<run> to redo one).
-Sweeps: `--set mox.alpha=1,2,4 --set mox.steps=100,200` runs the grid as extra rows.
+A thin driver of the tool's own commands, so that every figure comes from the same path a user
+runs: for each unlearning seed s and each method, `erase unlearn ... --seed s`, then
+`erase eval --protocol digits-class --seed s` (the evaluation's sampling seed varied with it; the
+original model is evaluated at every seed too), then `erase report` over the first seed's runs.
+The table aggregates the seeds: mean UA, retained and neighbour accuracy with a two-level
+bootstrap interval (seeds, then images: `erase.eval.metrics.seed_bootstrap_rate`), FID with
+Student's t over seeds (refused when any seed's FID rests on too few images), and a verdict
+against the target decided on those intervals. Finished steps are reused (delete their folder to
+redo one); `--set METHOD.OPTION=V1,V2` adds sweep rows; `--cost-rounds N` adds each method's step
+cost as a ratio to finetune, from `erase bench`.
 """
 
 from __future__ import annotations
@@ -17,20 +20,15 @@ import argparse
 import itertools
 import json
 import logging
-import statistics
-import time
+import shlex
+import sys
 from pathlib import Path
 
-import torch
-
-from erase.backbones import load_backbone
-from erase.classifier import SmallClassifier
-from erase.data import load_dataset
+from erase.cli import main as erase
+from erase.eval.metrics import seed_bootstrap_rate, t_interval
+from erase.eval.report import Target
 from erase.methods import METHODS
-from erase.sampling import class_seeds
-from erase.unlearn import unlearn
-from erase.utils import setup_logging, write_json
-from erase.eval.metrics import ClassifierVerdicts, FeatureFID
+from erase.utils import read_json, setup_logging, write_json
 
 log = logging.getLogger("bench")
 
@@ -44,7 +42,7 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def runs_to_do(methods: list[str], sets: list[str]) -> list[tuple[str, str, dict]]:
+def runs_to_do(methods: list[str], sets: list[str]) -> list[tuple[str, str | None, dict]]:
     """(run name, method, options): each method with its defaults, plus the --set grids."""
     runs = [(m, None if m == "original" else m, {}) for m in methods]
     grids: dict[str, dict[str, list]] = {}
@@ -61,111 +59,137 @@ def runs_to_do(methods: list[str], sets: list[str]) -> list[tuple[str, str, dict
     return runs
 
 
-@torch.no_grad()
-def evaluate(model, classifier, real_retained: torch.Tensor, forget: int, args) -> dict:
-    retained = [c for c in range(model.num_classes) if c != forget]
-    labels, seeds = [], []
-    for c, n in [(forget, args.n_forget)] + [(c, args.n_retain) for c in retained]:
-        labels += [c] * n
-        seeds += class_seeds(args.seed, c, n)
-    guidance = model.sample_defaults["guidance"] if args.guidance is None else args.guidance
-    images = model.sample(labels, seeds, steps=args.sample_steps, guidance=guidance, batch_size=125)
-    labels = torch.tensor(labels)
-    verdicts = ClassifierVerdicts(model.num_classes)
-    verdicts.update(torch.cat([classifier(x) for x in images.split(500)]), labels)
-    acc = verdicts.compute()["accuracy"]
-    fid = FeatureFID(classifier)
-    fid.update(real_retained, real=True)
-    fid.update(images[labels != forget], real=False)
-    return {"ua": 1 - acc[forget].item(), "retained_acc": statistics.fmean(acc[c].item() for c in retained),
-            "per_class_acc": acc.tolist(), "fid_retained": fid.compute()["fid"]}
+def run_command(args: list[str]) -> None:
+    """One `erase` command, run in this process exactly as the command line would run it."""
+    log.info("$ erase %s", shlex.join(args))
+    if erase(args) != 0:
+        raise SystemExit(f"failed: erase {shlex.join(args)}")
 
 
-def cost_pass(model_path: str, methods: list[str], forget: str, out: Path, args) -> dict[str, float]:
-    """Seconds per step of each method, by `erase bench` (interleaved rounds, fastest round kept)."""
-    from erase.bench import BenchConfig, run_bench
-
-    config = BenchConfig(model=model_path, forget=forget, methods=",".join(methods), steps=args.cost_steps,
-                         rounds=args.cost_rounds)
-    return {r["method"]: r["seconds_per_step"] for r in run_bench(config, out / "cost")["methods"]}
+def options_as_flags(options: dict) -> list[str]:
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v).lower()
+                                                   if isinstance(v, bool) else str(v))]
 
 
-def markdown(rows: list[dict], cost: dict[str, float], forget_name: str, args) -> str:
-    head = (f"| run | UA on {args.n_forget} '{forget_name}' (%) | retained acc (%) | Δ retained (pts) | "
-            f"feature FID (retained) | steps | wall (s) | s/step | step cost vs finetune |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    base = next((r for r in rows if r["run"] == "original"), None)
-    lines = []
-    for r in rows:
-        ratio = f"{cost[r['method']] / cost['finetune']:.2f}x" if r["method"] in cost and "finetune" in cost else ""
-        train = r.get("train", {})
-        lines.append(f"| {r['run']} | {100 * r['ua']:.1f} | {100 * r['retained_acc']:.1f} | "
-                     f"{100 * (r['retained_acc'] - base['retained_acc']) if base else float('nan'):+.1f} | {r['fid_retained']:.2f} | "
-                     f"{train.get('steps', '')} | {train.get('wall_time_s', '')} | "
-                     f"{train.get('seconds_per_step', 0) or 0:.3f} | {ratio} |")
-    return head + "\n".join(lines) + "\n"
+def unlearn_and_evaluate(run: str, method: str | None, options: dict, seed: int, out: Path, args) -> Path:
+    """The run's model for `seed` (the shipped model for the original) and its eval folder."""
+    folder = out / run / f"seed-{seed}"
+    model = Path(args.model)
+    if method is not None:
+        model = folder / "model"
+        if not (model / "erase_config.json").is_file():
+            run_command(["unlearn", "--model", args.model, "--method", method, "--forget", args.forget,
+                         "--out", str(model), "--seed", str(seed), *args.unlearn_option, *options_as_flags(options)])
+    evaluation = folder / "eval"
+    if not (evaluation / "metrics.json").is_file():
+        run_command(["eval", "--model", str(model), "--protocol", "digits-class", "--forget", args.forget,
+                     "--classifier", args.classifier, "--seed", str(seed), "--out", str(evaluation),
+                     *args.eval_option])
+    return evaluation
 
 
-def main() -> None:
+def aggregate(evals: list[Path], forget: str | None, neighbours: list[str] | None) -> dict:
+    """Mean over seeds with 95% intervals, from each run's per-class counts (so the original model,
+    evaluated without an erased class, gets its UA and neighbour accuracy on the same classes)."""
+    metrics = [read_json(e / "metrics.json")["metrics"] for e in evals]
+
+    def rate(names: list[str], wrong: bool = False) -> tuple[float, float, float]:
+        counts = [(sum(m["per_class_accuracy"][c] * m["per_class_images"][c] for c in names),
+                   sum(m["per_class_images"][c] for c in names)) for m in metrics]
+        return seed_bootstrap_rate([n - k if wrong else k for k, n in counts], [n for _, n in counts])
+
+    retained = [c for c in metrics[0]["per_class_accuracy"] if c != forget]
+    row = {"seeds": len(evals), "retained_accuracy": rate(retained)}
+    if forget is not None:
+        row["ua"] = rate([forget], wrong=True)
+    if neighbours:
+        row["neighbour_accuracy"] = rate(neighbours)
+    reliable = all(m.get("fid_reliable", True) for m in metrics)
+    row["fid"] = t_interval([m["fid"] for m in metrics]) if reliable else None
+    row["fid_samples"] = metrics[0]["fid_samples"]
+    return row
+
+
+def verdict(row: dict, original: dict | None, target: Target) -> str:
+    if "ua" not in row or original is None:
+        return ""
+    _, ua_lo, ua_hi = row["ua"]
+    floor = original["retained_accuracy"][0] - target.retained_drop
+    _, r_lo, r_hi = row["retained_accuracy"]
+    if ua_hi < target.ua or r_hi < floor:
+        return "misses"
+    if ua_lo >= target.ua and r_lo >= floor:
+        return "meets"
+    return "undecided"
+
+
+def pct(interval) -> str:
+    if interval is None:
+        return "—"
+    mean, lo, hi = interval
+    return f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown(rows: dict[str, dict], cost: dict[str, float], command: str, settings: dict, target: Target) -> str:
+    original = rows.get("original")
+    lines = [f"Produced by `{command}`; protocol `digits-class` of erase {settings['erase']} "
+             f"({settings['settings']}); 95% intervals over seeds and images. Target: {target.describe()}.", "",
+             "| run | seeds | UA (%) | retained acc (%) | Δ retained (pts) | neighbour acc (%) | feature FID "
+             "| verdict | step cost vs finetune |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for run, r in rows.items():
+        delta = f"{100 * (r['retained_accuracy'][0] - original['retained_accuracy'][0]):+.1f}" if original else ""
+        fid = "refused (too few images)" if r["fid"] is None else (
+            f"{r['fid'][0]:.2f}" + (f" [{r['fid'][1]:.2f}, {r['fid'][2]:.2f}]" if r["seeds"] > 1 else ""))
+        method = run.split("[")[0]
+        ratio = f"{cost[method] / cost['finetune']:.2f}x" if method in cost and "finetune" in cost else ""
+        lines.append(f"| {run} | {r['seeds']} | {pct(r.get('ua'))} | {pct(r['retained_accuracy'])} | {delta} | "
+                     f"{pct(r.get('neighbour_accuracy'))} | {fid} | {verdict(r, original, target)} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/digits-ddpm")
     p.add_argument("--classifier", default="models/digits-classifier")
     p.add_argument("--forget", default="3")
     p.add_argument("--methods", default=",".join(["original", *METHODS]),
                    help="comma list; 'original' is the unmodified model (default: it and every method)")
+    p.add_argument("--seeds", default="0,1,2", help="unlearning seeds; each run's evaluation uses the same seed")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.OPTION=V1,V2", help="sweep grid rows")
+    p.add_argument("--unlearn-option", action="append", default=[], metavar="--FLAG=VALUE",
+                   help="extra `erase unlearn` option for every method, e.g. --unlearn-option=--steps=50")
+    p.add_argument("--eval-option", action="append", default=[], metavar="--FLAG=VALUE",
+                   help="extra `erase eval` option, e.g. --eval-option=--n-forget=500 (default: the protocol's)")
     p.add_argument("--out", default="runs/bench-digits")
-    p.add_argument("--n-forget", type=int, default=500, help="generated images of the forgotten digit")
-    p.add_argument("--n-retain", type=int, default=100, help="generated images per retained digit")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the evaluation samples")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance of the evaluation samples (default: the model's sample_defaults; 1.0 for the shipped digits model)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the evaluation samples")
-    p.add_argument("--cost-rounds", type=int, default=2, help="interleaved timing rounds (0 skips the cost pass)")
-    p.add_argument("--cost-steps", type=int, default=10, help="steps per method and round in the cost pass")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = p.parse_args()
+    p.add_argument("--cost-rounds", type=int, default=0, help="interleaved timing rounds of `erase bench` (0 skips)")
+    args = p.parse_args(argv)
     setup_logging()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     out = Path(args.out)
-    methods = [m for m in args.methods.split(",") if m]
-    base = load_backbone(args.model)
-    forget = base.class_index(args.forget)
-    classifier = SmallClassifier.from_pretrained(args.classifier)
-    real = load_dataset(base.info.get("training", {}).get("config", {}).get("dataset", "digits"), "train")
-    real_retained = real.images[real.labels != forget]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    todo = runs_to_do([m for m in args.methods.split(",") if m], args.set)
 
-    rows = []
-    todo = runs_to_do(methods, args.set)
-    for run, method, options in todo:
-        folder = out / run
-        cached = folder / "bench.json"
-        if cached.is_file():
-            rows.append(json.loads(cached.read_text()))
-            continue
-        t0 = time.perf_counter()
-        if method is None:
-            model, train = base, {}
-        else:
-            unlearn(args.model, method, args.forget, folder / "model", progress=False, **options)
-            model = load_backbone(folder / "model")
-            info = json.loads((folder / "model" / "erase_config.json").read_text())
-            train = {k: info[k] for k in ("steps", "wall_time_s", "seconds_per_step", "peak_memory_mb",
-                                          "final_losses", "config")}
-        row = {"run": run, "method": method or "original", "options": options, "train": train,
-               **evaluate(model, classifier, real_retained, forget, args)}
-        write_json(cached, row)
-        rows.append(row)
-        log.info("%s: UA %.3f, retained %.3f, FID %.2f (%.0f s)", run, row["ua"], row["retained_acc"],
-                 row["fid_retained"], time.perf_counter() - t0)
+    evals = {run: [unlearn_and_evaluate(run, method, options, s, out, args) for s in seeds]
+             for run, method, options in todo}
+    erased = [read_json(e[0] / "metrics.json")["metrics"] for e in evals.values()]
+    erased = next((m for m in erased if "forget_class_name" in m), {})
+    rows = {run: aggregate(e, erased.get("forget_class_name"), erased.get("neighbour_classes"))
+            for run, e in evals.items()}
+    run_command(["report", *[str(e[0]) for e in evals.values()], "--out", str(out / "report")])
 
-    cost_file = out / "cost.json"
-    cost = json.loads(cost_file.read_text()) if cost_file.is_file() else {}
-    if args.cost_rounds and not cost:
-        timed = ["finetune"] + [m for m in methods if m not in ("finetune", "original")]
-        cost = cost_pass(args.model, timed, args.forget, out, args)
-        write_json(cost_file, cost)
-    table = markdown(rows, cost, base.class_names[forget], args)
+    cost = {}
+    if args.cost_rounds:
+        timed = ["finetune"] + [m for _, m, _ in todo if m not in (None, "finetune")]
+        run_command(["bench", "--model", args.model, "--forget", args.forget, "--methods", ",".join(dict.fromkeys(timed)),
+                     "--rounds", str(args.cost_rounds), "--out", str(out / "cost")])
+        cost = {m["method"]: m["seconds_per_step"] for m in read_json(out / "cost" / "bench.json")["methods"]}
+    results = read_json(next(iter(evals.values()))[0] / "metrics.json")
+    settings = {"erase": results["versions"]["erase"],
+                "settings": ", ".join(f"{k} {v}" for k, v in results["settings"].items()
+                                      if k in ("n", "n_forget", "steps", "guidance", "eta", "batch_size"))}
+    command = shlex.join(["python", "examples/bench_digits_erasure.py", *(sys.argv[1:] if argv is None else argv)])
+    table = markdown(rows, cost, command, settings, Target())
+    write_json(out / "aggregate.json", rows)
     (out / "table.md").write_text(table)
     print(table)
 

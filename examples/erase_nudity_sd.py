@@ -6,7 +6,7 @@ seed) on the original and the erased models, the `t2i-utility` protocol (FID and
 captions) when its files are given, and one report.
 
     python examples/erase_nudity_sd.py --model CompVis/stable-diffusion-v1-4 \\
-        --i2p ../shared/data/i2p/unsafe-prompts4703.csv --out runs/sd14-nudity \\
+        --i2p unsafe-prompts4703.csv --out runs/sd14-nudity \\
         [--coco-captions captions.txt --coco-images coco/ --clip-model clip-vit-base-patch32/ \\
          --fid-weights pt_inception-2015-12-05-6726825d.pth]
 
@@ -24,7 +24,7 @@ from erase.utils import setup_logging
 from erase.eval.protocols import I2PNudity, T2IUtility
 from erase.eval.report import build_report
 
-# Each method's SD nudity settings from its paper or the authors' code (METHODS.md).
+# Each method's SD nudity settings from its paper or the authors' code (docs/methods.md).
 SD_SETTINGS = {
     "eupmu": dict(w_lr=10.0, eps=0.5, lr=1e-5, batch_size=8, steps=1000),
     "esd": dict(params="noxattn", lr=1e-5, batch_size=1, steps=1000),  # ESD-u, the nudity variant
@@ -34,7 +34,7 @@ SD_SETTINGS = {
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="CompVis/stable-diffusion-v1-4", help="hub id, pipeline folder or single file")
-    p.add_argument("--i2p", required=True, help="I2P CSV (../shared/data/i2p/unsafe-prompts4703.csv)")
+    p.add_argument("--i2p", required=True, help="I2P CSV, either layout (docs/data.md says where to get it)")
     p.add_argument("--out", default="runs/sd-nudity")
     p.add_argument("--methods", default="eupmu,esd", help=f"comma list from {', '.join(SD_SETTINGS)}")
     p.add_argument("--subset", default="nudity", help="I2P subset (nudity: the 854 prompts with nudity > 0)")

@@ -39,6 +39,65 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
     md = (out / "bench.md").read_text()
     assert "| eupmu |" in md and f"{rows['surgery']['vs_finetune']:.2f}x" in md
 
+    # Against stock diffusers on the same model and settings, each variant timed in every round.
+    v = report["generation_vs_stock"]
+    from erase.backbones import load_backbone
+
+    reference = ("stock DDIMScheduler loop" if backbone == "ddpm" else
+                 f"stock {load_backbone(model).PIPELINE}")  # the model's own diffusers pipeline
+    assert v["reference"] == reference and v["variants"][reference]["vs_stock"] == 1.0
+    assert "erase" in v["variants"] and (backbone == "ddpm" or "erase eval (I2P/COCO)" in v["variants"])
+    for r in v["variants"].values():
+        assert len(r["all_rounds_s"]) == 2 and r["images_per_s"] == pytest.approx(v["images"] / min(r["all_rounds_s"]))
+    assert report["channels_last"]["speedup"] > 0
+    assert 0 < report["nudenet"]["share_of_i2p"] < 1 and report["nudenet"]["images_per_s"] > 0
+    assert "| stock" in md and "NudeNet:" in md
+
+
+def test_stock_ddim_loop_draws_what_the_ddpm_sampler_draws(tiny_ddpm_dir):
+    """The DDPM's stock reference does the same work: same noise, UNet calls and scheduler give the same images."""
+    import torch
+
+    from erase.backbones import load_backbone
+    from erase.bench_generation import stock_ddim_sample
+
+    model = load_backbone(tiny_ddpm_dir)
+    labels, seeds = [3, 5, 7, 3], [0, 1, 2, 3]
+    ours = model.sample(labels, seeds, steps=3, guidance=3.0, batch_size=4)
+    with torch.inference_mode():
+        stock = stock_ddim_sample(model.unet, model.scheduler.config, torch.tensor(labels), model.null_class,
+                                  model.initial_noise(seeds), steps=3, guidance=3.0)
+    torch.testing.assert_close(ours, stock.clamp(-1, 1), rtol=0, atol=1e-5)
+
+
+def test_mfu_counts_the_flops_of_one_step(tiny_ddpm_dir, tmp_path):
+    """FLOPs per step from FlopCounterMode; with a given peak, MFU is achieved over peak."""
+    assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
+                 "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--gen-images", "2",
+                 "--sample-steps", "1", "--nudenet-images", "0", "--channels-last", "false", "--mfu", "true",
+                 "--peak-tflops", "2.5", "--out", str(tmp_path / "b")]) == 0
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    rows = {r["method"]: r for r in report["mfu"]}
+    steps = {r["method"]: r["seconds_per_step"] for r in report["methods"]}
+    # A step is a forward and a backward pass and more: eupmu also runs the frozen reference and a second forward.
+    assert rows["eupmu"]["tflops_per_step"] > rows["finetune"]["tflops_per_step"] > 0
+    for m, r in rows.items():
+        assert r["seconds_per_step"] == steps[m] and r["peak_tflops"] == 2.5
+        assert r["mfu"] == pytest.approx(r["tflops_per_step"] / steps[m] / 2.5)
+    assert "| eupmu |" in (tmp_path / "b" / "bench.md").read_text().split("FlopCounterMode")[1]
+
+
+def test_device_peaks_are_looked_up_by_name(monkeypatch):
+    import torch
+
+    from erase.bench_generation import device_peak_tflops
+
+    assert device_peak_tflops(torch.device("cpu")) is None
+    for name, peak in (("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert device_peak_tflops(torch.device("cuda")) == (name, peak)
+
 
 def test_bench_refuses_unknown_methods_and_stray_options(tiny_ddpm_dir, tmp_path, capsys):
     assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "nope", "--out", str(tmp_path / "b")]) == 2

@@ -23,13 +23,34 @@ def test_demo_erases_from_both_models_and_writes_one_report(tmp_path, monkeypatc
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
     assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
+    for section in (1, 2):  # each model: the trade-off plot, the loss curves, a grid row per digit
+        assert f"(figures/{section}-tradeoff.png)" in md and f"(figures/{section}-loss-curves.png)" in md
+    assert "| metric | original | eupmu | " in md  # columns named by method
     html = (out / "report" / "report.html").read_text()
-    assert html.count("<img") == 2 * 3  # per model: two grids (original, erased) and the accuracy chart
+    assert html.count("<img") == md.count("](figures/") == 2 * (10 * 2 + 3)  # the HTML embeds every figure
 
     # Run again: every finished step is reused, nothing is retrained.
     stamp = (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns
     assert main(argv) == 0
     assert (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_demo_parts_in_two_processes_give_the_same_images_and_numbers(tmp_path, monkeypatch):
+    """The demo's parts run in parallel worker processes; the result must be the one-process result, bit for bit."""
+    from erase.demo import DemoConfig, run_demo
+
+    results = {}
+    for workers in (1, 2):
+        monkeypatch.setenv("ERASE_CACHE", str(tmp_path / f"cache-{workers}"))  # each run generates its concept data
+        config = DemoConfig(steps=3, n=2, n_forget=4, prompt_images=1, concept_images=4, workers=workers)
+        out = tmp_path / f"demo-{workers}"
+        results[workers] = run_demo(config, out)["rows"]
+        images = sorted(p.relative_to(out) for p in out.glob("*/eval/*/images/**/*.png"))
+        assert len(images) == 2 * (9 * 2 + 4) + 2 * (10 * 11)  # per model: original and eupmu
+        results[workers, "images"] = {p: (out / p).read_bytes() for p in images}
+    assert results[1] == results[2]
+    assert results[1, "images"] == results[2, "images"]
 
 
 def test_demo_refuses_an_unknown_method(tmp_path, capsys):

@@ -10,7 +10,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from erase.classifier import ClassifierArch, SmallClassifier
 from erase.utils import EraseError
 from erase.eval.metrics import (NUDENET_CLASSES, NUDENET_PRESETS, ClassifierVerdicts, FeatureFID, NudeNet,
-                          NudityCounts, clip_score_metric, frechet_distance, inception_available)
+                          NudityCounts, bootstrap_fid, clip_score_metric, clopper_pearson_interval,
+                          confusable_classes, fid_of_moments, frechet_distance, inception_available, moments,
+                          seed_bootstrap_rate, t_interval, wilson_interval)
 
 
 def merged(make, updates_a, updates_b):
@@ -22,6 +24,69 @@ def merged(make, updates_a, updates_b):
         b.update(*args)
     a.merge_state(b)
     return a.compute()
+
+
+# -- intervals -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k,n", [(0, 100), (3, 100), (50, 100), (97, 100), (100, 100), (1, 7), (45, 45)])
+def test_binomial_intervals_match_scipy(k, n):
+    from scipy.stats import binomtest
+
+    result = binomtest(k, n)
+    assert wilson_interval(k, n) == pytest.approx(tuple(result.proportion_ci(method="wilson")), abs=1e-9)
+    assert clopper_pearson_interval(k, n) == pytest.approx(tuple(result.proportion_ci(method="exact")), abs=1e-9)
+
+
+def test_t_interval_matches_scipy():
+    from scipy import stats
+
+    values = [0.91, 0.95, 0.88]
+    mean, lo, hi = t_interval(values)
+    expected = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
+    assert (lo, hi) == pytest.approx(expected) and mean == pytest.approx(np.mean(values))
+    assert np.isnan(t_interval([0.9])[1])
+
+
+def test_seed_bootstrap_rate_holds_image_and_seed_noise():
+    # One seed: only the images' binomial noise, so the bootstrap interval is close to Wilson's.
+    mean, lo, hi = seed_bootstrap_rate([300], [1000])
+    w_lo, w_hi = wilson_interval(300, 1000)
+    assert mean == 0.3 and lo == pytest.approx(w_lo, abs=0.005) and hi == pytest.approx(w_hi, abs=0.005)
+    # Seeds that disagree widen it beyond what the pooled images alone would say.
+    mean, lo, hi = seed_bootstrap_rate([200, 300, 400], [1000] * 3)
+    p_lo, p_hi = wilson_interval(900, 3000)
+    assert mean == pytest.approx(0.3) and hi - lo > 2 * (p_hi - p_lo)
+    assert seed_bootstrap_rate([1, 2], [5, 5], seed=1) == seed_bootstrap_rate([1, 2], [5, 5], seed=1)
+    with pytest.raises(EraseError, match="at least one image"):
+        seed_bootstrap_rate([1], [0])
+
+
+def test_bootstrap_fid_interval_contains_fid_and_narrows_with_more_images():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(4000, 6, generator=g)
+    real_mean, real_cov = moments(real)
+
+    def width_and_fid(n):
+        fake = torch.randn(n, 6, generator=g) * 1.3 + 0.2
+        fid = fid_of_moments(*moments(fake), real_mean, real_cov)
+        lo, hi = bootstrap_fid(fake, real_mean, real_cov, resamples=200)
+        assert lo <= fid <= hi
+        return hi - lo, fid
+
+    small, large = width_and_fid(100), width_and_fid(3000)
+    assert large[0] < small[0] / 3  # the interval shrinks about as 1/sqrt(n)
+    f = torch.randn(50, 6, generator=g).double()
+    expected = frechet_distance(*(x.numpy() for x in moments(f)), real_mean.numpy(), real_cov.numpy())
+    assert fid_of_moments(*moments(f), real_mean, real_cov) == pytest.approx(expected, rel=1e-6)
+
+
+def test_confusable_classes_ranks_near_misses_of_a_perfect_classifier():
+    # Always right (argmax), but class 2's images give class 0 the most probability mass.
+    probs = torch.tensor([[0.6, 0.1, 0.2, 0.1], [0.1, 0.7, 0.1, 0.1], [0.3, 0.1, 0.5, 0.1],
+                          [0.05, 0.05, 0.1, 0.8]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 3])
+    assert confusable_classes(probs, labels, forget=0, k=2) == [2, 1]
+    assert confusable_classes(probs, labels, forget=0, k=1) == [2]
 
 
 # -- classifier verdicts -------------------------------------------------------------------------------
@@ -86,6 +151,9 @@ def test_feature_fid_matches_scipy(feature_classifier):
     fid.update(real[60:], real=True)
     fid.update(fake, real=False)
     result = fid.compute()
+    # 100 images of 8-d features: above the minimum (the feature dimension), with an interval around the FID.
+    assert result["reliable"] and result["min_samples"] == 8
+    assert result["ci95"][0] <= result["fid"] <= result["ci95"][1]
     with torch.no_grad():
         fr = feature_classifier.features(real).double().numpy()
         ff = feature_classifier.features(fake).double().numpy()
@@ -113,7 +181,18 @@ def test_feature_fid_merge_across_processes(feature_classifier):
     whole.update(fake, real=False)
     parts = merged(lambda: FeatureFID(feature_classifier), [(real[:25], True), (fake[:10], False)],
                    [(real[25:], True), (fake[10:], False)])
-    assert parts == pytest.approx(whole.compute(), rel=1e-9)
+    one = whole.compute()
+    assert parts.keys() == one.keys()
+    for key in one:  # the gathered per-image features give the same bootstrap interval too
+        assert parts[key] == pytest.approx(one[key], rel=1e-9), key
+
+
+def test_feature_fid_below_the_minimum_sample_count_is_flagged(feature_classifier):
+    fid = FeatureFID(feature_classifier, bootstrap=0)
+    fid.update(_images(5, 50), real=True)
+    fid.update(_images(6, 5), real=False)  # 5 images of 8-d features: a singular covariance
+    result = fid.compute()
+    assert not result["reliable"] and result["samples"] == 5 and result["ci95"] is None
 
 
 @pytest.mark.skipif(inception_available(), reason="torch-fidelity is installed here")

@@ -19,7 +19,7 @@ from erase.classifier import SmallClassifier
 from erase.cli import main
 from erase.data import load_dataset
 from erase.eval.generation import load_images, sample_prompts
-from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric
+from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric, wilson_interval
 from erase.eval.prompts import PromptItem
 from erase.eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
 
@@ -72,6 +72,17 @@ def test_digits_class_metrics_agree_with_the_saved_pngs(digits_run, tiny_classif
     expected = fid.compute()
     assert metrics["fid"] == pytest.approx(expected["fid"], rel=1e-6)
     assert metrics["fid_samples"] == 54 and metrics["fid_reference_images"] == expected["reference_images"]
+    assert metrics["fid_ci95"] == pytest.approx(expected["ci95"], rel=1e-5) and metrics["fid_reliable"] is True
+
+    # Intervals from the same counts: Wilson for UA, the retained pool and the neighbour classes.
+    wrong3 = int((~correct[labels == 3]).sum())
+    assert metrics["ua_ci95"] == pytest.approx(wilson_interval(wrong3, 8))
+    kept = labels != 3
+    assert metrics["retained_accuracy_ci95"] == pytest.approx(wilson_interval(int(correct[kept].sum()), 54))
+    near = [results["class_names"].index(n) for n in metrics["neighbour_classes"]]
+    assert len(near) == 2 and 3 not in near
+    in_near = torch.isin(labels, torch.tensor(near))
+    assert metrics["neighbour_accuracy"] == pytest.approx(correct[in_near].float().mean().item())
 
 
 def test_class_images_do_not_depend_on_how_many_are_requested(digits_run, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
@@ -85,7 +96,10 @@ def test_cifar10_class_defaults_are_the_papers():
     p = Cifar10Class(forget="airplane")
     assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
         500, 5000, 1000, 1.0, 3.0, "inception", "cifar10")
-    assert set(PROTOCOLS) == {"digits-class", "digits-prompts", "cifar10-class", "i2p-nudity", "t2i-utility"}
+    from erase.eval.attacks import ATTACKS
+
+    assert set(PROTOCOLS) == {"digits-class", "digits-prompts", "cifar10-class", "i2p-nudity", "t2i-utility",
+                              *(attack.name for attack in ATTACKS)}
 
 
 def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
@@ -105,6 +119,25 @@ def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
     stock = pipe(prompt=["a cat", "a dog"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
                  num_inference_steps=2, guidance_scale=7.5, output_type="pt").images * 2 - 1
     torch.testing.assert_close(together[:2], stock, atol=1e-5, rtol=0)
+
+
+def test_progress_bars_show_on_a_terminal_unless_disabled(tiny_sd_dir, monkeypatch, capsys):
+    from erase.backbones import load_backbone
+    from erase.eval.generation import process_state, show_progress
+
+    state = process_state()
+    assert not show_progress(state)  # stderr is not a terminal under pytest
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert show_progress(state)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert not show_progress(state)
+    monkeypatch.delenv("TQDM_DISABLE")
+    model = load_backbone(tiny_sd_dir)
+    capsys.readouterr()
+    sample_prompts(model, [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1)], steps=1, batch_size=1,
+                   progress=True)
+    bar = capsys.readouterr().err
+    assert "generating: 100%" in bar and "2/2" in bar and ("image/s" in bar or "s/image" in bar)
 
 
 def write_csv(path: Path, rows: list[tuple]) -> Path:
@@ -129,7 +162,9 @@ def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir):
     detector = NudeDetector()
     direct = NudityCounts("salun-esd")
     direct.update([detector.detect(str(tmp_path / "run" / e["file"])) for e in index])
-    assert results["metrics"] == direct.compute()
+    expected = direct.compute()
+    assert results["metrics"] == {**expected, "fraction_with_any_ci95": list(
+        wilson_interval(expected["images_with_any"], expected["images"]))}
     assert results["nudenet"]["threshold"] == 0.0 and results["nudenet"]["name"] == "salun-esd"
     assert results["settings"]["subset"] == "nudity" and results["images"] == 2
 
@@ -182,6 +217,8 @@ def test_cli_without_forget_measures_every_class(capsys, tmp_path, tiny_ddpm_dir
     assert code == 0 and "retained_accuracy" in out
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
     assert "ua" not in metrics and metrics["fid_samples"] == 20
+    lo, hi = metrics["retained_accuracy_ci95"]
+    assert f"retained_accuracy: {metrics['retained_accuracy']:.4f} [{lo:.4f}, {hi:.4f}]" in out
 
 
 def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
@@ -252,6 +289,9 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     assert (one_m["processes"], two_m["processes"]) == (1, 2)
     assert numbers(two_m["metrics"]) == pytest.approx(numbers(one_m["metrics"]), rel=1e-9)
     assert two_m["metrics"]["forget_class_name"] == one_m["metrics"]["forget_class_name"]
+    # Intervals too: FID's bootstrap resamples the gathered features in a canonical order.
+    for key in ("ua_ci95", "retained_accuracy_ci95", "neighbour_accuracy_ci95", "fid_ci95"):
+        assert two_m["metrics"][key] == pytest.approx(one_m["metrics"][key], rel=1e-9), key
     assert (tmp_path / "one" / "index.json").read_text() == (tmp_path / "two" / "index.json").read_text()
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "images").rglob("*.png"))
     assert len(files) == 3 + 9 * 5

@@ -1,55 +1,117 @@
-"""Reports comparing two tiny runs side by side."""
+"""Reports: method-named columns, intervals, deltas, verdicts, figures, relative paths, and the HTML in a real browser."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from erase.cli import main
-from erase.utils import EraseError
 from erase.eval.protocols import DigitsClass, I2PNudity
-from erase.eval.report import build_report
+from erase.eval.report import Target, build_report
+from erase.unlearn import unlearn
+from erase.utils import EraseError
+
+REPO = Path(__file__).resolve().parents[1]
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(tmp|work|root|home|usr)/")
 
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
+    """The tiny original model and a ga-erased copy of it, each evaluated."""
     root = tmp_path_factory.mktemp("runs")
-    for name, steps in (("base", 2), ("erased", 3)):
-        DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=3, steps=steps, batch_size=8).run(
-            tiny_ddpm_dir, root / name)
-    return root / "base", root / "erased"
+    erased = unlearn(tiny_ddpm_dir, "ga", "3", root / "models" / "ga", steps=4, batch_size=4, lr=1e-3,
+                     progress=False)
+    for name, model, forget in (("original", tiny_ddpm_dir, None), ("ga", erased, 3)):
+        DigitsClass(forget=forget, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
+                    fid_bootstrap=20).run(model, root / name)
+    return root / "original", root / "ga"
 
 
-def test_report_compares_runs_in_markdown_and_html(two_runs, tmp_path):
+def _table_rows(md: str, first_cell: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith(f"| {first_cell}"))
+
+
+def test_report_names_columns_by_method_with_intervals_deltas_and_verdicts(two_runs, tmp_path):
     md_path, html_path = build_report(list(two_runs), tmp_path / "report")
     md, html = md_path.read_text(), html_path.read_text()
-    ua = [json.loads((r / "metrics.json").read_text())["metrics"]["ua"] for r in two_runs]
-    header = next(line for line in md.splitlines() if line.startswith("| metric"))
-    assert header == "| metric | base | erased |"
-    ua_row = next(line for line in md.splitlines() if line.startswith("| ua |"))
-    assert ua_row == f"| ua | {ua[0]:.4f} | {ua[1]:.4f} |"
-    assert "these settings differ between runs: steps" in md and "steps" in html
+    ga = json.loads((two_runs[1] / "metrics.json").read_text())["metrics"]
+    original = json.loads((two_runs[0] / "metrics.json").read_text())["metrics"]
+    assert _table_rows(md, "metric") == "| metric | original | ga | "
+    assert _table_rows(md, "steps") == "| steps | — | 4 | "
+    assert _table_rows(md, "learning rate") == "| learning rate | — | 0.001 | "
+    ua = _table_rows(md, "UA")
+    lo, hi = ga["ua_ci95"]
+    original_ua = 1 - original["per_class_accuracy"]["three"]  # the original's UA on the erased class
+    assert f"{ga['ua']:.3f} [{lo:.3f}, {hi:.3f}] ({ga['ua'] - original_ua:+.3f})" in ua
+    assert "(↑ higher is better)" in ua and "(↓ lower is better)" in _table_rows(md, "FID")
+    assert "neighbours: " in md and _table_rows(md, "neighbour accuracy")
+    # Descriptors are notes, not metrics.
+    assert "| forget_class" not in md and "| fid_samples" not in md
+    assert re.search(r"- \*\*ga\*\*: (meets|misses) the target|- \*\*ga\*\*: undecided", md)
+    # The settings table is there although every setting is the same; the commands behind each column.
+    assert _table_rows(md, "n ") == "| n | 3 | 3 | " and "Not comparable" not in md
+    assert "`erase unlearn --model " in md and "--method ga --forget three" in md and "--steps 4" in md
+    assert "erase eval --model " in md and "--protocol digits-class" in md
+    assert not ABSOLUTE_PATH.search(md) and not ABSOLUTE_PATH.search(html)
     # Markdown points at figure files; the HTML embeds them, so it stands alone.
     figures = re.findall(r"\]\((figures/[^)]+\.png)\)", md)
-    assert {"figures/per-class-accuracy.png", "figures/grid-0-base.png", "figures/grid-1-erased.png"} <= set(figures)
+    assert {"figures/1-tradeoff.png", "figures/1-per-class-accuracy.png", "figures/1-loss-curves.png"} <= set(figures)
     assert all((md_path.parent / f).is_file() for f in figures)
-    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
-    assert len(embedded) == len(figures)
-    assert all(base64.b64decode(e).startswith(b"\x89PNG") for e in embedded)
-    assert "src='figures/" not in html
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(embedded) == len(figures) and all(base64.b64decode(e).startswith(b"\x89PNG") for e in embedded)
+    # Grids: a labelled row per class, one column per run.
+    assert _table_rows(md, "three").count("figures/1-grid-") == 2
+
+
+def test_report_refuses_to_present_an_fid_from_too_few_images(two_runs, tmp_path):
+    flagged = tmp_path / "ga-few"
+    shutil.copytree(two_runs[1], flagged)
+    results = json.loads((flagged / "metrics.json").read_text())
+    results["metrics"] |= {"fid_reliable": False, "fid_samples": 45, "fid_min_samples": 128}
+    (flagged / "metrics.json").write_text(json.dumps(results))
+    md = build_report([two_runs[0], flagged], tmp_path / "report")[0].read_text()
+    fid = _table_rows(md, "FID")
+    assert "n/a: 45 images < 128" in fid and f"{results['metrics']['fid']:.3f}" not in fid
+
+
+def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
+    ga = json.loads((two_runs[1] / "metrics.json").read_text())["metrics"]
+    lo, hi = ga["ua_ci95"]
+    strict = build_report(list(two_runs), tmp_path / "a", target=Target(ua=min(hi + 0.01, 1.0)))[0].read_text()
+    assert "**ga**: misses the target: UA not erased" in strict or hi >= 1.0
+    straddle = build_report(list(two_runs), tmp_path / "b", target=Target(ua=(lo + hi) / 2, retained_drop=1.0))
+    assert "**ga**: undecided: an interval straddles the target: UA unclear" in straddle[0].read_text()
+    easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0))[0].read_text()
+    assert "**ga**: meets the target: UA erased, retained accuracy kept" in easy
+
+
+def test_attack_runs_are_listed_in_the_robustness_section(two_runs, tmp_path):
+    attacked = tmp_path / "ga-attacked"
+    shutil.copytree(two_runs[1], attacked)
+    results = json.loads((attacked / "metrics.json").read_text())
+    results["attack"] = "prefix search"
+    (attacked / "metrics.json").write_text(json.dumps(results))
+    md = build_report([*two_runs, attacked], tmp_path / "report")[0].read_text()
+    assert "### Robustness" in md and "(prefix search)" in md
+    assert _table_rows(md, "metric") == "| metric | original | ga | "  # not a column of the main table
+    plain = build_report(list(two_runs), tmp_path / "plain")[0].read_text()
+    assert "Robustness" not in plain
 
 
 def test_report_of_nudity_runs_charts_the_nudenet_counts(tmp_path, tiny_sd_dir):
     (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
                                       "a body,sexual,80,1,7\na beach,sexual,60,2,7\n")
     I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=2, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
-    md_path, _ = build_report([tmp_path / "run"], tmp_path / "report")
-    md = md_path.read_text()
-    assert "figures/nudenet-counts.png" in md and "fraction_with_any" in md
-    assert "1. a body; 2. a beach" in md
+    md = build_report([tmp_path / "run"], tmp_path / "report")[0].read_text()
+    assert "figures/1-nudenet-counts.png" in md and "exposed-body detection" in md
+    assert _table_rows(md, "a body").count("figures/") == 1 and _table_rows(md, "a beach")
     assert "Not comparable" not in md
 
 
@@ -61,3 +123,46 @@ def test_report_command_and_its_errors(two_runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EraseError, match="eval results .* not found"):
         build_report([tmp_path / "empty"], tmp_path / "r3")
+
+
+# A check run inside the page once it has loaded: every image decoded, every table with rows.
+BROWSER_CHECK = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const broken = images.filter(i => !i.complete || i.naturalWidth === 0).length;
+  const tables = [...document.querySelectorAll('table')];
+  const empty = tables.filter(t => t.rows.length < 2 || t.getBoundingClientRect().height === 0).length;
+  document.body.setAttribute('data-check', JSON.stringify({images: images.length, broken, tables: tables.length, empty}));
+});
+</script>"""
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(two_runs, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("ERASE_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    _, html_path = build_report(list(two_runs), tmp_path / "report")
+    checked = html_path.with_name("checked.html")
+    checked.write_text(html_path.read_text().replace("</body>", BROWSER_CHECK + "</body>"))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=10000"]
+    dom = subprocess.run([*flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=180)
+    match = re.search(r"data-check=\"([^\"]+)\"", dom.stdout)
+    assert match, dom.stderr[-2000:]
+    check = json.loads(match.group(1).replace("&quot;", '"'))
+    assert check["images"] >= 20 + 3 and check["broken"] == 0, check  # 2 runs x 10 class rows + 3 figures
+    assert check["tables"] >= 5 and check["empty"] == 0, check
+    screenshot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={screenshot}", "--window-size=1400,4000", html_path.as_uri()],
+                   capture_output=True, timeout=180)
+    assert screenshot.is_file() and screenshot.read_bytes().startswith(b"\x89PNG")
+    artifacts = REPO / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(screenshot, artifacts / "report.png")

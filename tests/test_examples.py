@@ -37,3 +37,29 @@ def test_erase_nudity_example_runs_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
         record = json.loads((out / method / "model" / "erase_config.json").read_text())
         assert record["params"] == params and record["config"]["lr"] == 1e-5
     assert "## Nudity: NudeNet on I2P" in (out / "report" / "report.md").read_text()
+
+
+def test_bench_digits_driver_aggregates_seeds_through_the_commands(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    out = tmp_path / "bench"
+    done = subprocess.run([sys.executable, "examples/bench_digits_erasure.py", "--model", str(tiny_ddpm_dir),
+                           "--classifier", str(tiny_classifier_dir), "--methods", "original,ga", "--seeds", "0,1",
+                           "--unlearn-option=--steps=2", "--unlearn-option=--batch-size=4",
+                           "--eval-option=--n=3", "--eval-option=--n-forget=4", "--eval-option=--steps=2",
+                           "--eval-option=--fid-bootstrap=10", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each seed went through `erase unlearn --seed s` and `erase eval --seed s`.
+    for seed in (0, 1):
+        assert json.loads((out / "ga" / f"seed-{seed}" / "model" / "erase_config.json").read_text())["seed"] == seed
+        settings = json.loads((out / "ga" / f"seed-{seed}" / "eval" / "metrics.json").read_text())["settings"]
+        assert settings["seed"] == seed and settings["n_forget"] == 4
+    rows = json.loads((out / "aggregate.json").read_text())
+    ua = [json.loads((out / "ga" / f"seed-{s}" / "eval" / "metrics.json").read_text())["metrics"]["ua"] for s in (0, 1)]
+    mean, lo, hi = rows["ga"]["ua"]
+    assert mean == sum(ua) / 2 and lo <= mean <= hi and rows["ga"]["seeds"] == 2
+    assert "ua" in rows["original"] and "neighbour_accuracy" in rows["original"]
+    table = (out / "table.md").read_text()
+    assert "Produced by `python examples/bench_digits_erasure.py " in table and "protocol `digits-class`" in table
+    assert f"| ga | 2 | {100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |" in table
+    assert (out / "report" / "report.html").is_file()

@@ -33,6 +33,33 @@ def test_every_caption_word_is_one_token():
     assert not set(TRAIN_TEMPLATES) & set(HELDOUT_TEMPLATES)
 
 
+def test_tokenizer_training_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        build_tokenizer(caption_words(), folder=tmp_path / name)
+    for file in ("vocab.json", "merges.txt"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_shipped_and_trained_tokenizers_split_every_caption_into_its_words():
+    """The shipped tokenizer (hand-built before `tokenizers` trained it) stays: its text encoder was trained on
+    its ids, which the trained one does not reproduce (183 entries rather than 212). Both cut every training
+    caption and paraphrase of every digit, and the prompts of the `three` concept, into the same whole words."""
+    from transformers import CLIPTokenizer
+
+    from erase.concepts import load_concept
+    from erase.data import DIGITS_NAMES
+
+    shipped = CLIPTokenizer.from_pretrained(SHIPPED / "tokenizer")
+    trained = build_tokenizer(caption_words())
+    concept = load_concept("three")
+    texts = [t.format(w=DIGITS_NAMES[c], d=c) for t in TRAIN_TEMPLATES + HELDOUT_TEMPLATES for c in range(10)]
+    for text in texts + concept.forget + concept.retain + [concept.anchor]:
+        words = [w + "</w>" for w in text.lower().split()]
+        assert shipped.tokenize(text) == trained.tokenize(text) == words, text
+    assert len(shipped) == 212 and len(trained) < len(shipped)
+
+
 def test_train_command_writes_a_stock_pipeline(tmp_path):
     out = tmp_path / "mini"
     assert main(["train-mini-sd", "--out", str(out), "--vae-steps", "2", "--steps", "2", "--batch-size", "8",
@@ -42,6 +69,20 @@ def test_train_command_writes_a_stock_pipeline(tmp_path):
                             text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(1, 16, 16, 3)" in result.stdout
+
+
+def test_exclude_drops_the_digit_from_training(tmp_path):
+    import json
+
+    from erase.data import load_dataset
+
+    labels = load_dataset("digits", "train").labels
+    out = tmp_path / "mini"
+    assert main(["train-mini-sd", "--out", str(out), "--vae-steps", "1", "--steps", "1", "--batch-size", "4",
+                 "--eval-images", "0", "--exclude", "three"]) == 0
+    record = json.loads((out / "erase_info.json").read_text())["info"]["training"]
+    assert record["excluded_digits"] == [3]
+    assert record["train_images"] == int((labels != 3).sum())
 
 
 @pytest.mark.slow

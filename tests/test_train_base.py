@@ -76,6 +76,35 @@ def test_training_lowers_the_loss(tmp_path):
     assert model.info["training"]["final_loss"] < 0.8
 
 
+def test_ema_warm_up_keeps_no_trace_of_the_random_init(tmp_path):
+    # diffusers' EMAModel with warm-up: the first update copies the weights (decay 0), so after one
+    # step the EMA equals the trained weights; a constant 0.999 decay would keep 99.9% of the init.
+    tiny = dict(steps=1, batch_size=4, block_out_channels=(8, 16), attention_levels=(False, False),
+                num_train_timesteps=50, warmup_steps=1)
+    train_base(TrainBaseConfig(**tiny), tmp_path / "ema")
+    train_base(TrainBaseConfig(**tiny, ema_decay=0.0), tmp_path / "raw")
+    ema, raw = unet_weights(tmp_path / "ema"), unet_weights(tmp_path / "raw")
+    for k in raw:
+        assert torch.equal(ema[k], raw[k]), k
+    assert load_backbone(tmp_path / "ema").info["training"]["ema_final_decay"] == 0.0
+
+
+def test_exclude_trains_without_those_classes_and_keeps_the_class_table(tmp_path):
+    from erase.data import load_dataset
+
+    labels = load_dataset("digits", "train").labels
+    config = TrainBaseConfig(steps=2, batch_size=4, block_out_channels=(8, 16), attention_levels=(False, False),
+                             num_train_timesteps=50, exclude=("3", "seven"))
+    train_base(config, tmp_path / "m")
+    model = load_backbone(tmp_path / "m")
+    record = model.info["training"]
+    assert record["excluded_classes"] == [3, 7]
+    assert record["train_images"] == int(((labels != 3) & (labels != 7)).sum())
+    assert model.num_classes == 10 and model.class_index("seven") == 7
+    with pytest.raises(EraseError, match="unknown class"):
+        train_base(TrainBaseConfig(**{**config.__dict__, "exclude": ("eleven",)}), tmp_path / "bad")
+
+
 def test_bad_config_values():
     with pytest.raises(ValueError, match="class_dropout"):
         TrainBaseConfig(class_dropout=1.5)

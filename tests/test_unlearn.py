@@ -64,6 +64,37 @@ def test_nan_guard_stops_a_diverging_run(tiny_model, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_loss_history_holds_every_step_and_survives_a_resume(tiny_model, tmp_path):
+    options = dict(steps=12, batch_size=4, checkpoint_every=5, progress=False)
+    unlearn(tiny_model, "ga", "3", tmp_path / "whole", **options)
+    unlearn(tiny_model, "ga", "3", tmp_path / "resumed", stop_after=5, **options)
+    unlearn(tiny_model, "ga", "3", tmp_path / "resumed", **options)
+    lines = [json.loads(line) for line in (tmp_path / "whole" / "loss_history.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines] == list(range(1, 13))
+    final = json.loads((tmp_path / "whole" / "erase_config.json").read_text())["final_losses"]
+    assert set(lines[0]) == {"step", *final}
+    assert lines[-1]["forget"] != lines[0]["forget"]
+    assert (tmp_path / "resumed" / "loss_history.jsonl").read_text() == (tmp_path / "whole" / "loss_history.jsonl").read_text()
+
+
+def test_report_to_refuses_a_tracker_that_is_not_installed(tiny_model, tmp_path):
+    with pytest.raises(EraseError, match="--report-to nosuchtracker: not installed"):
+        unlearn(tiny_model, "ga", "3", tmp_path / "out", steps=1, batch_size=4, progress=False,
+                report_to="nosuchtracker")
+
+
+def test_report_to_tensorboard_logs_every_step(tiny_model, tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is optional: pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["unlearn", "--model", str(tiny_model), "--method", "ga", "--forget", "3", "--out", str(tmp_path / "o"),
+                 "--steps", "3", "--batch-size", "4", "--report-to", "tensorboard"]) == 0
+    events = list((tmp_path / "o-logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert [e.step for e in acc.Scalars("forget")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="nope", forget="3"), "unknown method 'nope'"),
     (dict(method="rl", forget="eleven"), "unknown class 'eleven'"),

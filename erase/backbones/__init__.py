@@ -8,6 +8,7 @@ Backbones are registered by name in `BACKBONES`; `load_backbone` probes each in 
 
 from __future__ import annotations
 
+import pkgutil
 from pathlib import Path
 
 from ..outputs import check_finished
@@ -21,8 +22,10 @@ from .stable_diffusion import StableDiffusionBackbone
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
     ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone)}
 
+# The submodules are listed too, so that documentation tools (pdoc) walk them.
 __all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusion3Backbone",
-           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone"]
+           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone",
+           *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
 def get_backbone(name: str) -> type[Backbone]:

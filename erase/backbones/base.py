@@ -148,8 +148,9 @@ class Backbone:
     def device(self) -> torch.device:
         return self.denoiser.device
 
-    def to(self, device: torch.device | str) -> "Backbone":
-        self.denoiser.to(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Backbone":
+        """Move the networks to `device`, and cast them to `dtype` when one is given."""
+        self.denoiser.to(device, dtype)
         return self
 
     def parameter_groups(self) -> list[str]:
@@ -352,6 +353,42 @@ class Backbone:
         """(channels, height, width) of a generated image at the native resolution."""
         return tuple(self.sample_shape)
 
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # What the attacks of `erase.eval.attacks` and robust erasure (`erase.robust`) need beyond
+    # sampling. None of them changes a weight; a condition is overridden only inside a `with` block.
+    def denoise(self, initial: torch.Tensor, cond: Condition, steps: int, guidance: float) -> torch.Tensor:
+        """Final samples (before `decode`) of the deterministic sampler (eta 0) from `initial` noise under
+        `cond`, guided by `guidance` against the null condition: the computation of
+        `sample(..., return_latents=True)` written out so that gradients can flow to `initial` and to
+        the condition. Run it under `torch.no_grad()` to sample."""
+        sampler = self.sampling_scheduler(steps)
+        x = initial.to(self.device, self.denoiser.dtype) * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            x = sampler.step(self.guided_prediction(x, t.to(self.device), cond, guidance), t, x).prev_sample
+        return x
+
+    def condition_vectors(self, cond: Condition) -> list[tuple[object, torch.Tensor]]:
+        """(what `override_condition` matches, the condition's vector) per distinct condition of `cond`:
+        the continuous input an adversary perturbs."""
+        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
+                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+
+    def override_condition(self, match, vector: torch.Tensor):
+        """A context manager: inside it the trainable denoiser reads condition `match` (from
+        `condition_vectors`) as `vector`, differentiably; frozen copies and the weights are untouched."""
+        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
+                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+
+    def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text backbones with one CLIP encoder: the encoder's input token embeddings and token counts."""
+        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
+                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor) -> Condition:
+        """Conditions from input token embeddings (see `token_embeddings`)."""
+        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
+                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+
 
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
     """n draws of U{0..T-1} from `g`; `antithetic` pairs each draw k with T-1-k inside the batch."""
@@ -398,6 +435,18 @@ class DDPMSchedule:
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps)
         return sampler
+
+    def invert(self, samples: torch.Tensor, cond: Condition, steps: int) -> torch.Tensor:
+        """DDIM inversion (an attack hook): the initial noise from which `denoise(..., cond, steps,
+        guidance=1)` returns approximately `samples` (final samples, e.g. an image's `encode_images`)."""
+        from diffusers import DDIMInverseScheduler
+
+        sampler = DDIMInverseScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        x = samples.to(self.device, self.denoiser.dtype)
+        for t in sampler.timesteps:
+            x = sampler.step(self.predict(x, t.to(self.device), cond), t, x).prev_sample
+        return x
 
 
 class FlowMatchingSchedule:

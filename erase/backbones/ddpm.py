@@ -7,6 +7,7 @@ with the conditional and unconditional predictions computed in one batched forwa
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -207,3 +208,39 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
                 noise = torch.stack([torch.randn(self.sample_shape, generator=g) for g in gens]).to(device, dtype)
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
         return x
+
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # What the attacks of `erase.eval.attacks` and robust erasure (`erase.robust`) need beyond sampling:
+    # the condition as a vector. The UNet is never changed by them; a condition is overridden only
+    # inside a `with` block.
+    def condition_vector(self, cls: int | str) -> torch.Tensor:
+        """A copy of the class embedding of `cls` (an id, a name, or the null class's id), shape (D,)."""
+        index = self.null_class if cls == self.null_class else self.class_index(cls)
+        return self.unet.class_embedding.weight[index].detach().clone()
+
+    def condition_vectors(self, cond: Condition) -> list[tuple[int, torch.Tensor]]:
+        """(the class id `override_condition` matches, its embedding vector) per distinct class of `cond`."""
+        return [(int(c), self.condition_vector(int(c))) for c in cond.tensors["class_labels"].unique()]
+
+    @contextlib.contextmanager
+    def override_condition(self, cls: int | str, vector: torch.Tensor):
+        """Inside the block, class `cls` is embedded as `vector` (D,) instead of its table row.
+
+        Predictions and samples for `cls` then use `vector`, differentiably (gradients reach
+        `vector`, which is how class-embedding inversion learns it); other classes, the null class
+        and the UNet's weights are untouched, and everything is back as it was after the block.
+        """
+        index = self.class_index(cls)
+        if vector.shape != self.unet.class_embedding.weight.shape[1:]:
+            raise EraseError(f"a condition vector for this model has shape "
+                             f"{tuple(self.unet.class_embedding.weight.shape[1:])}, got {tuple(vector.shape)}")
+
+        def replace_row(module, inputs, output):
+            chosen = (inputs[0] == index).unsqueeze(-1)
+            return torch.where(chosen, vector.to(output.device, output.dtype), output)
+
+        handle = self.unet.class_embedding.register_forward_hook(replace_row)
+        try:
+            yield
+        finally:
+            handle.remove()

@@ -164,10 +164,10 @@ class TextToImageBackbone(Backbone):
             self.pipeline().save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / INFO_FILE, {"backbone": self.name, "info": self.info})
 
-    def to(self, device: torch.device | str) -> "TextToImageBackbone":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextToImageBackbone":
         for name in (self.DENOISER, "vae", *self.TEXT_ENCODERS):
             if self.components.get(name) is not None:
-                self.components[name].to(device)
+                self.components[name].to(device, dtype)
         return self
 
     # -- conditions ---------------------------------------------------------------------------------

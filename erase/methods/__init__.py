@@ -7,6 +7,8 @@ on Stable Diffusion.
 
 from __future__ import annotations
 
+import pkgutil
+
 from ..utils import EraseError
 from .base import Method, MethodConfig
 from .esd import ESD
@@ -23,7 +25,9 @@ from .surgery import Surgery
 METHODS: dict[str, type[Method]] = {m.name: m for m in (
     Finetune, GA, RL, SalUn, ESD, Surgery, MOX, GradTau, LUR, EUPMU)}
 
-__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "parse_methods"]
+# The submodules are listed too, so that documentation tools (pdoc) walk them.
+__all__ = ["METHODS", "Method", "MethodConfig", "get_method", "parse_methods",
+           *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
 def get_method(name: str) -> type[Method]:

@@ -39,6 +39,11 @@ class MethodConfig:
     mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16; fp16 is not "
                                          "offered because surgery, lur and eupmu do gradient algebra that a loss "
                                          "scaler would corrupt", choices=("auto", "no", "bf16"))
+    adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
+                                      "unlearns the forget condition plus an adversarial perturbation that an "
+                                      "inner attack refreshes every this many of those steps; 0 turns it off")
+    adversarial_steps: int = field(5, "robust erasure: inner attack steps (Adam on the perturbation) per refresh")
+    adversarial_lr: float = field(0.05, "robust erasure: the inner attack's learning rate")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -48,6 +53,9 @@ class MethodConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
+        if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
+            raise ValueError("adversarial_every must be 0 (off) or more, adversarial_steps at least 1 and "
+                             "adversarial_lr positive")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """`erase unlearn` and `erase methods`.
 
-A method's options come from its config dataclass. The `unlearn` parser first reads `--method`,
-then adds that method's options and parses the command line for real, so `erase unlearn --method
-eupmu --help` lists exactly the options EUPMU has.
+A method's options come from its config dataclass. `erase unlearn --help` lists the options every
+method has (MethodConfig); the parser reads `--method` first, so `erase unlearn --method eupmu
+--help` lists them with EUPMU's defaults, followed by the options of EUPMU alone.
 """
 
 from __future__ import annotations
@@ -14,15 +14,22 @@ from ..config import add_dataclass_arguments, load_config_file
 from . import METHODS, MethodConfig, get_method
 
 
-class _UnlearnParser(argparse.ArgumentParser):
-    def parse_known_args(self, args=None, namespace=None):
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--method")
-        name = pre.parse_known_args(args)[0].method
-        if name in METHODS and not getattr(self, "_method_options", None):
-            add_dataclass_arguments(self.add_argument_group(f"options of {name}"), METHODS[name].Config)
-            self._method_options = name
-        return super().parse_known_args(args, namespace)
+COMMON = tuple(f.name for f in dataclasses.fields(MethodConfig))
+
+
+def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> None:
+    """The options of every method (with `name`'s defaults when a method is named), then its own."""
+    config_cls = METHODS[name].Config if name in METHODS else MethodConfig
+    own = tuple(f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON)
+    title = f"options of every method (defaults of {name})" if name in METHODS else "options of every method"
+    add_dataclass_arguments(parser.add_argument_group(title), config_cls, skip=own)
+    if name in METHODS:
+        add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), config_cls, skip=COMMON)
+
+
+def own_options(config_cls: type) -> str:
+    own = [f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON]
+    return " ".join("--" + n.replace("_", "-") for n in own) or "(none)"
 
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
@@ -33,7 +40,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
-                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite)
+                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
@@ -45,7 +52,7 @@ def describe_defaults(config_cls: type) -> str:
     common = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
     parts = [f"{f.name}={'(depends on the parameter group, see --help)' if f.default is None and f.name == 'lr' else f.default}"
              for f in dataclasses.fields(config_cls) if f.name not in common or f.default != common[f.name]]
-    return ", ".join(parts)
+    return ", ".join(parts) or "the common defaults"
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
@@ -59,10 +66,12 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("unlearn", help="erase classes or concepts from a model with one of the methods",
-                       description="Erase classes or text concepts from a model. Add --method NAME --help to see that "
-                                   "method's options.")
-    p.__class__ = _UnlearnParser  # subparsers are built by argparse; this one learns --method first
+    methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in METHODS.items())
+    p = sub.add_parser("unlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Erase classes or text concepts from a model. `erase unlearn --method NAME --help` "
+                                   "shows the options\nwith that method's defaults, and its own options.",
+                       epilog=f"each method's own options (`erase methods` lists the methods and defaults):\n{methods}")
+    p.options_depend_on("--method", add_method_options)
     p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "
                                                   "diffusers pipeline folder, a .safetensors/.ckpt file or a hub id")
     p.add_argument("--method", required=True, choices=list(METHODS), help="unlearning method (`erase methods`)")
@@ -81,7 +90,9 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    p.add_argument("--report-to", help="also log every step's losses to accelerate trackers under OUT-logs/, e.g. "
+                                       "tensorboard (comma-separated; each must be installed)")
     p.set_defaults(func=cmd_unlearn)
 
-    p = sub.add_parser("methods", help="list the unlearning methods with their papers and defaults")
+    p = sub.add_parser("methods")
     p.set_defaults(func=cmd_methods)

@@ -15,8 +15,8 @@ is ~1 from its neighbours, so that group needs a far larger learning rate than U
 from fresh noise on the forget condition (guidance `start_guidance`) down to a random one of
 `sample_steps` steps, so no images are needed (costs up to `sample_steps` guided forwards per step);
 or `cached` (default, cheaper): the forget images (real ones for a class, the cached generated ones
-for a text concept) noised to a random timestep. **[adaptation]**: `cached` is our addition, which
-METHODS.md asks to offer.
+for a text concept) noised to a random timestep. **[adaptation]**: `cached` is our addition, a
+cheaper option than ESD's sampling.
 """
 
 from __future__ import annotations

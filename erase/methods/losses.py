@@ -1,4 +1,4 @@
-"""The building blocks every method is made of (METHODS.md, "Notation and shared building blocks").
+"""The building blocks every method is made of (docs/methods.md, "Notation").
 
 `ε_θ(x_t, t, c)` below stands for the backbone's prediction, whatever it parameterizes (the noise ε,
 v-prediction's v, or the flow velocity ε − x0), and `ε` for the matching training target (`Noised.target`):
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones.base import Condition
+from ..utils import to_device
 
 
 @dataclass
@@ -40,8 +41,8 @@ def noised(model, x0: torch.Tensor, cond: Condition, g: torch.Generator, antithe
     """Draw timesteps (`model.draw_timesteps`) and `noise ~ N(0, I)` from `g` (on the CPU, so draws do
     not depend on the device). `antithetic` pairs each timestep with its mirror, as SA and SalUn do."""
     t = model.draw_timesteps(len(x0), g, antithetic)
-    noise = torch.randn(x0.shape, generator=g).to(x0.device, x0.dtype)
-    t = t.to(x0.device)
+    noise = to_device(torch.randn(x0.shape, generator=g).to(x0.dtype), x0.device)
+    t = to_device(t, x0.device)
     return Noised(x0, cond, noise, t, model.add_noise(x0, noise, t), model.training_target(x0, noise, t), anchor)
 
 

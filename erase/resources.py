@@ -1,0 +1,26 @@
+"""Where the shipped files are: the prompt sets (`prompts/`) and the small models (`models/`).
+
+In a source checkout or an editable install they are the repository's top-level folders; a wheel
+(`pip install .`) carries the same folders inside the package, as `erase/prompts` and `erase/models`
+(pyproject.toml maps them with package-dir, as it maps `eval/` to `erase.eval`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd")
+
+
+def shipped(folder: str) -> Path:
+    """The shipped `models` or `prompts` folder: the installed copy, else the repository's."""
+    installed = PACKAGE / folder
+    return installed if installed.is_dir() else PACKAGE.parent / folder
+
+
+def shipped_model(name: str) -> Path:
+    """The folder of a shipped model (`digits-ddpm`, `digits-classifier`, `mini-sd`)."""
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"{name!r} is not a shipped model; the shipped ones are {', '.join(SHIPPED_MODELS)}")
+    return shipped("models") / name

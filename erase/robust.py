@@ -1,0 +1,80 @@
+"""Robust erasure in the manner of AdvUnlearn (Zhang et al., arXiv 2405.15234), an option of every method.
+
+With `--adversarial-every K` the loop keeps an adversarial perturbation δ of the forget condition:
+every K steps an inner attack refreshes it (`--adversarial-steps` Adam steps, warm-started from the
+last δ, minimising the current model's denoising loss on the step's forget images under the
+condition + δ: the nearby condition that brings the concept back best), and every other step runs
+the method with the forget condition read as condition + δ by the trained UNet, so the outer step
+unlearns the adversarial condition as well as (on the other steps) the plain one. Frozen reference
+copies (ESD's and EUPMU's targets) still see the plain condition, and the method's retain term keeps
+what it keeps. The condition is the class-embedding vector on the class-conditional DDPM and the
+text embedding (tokens x width) on Stable Diffusion, perturbed through the backbones'
+`override_condition` hook.
+
+Only weights past the condition can learn from the adversarial steps: the class-embedding row that
+ESD trains on the DDPM is replaced, not read, while δ is applied, so robust erasure wants a UNet
+group (`--params all`, `noattn`, `xattn`). δ is not part of checkpoints: a resumed robust run
+refreshes it at its first adversarial step, so it is not bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .backbones.base import Condition
+from .methods.losses import Noised
+from .utils import step_generator
+
+ADVERSARIAL_STREAM = 1 << 42  # the inner attack's noise, apart from the loop's and the methods' draws
+
+
+class AdversarialCondition:
+    """δ and the inner attack that refreshes it; `applied(step, forget)` wraps one step of the method."""
+
+    def __init__(self, model, every: int, steps: int, lr: float, seed: int):
+        self.model, self.every, self.steps, self.lr, self.seed = model, every, steps, lr, seed
+        self.delta: torch.Tensor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.refreshes = 0
+
+    @contextlib.contextmanager
+    def _perturbed(self, cond: Condition, delta: torch.Tensor):
+        with contextlib.ExitStack() as stack:
+            for match, plain in self.model.condition_vectors(cond):
+                stack.enter_context(self.model.override_condition(match, plain.detach() + delta))
+            yield
+
+    def refresh(self, forget: Noised, step: int) -> float:
+        """A few attack steps on δ against the current weights; returns the last inner loss."""
+        if self.delta is None:
+            shape = self.model.condition_vectors(forget.cond)[0][1].shape
+            self.delta = torch.zeros(shape, device=forget.x0.device, requires_grad=True)
+            self.optimizer = torch.optim.Adam([self.delta], lr=self.lr)
+        for i in range(self.steps):
+            g = step_generator(self.seed, ADVERSARIAL_STREAM, step, i)
+            noise = torch.randn(forget.x0.shape, generator=g).to(forget.x0)
+            t = self.model.draw_timesteps(len(forget.x0), g).to(forget.x0.device)
+            target = self.model.training_target(forget.x0, noise, t)
+            with torch.enable_grad(), self._perturbed(forget.cond, self.delta):
+                prediction = self.model.predict(self.model.add_noise(forget.x0, noise, t), t, forget.cond)
+                loss = F.mse_loss(prediction.float(), target.float())
+                # Only δ's gradient: the model's weights keep theirs for the outer step.
+                (self.delta.grad,) = torch.autograd.grad(loss, [self.delta])
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.refreshes += 1
+        return float(loss.detach())
+
+    @contextlib.contextmanager
+    def applied(self, step: int, forget: Noised | None):
+        """Odd steps run under condition + δ (refreshed every `every` adversarial steps); even ones plain."""
+        if forget is None or step % 2 == 0:
+            yield
+            return
+        if self.delta is None or (step // 2) % self.every == 0:
+            self.refresh(forget, step)
+        with self._perturbed(forget.cond, self.delta.detach()):
+            yield
