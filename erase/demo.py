@@ -119,8 +119,8 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
 
     The work falls into independent parts (per model: the original's evaluation, and the erasure
     and evaluation with every method), run by `config.workers` processes (default: `default_workers()`).
-    Images and numbers do not depend on how many: every part is seeded on its own, and torch's
-    results on these models do not depend on the number of threads.
+    Images and numbers do not depend on how many: every part is seeded on its own and runs with the
+    same number of torch threads.
     """
     import torch
 
@@ -135,11 +135,18 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
     parts = [(key, methods) for key in reversed(sections)] + [(key, [None]) for key in reversed(sections)]
     workers = min(config.workers or default_workers(), len(parts))
+    # On the CPU, a backward pass sums gradients in an order set by the number of torch threads, so
+    # every part gets the same number whatever `workers` is: the default share of the cores.
+    threads = max(1, torch.get_num_threads() // default_workers())
     if workers == 1:
-        for key, part_methods in parts:
-            _run_part(config, out, key, part_methods)
+        all_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for key, part_methods in parts:
+                _run_part(config, out, key, part_methods)
+        finally:
+            torch.set_num_threads(all_threads)
     else:
-        threads = max(1, torch.get_num_threads() // workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = [pool.submit(_run_part, config, out, key, part_methods, threads) for key, part_methods in parts]
             try:
