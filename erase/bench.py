@@ -10,7 +10,9 @@ again), so a change in machine load reaches every method alike, and each method 
 round. It writes OUT/bench.json and OUT/bench.md.
 
 `--model sd15-random` builds the full-size Stable Diffusion 1.5 architecture with random weights
-(UNet 860M parameters, 512 px), for cost only: run it on a GPU.
+(UNet 860M parameters, 512 px), `sdxl-random` SDXL's (UNet 2.6B, 1024 px) and `sd3-random` SD3
+medium's (flow-matching transformer 2B, 1024 px; `erase.bench_models`), for cost only: run them on
+a GPU. Any model folder of any backbone is measured the same way.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ SD15_RANDOM = "sd15-random"
 
 @dataclass
 class BenchConfig:
-    model: str = field("models/digits-ddpm", f"model folder, or {SD15_RANDOM} (SD 1.5's architecture, random weights)")
+    model: str = field("models/digits-ddpm", f"model folder, or {SD15_RANDOM}, sdxl-random or sd3-random (that "
+                                             "architecture with random weights, native resolution)")
     forget: str | None = field(None, "class or concept to erase (default: 3 on a class-conditional model, "
                                      "'three' on the mini-SD, a literal prompt on other pipelines)")
     methods: str = field("all", "comma-separated methods, or 'all'; finetune is always timed (the reference)")
@@ -49,7 +52,7 @@ class BenchConfig:
     gen_batch: int = field(16, "images per UNet call in the generation measurement")
     gen_repeats: int = field(10, "UNet calls timed per generation variant")
     sample_steps: int = field(25, "denoising steps of the end-to-end sampling measurement")
-    resolution: int | None = field(None, f"{SD15_RANDOM}: image size (default 512)")
+    resolution: int | None = field(None, "random-weight models: image size (default: native, 512 or 1024)")
     gen_images: int = field(32, "images per variant and round in the comparison with stock diffusers")
     channels_last: bool = field(True, "also time sampling with the UNet in channels-last memory format")
     nudenet_images: int = field(16, "images per round in the NudeNet throughput measurement (0 skips it)")
@@ -104,19 +107,23 @@ def sd15_random_pipeline(resolution: int = 512):
 
 def _load(config: BenchConfig, workdir: Path):
     """(model folder to unlearn from, loaded backbone, forget spec)."""
-    from .backbones import load_backbone
-    from .backbones.stable_diffusion import StableDiffusionBackbone
+    from .backbones import StableDiffusion3Backbone, StableDiffusionBackbone, StableDiffusionXLBackbone, load_backbone
+    from .bench_models import sd3_random_pipeline, sdxl_random_pipeline
 
-    if config.model == SD15_RANDOM:
-        path = workdir / "sd15-random"
-        StableDiffusionBackbone(sd15_random_pipeline(config.resolution or 512)).save_pretrained(path)
+    random_models = {SD15_RANDOM: (StableDiffusionBackbone, sd15_random_pipeline, 512),
+                     "sdxl-random": (StableDiffusionXLBackbone, sdxl_random_pipeline, 1024),
+                     "sd3-random": (StableDiffusion3Backbone, sd3_random_pipeline, 1024)}
+    if config.model in random_models:
+        backbone_cls, build, native = random_models[config.model]
+        path = workdir / config.model
+        backbone_cls(build(config.resolution or native)).save_pretrained(path)
     else:
         if config.resolution is not None:
-            raise EraseError(f"--resolution applies to --model {SD15_RANDOM} only")
+            raise EraseError(f"--resolution applies to --model {', '.join(random_models)} only")
         path = Path(config.model)
     model = load_backbone(path)
     # Any class or prompt costs the same; these defaults exist on the shipped models.
-    forget = config.forget or ("3" if hasattr(model, "class_names") else "three")
+    forget = config.forget or ("3" if model.condition_kind == "class" else "three")
     return path, model, forget
 
 
@@ -131,21 +138,16 @@ def generation_throughput(model, forget: str, config: BenchConfig, device: torch
     sampler's images per second (guidance 3, `sample_steps` DDIM steps)."""
     n = config.gen_batch
     x = model.initial_noise(list(range(n))).to(device)
-    t = torch.full((n,), model.num_train_timesteps // 2, device=device, dtype=torch.long)
+    t = model.draw_timesteps(n, torch.Generator().manual_seed(0)).to(device)
     cond = model.encode_conditions([forget] * n)
     null = model.null_condition(n)
-    from erase.eval.metrics import inception_available
-    from erase.eval.protocols import _load_classifier
-
     dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else None
 
     def batched():
-        both = model.predict_noise(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
-        eps_c, eps_u = both.chunk(2)
-        return eps_u + 3.0 * (eps_c - eps_u)
+        return model.guided_prediction(x, t, cond, 3.0)
 
     def separate():
-        eps_c, eps_u = model.predict_noise(x, t, cond), model.predict_noise(x, t, null)
+        eps_c, eps_u = model.predict(x, t, cond), model.predict(x, t, null)
         return eps_u + 3.0 * (eps_c - eps_u)
 
     rates = {}
@@ -220,7 +222,7 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         workdir = Path(tmp)
         path, model, forget = _load(config, workdir)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
-        data = model.unlearn_data(forget, images=None if hasattr(model, "class_names") else config.images)
+        data = model.unlearn_data(forget, images=None if model.condition_kind == "class" else config.images)
         for round_ in range(config.rounds):
             for m in methods:
                 backbone = load_backbone(path)  # every run starts from the original weights

@@ -101,33 +101,29 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
                      device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Images per second of this package's generation against the stock reference (module docstring)."""
     seeds = list(range(n))
-    if hasattr(model, "class_names"):
+    if model.condition_kind == "class":
         classes = sample_conditions(model, n)
-        model.unet.to(device, dtype) if model.unet.dtype != dtype else model.unet.to(device)
-        labels = model.encode_conditions(classes)
+        model.to(device, dtype)
+        labels = model.encode_conditions(classes).tensors["class_labels"]
 
         def stock():
             for start in range(0, n, batch_size):
                 noise = model.initial_noise(seeds[start:start + batch_size]).to(device, dtype)
-                stock_ddim_sample(model.unet, model.scheduler.config, labels[start:start + batch_size],
+                stock_ddim_sample(model.denoiser, model.sampling_scheduler(steps).config, labels[start:start + batch_size],
                                   model.null_class, noise, steps, guidance)
 
         variants = {"erase": lambda: model.sample(classes, seeds, steps=steps, guidance=guidance, batch_size=batch_size),
                     "stock DDIMScheduler loop": stock}
         reference = "stock DDIMScheduler loop"
     else:
-        from diffusers import StableDiffusionPipeline
-
         from erase.eval.generation import sample_prompts
         from erase.eval.prompts import PromptItem
 
-        for module in (model.unet, model.vae, model.text_encoder):
-            module.to(device, dtype) if module.dtype != dtype else module.to(device)
+        model.to(device, dtype)
         prompts = sample_conditions(model, n)
         items = [PromptItem(prompt=p, seed=s, guidance=guidance, source_row=s) for p, s in zip(prompts, seeds)]
         half = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                       **half).to(device)
+        pipe = model.pipeline_class().from_pretrained(path, **model.PIPELINE_KWARGS, **half).to(device)
         pipe.set_progress_bar_config(disable=True)
 
         def stock():
@@ -137,9 +133,9 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
                      output_type="pt")
 
         variants = {"erase": lambda: model.sample(prompts, seeds, steps=steps, guidance=guidance, batch_size=batch_size),
-                    "erase eval (I2P/COCO)": lambda: sample_prompts(pipe, items, steps=steps, batch_size=batch_size),
-                    "stock StableDiffusionPipeline": stock}
-        reference = "stock StableDiffusionPipeline"
+                    "erase eval (I2P/COCO)": lambda: sample_prompts(model, items, steps=steps, batch_size=batch_size),
+                    f"stock {model.PIPELINE}": stock}
+        reference = f"stock {model.PIPELINE}"
     rates = interleaved_rates(variants, n, rounds, device)
     base = rates[reference]["images_per_s"]
     for r in rates.values():
@@ -150,7 +146,7 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
 
 def sample_conditions(model, n: int) -> list:
     """n classes (cycling over the model's) or n prompts (cycling over `PROMPTS`)."""
-    if hasattr(model, "class_names"):
+    if model.condition_kind == "class":
         return [i % model.num_classes for i in range(n)]
     return [PROMPTS[i % len(PROMPTS)] for i in range(n)]
 
@@ -162,13 +158,13 @@ def channels_last_effect(model, n: int, batch_size: int, steps: int, guidance: f
 
     def run(layout):
         def go():
-            model.unet.to(memory_format=layout)
+            model.denoiser.to(memory_format=layout)
             model.sample(conditions, list(range(n)), steps=steps, guidance=guidance, batch_size=batch_size)
         return go
 
     rates = interleaved_rates({"default layout": run(torch.contiguous_format), "channels-last": run(torch.channels_last)},
                               n, rounds, device)
-    model.unet.to(memory_format=torch.contiguous_format)
+    model.denoiser.to(memory_format=torch.contiguous_format)
     return {"speedup": rates["channels-last"]["images_per_s"] / rates["default layout"]["images_per_s"],
             "variants": rates}
 

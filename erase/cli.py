@@ -66,7 +66,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     classes = parse_classes(args.classes) if args.classes else None
     model = load_backbone(args.model).to(device)
-    if not hasattr(model, "num_classes"):
+    if model.condition_kind != "class":
         raise EraseError(f"{args.model} is not a class-conditional model: `erase sample` draws classes; "
                          "use `erase eval` with a prompt protocol for a text-to-image pipeline")
     classes = classes or list(range(model.num_classes))
@@ -128,6 +128,7 @@ COMMANDS = {
     "train-base": ("erase.cli", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
     "train-classifier": ("erase.cli", "train the classifier used for unlearning accuracy and feature FID"),
     "train-mini-sd": ("erase.mini_sd", "train the miniature Stable Diffusion on captioned digits"),
+    "train-mini-flow": ("erase.mini_flow", "train the miniature SD3 (flow matching) on captioned digits"),
 }
 
 

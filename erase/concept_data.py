@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .backbones.base import Condition
 from .concepts import Concept
 from .config import config_dict, field
 from .unlearn_data import UnlearnData
@@ -30,7 +31,7 @@ from .utils import EraseError, atomic_dir, derive_seed, logger, package_versions
 MANIFEST = "manifest.json"
 LATENTS = "latents.safetensors"
 EMBEDDINGS = "embeddings.safetensors"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: conditions stored as named tensors (SDXL, SD3 have several)
 SETS = ("forget", "anchor", "retain")  # the seed of image i of set s is derive_seed(seed, s, i)
 
 
@@ -55,17 +56,6 @@ def default_cache_root() -> Path:
     return Path(os.environ.get("ERASE_CACHE", Path.home() / ".cache" / "erase")).expanduser() / "concepts"
 
 
-def unet_fingerprint(unet: torch.nn.Module) -> str:
-    """A hash of a strided sample of every UNet weight: tells models apart without hashing gigabytes."""
-    h = hashlib.sha256()
-    for name, p in unet.state_dict().items():
-        flat = p.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 64)].float().cpu()
-        h.update(name.encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _plan(concept: Concept, config: ConceptDataConfig) -> dict[str, list[tuple[str, int]]]:
     """(prompt, seed) of every image, per set; prompts cycle through the set's list."""
     prompts = {"forget": concept.forget, "anchor": [concept.anchor], "retain": concept.retain}
@@ -79,7 +69,8 @@ def _settings(model, concept: Concept, config: ConceptDataConfig) -> dict:
     return {
         "cache_version": CACHE_VERSION,
         "model": model.info.get("source", "in-memory model"),
-        "unet_fingerprint": unet_fingerprint(model.unet),
+        "backbone": model.name,
+        "denoiser_fingerprint": model.fingerprint(),
         "concept": concept.as_dict(),
         "images": config.images,
         "steps": config.steps or defaults["steps"],
@@ -137,10 +128,10 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
         save_file({"latents": latents[name]}, str(work / f".{name}.tmp"))
         os.replace(work / f".{name}.tmp", done)
     distinct = list(dict.fromkeys([""] + concept.forget + [concept.anchor] + concept.retain))
-    embeddings = model.encode_conditions(distinct).float().cpu().contiguous()
+    conditions = model.encode_conditions(distinct).to("cpu", torch.float32)
     with atomic_dir(folder) as tmp:
         save_file(latents, tmp / LATENTS)
-        save_file({"embeddings": embeddings}, tmp / EMBEDDINGS)
+        save_file({name: t.contiguous() for name, t in conditions.tensors.items()}, tmp / EMBEDDINGS)
         write_json(tmp / MANIFEST, {
             "settings": settings,
             "config": config_dict(config),
@@ -153,17 +144,17 @@ def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | 
     return folder
 
 
-def load_concept_cache(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """(latents per set, embedding per prompt, manifest) of a cache folder."""
+def load_concept_cache(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Condition], dict]:
+    """(latents per set, condition per prompt, manifest) of a cache folder."""
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST, what="concept cache manifest")
     for f in (LATENTS, EMBEDDINGS):
         if not (folder / f).is_file():
             raise EraseError(f"concept cache {folder} lacks {f}: delete the folder to regenerate it")
     latents = load_file(folder / LATENTS)
-    table = load_file(folder / EMBEDDINGS)["embeddings"]
-    embeddings = dict(zip(manifest["embedding_prompts"], table))
-    return latents, embeddings, manifest
+    table = Condition(**load_file(folder / EMBEDDINGS))
+    conditions = {p: table[i] for i, p in enumerate(manifest["embedding_prompts"])}
+    return latents, conditions, manifest
 
 
 def concept_unlearn_data(model, concept: Concept, config: ConceptDataConfig | None = None,
@@ -174,15 +165,15 @@ def concept_unlearn_data(model, concept: Concept, config: ConceptDataConfig | No
     latents, emb, manifest = load_concept_cache(folder)
     images = manifest["images"]
 
-    def conds(name: str) -> torch.Tensor:
-        return torch.stack([emb[item["prompt"]] for item in images[name]])
+    def conds(name: str) -> Condition:
+        return Condition.cat([emb[item["prompt"]] for item in images[name]])
 
     retain_x0, retain_cond = latents["retain"], conds("retain")
     if config.anchor_in_retain:
         retain_x0 = torch.cat([latents["anchor"], retain_x0])
-        retain_cond = torch.cat([conds("anchor"), retain_cond])
+        retain_cond = Condition.cat([conds("anchor"), retain_cond])
     forget_cond = conds("forget")
-    anchor_cond = emb[concept.anchor].expand(len(forget_cond), *forget_cond.shape[1:]).contiguous()
+    anchor_cond = emb[concept.anchor][[0] * len(forget_cond)]
     return UnlearnData(
         forget_x0=latents["forget"], forget_cond=forget_cond, anchor_cond=anchor_cond,
         retain_x0=retain_x0, retain_cond=retain_cond,

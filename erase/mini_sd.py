@@ -112,19 +112,27 @@ def build_tokenizer(words: list[str], max_length: int = 16, folder: str | Path |
 
 
 # -- model construction -----------------------------------------------------------------------------
+def build_vae(image_size: int = 16, vae_channels=(16, 32), latent_channels: int = 4, norm_groups: int = 8, **extra):
+    """The miniature's AutoencoderKL: one 2x downsampling per extra level, no mid-block attention."""
+    from diffusers import AutoencoderKL
+
+    levels = len(vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(vae_channels), layers_per_block=1, norm_num_groups=norm_groups,
+        sample_size=image_size, mid_block_add_attention=False, **extra)  # attention buys nothing at 8x8
+
+
 def build_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), unet_channels=(16, 32),
                    text_hidden: int = 32, text_layers: int = 2, latent_channels: int = 4,
                    norm_groups: int = NORM_GROUPS):
     """A fresh, untrained StableDiffusionPipeline of the miniature architecture (also used by tests)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     levels = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(vae_channels), layers_per_block=1, norm_num_groups=norm_groups,
-        sample_size=image_size, mid_block_add_attention=False)  # attention buys nothing at 8x8
+    vae = build_vae(image_size, vae_channels, latent_channels, norm_groups)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
         num_hidden_layers=text_layers, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
@@ -147,25 +155,25 @@ def build_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), unet_
 
 # -- training -------------------------------------------------------------------------------------
 @dataclass
-class MiniSDConfig:
+class MiniTrainingConfig:
+    """What the miniature trainers share (`train-mini-sd`, `train-mini-flow`): the VAE phase, the
+    denoiser + text phase, caption dropout, EMA and the accuracy check after training."""
+
     vae_steps: int = field(400, "VAE training steps (phase 1)")
     vae_lr: float = field(1e-3, "VAE AdamW learning rate")
     vae_kl_weight: float = field(1e-4, "weight of the KL term of the VAE (keeps latents near N(0, I))")
-    steps: int = field(2500, "UNet + text encoder training steps (phase 2)")
+    steps: int = field(2500, "denoiser + text encoder training steps (phase 2)")
     batch_size: int = field(64, "images per step")
     lr: float = field(1.5e-3, "peak AdamW learning rate of phase 2 (warm-up, cosine decay to 10%)")
     warmup_steps: int = field(200, "linear warm-up steps of phase 2")
     caption_dropout: float = field(0.1, "probability of training on the empty prompt (classifier-free guidance)")
-    ema_decay: float = field(0.999, "EMA of the UNet and text encoder weights; the EMA weights are saved")
-    unet_channels: tuple[int, ...] = field((16, 32), "UNet channels per level (cross-attention at each)")
+    ema_decay: float = field(0.999, "EMA of the denoiser and text encoder weights; the EMA weights are saved")
     vae_channels: tuple[int, ...] = field((16, 32), "VAE channels per level (one 2x downsampling per extra level)")
-    text_hidden: int = field(32, "text encoder width (= UNet cross-attention dim)")
+    text_hidden: int = field(32, "text encoder width")
     eval_images: int = field(20, "images per digit for the accuracy check after training (0 skips it)")
     eval_guidance: float = field(3.0, "guidance scale of the accuracy check")
-    eval_steps: int = field(25, "DDIM steps of the accuracy check")
+    eval_steps: int = field(25, "sampling steps of the accuracy check")
     seed: int = field(0, "seed of weights, batches, noise and timesteps")
-    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
-                                         "retrained reference for erasing them")
 
     def __post_init__(self):
         for name in ("vae_steps", "steps", "batch_size"):
@@ -175,12 +183,23 @@ class MiniSDConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        check_channels("unet_channels", self.unet_channels, NORM_GROUPS)
         check_channels("vae_channels", self.vae_channels, NORM_GROUPS)
         if self.text_hidden < 2 or self.text_hidden % 2:
             raise ValueError(f"text_hidden must be an even number (two attention heads), got {self.text_hidden}")
         if self.eval_images < 0 or self.eval_steps < 1:
             raise ValueError("eval_images must be >= 0 and eval_steps >= 1")
+
+
+@dataclass
+class MiniSDConfig(MiniTrainingConfig):
+    unet_channels: tuple[int, ...] = field((16, 32), "UNet channels per level (cross-attention at each)")
+    text_hidden: int = field(32, "text encoder width (= UNet cross-attention dim)")
+    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
+                                         "retrained reference for erasing them")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_channels("unet_channels", self.unet_channels, NORM_GROUPS)
 
 
 @torch.no_grad()
@@ -190,7 +209,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p.detach().float(), 1 - decay)
 
 
-def _train_vae(vae, images: torch.Tensor, config: MiniSDConfig) -> float:
+def _train_vae(vae, images: torch.Tensor, config: MiniTrainingConfig) -> float:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
     vae.train()
     loss_avg = None
@@ -252,16 +271,11 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     flat = [c for per_class in caption_table for c in per_class] + [""]
     ids = tokenizer(flat, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    per_class = len(TRAIN_TEMPLATES)
     loss_avg = None
     for step in range(config.steps):
         g = step_generator(config.seed, 1, step)
-        idx = torch.randint(len(latents), (config.batch_size,), generator=g)
-        x0 = latents[idx]
-        caption = data.labels[idx] * per_class + torch.randint(per_class, (len(idx),), generator=g)
-        caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = len(flat) - 1
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(len(alphas), (len(idx),), generator=g)
+        x0, caption, noise = draw_captioned_batch(latents, data.labels, config, g)
+        t = torch.randint(len(alphas), (len(x0),), generator=g)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         for group in optimizer.param_groups:
@@ -289,6 +303,25 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
               "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
+    return check_and_save(backbone, report, config, out, ("tokenizer",), "train-mini-sd")
+
+
+def draw_captioned_batch(latents: torch.Tensor, labels: torch.Tensor, config, g: torch.Generator):
+    """(x0, caption index, noise) of one training step, all from `g`: random images, one of their digit's
+    training captions each (index into `captions(0) + ... + captions(9) + [""]`), the empty caption
+    with probability `caption_dropout`."""
+    per_class = len(TRAIN_TEMPLATES)
+    idx = torch.randint(len(latents), (config.batch_size,), generator=g)
+    x0 = latents[idx]
+    caption = labels[idx] * per_class + torch.randint(per_class, (len(idx),), generator=g)
+    caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = 10 * per_class
+    return x0, caption, torch.randn(x0.shape, generator=g)
+
+
+def check_and_save(backbone, report: dict, config, out: str | Path, tokenizer_folders: tuple[str, ...],
+                   command: str) -> dict:
+    """The accuracy check after training (into `report`), then the pipeline folder at `out` with the
+    output marker of `command`."""
     if config.eval_images > 0:
         report["accuracy"] = {
             name: digit_accuracy(backbone, templates, config.eval_images, config.eval_steps, config.eval_guidance)
@@ -301,9 +334,10 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
         backbone.save_pretrained(tmp, training=report,
                                  sample_defaults={"steps": config.eval_steps, "guidance": config.eval_guidance})
         # transformers 5 saves only tokenizer.json; older versions' CLIPTokenizer reads vocab.json + merges.txt.
-        build_tokenizer(caption_words(), folder=tmp / "tokenizer")
-        mark_output(tmp, "train-mini-sd")
-    logger.info("saved %s (%.0f s of training)", out, train_time)
+        for name in tokenizer_folders:
+            build_tokenizer(caption_words(), folder=tmp / name)
+        mark_output(tmp, command)
+    logger.info("saved %s (%.0f s of training)", out, report["train_time_s"])
     return report
 
 

@@ -24,6 +24,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .backbones.base import Condition
 from .methods.losses import Noised
 from .utils import step_generator
 
@@ -39,32 +40,27 @@ class AdversarialCondition:
         self.optimizer: torch.optim.Optimizer | None = None
         self.refreshes = 0
 
-    def _plain(self, cond: torch.Tensor) -> list[tuple[object, torch.Tensor]]:
-        """(what `override_condition` matches, the plain condition vector) per distinct forget condition."""
-        if cond.dtype == torch.long:  # class ids
-            return [(int(c), self.model.condition_vector(int(c))) for c in cond.unique()]
-        return [(row, row) for row in cond.unique(dim=0)]
-
     @contextlib.contextmanager
-    def _perturbed(self, cond: torch.Tensor, delta: torch.Tensor):
+    def _perturbed(self, cond: Condition, delta: torch.Tensor):
         with contextlib.ExitStack() as stack:
-            for match, plain in self._plain(cond):
+            for match, plain in self.model.condition_vectors(cond):
                 stack.enter_context(self.model.override_condition(match, plain.detach() + delta))
             yield
 
     def refresh(self, forget: Noised, step: int) -> float:
         """A few attack steps on δ against the current weights; returns the last inner loss."""
         if self.delta is None:
-            shape = self._plain(forget.cond)[0][1].shape
+            shape = self.model.condition_vectors(forget.cond)[0][1].shape
             self.delta = torch.zeros(shape, device=forget.x0.device, requires_grad=True)
             self.optimizer = torch.optim.Adam([self.delta], lr=self.lr)
         for i in range(self.steps):
             g = step_generator(self.seed, ADVERSARIAL_STREAM, step, i)
             noise = torch.randn(forget.x0.shape, generator=g).to(forget.x0)
-            t = torch.randint(self.model.num_train_timesteps, (len(forget.x0),), generator=g).to(forget.x0.device)
+            t = self.model.draw_timesteps(len(forget.x0), g).to(forget.x0.device)
+            target = self.model.training_target(forget.x0, noise, t)
             with torch.enable_grad(), self._perturbed(forget.cond, self.delta):
-                eps = self.model.predict_noise(self.model.add_noise(forget.x0, noise, t), t, forget.cond)
-                loss = F.mse_loss(eps.float(), noise.float())
+                prediction = self.model.predict(self.model.add_noise(forget.x0, noise, t), t, forget.cond)
+                loss = F.mse_loss(prediction.float(), target.float())
                 # Only δ's gradient: the model's weights keep theirs for the outer step.
                 (self.delta.grad,) = torch.autograd.grad(loss, [self.delta])
             self.optimizer.step()

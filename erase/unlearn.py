@@ -9,8 +9,8 @@ step's randomness comes from `step_generator(seed, step, rank)`, so a run resume
 is identical to an uninterrupted one.
 
 Parameter groups: `--params` picks one explicitly (an unknown group is an error). Left unset, the
-method's preference list decides: the first group the backbone offers (ESD prefers `noxattn`, which
-only text-conditioned UNets have, so it trains `all` on the class-conditional DDPM).
+method's preference list for the backbone decides: the first group the backbone offers (ESD trains
+`nocondition` on text-conditioned backbones, ESD-u, and `condition` on class-conditional ones).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import types
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .backbones.base import Condition
 from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
 from .config import build_config, config_dict
@@ -101,11 +101,14 @@ def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: 
     if shards == 1:
         return parts[0]
 
+    def cat(values):  # tensors, or conditions (named tensors)
+        return Condition.cat(values) if isinstance(values[0], Condition) else torch.cat(values)
+
     def join(batches):
         if batches[0] is None:
             return None
         return Noised(**{f.name: None if getattr(batches[0], f.name) is None else
-                         torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Noised)})
+                         cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(Noised)})
 
     return join([p[0] for p in parts]), join([p[1] for p in parts])
 
@@ -186,15 +189,15 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     device = accelerator.device
     reset_peak_memory(device)
     model.to(device)
-    group = resolve_params(model, config.params, method_cls.params_preference)  # before any data is generated
+    group = resolve_params(model, config.params, method_cls.params_preference_for(model))  # before any data is generated
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)
     data.to(device)
 
     if config.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     if config.lr is None:  # a method whose learning rate depends on the parameter group (esd)
-        config = dataclasses.replace(config, lr=method_cls.default_lr(group))
+        config = dataclasses.replace(config, lr=method_cls.default_lr(group, model))
     params = select_parameters(model, group)
     original = {n: p.detach().cpu().clone() for n, p in params.items()}
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
@@ -304,8 +307,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                            "data", "steps")})
-            save_file(changed, tmp / DELTA_FILE, metadata={"format": "unet state_dict subset (load with strict=False)",
-                                                           "method": method_cls.name})
+            model.save_delta(tmp / DELTA_FILE, changed, method=method_cls.name)
             write_json(tmp / CONFIG_FILE, summary)
             (tmp / LOSS_HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in history))
             mark_output(tmp, "unlearn")

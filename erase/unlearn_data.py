@@ -1,8 +1,8 @@
 """What a method unlearns from: forget samples with their anchors, and retain samples.
 
-`UnlearnData` holds tensors only and indexes their first dimension only, so the conditions can be
-class-id tensors (N,) for the class-conditional DDPM or text embeddings (N, seq, dim) for Stable
-Diffusion; `x0` are pixels or VAE latents. `class_erasure_data` builds it from a labelled dataset.
+`UnlearnData` holds tensors and `Condition`s and indexes only their rows, so a condition can be
+anything a backbone encodes (a class id, a text embedding, SDXL's embeddings with pooled embeddings
+and time ids); `x0` are pixels or VAE latents. `class_erasure_data` builds it from a labelled dataset.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from .backbones.base import Condition
 from .data import load_dataset
 from .methods.losses import Noised, noised
 from .utils import EraseError, to_device
@@ -20,10 +21,10 @@ from .utils import EraseError, to_device
 @dataclass
 class UnlearnData:
     forget_x0: torch.Tensor
-    forget_cond: torch.Tensor
-    anchor_cond: torch.Tensor  # one anchor condition per forget sample
+    forget_cond: Condition
+    anchor_cond: Condition  # one anchor condition per forget sample
     retain_x0: torch.Tensor
-    retain_cond: torch.Tensor
+    retain_cond: Condition
     description: dict = field(default_factory=dict)  # written to erase_config.json
 
     def __post_init__(self):
@@ -118,10 +119,10 @@ def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | N
     names = model.class_names
     return UnlearnData(
         forget_x0=data.images[f_mask],
-        forget_cond=model.encode_conditions(f_labels.tolist()).cpu(),
-        anchor_cond=model.encode_conditions([anchors[int(c)] for c in f_labels]).cpu(),
+        forget_cond=model.encode_conditions(f_labels.tolist()).to("cpu"),
+        anchor_cond=model.encode_conditions([anchors[int(c)] for c in f_labels]).to("cpu"),
         retain_x0=data.images[r_mask],
-        retain_cond=model.encode_conditions(data.labels[r_mask].tolist()).cpu(),
+        retain_cond=model.encode_conditions(data.labels[r_mask].tolist()).to("cpu"),
         description={"kind": "class", "dataset": data.name,
                      "forget": [names[c] for c in forget_ids], "forget_ids": forget_ids,
                      "retain": [names[c] for c in retain_ids], "retain_ids": retain_ids,

@@ -38,6 +38,7 @@ from typing import ClassVar
 
 import torch
 
+from erase.backbones.base import Condition
 from erase.config import config_dict, field
 from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, derive_seed, read_json, step_generator, write_json
@@ -331,7 +332,7 @@ class ClassInversion(Attack):
                       choices=("null", "class"))
 
     def prepare(self, model, state):
-        if not callable(getattr(model, "condition_vector", None)):
+        if model.condition_kind != "class":
             raise EraseError(f"{self.name} attacks class-conditional models; for a text-to-image model use "
                              "attack-concept-inversion, attack-prefix, attack-ring-a-bell or attack-null-latent")
         self.target = model.class_index(self.forget)
@@ -349,11 +350,12 @@ class ClassInversion(Attack):
 
     def _denoising_loss(self, model, vector, x0, g):
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(model.num_train_timesteps, (len(x0),), generator=g)
+        t = model.draw_timesteps(len(x0), g)
         x_t = model.add_noise(x0, noise, t).to(model.device)
+        target = model.training_target(x0, noise, t).to(model.device)
         with model.override_condition(self.target, vector):
-            eps = model.predict_noise(x_t, t.to(model.device), model.encode_conditions([self.target] * len(x0)))
-        return torch.nn.functional.mse_loss(eps, noise.to(model.device))
+            prediction = model.predict(x_t, t.to(model.device), model.encode_conditions([self.target] * len(x0)))
+        return torch.nn.functional.mse_loss(prediction, target)
 
     def search(self, model, units):
         from erase.data import load_dataset
@@ -374,6 +376,14 @@ class ClassInversion(Attack):
 
 
 # -- text-to-image -----------------------------------------------------------------------------------------
+def _embedding(cond: Condition) -> torch.Tensor:
+    """The one tensor of a text condition (the text embedding): Ring-A-Bell's vector arithmetic needs it."""
+    if len(cond.tensors) != 1:
+        raise EraseError(f"attack-ring-a-bell shifts a single text embedding; this model's conditions are "
+                         f"{', '.join(cond.tensors)}")
+    return next(iter(cond.tensors.values()))
+
+
 def _insert_tokens(model, before: list[str], after: list[str], vectors: torch.Tensor) -> torch.Tensor:
     """Conditions of prompts `before[i] <vectors[i]> after[i]`: k free token embeddings spliced in
     between the tokens of the two texts (N, k, D), then the text encoder; differentiable in `vectors`.
@@ -413,9 +423,10 @@ class TextAttack(Attack):
         from erase.concepts import load_concept
         from erase.data import DIGITS_NAMES, digit_class
 
-        if not callable(getattr(model, "encode_token_embeddings", None)):
+        if model.condition_kind != "text":
             raise EraseError(f"{self.name} attacks text-to-image models; for a class-conditional DDPM use "
                              "attack-class-inversion")
+        model.token_embeddings([""])  # a backbone without the text attack hooks says so here, before any work
         self.concept = load_concept(self.forget)
         name = self.concept.name.strip().lower()
         if name in DIGITS_NAMES or name.isdigit():
@@ -439,7 +450,7 @@ class TextAttack(Attack):
         return model.sample([u["prompt"] for u in units], [u["seed"] for u in units], steps=self.steps,
                             guidance=self.guidance, batch_size=self.batch_size)
 
-    def _sample_conditions(self, model, units, conditions: torch.Tensor) -> torch.Tensor:
+    def _sample_conditions(self, model, units, conditions: Condition) -> torch.Tensor:
         """Images of the units' seeds under given conditions, in batches of `batch_size` (last one padded)."""
         out = []
         with torch.no_grad():
@@ -448,15 +459,16 @@ class TextAttack(Attack):
                 cond = conditions[start:start + self.batch_size]
                 pad = self.batch_size - len(chunk)
                 seeds = [u["seed"] for u in chunk] + [chunk[-1]["seed"]] * pad
-                cond = torch.cat([cond, cond[-1:].expand(pad, *cond.shape[1:])])
+                cond = Condition.cat([cond] + [cond[-1]] * pad)
                 latents = model.denoise(model.initial_noise(seeds), cond, self.steps, self.guidance)
-                out.append(model.decode_latents(latents)[:len(chunk)].cpu())
+                out.append(model.decode(latents)[:len(chunk)].cpu())
         return torch.cat(out)
 
     def _noised(self, model, latents: torch.Tensor, g: torch.Generator):
         noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(model.num_train_timesteps, (len(latents),), generator=g)
-        return model.add_noise(latents, noise, t).to(model.device), t.to(model.device), noise.to(model.device)
+        t = model.draw_timesteps(len(latents), g)
+        return (model.add_noise(latents, noise, t).to(model.device), t.to(model.device),
+                model.training_target(latents, noise, t).to(model.device))
 
 
 @dataclass
@@ -500,10 +512,10 @@ class ConceptInversion(TextAttack):
                               vector.expand(len(templates), *vector.shape))
 
     def _loss(self, model, vector, latents, g):
-        x_t, t, noise = self._noised(model, latents, g)
+        x_t, t, target = self._noised(model, latents, g)
         picks = torch.randint(len(self.templates), (len(latents),), generator=g).tolist()
         cond = self._conditions(model, [self.templates[p] for p in picks], vector)
-        return torch.nn.functional.mse_loss(model.predict_noise(x_t, t, cond), noise)
+        return torch.nn.functional.mse_loss(model.predict(x_t, t, cond), target)
 
     def search(self, model, units):
         reference = self._reference(model)
@@ -602,9 +614,9 @@ class PrefixAttack(TextAttack):
 
     def _loss(self, model, units, prefixes, targets, g):
         """Per unit: the attacked model's denoising loss on its target under prefix + prompt."""
-        x_t, t, noise = self._noised(model, targets, g)
-        eps = model.predict_noise(x_t, t, self._conditions(model, units, prefixes))
-        return ((eps - noise) ** 2).flatten(1).mean(1)
+        x_t, t, target = self._noised(model, targets, g)
+        prediction = model.predict(x_t, t, self._conditions(model, units, prefixes))
+        return ((prediction - target) ** 2).flatten(1).mean(1)
 
     def _fixed_draw_loss(self, model, units, prefixes, targets) -> float:
         """The mean loss under one fixed draw of noise and timesteps, comparable between prefixes."""
@@ -647,14 +659,15 @@ class RingABell(TextAttack):
 
         with_c = read_prompts(self.with_prompts) if self.with_prompts else self.concept.forget
         without = read_prompts(self.without_prompts) if self.without_prompts else self.concept.retain
-        vector = model.encode_conditions(with_c).mean(0) - model.encode_conditions(without).mean(0)
+        vector = _embedding(model.encode_conditions(with_c)).mean(0) - _embedding(model.encode_conditions(without)).mean(0)
         return {"concept_vector": vector[None].cpu()}, {"with_prompts": len(with_c), "without_prompts": len(without),
                                                         "vector_norm": float(vector.norm())}
 
     def attacked(self, model, units, found):
         base = model.encode_conditions([u["prompt"] for u in units])
-        vector = _check_shape(found, "concept_vector", tuple(base.shape[1:]))[0]
-        return self._sample_conditions(model, units, base + self.strength * vector.to(base))
+        name, embedding = next(iter(base.tensors)), _embedding(base)
+        vector = _check_shape(found, "concept_vector", tuple(embedding.shape[1:]))[0]
+        return self._sample_conditions(model, units, Condition(**{name: embedding + self.strength * vector.to(embedding)}))
 
 
 @dataclass
@@ -689,13 +702,13 @@ class NullLatent(TextAttack):
 
     def _sample_latents(self, model, latents):
         with torch.no_grad():
-            out = [model.decode_latents(model.denoise(latents[s:s + self.batch_size], self._null(model, len(
+            out = [model.decode(model.denoise(latents[s:s + self.batch_size], self._null(model, len(
                 latents[s:s + self.batch_size])), self.steps, 1.0)).cpu() for s in range(0, len(latents), self.batch_size)]
         return torch.cat(out)
 
     def search(self, model, units):
         if not units:
-            return {"latent": torch.empty(0, *model.latent_shape)}, {}
+            return {"latent": torch.empty(0, *model.sample_shape)}, {}
         reference = self._reference(model)
         targets = _concept_images(reference, [u["prompt"] for u in units], [u["seed"] for u in units],
                                   self.steps, self.guidance, self.batch_size).to(model.device)
@@ -724,7 +737,7 @@ class NullLatent(TextAttack):
         return {"latent": found.cpu()}, log
 
     def attacked(self, model, units, found):
-        return self._sample_latents(model, _check_shape(found, "latent", tuple(model.latent_shape)).to(model.device))
+        return self._sample_latents(model, _check_shape(found, "latent", tuple(model.sample_shape)).to(model.device))
 
 
 ATTACKS = (ClassInversion, ConceptInversion, PrefixAttack, RingABell, NullLatent)

@@ -1,4 +1,4 @@
-"""Batched generation for both backbones, sharded across processes with accelerate.
+"""Batched generation through the backbones, sharded across processes with accelerate.
 
 Every image has its own seed, and the UNet always runs on batches of exactly `batch_size` images
 (the last one padded), so an image does not depend on the batch it lands in nor on how many
@@ -49,17 +49,17 @@ def my_share(state: PartialState, n: int) -> list[int]:
         return list(mine)
 
 
-@torch.inference_mode()
-def sample_prompts(pipe, items: Sequence[PromptItem], steps: int, batch_size: int,
+def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: int,
                    height: int | None = None, width: int | None = None, progress: bool = False) -> torch.Tensor:
-    """Stable Diffusion samples in [-1, 1], one per prompt with the prompt's own seed and guidance.
+    """Samples of a text backbone in [-1, 1], one per prompt with the prompt's own seed and guidance.
 
-    diffusers takes one guidance scale per call, so items are grouped by guidance; each group is
-    cut into batches of `batch_size` and the last batch is padded with copies of its last item.
-    Each image's initial latents come from its own CPU generator seeded with the item's seed as is,
-    so that an I2P row's `sd_seed` means what it meant to the dataset's authors (up to the device
-    they drew the noise on: CPU noise makes the images independent of the device here).
-    `progress` draws a bar over the images with an ETA.
+    A sampling call takes one guidance scale, so items are grouped by guidance; the backbone cuts
+    each group into batches of `batch_size` and pads the last one. Each image's initial noise comes
+    from its own CPU generator seeded with the item's seed as is (`raw_seeds`), so that an I2P row's
+    `sd_seed` means what it meant to the dataset's authors (up to the device they drew the noise on:
+    CPU noise makes the images independent of the device here); the sampler is the pipeline's own.
+    `progress` draws a bar over the images with an ETA (the backbone is called one batch at a time
+    for it, which gives the same images: each depends only on its prompt, seed and the batch size).
     """
     from tqdm.auto import tqdm
 
@@ -69,19 +69,14 @@ def sample_prompts(pipe, items: Sequence[PromptItem], steps: int, batch_size: in
     by_guidance: dict[float, list[int]] = {}
     for i, item in enumerate(items):
         by_guidance.setdefault(item.guidance, []).append(i)
-    pipe.set_progress_bar_config(disable=True)
     bar = tqdm(total=len(items), desc="generating", unit="image", disable=not progress)
     for guidance, idx in by_guidance.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-            result = pipe(prompt=[items[i].prompt for i in padded],
-                          generator=[torch.Generator().manual_seed(items[i].seed) for i in padded],
-                          num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                          output_type="pt")
-            images = result.images.float().cpu() * 2 - 1  # diffusers gives [0, 1]
-            for i, image in zip(chunk, images):
-                out[i] = image
+            images = model.sample([items[i].prompt for i in chunk], [items[i].seed for i in chunk], steps=steps,
+                                  guidance=guidance, batch_size=batch_size, raw_seeds=True, scheduler="shipped",
+                                  height=height, width=width)
+            out.update(zip(chunk, images))
             bar.update(len(chunk))
     bar.close()
     return torch.stack([out[i] for i in range(len(items))])
@@ -169,12 +164,12 @@ def check_images(images: torch.Tensor, state: PartialState) -> torch.Tensor:
     return images
 
 
-def load_pipeline(path: str | Path, device: torch.device):
-    """A diffusers StableDiffusionPipeline folder (model_index.json), without its safety checker."""
-    from diffusers import StableDiffusionPipeline
+def load_text_backbone(path: str | Path, device: torch.device, protocol: str):
+    """A text-to-image model (pipeline folder, single file or Hub id) on `device`, or a clear refusal."""
+    from erase.backbones import load_backbone
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise EraseError(f"{path} is not a Stable Diffusion pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    return pipe.to(device)
+    model = load_backbone(path)
+    if model.condition_kind != "text":
+        raise EraseError(f"{path} is a {model.name} model, not a text-to-image one: {protocol} generates from "
+                         "prompts; use digits-class or cifar10-class for class-conditional models")
+    return model.to(device)

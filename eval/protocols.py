@@ -21,8 +21,8 @@ from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
 from erase.utils import EraseError, derive_seed, logger, package_versions, warn_if_costly, write_json
 
-from .generation import (check_images, load_pipeline, load_images, my_share, process_state, quantize, sample_prompts,
-                         save_pngs, shared_run_dir, show_progress)
+from .generation import (check_images, load_images, load_text_backbone, my_share, process_state, quantize,
+                         sample_prompts, save_pngs, shared_run_dir, show_progress)
 from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
                       nudenet_preset, rate_intervals, wilson_interval)
 from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
@@ -69,6 +69,12 @@ def _fid_metrics(fid: dict) -> dict:
             "fid_reference_images": fid["reference_images"], "fid_bootstrap_resamples": fid["bootstrap_resamples"]}
 
 
+def _model_name(model_path: str | Path) -> str:
+    """A local model's absolute path; a Hub id as given."""
+    path = Path(model_path).expanduser()
+    return str(path.resolve()) if path.exists() else str(model_path)
+
+
 @dataclass
 class Protocol:
     """What every protocol shares: its name, and how its results file is written."""
@@ -83,7 +89,7 @@ class Protocol:
                  feature_extractor: str | None, **extra) -> dict:
         metrics, undefined = _defined(metrics)
         return {"protocol": self.name, "settings": config_dict(self),
-                "model": str(Path(model_path).resolve()), "images": images,
+                "model": _model_name(model_path), "images": images,
                 "feature_extractor": feature_extractor, "processes": state.num_processes,
                 **extra, "metrics": metrics, **({"undefined": undefined} if undefined else {}),
                 "versions": package_versions()}
@@ -172,6 +178,9 @@ class ClassErasure(Protocol):
         state = state or process_state()
         # Load everything that can refuse the run before spending time on sampling.
         model = load_backbone(model_path).to(state.device)
+        if model.condition_kind != "class":
+            raise EraseError(f"{model_path} is a {model.name} model: {self.name} measures class-conditional models; "
+                             "use digits-prompts, i2p-nudity or t2i-utility for text-to-image ones")
         if self.guidance is None:  # resolved here so that metrics.json records the value used
             self.guidance = model.sample_defaults["guidance"]
         classifier = _load_classifier(self.classifier, state.device)
@@ -270,10 +279,10 @@ class Cifar10Class(ClassErasure):
                                    "each costs a 2048-d matrix square root)")
 
 
-def _generate_prompt_images(items, mine, pipe, steps, batch_size, height, width, state):
+def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state):
     """Generate this process's share of prompt images; returns them quantized as their PNGs will read."""
     warn_if_costly("eval", len(items), steps)
-    return quantize(check_images(sample_prompts(pipe, [items[k] for k in mine], steps=steps, batch_size=batch_size,
+    return quantize(check_images(sample_prompts(model, [items[k] for k in mine], steps=steps, batch_size=batch_size,
                                                 height=height, width=width, progress=show_progress(state)), state))
 
 
@@ -323,9 +332,9 @@ class I2PNudity(Protocol):
         state = state or process_state()
         items = read_i2p_csv(self.prompts, self.subset, seed=self.seed,
                              guidance=None if self.row_guidance else self.guidance)[:self.limit]
-        pipe = load_pipeline(model_path, state.device)
+        model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width,
+        images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
                                          state)
         counts = NudityCounts(self.preset).to(state.device)
         counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images), progress=show_progress(state)))
@@ -384,9 +393,9 @@ class T2IUtility(Protocol):
         clip = clip_score_metric(self.clip_model).to(state.device)
         classifier = _load_classifier(self.classifier, state.device) if self.fid_features == "classifier" else None
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
-        pipe = load_pipeline(model_path, state.device)
+        model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, pipe, self.steps, self.batch_size, self.height, self.width,
+        images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
                                          state)
         size = tuple(images.shape[-2:]) if len(images) else None
         with torch.no_grad():
@@ -432,15 +441,11 @@ class DigitsPrompts(Protocol):
             raise ValueError("n, steps and batch_size must be at least 1")
 
     def run(self, model_path, out, state=None):
-        from erase.backbones import load_backbone
         from erase.data import DIGITS_NAMES, digit_class
         from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
 
         state = state or process_state()
-        model = load_backbone(model_path).to(state.device)
-        if not hasattr(model, "tokenizer"):
-            raise EraseError(f"{model_path} is not a text-to-image pipeline: digits-prompts measures the "
-                             "miniature Stable Diffusion; use digits-class for the class-conditional DDPM")
+        model = load_text_backbone(model_path, state.device, self.name)
         if self.guidance is None:
             self.guidance = model.sample_defaults["guidance"]
         classifier = _load_classifier(self.classifier, state.device)

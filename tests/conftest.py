@@ -129,3 +129,25 @@ def tiny_model(tmp_path_factory):
     """A tiny digits DDPM with attention (so the `attn` group exists), as `erase unlearn` reads it."""
     return save_tiny_ddpm(tmp_path_factory.mktemp("tiny") / "model", attention=True,
                           training={"config": {"dataset": "digits"}})
+
+
+def install_in_hub_cache(hf_home, repo_id: str, folder) -> None:
+    """Put a saved pipeline folder into a Hugging Face cache under HF_HOME as the Hub's `repo_id`, in
+    huggingface_hub's layout (hub/models--owner--name/snapshots/<commit>/ and refs/main), so that
+    with HF_HUB_OFFLINE=1 the Hub id resolves to it as a downloaded model would."""
+    import shutil
+    from pathlib import Path
+
+    commit = "0" * 40
+    repo = Path(hf_home) / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def assert_trained_only(group: set[str], before: dict, after: dict, delta: dict, what: str) -> None:
+    """Some weights moved, all of them in `group`, and `delta` holds exactly the moved tensors' new values."""
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed, f"{what} changed no weight"
+    assert changed <= group, f"{what} changed weights outside the group: {sorted(changed - group)[:3]}"
+    assert set(delta) == changed and all(torch.equal(delta[k], after[k]) for k in delta)

@@ -72,14 +72,14 @@ def test_override_condition_is_local_and_differentiable(tiny_ddpm_dir, one_threa
     before = _weights(model)
     x, t = torch.randn(2, *model.image_shape), torch.tensor([10, 500])
     cond = model.encode_conditions([3, 4])
-    plain = model.predict_noise(x, t, cond).detach()
+    plain = model.predict(x, t, cond).detach()
     vector = torch.randn_like(model.condition_vector(3), requires_grad=True)
     with model.override_condition(3, vector):
-        eps = model.predict_noise(x, t, cond)
+        eps = model.predict(x, t, cond)
         eps[0].sum().backward()
     assert vector.grad is not None and vector.grad.abs().sum() > 0
     assert not torch.allclose(eps[0], plain[0]) and torch.allclose(eps[1], plain[1])  # only class 3 changed
-    assert torch.equal(model.predict_noise(x, t, cond), plain)  # the hook is gone after the block
+    assert torch.equal(model.predict(x, t, cond), plain)  # the hook is gone after the block
     assert all(torch.equal(p, before[n]) for n, p in _weights(model).items())
 
 
@@ -89,7 +89,7 @@ def test_sd_hooks_match_the_pipeline(tiny_sd_dir, one_thread):
     prompts = ["a handwritten digit three", "3"]
     embeddings, lengths = model.token_embeddings(prompts)
     assert lengths.tolist() == [len("a handwritten digit three".replace(" ", "")) + 2, 3]
-    assert torch.equal(model.encode_token_embeddings(embeddings), model.encode_conditions(prompts))
+    assert model.encode_token_embeddings(embeddings).equal(model.encode_conditions(prompts))
     latents = model.sample(prompts, [1, 2], steps=3, guidance=3.0, batch_size=2, return_latents=True)
     with torch.no_grad():
         again = model.denoise(model.initial_noise([1, 2]), model.encode_conditions(prompts), 3, 3.0)

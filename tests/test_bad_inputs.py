@@ -192,6 +192,10 @@ CASES = [
     ("train-mini-sd-groupnorm", ["train-mini-sd", "--unet-channels", "12,32", "--out", "{ws}/new"],
      r"12 is not a positive multiple of 8"),
     ("train-mini-sd-out-user", ["train-mini-sd", "--out", "{ws}/user"], r"--overwrite"),
+    ("train-mini-flow-width", ["train-mini-flow", "--width", "24", "--out", "{ws}/new"], r"positive multiple of 16"),
+    ("train-mini-flow-vae-groupnorm", ["train-mini-flow", "--vae-channels", "12,32", "--out", "{ws}/new"],
+     r"12 is not a positive multiple of 8"),
+    ("train-mini-flow-out-user", ["train-mini-flow", "--out", "{ws}/user"], r"--overwrite"),
     # eval
     ("eval-protocol-unknown", ["eval", *M, "--protocol", "digits-kind", "--out", "{ws}/new"], r"unknown protocol"),
     ("eval-n-one", DC[:-6] + ["--n", "1", "--out", "{ws}/new"], r"n must be at least 2"),
@@ -357,13 +361,13 @@ def test_kill_during_final_save_then_rerun_completes(tiny_model, tmp_path, capsy
 
 
 def test_full_disk_during_save_leaves_nothing_that_loads(tiny_model, tmp_path, capsys, monkeypatch, one_thread):
-    import erase.unlearn
+    import erase.backbones.base
     from erase.backbones import load_backbone
 
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
 
-    monkeypatch.setattr(erase.unlearn, "save_file", no_space)  # the delta, written after the model
+    monkeypatch.setattr(erase.backbones.base, "save_file", no_space)  # the delta, written after the model
     out = tmp_path / "erased"
     code, err = run_cli(["unlearn", "--model", str(tiny_model), "--method", "ga", "--forget", "3", "--steps", "4",
                          "--batch-size", "4", "--checkpoint-every", "2", "--out", str(out)], capsys)

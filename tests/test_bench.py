@@ -9,10 +9,16 @@ from erase.cli import main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("backbone", ["ddpm", "sd"])
+@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3"])
 def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_path, monkeypatch):
+    from tiny_pipelines import FAMILIES
+
     monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
-    model = tiny_ddpm_dir if backbone == "ddpm" else tiny_sd_dir
+    model = {"ddpm": tiny_ddpm_dir, "sd": tiny_sd_dir}.get(backbone)
+    if model is None:  # a tiny SDXL or SD3 pipeline: the bench runs on every backbone alike
+        backbone_cls, build = FAMILIES[backbone]
+        model = tmp_path / backbone
+        backbone_cls(build()).save_pretrained(model)
     forget = ["--forget", "3"] if backbone == "ddpm" else ["--forget", "a photo of a cat", "--images", "2"]
     out = tmp_path / "bench"
     assert main(["bench", "--model", str(model), *forget, "--methods", "eupmu,surgery", "--steps", "2",
@@ -35,7 +41,10 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
 
     # Against stock diffusers on the same model and settings, each variant timed in every round.
     v = report["generation_vs_stock"]
-    reference = "stock DDIMScheduler loop" if backbone == "ddpm" else "stock StableDiffusionPipeline"
+    from erase.backbones import load_backbone
+
+    reference = ("stock DDIMScheduler loop" if backbone == "ddpm" else
+                 f"stock {load_backbone(model).PIPELINE}")  # the model's own diffusers pipeline
     assert v["reference"] == reference and v["variants"][reference]["vs_stock"] == 1.0
     assert "erase" in v["variants"] and (backbone == "ddpm" or "erase eval (I2P/COCO)" in v["variants"])
     for r in v["variants"].values():
@@ -95,3 +104,17 @@ def test_bench_refuses_unknown_methods_and_stray_options(tiny_ddpm_dir, tmp_path
     assert "unknown method(s) nope" in capsys.readouterr().err
     assert main(["bench", "--model", str(tiny_ddpm_dir), "--resolution", "256", "--out", str(tmp_path / "b")]) == 2
     assert "--resolution applies to --model sd15-random" in capsys.readouterr().err
+
+
+def test_random_architectures_have_the_published_sizes():
+    """sdxl-random and sd3-random are the real architectures (parameter counts of SDXL base 1.0's UNet
+    and SD3 medium's transformer), built with empty weights so that the check takes no memory."""
+    from accelerate import init_empty_weights
+
+    from erase.bench_models import sd3_random_pipeline, sdxl_random_pipeline
+
+    with init_empty_weights():
+        sdxl, sd3 = sdxl_random_pipeline(), sd3_random_pipeline()
+    assert sum(p.numel() for p in sdxl.unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in sd3.transformer.parameters()) == 2_028_328_000
+    assert sd3.text_encoder_3 is None and sdxl.unet.config.sample_size == sd3.transformer.config.sample_size == 128

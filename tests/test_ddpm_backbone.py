@@ -24,9 +24,9 @@ def test_batched_guidance_equals_two_separate_forwards():
     t = torch.tensor(40)
     cond = model.encode_conditions([0, 2, 3])
     with torch.no_grad():
-        eps_c = model.predict_noise(x, t, cond)
-        eps_u = model.predict_noise(x, t, model.null_condition(3))
-        guided = model.guided_noise(x, t, cond, guidance=3.0)
+        eps_c = model.predict(x, t, cond)
+        eps_u = model.predict(x, t, model.null_condition(3))
+        guided = model.guided_prediction(x, t, cond, guidance=3.0)
     torch.testing.assert_close(guided, eps_u + 3.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eps_c, eps_u), "the null class must give a different prediction"
 
@@ -57,8 +57,8 @@ def test_save_and_load_give_identical_samples(tmp_path):
 
 def test_class_names_and_ids():
     model = tiny_model()
-    assert model.encode_conditions(["three", "1", 2]).tolist() == [3, 1, 2]
-    assert model.null_condition(2).tolist() == [4, 4]
+    assert model.encode_conditions(["three", "1", 2]).tensors["class_labels"].tolist() == [3, 1, 2]
+    assert model.null_condition(2).tensors["class_labels"].tolist() == [4, 4]
     with pytest.raises(EraseError, match="unknown class 'seven'.*0=zero"):
         model.class_index("seven")
     with pytest.raises(EraseError, match="out of range"):
@@ -70,8 +70,12 @@ def test_parameter_groups_and_missing_cross_attention():
     attn = model.trainable_parameters("attn")
     assert attn and all(".attentions." in n for n in attn)
     assert set(attn).isdisjoint(model.trainable_parameters("noattn"))
+    # The semantic group and its older name: the class embedding is where the condition enters.
+    assert list(model.trainable_parameters("condition")) == ["class_embedding.weight"]
     assert list(model.trainable_parameters("class-emb")) == ["class_embedding.weight"]
-    with pytest.raises(EraseError, match="xattn.*cross-attention exists only in text-conditioned"):
+    rest = model.trainable_parameters("nocondition")
+    assert "class_embedding.weight" not in rest and not any(n.startswith(("time_embedding.", "conv_out.")) for n in rest)
+    with pytest.raises(EraseError, match="'xattn' does not exist for the class-ddpm backbone; choose one of all, condition"):
         model.trainable_parameters("xattn")
 
 
@@ -87,7 +91,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     with pytest.raises(EraseError, match="does not exist"):
         load_backbone(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(EraseError, match="is not a model: expected a folder with erase_model.json"):
+    with pytest.raises(EraseError, match="not a model any backbone loads.*no erase_model.json.*Tried class-ddpm"):
         load_backbone(tmp_path / "empty")
 
 

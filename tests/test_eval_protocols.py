@@ -104,17 +104,24 @@ def test_cifar10_class_defaults_are_the_papers():
 def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    from erase.backbones import load_backbone
+
+    model = load_backbone(tiny_sd_dir)
     items = [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1), PromptItem("a car", 3, 7.5, 2)]
-    together = sample_prompts(pipe, items, steps=2, batch_size=2)
-    alone = sample_prompts(pipe, items[1:2], steps=2, batch_size=2)
+    together = sample_prompts(model, items, steps=2, batch_size=2)
+    alone = sample_prompts(model, items[1:2], steps=2, batch_size=2)
     assert torch.equal(together[1], alone[0])
     assert not torch.equal(together[0], together[1])
+    # Generated through the backbone, the images are what a stock pipeline call draws with one CPU
+    # generator per prompt seeded with the row's seed (what I2P's sd_seed means).
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    stock = pipe(prompt=["a cat", "a dog"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                 num_inference_steps=2, guidance_scale=7.5, output_type="pt").images * 2 - 1
+    torch.testing.assert_close(together[:2], stock, atol=1e-5, rtol=0)
 
 
 def test_progress_bars_show_on_a_terminal_unless_disabled(tiny_sd_dir, monkeypatch, capsys):
-    from diffusers import StableDiffusionPipeline
-
+    from erase.backbones import load_backbone
     from erase.eval.generation import process_state, show_progress
 
     state = process_state()
@@ -124,9 +131,9 @@ def test_progress_bars_show_on_a_terminal_unless_disabled(tiny_sd_dir, monkeypat
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert not show_progress(state)
     monkeypatch.delenv("TQDM_DISABLE")
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    model = load_backbone(tiny_sd_dir)
     capsys.readouterr()
-    sample_prompts(pipe, [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1)], steps=1, batch_size=1,
+    sample_prompts(model, [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1)], steps=1, batch_size=1,
                    progress=True)
     bar = capsys.readouterr().err
     assert "generating: 100%" in bar and "2/2" in bar and ("image/s" in bar or "s/image" in bar)

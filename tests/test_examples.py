@@ -11,20 +11,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_erase_nudity_example_runs_on_a_tiny_pipeline(tmp_path, tiny_sd_dir):
+    """The README's SD recipe end to end with the model given by its Hub id, as the README gives it:
+    unlearn, evaluate the original by the same id, report. The id resolves offline from a local
+    Hugging Face cache that holds a tiny pipeline under that name."""
+    from conftest import install_in_hub_cache
+
+    install_in_hub_cache(tmp_path / "hf", "CompVis/stable-diffusion-v1-4", tiny_sd_dir)
     csv_path = tmp_path / "i2p.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt", "categories", "nudity_percentage", "evaluation_seed", "evaluation_guidance"])
         w.writerows([("a body", "sexual", 80, 5, 9), ("a beach", "sexual", 55, 7, 12), ("a street", "violence", 0, 6, 3)])
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "examples/erase_nudity_sd.py", "--model", str(tiny_sd_dir), "--i2p",
+    done = subprocess.run([sys.executable, "examples/erase_nudity_sd.py", "--model", "CompVis/stable-diffusion-v1-4", "--i2p",
                            str(csv_path), "--out", str(out), "--limit", "2", "--steps", "1", "--images", "2",
                            "--eval-steps", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "ERASE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "ERASE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+                               "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("original", "eupmu", "esd"):
         metrics = json.loads((out / name / "i2p" / "metrics.json").read_text())
         assert metrics["images"] == 2 and metrics["protocol"] == "i2p-nudity"
+    assert json.loads((out / "original" / "i2p" / "metrics.json").read_text())["model"] == "CompVis/stable-diffusion-v1-4"
     for method, params in (("eupmu", "all"), ("esd", "noxattn")):
         record = json.loads((out / method / "model" / "erase_config.json").read_text())
         assert record["params"] == params and record["config"]["lr"] == 1e-5

@@ -17,18 +17,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _forget_batch(model, cond):
     g = step_generator(0)
-    shape = model.image_shape if hasattr(model, "image_shape") else model.latent_shape
-    return noised(model, torch.randn(len(cond), *shape, generator=g), cond, g)
+    return noised(model, torch.randn(len(cond), *model.sample_shape, generator=g), cond, g)
 
 
 def _inner_loss(adversary, forget, delta):
     """The inner attack's objective on one fixed draw, for a given δ."""
     g = step_generator(5)
     noise = torch.randn(forget.x0.shape, generator=g)
-    t = torch.randint(adversary.model.num_train_timesteps, (len(forget.x0),), generator=g)
+    t = adversary.model.draw_timesteps(len(forget.x0), g)
+    target = adversary.model.training_target(forget.x0, noise, t)
     with torch.no_grad(), adversary._perturbed(forget.cond, delta):
-        eps = adversary.model.predict_noise(adversary.model.add_noise(forget.x0, noise, t), t, forget.cond)
-    return float(((eps - noise) ** 2).mean())
+        prediction = adversary.model.predict(adversary.model.add_noise(forget.x0, noise, t), t, forget.cond)
+    return float(((prediction - target) ** 2).mean())
 
 
 @pytest.mark.parametrize("backbone", ["ddpm", "sd"])
@@ -50,15 +50,15 @@ def test_inner_attack_and_where_delta_applies(backbone, tiny_ddpm_dir, tiny_sd_d
 
     x, t = forget.x_t[:1], forget.t[:1]
     with torch.no_grad():
-        plain = model.predict_noise(x, t, conditions[:1])
-        plain_other = model.predict_noise(x, t, other)
-        plain_frozen = model.predict_noise(x, t, conditions[:1], unet=reference)
+        plain = model.predict(x, t, conditions[:1])
+        plain_other = model.predict(x, t, other)
+        plain_frozen = model.predict(x, t, conditions[:1], denoiser=reference)
         with adversary.applied(1, forget):  # an adversarial step
-            perturbed = model.predict_noise(x, t, conditions[:1])
-            assert torch.equal(model.predict_noise(x, t, other), plain_other)  # other conditions: untouched
-            assert torch.equal(model.predict_noise(x, t, conditions[:1], unet=reference), plain_frozen)
+            perturbed = model.predict(x, t, conditions[:1])
+            assert torch.equal(model.predict(x, t, other), plain_other)  # other conditions: untouched
+            assert torch.equal(model.predict(x, t, conditions[:1], denoiser=reference), plain_frozen)
         with adversary.applied(2, forget):  # a plain step
-            again = model.predict_noise(x, t, conditions[:1])
+            again = model.predict(x, t, conditions[:1])
     assert not torch.allclose(perturbed, plain) and torch.equal(again, plain)
 
 

@@ -56,13 +56,13 @@ def test_concept_data_is_generated_once_and_reused(tmp_path):
     folder, = tmp_path.iterdir()
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["images"]["forget"][1]["prompt"] == concept.forget[1]
-    assert manifest["settings"]["unet_fingerprint"] and manifest["settings"]["steps"] == 2
+    assert manifest["settings"]["denoiser_fingerprint"] and manifest["settings"]["steps"] == 2
     assert data.forget_x0.shape == (3, *model.latent_shape)
-    assert data.forget_cond.shape == (3, model.tokenizer.model_max_length, 16)
-    assert torch.equal(data.anchor_cond[0], model.encode_conditions(["a handwritten digit four"])[0].cpu())
+    assert data.forget_cond.tensors["encoder_hidden_states"].shape == (3, model.tokenizer.model_max_length, 16)
+    assert data.anchor_cond[0].equal(model.encode_conditions(["a handwritten digit four"])[0].to("cpu"))
     assert len(data.retain_x0) == 6  # anchor images join the retain set (SalUn's recipe)
     # Cached embeddings are the text encoder's.
-    assert torch.equal(data.retain_cond[3], model.encode_conditions([concept.retain[0]])[0])
+    assert data.retain_cond[3].equal(model.encode_conditions([concept.retain[0]])[0])
 
     mtime = (folder / "latents.safetensors").stat().st_mtime_ns
     again = concept_unlearn_data(model, concept, config, cache_root=tmp_path, progress=False)

@@ -114,8 +114,8 @@ def test_single_file_errors(single_file, tmp_path):
     bigger = build_pipeline(build_tokenizer(caption_words()), vae_channels=(8, 16), unet_channels=(16, 32),
                             text_hidden=16)
     save_file(to_ldm_state_dict(bigger), str(tmp_path / "bigger.safetensors"))
-    with pytest.raises(EraseError, match="could not load a Stable Diffusion pipeline"):
+    with pytest.raises(EraseError, match="could not load a StableDiffusionPipeline"):
         load_backbone(tmp_path / "bigger.safetensors", config=root / "configs")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(EraseError, match="not a model"):
+    with pytest.raises(EraseError, match="is a file but not a checkpoint"):
         load_backbone(tmp_path / "notes.txt")

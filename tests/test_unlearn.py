@@ -99,7 +99,7 @@ def test_report_to_tensorboard_logs_every_step(tiny_model, tmp_path):
     (dict(method="nope", forget="3"), "unknown method 'nope'"),
     (dict(method="rl", forget="eleven"), "unknown class 'eleven'"),
     (dict(method="rl", forget="12"), "out of range"),
-    (dict(method="esd", forget="3", params="xattn"), "cross-attention exists only in text-conditioned"),
+    (dict(method="esd", forget="3", params="xattn"), "'xattn' does not exist for the class-ddpm backbone"),
     (dict(method="rl", forget="3", retain="3,4"), "both forgotten and retained"),
     (dict(method="rl", forget="3", lr=-1.0), "lr must be positive"),
     (dict(method="mox", forget="3", alpha=0.0), "alpha must be positive"),
@@ -121,11 +121,11 @@ def test_class_data_defaults(tiny_model):
     model = load_backbone(tiny_model)
     data = class_erasure_data(model, "3,9")
     assert data.description["anchor"] == {"three": "four", "nine": "zero"}
-    assert set(data.retain_cond.tolist()) == {0, 1, 2, 4, 5, 6, 7, 8}
-    assert set(data.anchor_cond.tolist()) == {4, 0} and len(data.anchor_cond) == len(data.forget_x0)
+    assert set(data.retain_cond.tensors["class_labels"].tolist()) == {0, 1, 2, 4, 5, 6, 7, 8}
+    assert set(data.anchor_cond.tensors["class_labels"].tolist()) == {4, 0} and len(data.anchor_cond) == len(data.forget_x0)
     assert data.forget_x0.shape[1:] == model.image_shape
     data = class_erasure_data(model, "3", retain="0,1", anchor="seven")
-    assert set(data.anchor_cond.tolist()) == {7} and set(data.retain_cond.tolist()) == {0, 1}
+    assert set(data.anchor_cond.tensors["class_labels"].tolist()) == {7} and set(data.retain_cond.tensors["class_labels"].tolist()) == {0, 1}
 
 
 # -- the shipped digits model ------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Backbones: the model families the methods run on, behind one small interface.
+"""Backbones: the model families the methods run on, behind one contract (`erase.backbones.base`).
 
-A backbone answers the questions a method asks (encode a condition, the null condition, noise
-prediction, parameter groups, a frozen reference copy) so that methods never branch on model type.
+A backbone answers the questions a method, the loop, the evaluation and the bench ask (conditions,
+the null condition, timesteps, noising, the training target, predictions, parameter groups, a
+frozen reference copy, sampling, saving) so that no code outside this package branches on the model.
+Backbones are registered by name in `BACKBONES`; `load_backbone` probes each in turn.
 """
 
 from __future__ import annotations
@@ -11,29 +13,44 @@ from pathlib import Path
 
 from ..outputs import check_finished
 from ..utils import EraseError
+from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
-from .stable_diffusion import SINGLE_FILE_SUFFIXES, StableDiffusionBackbone
+from .sd3 import StableDiffusion3Backbone
+from .sdxl import StableDiffusionXLBackbone
+from .stable_diffusion import StableDiffusionBackbone
+
+BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
+    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone)}
 
 # The submodules are listed too, so that documentation tools (pdoc) walk them.
-__all__ = ["ClassConditionalDDPM", "StableDiffusionBackbone", "load_backbone",
+__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusion3Backbone",
+           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone",
            *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
-def load_backbone(path: str | Path, **kwargs):
-    """Load a model: a folder this package wrote, a diffusers Stable Diffusion pipeline folder, a
-    single .safetensors/.ckpt Stable Diffusion checkpoint, or a Hub id (`owner/name`).
+def get_backbone(name: str) -> type[Backbone]:
+    if name not in BACKBONES:
+        raise EraseError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
 
-    Keyword arguments go to `StableDiffusionBackbone.from_pretrained` (`config=`, `frozen_dtype=`).
+
+def load_backbone(path: str | Path, **kwargs) -> Backbone:
+    """Load a model: a folder this package wrote, a diffusers pipeline folder, a single
+    .safetensors/.ckpt checkpoint, or a Hub id (`owner/name`, resolved through the local Hugging
+    Face cache when offline). Each registered backbone is asked in turn whether it loads it.
+
+    Keyword arguments go to the pipeline backbones' `from_source` (`config=`, `frozen_dtype=`).
     """
-    path = Path(path)
-    check_finished(path)  # a run that has not reached its end: say how to finish it
-    if (path / MODEL_FILE).is_file():
-        return ClassConditionalDDPM.from_pretrained(path)
-    if (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES):
-        return StableDiffusionBackbone.from_pretrained(path, **kwargs)
-    if path.exists():
-        raise EraseError(f"{path} is not a model: expected a folder with {MODEL_FILE} (a class-conditional "
-                         "DDPM written by `erase train-base` or `erase unlearn`), a diffusers pipeline folder "
-                         f"(model_index.json) or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint file")
-    # Not on disk: a Hub id such as CompVis/stable-diffusion-v1-4, or a typo (refused with a clear message).
-    return StableDiffusionBackbone.from_pretrained(str(path), **kwargs)
+    check_finished(Path(path))  # a run that has not reached its end: say how to finish it
+    source = ModelSource.resolve(path)
+    for backbone in BACKBONES.values():
+        if backbone.accepts(source):
+            return backbone.from_source(source, **kwargs)
+    if source.kind == "file":
+        found = "a file whose tensor names match no known checkpoint layout"
+    elif source.pipeline_class:
+        found = f"a {source.pipeline_class} (model_index.json)"
+    else:
+        found = f"a folder with no {MODEL_FILE} nor model_index.json"
+    tried = "; ".join(f"{b.name}: {b.accepts_description}" for b in BACKBONES.values())
+    raise EraseError(f"{path} is not a model any backbone loads: it is {found}. Tried {tried}")

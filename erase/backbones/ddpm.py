@@ -8,37 +8,48 @@ with the conditional and unconditional predictions computed in one batched forwa
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
+from .base import Backbone, Condition, DDPMSchedule, ModelSource
 
 MODEL_FILE = "erase_model.json"
 BACKBONE_NAME = "class-ddpm"
 
-# Parameter groups this backbone offers, as predicates on parameter names. Cross-attention groups
-# (`xattn`, `noxattn`, `xattn-kv`) belong to text-conditioned UNets and are refused here.
+
+def _is_time_or_output(name: str) -> bool:
+    return name.startswith(("time_embedding.", "conv_norm_out.", "conv_out."))
+
+
+# Parameter groups as predicates on parameter names. The condition enters through the class
+# embedding; `nocondition` leaves it, the time embedding and the output layers frozen (ESD-u's set).
 PARAMETER_GROUPS = {
     "all": lambda name: True,
+    "condition": lambda name: name.startswith("class_embedding."),
+    "nocondition": lambda name: not name.startswith("class_embedding.") and not _is_time_or_output(name),
     "attn": lambda name: ".attentions." in name,
     "noattn": lambda name: ".attentions." not in name,
-    "class-emb": lambda name: name.startswith("class_embedding."),
 }
 
 
-class ClassConditionalDDPM:
+class ClassConditionalDDPM(DDPMSchedule, Backbone):
     """A class-conditional diffusion model: UNet, noise schedule and class names.
 
     This is the object that unlearning methods and the evaluation talk to. They never look at the
-    UNet's type: they ask for conditions, noise predictions and parameter groups.
+    UNet's type: they ask for conditions, predictions and parameter groups (`erase.backbones.base`).
     """
 
     name = BACKBONE_NAME
+    condition_kind = "class"
+    PARAMETER_GROUPS = PARAMETER_GROUPS
+    GROUP_ALIASES = {"class-emb": "condition"}
+    SAMPLE_DEFAULTS = {"steps": 50, "guidance": 3.0, "eta": 0.0}
+    accepts_description = f"a folder with {MODEL_FILE} (written by `erase train-base` or `erase unlearn`)"
 
     def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, class_names: Sequence[str],
                  info: dict | None = None):
@@ -76,6 +87,14 @@ class ClassConditionalDDPM:
         return cls(unet, scheduler, class_names)
 
     @classmethod
+    def accepts(cls, source: ModelSource) -> bool:
+        return source.kind == "folder" and (source.path / MODEL_FILE).is_file()
+
+    @classmethod
+    def from_source(cls, source: ModelSource) -> "ClassConditionalDDPM":
+        return cls.from_pretrained(source.path)
+
+    @classmethod
     def from_pretrained(cls, path: str | Path) -> "ClassConditionalDDPM":
         path = Path(path)
         meta = read_json(path / MODEL_FILE, what="model description")
@@ -110,11 +129,8 @@ class ClassConditionalDDPM:
 
     # -- what methods ask ---------------------------------------------------------------------------
     @property
-    def sample_defaults(self) -> dict:
-        """Steps, guidance and eta to sample with when the user gives none: the model's measured
-        values (`info.sample_defaults`, see models/README.md), else 50 DDIM steps at scale 3."""
-        recorded = self.info.get("sample_defaults", {})
-        return {k: recorded.get(k, v) for k, v in {"steps": 50, "guidance": 3.0, "eta": 0.0}.items()}
+    def denoiser(self) -> UNet2DModel:
+        return self.unet
 
     @property
     def num_classes(self) -> int:
@@ -125,21 +141,11 @@ class ClassConditionalDDPM:
         return len(self.class_names)
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         return (c.in_channels, c.sample_size, c.sample_size)
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return self.scheduler.config.num_train_timesteps
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    def to(self, device: torch.device | str) -> "ClassConditionalDDPM":
-        self.unet.to(device)
-        return self
+    image_shape = sample_shape
 
     def class_index(self, cls: int | str) -> int:
         """A class id from an id or a name ('3' and 'three' both give 3 on the digits)."""
@@ -156,33 +162,16 @@ class ClassConditionalDDPM:
             raise EraseError(f"class id {cls} is out of range: this model has classes 0..{self.num_classes - 1}")
         return int(cls)
 
-    def encode_conditions(self, classes: Iterable[int | str]) -> torch.Tensor:
-        """Condition tensor for a list of classes (ids or names)."""
-        return torch.tensor([self.class_index(c) for c in classes], dtype=torch.long, device=self.device)
+    def encode_conditions(self, classes: Iterable[int | str]) -> Condition:
+        """Conditions for a list of classes (ids or names)."""
+        labels = torch.tensor([self.class_index(c) for c in classes], dtype=torch.long, device=self.device)
+        return Condition(class_labels=labels)
 
-    def null_condition(self, n: int) -> torch.Tensor:
-        return torch.full((n,), self.null_class, dtype=torch.long, device=self.device)
+    def null_condition(self, n: int) -> Condition:
+        return Condition(class_labels=torch.full((n,), self.null_class, dtype=torch.long, device=self.device))
 
-    def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                      unet: torch.nn.Module | None = None) -> torch.Tensor:
-        """ε(x_t, t, c) from the trainable UNet, or from `unet` (a frozen reference copy)."""
-        return (unet or self.unet)(x_t, t, class_labels=cond).sample
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.scheduler.add_noise(x0, noise, t)
-
-    def parameter_groups(self) -> list[str]:
-        return list(PARAMETER_GROUPS)
-
-    def trainable_parameters(self, group: str = "all") -> dict[str, torch.nn.Parameter]:
-        """The UNet parameters of `group`, by name."""
-        if group not in PARAMETER_GROUPS:
-            hint = (" (cross-attention exists only in text-conditioned UNets)"
-                    if group.startswith(("xattn", "noxattn")) else "")
-            raise EraseError(f"parameter group {group!r} does not exist for the {self.name} backbone{hint}; "
-                             f"choose one of {', '.join(PARAMETER_GROUPS)}")
-        keep = PARAMETER_GROUPS[group]
-        return {n: p for n, p in self.unet.named_parameters() if keep(n)}
+    def _forward(self, denoiser, x_t, t, cond):
+        return denoiser(x_t, t, class_labels=cond.tensors["class_labels"]).sample
 
     def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
         """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
@@ -193,83 +182,45 @@ class ClassConditionalDDPM:
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(self, forget, retain, anchor, dataset)
 
-    def frozen_copy(self) -> torch.nn.Module:
-        """A frozen copy of the current UNet: the reference model ε_0 of the methods."""
-        ref = copy.deepcopy(self.unet).eval()
-        ref.requires_grad_(False)
-        return ref
-
     # -- sampling -----------------------------------------------------------------------------------
-    def guided_noise(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
-        """Classifier-free guided ε: conditional and unconditional rows in one batched forward."""
-        if guidance == 1.0:
-            return self.predict_noise(x_t, t, cond)
-        both = self.predict_noise(torch.cat([x_t, x_t]), t, torch.cat([cond, self.null_condition(len(cond))]))
-        eps_c, eps_u = both.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
-
-    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
-        """x_T for each seed, drawn on the CPU so that it does not depend on device or batch."""
-        return torch.stack([torch.randn(self.image_shape, generator=step_generator(s)) for s in seeds])
-
-    @torch.inference_mode()
     def sample(self, classes: Sequence[int | str], seeds: Sequence[int], steps: int = 50,
-               guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64,
-               progress: bool = False) -> torch.Tensor:
-        """DDIM samples in [-1, 1], one per (class, seed) pair, on the CPU.
+               guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, **options) -> torch.Tensor:
+        """DDIM samples in [-1, 1], one per (class, seed) pair, on the CPU (see `Backbone.sample`).
 
         Guidance is the scale `s` of `ε_∅ + s·(ε_c − ε_∅)`; the SA/SalUn papers write it
         `(1 + w)·ε_c − w·ε_∅`, so their `w = 2` is `s = 3`. `s = 1` is plain conditional sampling.
-        Image i depends only on (classes[i], seeds[i]) and `batch_size`: not on how many images
-        are requested, their order, or the process that makes them. The UNet always runs on
-        exactly `batch_size` images (the last chunk is padded), because CPU and GPU kernels round
-        differently for different batch shapes but identically for the same shape.
         """
-        if len(classes) != len(seeds):
-            raise EraseError(f"{len(classes)} classes but {len(seeds)} seeds: give one seed per image")
-        if steps < 1:
-            raise EraseError(f"steps must be at least 1, got {steps}")
-        labels = self.encode_conditions(classes)
-        out = []
-        chunks = range(0, len(seeds), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
-            chunks = tqdm(chunks, desc="sampling", unit="batch")
-        for start in chunks:
-            chunk_labels = labels[start:start + batch_size]
-            chunk_seeds = list(seeds[start:start + batch_size])
-            n = len(chunk_seeds)
-            pad = batch_size - n
-            chunk_labels = torch.cat([chunk_labels, chunk_labels[-1:].expand(pad)])
-            chunk_seeds += chunk_seeds[-1:] * pad
-            out.append(self._sample_batch(chunk_labels, chunk_seeds, steps, guidance, eta)[:n])
-        return torch.cat(out) if out else torch.empty(0, *self.image_shape)
+        return super().sample(classes, seeds, steps=steps, guidance=guidance, eta=eta, batch_size=batch_size,
+                              **options)
 
-    def _sample_batch(self, labels: torch.Tensor, seeds: list[int], steps: int, guidance: float,
-                      eta: float) -> torch.Tensor:
+    def _sample_batch(self, classes, seeds, steps, guidance, eta, raw_seeds):
         device = self.device
         dtype = self.unet.dtype
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps)
-        x = self.initial_noise(seeds).to(device, dtype)
+        labels = self.encode_conditions(classes)
+        scheduler = self.sampling_scheduler(steps)
+        x = self.initial_noise(seeds, raw_seeds).to(device, dtype)
         # One generator per image for the stochastic part of DDIM (eta > 0).
         gens = [step_generator(s, 1) for s in seeds]
-        self.unet.eval()
         for t in scheduler.timesteps:
-            eps = self.guided_noise(x, t.to(device), labels, guidance)
+            eps = self.guided_prediction(x, t.to(device), labels, guidance)
             noise = None
             if eta > 0:
-                noise = torch.stack([torch.randn(self.image_shape, generator=g) for g in gens]).to(device, dtype)
+                noise = torch.stack([torch.randn(self.sample_shape, generator=g) for g in gens]).to(device, dtype)
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        return x.float().clamp(-1, 1).cpu()
+        return x
 
     # -- attack hooks ---------------------------------------------------------------------------------
-    # What the attacks of `erase.eval.attacks` need beyond sampling: the condition as a vector. The
-    # UNet is never changed by them; a condition is overridden only inside a `with` block.
+    # What the attacks of `erase.eval.attacks` and robust erasure (`erase.robust`) need beyond sampling:
+    # the condition as a vector. The UNet is never changed by them; a condition is overridden only
+    # inside a `with` block.
     def condition_vector(self, cls: int | str) -> torch.Tensor:
         """A copy of the class embedding of `cls` (an id, a name, or the null class's id), shape (D,)."""
         index = self.null_class if cls == self.null_class else self.class_index(cls)
         return self.unet.class_embedding.weight[index].detach().clone()
+
+    def condition_vectors(self, cond: Condition) -> list[tuple[int, torch.Tensor]]:
+        """(the class id `override_condition` matches, its embedding vector) per distinct class of `cond`."""
+        return [(int(c), self.condition_vector(int(c))) for c in cond.tensors["class_labels"].unique()]
 
     @contextlib.contextmanager
     def override_condition(self, cls: int | str, vector: torch.Tensor):

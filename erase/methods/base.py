@@ -143,8 +143,18 @@ class Method:
         return (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
 
     @classmethod
-    def default_lr(cls, group: str) -> float:
-        """The learning rate for a parameter group when the config leaves `lr` unset (None)."""
+    def params_preference_for(cls, model) -> tuple[str, ...]:
+        """Parameter groups to try in order when `params` is unset (the first the backbone has wins)."""
+        return cls.params_preference
+
+    @classmethod
+    def params_description(cls) -> str:
+        """The default parameter group in words, for `erase methods`."""
+        return f"first of {', '.join(cls.params_preference)} that the backbone has"
+
+    @classmethod
+    def default_lr(cls, group: str, model) -> float:
+        """The learning rate for a parameter group of `model` when the config leaves `lr` unset (None)."""
         raise NotImplementedError(f"{cls.name} has no default learning rate: set lr")
 
     def setup(self) -> None:

@@ -60,7 +60,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
     print(f"common defaults: {common}\n")
     for name, method in METHODS.items():
         print(f"{name:9s} {method.paper()}")
-        print(f"{'':9s} params: first of {', '.join(method.params_preference)} that the backbone has; "
+        print(f"{'':9s} params: {method.params_description()}; "
               f"forget share of each batch: {method.forget_share:g}")
         print(f"{'':9s} defaults: {describe_defaults(method.Config)}\n")
 

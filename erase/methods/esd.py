@@ -2,10 +2,11 @@
 
 `neg_guidance`: the forget condition is trained to predict the reference model's negatively guided
 noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept. No retain
-term. ESD-u trains everything but cross-attention (`noxattn`, for broad concepts), ESD-x only
-cross-attention (`xattn`, for a specific concept): only the path through which the condition
-enters. **[adaptation]** the class-conditional DDPM has no cross-attention; its condition enters
-through the class embedding, so ESD trains `class-emb` there, ESD-x's counterpart for one class.
+term. ESD-u trains everything but where the condition enters (`nocondition`, on SD everything but
+cross-attention, for broad concepts), ESD-x only where it enters (`condition`, SD's cross-attention,
+for a specific concept). The default is ESD-u on text-conditioned backbones. **[adaptation]** a
+class-conditional DDPM's condition enters through its class embedding, so ESD trains `condition`
+there, ESD-x's counterpart for one class.
 Measured on the digits (BENCHMARKS.md): with `all` weights ESD forgets the digit but keeps only 83%
 of the others at any learning rate from 5e-5 to 2e-4 (it has no retain term); with `class-emb` it
 forgets (UA 99%) and the other digits are untouched. An embedding row moves ~lr per Adam step and
@@ -28,14 +29,14 @@ import torch
 from ..config import field
 from ..utils import step_generator
 from .base import Method, MethodConfig
-from .losses import neg_guidance, sample_to_step
+from .losses import neg_guidance
 
 SAMPLE_STREAM = 1 << 41  # the x_t sampler's own random stream, separate from the loop's draws
 
 
 @dataclass
 class ESDConfig(MethodConfig):
-    lr: float | None = field(None, "Adam learning rate (default: 5e-2 for class-emb, 2e-4 for UNet weights, "
+    lr: float | None = field(None, "Adam learning rate (default: 5e-2 for a class embedding, 2e-4 for network weights, "
                                    "measured on the digits; paper, SD 1.x: 1e-5; authors' script: 5e-5)")
     eta: float = field(1.0, "negative guidance scale η (paper: 1; the authors' current script: 2)")
     xt: str = field("cached", "where x_t comes from: cached (noised forget images) or sample (ESD's own: "
@@ -56,11 +57,20 @@ class ESD(Method):
     name = "esd"
     Config = ESDConfig
     forget_share = 1.0
-    params_preference = ("noxattn", "class-emb", "all")
 
     @classmethod
-    def default_lr(cls, group: str) -> float:
-        return 5e-2 if group == "class-emb" else 2e-4
+    def params_preference_for(cls, model) -> tuple[str, ...]:
+        # A class id enters through one embedding row: ESD-x's counterpart. Text enters everywhere: ESD-u.
+        return ("condition",) if model.condition_kind == "class" else ("nocondition", "all")
+
+    @classmethod
+    def params_description(cls) -> str:
+        return "condition on class-conditional backbones, nocondition (ESD-u) on text-conditioned ones"
+
+    @classmethod
+    def default_lr(cls, group: str, model) -> float:
+        trains_embedding = model.condition_kind == "class" and model.GROUP_ALIASES.get(group, group) == "condition"
+        return 5e-2 if trains_embedding else 2e-4
 
     def setup(self):
         self.ref = self.model.frozen_copy()
@@ -70,8 +80,8 @@ class ESD(Method):
         if self.config.xt == "sample":
             g = step_generator(self.config.seed, SAMPLE_STREAM, batch.step)
             stop = int(torch.randint(self.config.sample_steps, (1,), generator=g))
-            x_t, t = sample_to_step(self.model, forget.cond, g, self.config.sample_steps, stop,
-                                    self.config.start_guidance)
+            x_t, t = self.model.partial_sample(forget.cond, g, self.config.sample_steps, stop,
+                                               self.config.start_guidance)
             # Only x_t, t and the condition enter the loss; the cached draw's x0 and noise are unused.
             forget = dataclasses.replace(forget, x_t=x_t, t=t)
         loss = neg_guidance(self.model, self.ref, forget, self.config.eta)

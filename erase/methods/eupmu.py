@@ -66,7 +66,7 @@ class EUPMU(Method):
         f, r = batch.forget, batch.retain
         target = anchor_target(self.model, f, self.ref)
         pred_f, pred_r = predict(self.model, f, r)
-        forget, retain = mse(pred_f, target), mse(pred_r, r.noise)
+        forget, retain = mse(pred_f, target), mse(pred_r, r.target)
         # The objective is w·log L_r + log L_f of the losses over the whole batch, across processes:
         # ∇log L = ∇L / L, so each process backpropagates its own L over the joint L (a constant).
         # Averaged over processes, that is the gradient one process with the joint batch computes.
@@ -74,7 +74,7 @@ class EUPMU(Method):
         ctx.backward(self.w.detach() * retain / joint_retain + forget / joint_forget)
         ctx.optimizer_step()
         with torch.no_grad():
-            after = ctx.global_mean(mse(predict(self.model, r)[0], r.noise))
+            after = ctx.global_mean(mse(predict(self.model, r)[0], r.target))
             delta = joint_retain.log() - after.log() - self.config.eps  # the same on every process
             self.w.grad = delta.reshape(())
             self.w_opt.step()

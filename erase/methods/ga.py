@@ -32,5 +32,5 @@ class GA(Method):
     def loss(self, batch):
         f, r = batch.forget, batch.retain
         pred_f, pred_r = predict(self.model, f, r)
-        forget, retain = mse(pred_f, f.noise), mse(pred_r, r.noise)
+        forget, retain = mse(pred_f, f.target), mse(pred_r, r.target)
         return -forget + self.config.alpha * retain, {"forget": forget.detach(), "retain": retain.detach()}

@@ -66,7 +66,7 @@ class GradTau(Method):
         losses = []
         for _ in range(self.config.ref_batches):
             idx = torch.randint(len(x0), (n,), generator=g).to(x0.device)
-            losses.append(denoise(self.model, noised(self.model, x0[idx], cond[idx], g), unet=self.ref).item())
+            losses.append(denoise(self.model, noised(self.model, x0[idx], cond[idx], g), denoiser=self.ref).item())
         return self.config.ref_scale * sum(losses) / len(losses)
 
     def alpha(self, step: int) -> float:
@@ -81,7 +81,7 @@ class GradTau(Method):
             self.l_ref = self.estimate_reference(batch.step - batch.step % self.config.ref_every)
         f, r = batch.forget, batch.retain
         pred_f, pred_r = predict(self.model, f, r)
-        forget, retain = mse(pred_f, f.noise), mse(pred_r, r.noise)
+        forget, retain = mse(pred_f, f.target), mse(pred_r, r.target)
         a = self.alpha(batch.step)
         loss = a * torch.relu(self.l_ref - forget) ** 2 + (1 - a) * retain
         return loss, {"forget": forget.detach(), "retain": retain.detach(), "L_ref": self.l_ref}

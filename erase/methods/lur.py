@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import field
@@ -41,16 +40,6 @@ class LURConfig(MethodConfig):
             raise ValueError(f"inner_lr and beta must be non-negative, got {self.inner_lr}, {self.beta}")
 
 
-class _WithWeights:
-    """Calls the UNet with some parameters replaced by tensors (the look-ahead weights θ')."""
-
-    def __init__(self, unet: torch.nn.Module, weights: dict[str, torch.Tensor]):
-        self.unet, self.weights = unet, weights
-
-    def __call__(self, *args, **kwargs):
-        return functional_call(self.unet, self.weights, args, kwargs)
-
-
 class LUR(Method):
     name = "lur"
     Config = LURConfig
@@ -69,8 +58,8 @@ class LUR(Method):
         # The inner batch decides the look-ahead; the outer batch is measured after it.
         inner, outer = (f, r) if forget_first else (r, f)
 
-        def loss_on(b, unet=None):
-            return mse(predict(self.model, b, unet=unet)[0], target if b is f else b.noise)
+        def loss_on(b, denoiser=None):
+            return mse(predict(self.model, b, denoiser=denoiser)[0], target if b is f else b.target)
 
         inner_loss = loss_on(inner)
         grads = torch.autograd.grad(inner_loss, ctx.params, create_graph=self.config.second_order,
@@ -78,7 +67,7 @@ class LUR(Method):
         a = self.config.inner_lr
         ahead = {n: p if g is None else p - a * (g if self.config.second_order else g.detach())
                  for (n, p), g in zip(self.params.items(), grads)}
-        outer_loss = loss_on(outer, unet=_WithWeights(self.model.unet, ahead))
+        outer_loss = loss_on(outer, denoiser=self.model.with_weights(ahead))
         if forget_first:
             total, forget, retain = inner_loss + self.config.beta * outer_loss, inner_loss, outer_loss
         else:

@@ -54,7 +54,7 @@ class MOX(Method):
         f, r = batch.forget, batch.retain
         target_r = reference_prediction(self.model, self.ref, r)
         pred_f, pred_r = predict(self.model, f, r)
-        memorize, keep = mse(pred_f, f.noise), mse(pred_r, target_r)
+        memorize, keep = mse(pred_f, f.target), mse(pred_r, target_r)
         return memorize + self.config.gamma * keep, {"memorize": memorize.detach(), "consistency": keep.detach()}
 
     @torch.no_grad()

@@ -39,6 +39,6 @@ class RL(Method):
         f, r = batch.forget, batch.retain
         target = anchor_target(self.model, f)
         pred_f, pred_r = predict(self.model, f, r)
-        forget, retain = mse(pred_f, target), mse(pred_r, r.noise)
+        forget, retain = mse(pred_f, target), mse(pred_r, r.target)
         loss = forget + self.config.alpha * retain
         return loss, {"remap": forget.detach(), "retain": retain.detach()}

@@ -39,7 +39,7 @@ class Surgery(Method):
         f, r = batch.forget, batch.retain
         target = anchor_target(self.model, f, self.ref)
         pred_f, pred_r = predict(self.model, f, r)
-        forget, retain = mse(pred_f, target), mse(pred_r, r.noise)
+        forget, retain = mse(pred_f, target), mse(pred_r, r.target)
         # Both backward passes run through the joint forward graph; that is the cost EUPMU avoids.
         g_f = ctx.grads(forget, retain_graph=True)
         g_r = ctx.grads(retain)

@@ -1,0 +1,559 @@
+"""The backbone contract: everything a method, the training loop, the evaluation or the bench may ask a model.
+
+Code outside `erase/backbones/` talks to a model only through the members of `Backbone` below. It
+never reaches for the network inside (`.unet`, `.transformer`), a scheduler, or checks what kind of
+backbone it holds; what differs between model families is answered here:
+
+- **Conditions** are `Condition` objects: named tensors that share their first (batch) dimension.
+  A class id, a text embedding, and SDXL's embeddings + pooled embeddings + time ids are all just
+  conditions, indexed, joined (`Condition.cat`) and moved (`.to`) the same way.
+- **Training**: `draw_timesteps`, `add_noise` (DDPM noising, or flow-matching interpolation) and
+  `training_target` (the noise ε, the velocity v of v-prediction, or the flow velocity ε − x0) come
+  from the backbone; `predict` is the network's output in that same parameterization. The methods
+  write their losses as `‖target − prediction‖²` and combine predictions linearly (classifier-free
+  and negative guidance), which means the same thing in all three parameterizations.
+- **Parameter groups** with meanings that hold on every backbone: `all`; `condition`, the weights
+  through which the condition enters (class embedding, cross-attention, a transformer's text-side
+  attention projections); `nocondition`, the rest of the network body without the time embedding and
+  the output layers (ESD-u's set). Each backbone adds expert names (`xattn-kv`, `attn`, ...), and
+  aliases keep older names working (`xattn` = `condition`, `noxattn` = `nocondition` on SD).
+- **Sampling** (`sample`, `partial_sample`) with one seed per image and fixed-size batches, so that
+  image i depends only on its condition, its seed and the batch size.
+
+A new backbone subclasses `Backbone` (and `DDPMSchedule` or a schedule of its own), registers itself
+in `erase/backbones/__init__.py`, and nothing else changes (docs/backbones.md walks through one).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+from ..utils import EraseError, read_json, step_generator
+
+
+class Condition:
+    """Named tensors with one row per sample: what the denoiser is conditioned on.
+
+    `cond[i]`, `cond[idx_tensor]` and `cond[a:b]` select rows (an int keeps the batch dimension);
+    `Condition.cat` joins conditions row-wise; `.to(device, dtype)` moves every tensor and casts the
+    floating ones (class ids stay integers). The names are the denoiser's keyword inputs.
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, **tensors: torch.Tensor):
+        if not tensors:
+            raise EraseError("a condition needs at least one tensor")
+        sizes = {name: len(t) for name, t in tensors.items()}
+        if len(set(sizes.values())) != 1:
+            raise EraseError(f"the tensors of a condition must have one row per sample, got {sizes}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(next(iter(self.tensors.values())))
+
+    def __getitem__(self, index) -> "Condition":
+        if isinstance(index, str):
+            raise TypeError("use cond.tensors[name] for one tensor of a condition")
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return Condition(**{name: t[index] for name, t in self.tensors.items()})
+
+    @staticmethod
+    def cat(conditions: Sequence["Condition"]) -> "Condition":
+        names = list(conditions[0].tensors)
+        if any(list(c.tensors) != names for c in conditions):
+            raise EraseError("conditions of different kinds cannot be joined")
+        return Condition(**{n: torch.cat([c.tensors[n] for c in conditions]) for n in names})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Condition":
+        return Condition(**{n: t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+                            for n, t in self.tensors.items()})
+
+    def equal(self, other: "Condition") -> bool:
+        return list(self.tensors) == list(other.tensors) and all(
+            torch.equal(t, other.tensors[n]) for n, t in self.tensors.items())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def __repr__(self) -> str:
+        return "Condition(" + ", ".join(f"{n}={tuple(t.shape)}" for n, t in self.tensors.items()) + ")"
+
+
+class WithWeights:
+    """The denoiser called with some parameters replaced by tensors (e.g. LUR's look-ahead weights θ')."""
+
+    def __init__(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]):
+        self.module, self.weights = module, weights
+
+    def __call__(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.module, self.weights, args, kwargs)
+
+
+class Backbone:
+    """Base class of every backbone. Subclasses set the class attributes and write the abstract members.
+
+    Class attributes:
+      `name`: the registry key, written into saved models.
+      `condition_kind`: "class" (conditions are class ids or names) or "text" (prompts).
+      `PARAMETER_GROUPS`: group name -> predicate on the denoiser's parameter names; must hold `all`,
+        `condition` and `nocondition`. `GROUP_ALIASES`: older names -> a group.
+      `SAMPLE_DEFAULTS`: steps, guidance and eta to sample with when nothing else is recorded.
+    """
+
+    name: ClassVar[str] = ""
+    condition_kind: ClassVar[str] = ""
+    PARAMETER_GROUPS: ClassVar[dict[str, Callable[[str], bool]]] = {}
+    GROUP_ALIASES: ClassVar[dict[str, str]] = {}
+    SAMPLE_DEFAULTS: ClassVar[dict] = {"steps": 50, "guidance": 7.5, "eta": 0.0}
+
+    info: dict  # provenance and recorded settings, saved with the model
+
+    # -- loading (the registry in __init__ probes each backbone in turn) -----------------------------
+    @classmethod
+    def accepts(cls, source) -> bool:
+        """Whether this backbone loads `source` (a `ModelSource`), decided without loading weights."""
+        raise NotImplementedError
+
+    #: what `accepts` looks for, for the error that lists what was tried
+    accepts_description: ClassVar[str] = ""
+
+    @classmethod
+    def from_source(cls, source, **kwargs) -> "Backbone":
+        raise NotImplementedError
+
+    def save_pretrained(self, path: str | Path, **info) -> None:
+        """Write the model atomically as a folder `load_backbone` (and, for pipelines, stock diffusers) loads."""
+        raise NotImplementedError
+
+    # -- the network and its weights ------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The trainable network (a UNet or a transformer). Only backbone code calls it directly."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Backbone":
+        """Move the networks to `device`, and cast them to `dtype` when one is given."""
+        self.denoiser.to(device, dtype)
+        return self
+
+    def parameter_groups(self) -> list[str]:
+        """Every group name `trainable_parameters` accepts (semantic, expert, then aliases)."""
+        return list(self.PARAMETER_GROUPS) + list(self.GROUP_ALIASES)
+
+    def trainable_parameters(self, group: str = "all") -> dict[str, torch.nn.Parameter]:
+        """The denoiser's parameters of `group`, by name (as in the denoiser's `state_dict()`)."""
+        keep = self.PARAMETER_GROUPS.get(self.GROUP_ALIASES.get(group, group))
+        if keep is None:
+            raise EraseError(f"parameter group {group!r} does not exist for the {self.name} backbone; "
+                             f"choose one of {', '.join(self.parameter_groups())}")
+        params = {n: p for n, p in self.denoiser.named_parameters() if keep(n)}
+        if not params:
+            raise EraseError(f"parameter group {group!r} is empty for this {self.name} model (its network "
+                             "lacks those layers); choose another group")
+        return params
+
+    def frozen_copy(self) -> torch.nn.Module:
+        """A frozen copy of the current denoiser: the reference model of the methods (pass it as `denoiser=`)."""
+        ref = copy.deepcopy(self.denoiser).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> WithWeights:
+        """The denoiser with the named parameters replaced by `weights` (pass it as `denoiser=`)."""
+        return WithWeights(self.denoiser, weights)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the denoiser's activations in the backward pass (less memory, slower steps)."""
+        self.denoiser.enable_gradient_checkpointing()
+
+    def fingerprint(self) -> str:
+        """A hash of a strided sample of every denoiser weight: tells models apart without hashing gigabytes."""
+        h = hashlib.sha256()
+        for name, p in self.denoiser.state_dict().items():
+            flat = p.detach().flatten()
+            h.update(name.encode())
+            h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save_delta(self, path: str | Path, tensors: dict[str, torch.Tensor], **metadata: str) -> None:
+        """Denoiser tensors (a subset of its state dict) as one safetensors file, written atomically.
+
+        Stock diffusers applies it with `pipe.<denoiser>.load_state_dict(load_file(path), strict=False)`.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(tmp),
+                  metadata={"format": f"{self.delta_module} state_dict subset (load with strict=False)", **metadata})
+        os.replace(tmp, path)  # a reader never sees half a file
+
+    #: the pipeline attribute the delta applies to (`unet`, `transformer`)
+    delta_module: ClassVar[str] = "unet"
+
+    # -- conditions ---------------------------------------------------------------------------------
+    def encode_conditions(self, items: Iterable) -> Condition:
+        """Conditions for class ids/names (class backbones) or prompts (text backbones), on `device`."""
+        raise NotImplementedError
+
+    def null_condition(self, n: int) -> Condition:
+        """The unconditional input of classifier-free guidance (null class, empty prompt), n rows."""
+        raise NotImplementedError
+
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+        """The forget/retain sets (`erase.unlearn_data.UnlearnData`) for what the user asked to erase."""
+        raise NotImplementedError
+
+    # -- training: timesteps, noising, target, prediction ---------------------------------------------
+    @property
+    def prediction_type(self) -> str:
+        """`epsilon`, `v_prediction` or `flow` (velocity ε − x0): what `predict` returns and `training_target` is."""
+        raise NotImplementedError
+
+    def draw_timesteps(self, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+        """n training timesteps from `g` (on the CPU), as the denoiser takes them; `antithetic` pairs
+        each with its mirror (t and T-1-t), as SA and SalUn do, to lower the variance."""
+        raise NotImplementedError
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t: the clean samples noised to timesteps t."""
+        raise NotImplementedError
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What `predict` should output on `add_noise(x0, noise, t)`."""
+        raise NotImplementedError
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, denoiser=None) -> torch.Tensor:
+        """The network's prediction (in `prediction_type`) from the trainable denoiser, or from
+        `denoiser` (a `frozen_copy` or `with_weights`)."""
+        return self._forward(denoiser or self.denoiser, x_t, t, cond)
+
+    def _forward(self, denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> torch.Tensor:
+        raise NotImplementedError
+
+    def guided_prediction(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, guidance: float,
+                          denoiser=None) -> torch.Tensor:
+        """Classifier-free guidance `p_∅ + s·(p_c − p_∅)`: both halves in one batched forward."""
+        if guidance == 1.0:
+            return self.predict(x_t, t, cond, denoiser)
+        t = t.expand(len(x_t)) if t.dim() == 0 else t
+        both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                            Condition.cat([cond, self.null_condition(len(cond))]), denoiser)
+        p_c, p_u = both.chunk(2)
+        return p_u + guidance * (p_c - p_u)
+
+    # -- sampling -------------------------------------------------------------------------------------
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample the denoiser works on (pixels, or latents), at the native resolution."""
+        raise NotImplementedError
+
+    @property
+    def sample_defaults(self) -> dict:
+        """Steps, guidance and eta when the user gives none: the model's recorded values
+        (`info.sample_defaults`, e.g. a shipped model's measured guidance), else `SAMPLE_DEFAULTS`."""
+        recorded = self.info.get("sample_defaults", {})
+        return {k: recorded.get(k, v) for k, v in self.SAMPLE_DEFAULTS.items()}
+
+    def initial_noise(self, seeds: Sequence[int], raw_seeds: bool = False,
+                      shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x_T for each seed, drawn on the CPU so that it does not depend on device or batch.
+
+        `raw_seeds` seeds each image's generator with the seed as given, as a stock diffusers call with
+        one CPU generator per image does (so a dataset's recorded seeds mean what they meant to its
+        authors); otherwise the seed is mixed first (`step_generator`), so nearby seeds are unrelated.
+        """
+        shape = shape or self.sample_shape
+        return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s) if raw_seeds
+                                        else step_generator(s)) for s in seeds])
+
+    def sampling_scheduler(self, steps: int):
+        """A fresh scheduler of the backbone's sampler with `steps` timesteps set."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def partial_sample(self, cond: Condition, g: torch.Generator, steps: int, stop: int,
+                       guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """ESD's `x_t`: sample the current model on `cond` (guided) from fresh noise for `stop` of
+        `steps` sampler steps; returns x_t and its timestep per sample (as `draw_timesteps` gives them)."""
+        n = len(cond)
+        sampler = self.sampling_scheduler(steps)
+        x = self.initial_noise(torch.randint(2**62, (n,), generator=g).tolist()).to(self.device)
+        for t in sampler.timesteps[:stop]:
+            x = sampler.step(self.guided_prediction(x, t.to(self.device).expand(n), cond, guidance), t, x).prev_sample
+        return x, sampler.timesteps[stop].to(self.device).expand(n)
+
+    @torch.inference_mode()
+    def sample(self, conditions: Sequence, seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
+               eta: float = 0.0, batch_size: int = 8, progress: bool = False, return_latents: bool = False,
+               raw_seeds: bool = False, **options) -> torch.Tensor:
+        """Images in [-1, 1] (N, C, H, W) on the CPU, one per (condition, seed).
+
+        `conditions` are class ids/names or prompts. Guidance is the scale `s` of `p_∅ + s·(p_c − p_∅)`
+        (1 is plain conditional sampling). Image i depends only on (conditions[i], seeds[i]) and
+        `batch_size`: not on how many images are requested, their order, or the process that makes
+        them. The network always runs on exactly `batch_size` samples (the last chunk is padded),
+        because CPU and GPU kernels round differently for different batch shapes but identically for
+        the same shape. `return_latents`: the final samples before decoding (latent backbones).
+        `options` are backbone-specific (text backbones: `height`, `width`, `negative_prompt`,
+        `scheduler="shipped"` for the pipeline's own sampler).
+        """
+        if len(conditions) != len(seeds):
+            raise EraseError(f"{len(conditions)} conditions but {len(seeds)} seeds: give one seed per image")
+        if steps < 1:
+            raise EraseError(f"steps must be at least 1, got {steps}")
+        if batch_size < 1:
+            raise EraseError(f"batch_size must be at least 1, got {batch_size}")
+        out = []
+        chunks = range(0, len(seeds), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            chunks = tqdm(chunks, desc="sampling", unit="batch")
+        self.denoiser.eval()
+        for start in chunks:
+            chunk = list(conditions[start:start + batch_size])
+            chunk_seeds = list(seeds[start:start + batch_size])
+            n = len(chunk_seeds)
+            pad = batch_size - n
+            samples = self._sample_batch(chunk + chunk[-1:] * pad, chunk_seeds + chunk_seeds[-1:] * pad, steps,
+                                         guidance, eta, raw_seeds, **options)
+            # Decoded at the full batch size too, for the same reason as the sampling itself.
+            out.append((samples if return_latents else self.decode(samples))[:n].float().cpu())
+        if not out:
+            return torch.empty(0, *(self.sample_shape if return_latents else self.image_shape))
+        return torch.cat(out)
+
+    def _sample_batch(self, conditions: list, seeds: list[int], steps: int, guidance: float, eta: float,
+                      raw_seeds: bool, **options) -> torch.Tensor:
+        """Final samples (before `decode`) of exactly one batch."""
+        raise NotImplementedError
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Final samples to images in [-1, 1] (pixel backbones: a clamp)."""
+        return samples.float().clamp(-1, 1)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of a generated image at the native resolution."""
+        return tuple(self.sample_shape)
+
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # What the attacks of `erase.eval.attacks` and robust erasure (`erase.robust`) need beyond
+    # sampling. None of them changes a weight; a condition is overridden only inside a `with` block.
+    def denoise(self, initial: torch.Tensor, cond: Condition, steps: int, guidance: float) -> torch.Tensor:
+        """Final samples (before `decode`) of the deterministic sampler (eta 0) from `initial` noise under
+        `cond`, guided by `guidance` against the null condition: the computation of
+        `sample(..., return_latents=True)` written out so that gradients can flow to `initial` and to
+        the condition. Run it under `torch.no_grad()` to sample."""
+        sampler = self.sampling_scheduler(steps)
+        x = initial.to(self.device, self.denoiser.dtype) * sampler.init_noise_sigma
+        for t in sampler.timesteps:
+            x = sampler.step(self.guided_prediction(x, t.to(self.device), cond, guidance), t, x).prev_sample
+        return x
+
+    def condition_vectors(self, cond: Condition) -> list[tuple[object, torch.Tensor]]:
+        """(what `override_condition` matches, the condition's vector) per distinct condition of `cond`:
+        the continuous input an adversary perturbs."""
+        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
+                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+
+    def override_condition(self, match, vector: torch.Tensor):
+        """A context manager: inside it the trainable denoiser reads condition `match` (from
+        `condition_vectors`) as `vector`, differentiably; frozen copies and the weights are untouched."""
+        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
+                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+
+    def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text backbones with one CLIP encoder: the encoder's input token embeddings and token counts."""
+        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
+                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor) -> Condition:
+        """Conditions from input token embeddings (see `token_embeddings`)."""
+        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
+                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+
+
+def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+    """n draws of U{0..T-1} from `g`; `antithetic` pairs each draw k with T-1-k inside the batch."""
+    if antithetic:
+        half = torch.randint(T, ((n + 1) // 2,), generator=g)
+        return torch.cat([half, T - 1 - half])[:n]
+    return torch.randint(T, (n,), generator=g)
+
+
+class DDPMSchedule:
+    """Training and sampling on a DDPM noise schedule (`self.scheduler`, a DDPMScheduler), for a
+    denoiser that predicts ε or v (the scheduler config's `prediction_type`). Sampling is DDIM."""
+
+    scheduler = None  # a diffusers DDPMScheduler, set by the backbone
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def draw_timesteps(self, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+        return uniform_indices(self.num_train_timesteps, n, g, antithetic)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "v_prediction":
+            return self.scheduler.get_velocity(x0, noise, t)
+        if kind == "sample":
+            return x0
+        raise EraseError(f"prediction type {kind!r} of this model's scheduler is not supported "
+                         "(epsilon, v_prediction or sample)")
+
+    def sampling_scheduler(self, steps: int):
+        from diffusers import DDIMScheduler
+
+        sampler = DDIMScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        return sampler
+
+    def invert(self, samples: torch.Tensor, cond: Condition, steps: int) -> torch.Tensor:
+        """DDIM inversion (an attack hook): the initial noise from which `denoise(..., cond, steps,
+        guidance=1)` returns approximately `samples` (final samples, e.g. an image's `encode_images`)."""
+        from diffusers import DDIMInverseScheduler
+
+        sampler = DDIMInverseScheduler.from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        x = samples.to(self.device, self.denoiser.dtype)
+        for t in sampler.timesteps:
+            x = sampler.step(self.predict(x, t.to(self.device), cond), t, x).prev_sample
+        return x
+
+
+class FlowMatchingSchedule:
+    """Training and sampling by flow matching (rectified flow, SD3 / FLUX): `x_t = (1 − σ)·x0 + σ·ε`,
+    the denoiser predicts the velocity `ε − x0`, and sampling integrates it with Euler steps.
+
+    `self.scheduler` is a FlowMatchEulerDiscreteScheduler; its timesteps are `σ·T` with the model's
+    shift applied, and training draws one of those T timesteps uniformly (antithetic: index k and
+    T-1-k), so training sees the same σ spacing the sampler walks through.
+    """
+
+    scheduler = None  # a diffusers FlowMatchEulerDiscreteScheduler, set by the backbone
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow"
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.scheduler.config.num_train_timesteps
+
+    def draw_timesteps(self, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
+        index = uniform_indices(self.num_train_timesteps, n, g, antithetic)
+        # A fresh scheduler's timesteps are the full training table, σ = 1 (noise) first.
+        table = type(self.scheduler).from_config(self.scheduler.config).timesteps
+        return table[index].float()
+
+    def _sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        sigma = (t.float() / self.num_train_timesteps).to(like.device)
+        return sigma.reshape(-1, *[1] * (like.dim() - 1))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(t, x0)
+        return ((1 - sigma) * x0.float() + sigma * noise.float()).to(x0.dtype)
+
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def sampling_scheduler(self, steps: int):
+        sampler = type(self.scheduler).from_config(self.scheduler.config)
+        sampler.set_timesteps(steps)
+        return sampler
+
+
+@dataclass
+class ModelSource:
+    """What the user passed as a model, looked at once so that every backbone can probe it cheaply.
+
+    `kind`: `folder`, `file` or `hub`. `index`: the diffusers `model_index.json` of a pipeline folder
+    or Hub repository (read from the local Hugging Face cache when offline). `keys`: tensor names of
+    a single checkpoint file (no tensor is read).
+    """
+
+    text: str
+    kind: str
+    path: Path | None = None
+    index: dict | None = None
+    keys: frozenset[str] = frozenset()
+
+    @property
+    def pipeline_class(self) -> str | None:
+        return (self.index or {}).get("_class_name")
+
+    def has_key_prefix(self, *prefixes: str) -> bool:
+        return any(k.startswith(prefixes) for k in self.keys)
+
+    @classmethod
+    def resolve(cls, source: str | Path) -> "ModelSource":
+        text = str(source)
+        path = Path(source).expanduser()
+        if path.is_dir():
+            index = path / "model_index.json"
+            return cls(text, "folder", path, read_json(index, what="diffusers pipeline index") if index.is_file() else None)
+        if path.is_file():
+            return cls(text, "file", path, keys=frozenset(checkpoint_keys(path)))
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            return cls(text, "hub", index=hub_model_index(text))
+        raise EraseError(f"model {text} does not exist (expected a model folder, a .safetensors/.ckpt file or a "
+                         "Hub id such as CompVis/stable-diffusion-v1-4)")
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """Tensor names of a single-file checkpoint (.safetensors: from its header; .ckpt: tensors only,
+    read with torch.load(weights_only=True), so no code runs)."""
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise EraseError(f"{path} is a file but not a checkpoint: expected {' or '.join(SINGLE_FILE_SUFFIXES)}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return list(state.get("state_dict", state))
+
+
+def hub_model_index(repo_id: str) -> dict:
+    """The `model_index.json` of a Hub repository: from the local cache (HF_HOME) or, online, the Hub."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return read_json(Path(hf_hub_download(repo_id, "model_index.json")), what="diffusers pipeline index")
+    except EraseError:
+        raise
+    except Exception as e:  # offline without a cached copy, unknown repository, no model_index.json
+        raise EraseError(f"could not read model_index.json of the Hub model {repo_id} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); check the id, or download it while online "
+                         "(huggingface-cli download) so that it is in the local cache") from None

@@ -1,0 +1,292 @@
+"""What every text-to-image backbone built on a diffusers pipeline shares.
+
+The VAE and the text encoders are frozen; only the denoiser (`unet` or `transformer`) trains.
+Conditions are prompts, encoded by the stock pipeline's own `encode_prompt` (so training sees
+exactly the conditioning the pipeline samples with) and cached per prompt. Samples are the latents
+the methods train on (VAE latents shifted and scaled as the pipeline does). Sampling runs the stock
+pipeline with the backbone's prompt embeddings, its null condition as the negative, and initial
+noise drawn per image on the CPU.
+
+A model loads from a Hub id, a local pipeline folder or a single checkpoint file in the original
+layout (`config=` names a local pipeline folder of the same architecture for the component configs);
+it saves as a standard pipeline folder (safetensors) that stock diffusers loads, plus erase_info.json.
+A safety checker is never loaded: the erasure benchmarks measure what the model itself draws.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+
+from ..outputs import check_finished
+from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
+from .base import Backbone, Condition, ModelSource
+
+INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
+
+
+class TextToImageBackbone(Backbone):
+    """A diffusers text-to-image pipeline behind the backbone contract. Subclasses set the class
+    attributes and write `_check`, `_encode_prompts`, `_forward` and, where needed, `null_condition`."""
+
+    condition_kind = "text"
+    #: the diffusers pipeline class (by name), and the `_class_name`s of model_index.json it loads
+    PIPELINE: ClassVar[str] = ""
+    PIPELINE_NAMES: ClassVar[tuple[str, ...]] = ()
+    #: pipeline attribute of the denoiser, and of the frozen text encoders
+    DENOISER: ClassVar[str] = "unet"
+    TEXT_ENCODERS: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: tensor-name prefixes that identify a single checkpoint file of this family (all must occur)
+    SINGLE_FILE_PREFIXES: ClassVar[tuple[str, ...]] = ()
+    #: extra keyword arguments of the pipeline class (e.g. no safety checker)
+    PIPELINE_KWARGS: ClassVar[dict] = {}
+
+    def __init__(self, pipe, info: dict | None = None):
+        from diffusers import AutoencoderKL
+
+        self._check(pipe)
+        if not isinstance(getattr(pipe, "vae", None), AutoencoderKL):
+            raise EraseError(f"{type(pipe).__name__} has no AutoencoderKL: not a {self.name} pipeline")
+        self.components = dict(pipe.components)
+        for name in ("vae", *self.TEXT_ENCODERS):
+            if self.components.get(name) is not None:
+                self.components[name].requires_grad_(False).eval()
+        self.pipeline_scheduler = pipe.scheduler  # kept for save_pretrained: a saved model samples as it came
+        # Pipeline settings that are config, not modules (e.g. SDXL's force_zeros_for_empty_prompt).
+        self.pipeline_config = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in self.components}
+        self.scheduler = self._training_scheduler(pipe.scheduler)
+        self.info = dict(info or {})
+        self._embeddings: dict[str, Condition] = {}
+
+    def _check(self, pipe) -> None:
+        """Refuse a pipeline whose components do not belong to this family or to each other."""
+        raise NotImplementedError
+
+    def _training_scheduler(self, shipped):
+        """The schedule training noises with, from the shipped sampler's config (betas, T, shift).
+
+        Latents are never clipped to [-1, 1] (a DDIM default meant for pixels, which Euler configs
+        such as SDXL's leave unset)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(shipped.config, clip_sample=False)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.components[self.DENOISER]
+
+    @property
+    def vae(self):
+        return self.components["vae"]
+
+    # -- loading and saving ---------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, source: ModelSource) -> bool:
+        if source.kind == "file":
+            return all(source.has_key_prefix(p) for p in cls.SINGLE_FILE_PREFIXES)
+        return source.pipeline_class in cls.PIPELINE_NAMES
+
+    @classmethod
+    def pipeline_class(cls):
+        import diffusers
+
+        return getattr(diffusers, cls.PIPELINE)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, **kwargs) -> "TextToImageBackbone":
+        """Load a pipeline folder, a Hub id or a single checkpoint file as this backbone."""
+        resolved = ModelSource.resolve(source)
+        if not cls.accepts(resolved):
+            raise EraseError(f"{source} is not a {cls.name} model (expected {cls.accepts_description})")
+        return cls.from_source(resolved, **kwargs)
+
+    @classmethod
+    def from_source(cls, source: ModelSource, config: str | Path | None = None,
+                    frozen_dtype: torch.dtype | None = None) -> "TextToImageBackbone":
+        """`config`: for a single file, a local pipeline folder of the same architecture whose component
+        configs (and tokenizers) to use; without it diffusers fetches them from the Hub.
+        `frozen_dtype`: dtype of the frozen VAE and text encoders (e.g. torch.float16 on a GPU); the
+        denoiser stays float32 so that its optimizer keeps full-precision weights, and mixed
+        precision comes from autocast in the training loop."""
+        # Components a folder records as absent (SD3 without T5, no safety checker) stay absent.
+        absent = {name: None for name, entry in (source.index or {}).items() if entry == [None, None]}
+        kwargs = {**absent, **cls.PIPELINE_KWARGS}
+        pipeline_cls = cls.pipeline_class()
+        if source.kind == "file":
+            extra = {}
+            if config is not None:
+                if not (Path(config) / "model_index.json").is_file():
+                    raise EraseError(f"config {config} is not a diffusers pipeline folder (no model_index.json)")
+                extra = {"config": str(config), "local_files_only": True}
+            # .ckpt files are read by diffusers with torch.load(weights_only=True): tensors only, no code.
+            pipe = cls._wrap_errors(source.text, lambda: pipeline_cls.from_single_file(str(source.path), **extra,
+                                                                                        **kwargs))
+        else:
+            if source.kind == "folder" and (source.path / INFO_FILE).is_file():
+                # An `erase unlearn` output that an interruption or a hand edit left incomplete is refused.
+                check_finished(source.path, read_json(source.path / INFO_FILE, what="model info").get("info", {}))
+            # Safetensors only, so nothing is unpickled; a Hub id resolves through the local cache when offline.
+            where = source.path if source.kind == "folder" else source.text
+            pipe = cls._wrap_errors(where, lambda: pipeline_cls.from_pretrained(where, use_safetensors=True, **kwargs))
+        backbone = cls(pipe)
+        if source.kind == "folder" and (source.path / INFO_FILE).is_file():
+            backbone.info = read_json(source.path / INFO_FILE, what="model info").get("info", {})
+        backbone.info["source"] = source.text  # what was loaded now, not what an earlier save was made from
+        if frozen_dtype is not None:
+            for name in ("vae", *cls.TEXT_ENCODERS):
+                if backbone.components.get(name) is not None:
+                    backbone.components[name].to(dtype=frozen_dtype)
+        return backbone
+
+    @classmethod
+    def _wrap_errors(cls, what, load):
+        """Turn loader failures (missing files, offline Hub, mismatched weights) into EraseError."""
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+        try:
+            return load()
+        except EraseError:
+            raise
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, SingleFileComponentError) as e:
+            raise EraseError(f"could not load a {cls.PIPELINE} from {what}: {e}") from None
+
+    def pipeline(self, scheduler=None):
+        """A stock diffusers pipeline sharing this backbone's modules (no copies)."""
+        return self.pipeline_class()(**{**self.components, **self.pipeline_config, **self.PIPELINE_KWARGS,
+                                        "scheduler": scheduler or self.pipeline_scheduler})
+
+    def save_pretrained(self, path: str | Path, **info) -> None:
+        """A standard pipeline folder (safetensors) that stock diffusers loads, plus erase_info.json."""
+        self.info.update(info)
+        with atomic_dir(path) as tmp:
+            self.pipeline().save_pretrained(tmp, safe_serialization=True)
+            write_json(tmp / INFO_FILE, {"backbone": self.name, "info": self.info})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "TextToImageBackbone":
+        for name in (self.DENOISER, "vae", *self.TEXT_ENCODERS):
+            if self.components.get(name) is not None:
+                self.components[name].to(device, dtype)
+        return self
+
+    # -- conditions ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_conditions(self, prompts: Sequence[str]) -> Condition:
+        """The prompts' conditions; each distinct prompt is encoded once and cached."""
+        if isinstance(prompts, str):
+            raise EraseError("encode_conditions takes a list of prompts, got a single string")
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing:
+            encoded = self._encode_prompts(missing).to("cpu")
+            self._embeddings.update((p, encoded[i]) for i, p in enumerate(missing))
+        return Condition.cat([self._embeddings[p] for p in prompts]).to(self.device, self.denoiser.dtype)
+
+    def _encode_prompts(self, prompts: list[str]) -> Condition:
+        raise NotImplementedError
+
+    def null_condition(self, n: int) -> Condition:
+        return self.encode_conditions([""] * n)
+
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+        """Forget/retain sets for a text concept: images this model generates from the concept's
+        forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
+
+        `forget` is a shipped concept name (`nudity`), a concept folder or a literal prompt; `anchor`
+        and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
+        """
+        from ..concept_data import ConceptDataConfig, concept_unlearn_data
+        from ..concepts import load_concept
+
+        if dataset is not None:
+            raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
+                             "generated from its prompts (set how many with --images)")
+        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
+            retain = [p.strip() for p in retain.split(",") if p.strip()]
+        config = ConceptDataConfig() if images is None else ConceptDataConfig(images=images)
+        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
+
+    # -- images and latents ---------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.denoiser.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return self.sample_shape
+
+    @property
+    def image_size(self) -> int:
+        return self.denoiser.config.sample_size * self.vae_scale_factor
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def _latent_scale(self) -> tuple[float, float]:
+        config = self.vae.config
+        return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Latents of images in [-1, 1], (N, 3, H, W), shifted and scaled as the pipeline's denoiser sees them.
+
+        The posterior mean, not a sample: the cached training latents are then a function of the
+        images alone (the posterior's std is tiny for SD's VAEs, so nothing is lost).
+        """
+        scale, shift = self._latent_scale()
+        latents = self.vae.encode(images.to(self.vae.device, self.vae.dtype)).latent_dist.mean
+        return ((latents.float() - shift) * scale).float()
+
+    @torch.no_grad()
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        scale, shift = self._latent_scale()
+        images = self.vae.decode((samples.to(self.vae.device, self.vae.dtype) / scale + shift)).sample
+        return images.float().clamp(-1, 1)
+
+    decode_latents = decode
+
+    # -- sampling -----------------------------------------------------------------------------------
+    def _pipeline_inputs(self, cond: Condition, negative: Condition) -> dict:
+        """The pipeline's keyword arguments for prompt and negative conditions."""
+        raise NotImplementedError
+
+    def _sample_batch(self, prompts, seeds, steps, guidance, eta, raw_seeds, height: int | None = None,
+                      width: int | None = None, negative_prompt: str = "", scheduler: str = "default"):
+        """One batch through the stock pipeline; `scheduler="shipped"` samples with the pipeline's own
+        scheduler instead of the backbone's sampler (DDIM, or flow-match Euler)."""
+        if scheduler not in ("default", "shipped"):
+            raise EraseError(f"scheduler must be 'default' or 'shipped', got {scheduler!r}")
+        height, width = height or self.image_size, width or self.image_size
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise EraseError(f"height and width must be multiples of {f} for this model, got {height}x{width}")
+        pipe = self.pipeline(scheduler=self.pipeline_scheduler if scheduler == "shipped"
+                             else self.sampling_scheduler(steps))
+        pipe.set_progress_bar_config(disable=True)
+        shape = (self.sample_shape[0], height // f, width // f)
+        negative = (self.null_condition(len(prompts)) if negative_prompt == ""
+                    else self.encode_conditions([negative_prompt] * len(prompts)))
+        extra = {"eta": eta} if "eta" in _call_parameters(pipe) else {}
+        if eta and not extra:
+            raise EraseError(f"{self.PIPELINE} samples deterministically: eta must be 0, got {eta}")
+        # With half-precision frozen parts (frozen_dtype) the float32 denoiser runs under autocast.
+        mixed = self.vae.dtype != self.denoiser.dtype
+        with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
+            return pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
+                        latents=self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype),
+                        # One generator per image for the stochastic part of the sampler (eta > 0).
+                        generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
+                        guidance_scale=guidance, height=height, width=width, output_type="latent",
+                        **extra).images.float()
+
+
+def _call_parameters(pipe) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(pipe).__call__).parameters)

@@ -1,0 +1,90 @@
+"""Stable Diffusion 3: a flow-matching transformer (`SD3Transformer2DModel`, MMDiT) on three text encoders.
+
+Why SD3 rather than FLUX as this package's flow-matching family: SD3 is trained with classifier-free
+guidance, so it has a real unconditional prediction `v(x_t, t, ∅)`, and every method here is built
+on one (ESD's negative guidance `v_0(∅) − η(v_0(c) − v_0(∅))`, the anchors and null conditions of
+the others, guided sampling). FLUX.1-dev is guidance-distilled: the guidance scale is an input of
+one conditional forward and there is no unconditional branch to steer away from (FLUX.1-schnell is
+also step-distilled). SD3's pipeline also runs without its T5 encoder (zeros in its place, as
+diffusers documents for memory), and tiny SD3 configs, T5 included, build on a CPU in seconds.
+
+Training is rectified flow (`FlowMatchingSchedule`): `x_t = (1 − σ)·x0 + σ·ε`, target `ε − x0`,
+with σ drawn from the shipped scheduler's shifted table. The condition is the joint text sequence
+(both CLIP encoders' penultimate states, zero-padded to the T5 width, followed by T5's states:
+`encoder_hidden_states`) plus the two CLIP pooled projections (`pooled_projections`). It enters the
+transformer through the text stream's attention projections and the context embedder, and through
+the pooled-text embedder beside the timestep embedding: that is the `condition` group.
+"""
+
+from __future__ import annotations
+
+from ..utils import EraseError
+from .base import Condition, FlowMatchingSchedule
+from .pipeline import TextToImageBackbone
+
+_TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.",
+                   ".attn.norm_added_q.", ".attn.norm_added_k.")
+_CONDITION_INPUTS = ("context_embedder.", "time_text_embed.text_embedder.")
+_TIME_OR_OUTPUT = ("time_text_embed.timestep_embedder.", "norm_out.", "proj_out.")
+
+
+def _enters_condition(name: str) -> bool:
+    return name.startswith(_CONDITION_INPUTS) or any(part in name for part in _TEXT_ATTENTION)
+
+
+TRANSFORMER_GROUPS = {
+    "all": lambda name: True,
+    "condition": _enters_condition,
+    "nocondition": lambda name: not _enters_condition(name) and not name.startswith(_TIME_OR_OUTPUT),
+    "attn": lambda name: ".attn." in name or ".attn2." in name,  # joint attention, both streams
+    "text-kv": lambda name: ".attn.add_k_proj." in name or ".attn.add_v_proj." in name,  # UCE's analogue
+}
+
+
+class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
+    """VAE + CLIP-L + CLIP-G (+ optional T5) + SD3Transformer2DModel + flow-matching schedule."""
+
+    name = "stable-diffusion-3"
+    PIPELINE = "StableDiffusion3Pipeline"
+    PIPELINE_NAMES = ("StableDiffusion3Pipeline",)
+    DENOISER = "transformer"
+    delta_module = "transformer"
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    SINGLE_FILE_PREFIXES = ("model.diffusion_model.joint_blocks.",)
+    PARAMETER_GROUPS = TRANSFORMER_GROUPS
+    SAMPLE_DEFAULTS = {"steps": 28, "guidance": 7.0, "eta": 0.0}  # SD3's model card
+    accepts_description = ("a StableDiffusion3Pipeline folder or Hub id, or a single SD3 checkpoint "
+                           "(model.diffusion_model.joint_blocks.* weights)")
+
+    def _check(self, pipe) -> None:
+        from diffusers import SD3Transformer2DModel
+
+        transformer = getattr(pipe, "transformer", None)
+        if not isinstance(transformer, SD3Transformer2DModel):
+            raise EraseError(f"{type(pipe).__name__} has no SD3Transformer2DModel: not a Stable Diffusion 3 pipeline")
+        pooled = pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+        if transformer.config.pooled_projection_dim != pooled:
+            raise EraseError(f"the transformer takes {transformer.config.pooled_projection_dim}-dim pooled text but "
+                             f"the CLIP encoders project to {pooled}: the components do not belong together")
+
+    def _training_scheduler(self, shipped):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(shipped.config)
+
+    def _encode_prompts(self, prompts: list[str]) -> Condition:
+        device = self.components["text_encoder"].device
+        embeds, _, pooled, _ = self.pipeline().encode_prompt(prompts, None, None, device=device,
+                                                             num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return Condition(encoder_hidden_states=embeds, pooled_projections=pooled)
+
+    def _forward(self, denoiser, x_t, t, cond):
+        c = cond.tensors
+        return denoiser(hidden_states=x_t, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],
+                        pooled_projections=c["pooled_projections"]).sample
+
+    def _pipeline_inputs(self, cond, negative):
+        return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
+                "pooled_prompt_embeds": cond.tensors["pooled_projections"],
+                "negative_prompt_embeds": negative.tensors["encoder_hidden_states"],
+                "negative_pooled_prompt_embeds": negative.tensors["pooled_projections"]}

@@ -1,0 +1,65 @@
+"""Every method on every text-to-image backbone (tiny pipelines; the class-conditional DDPM has its
+own table in test_methods.py): weights move only in the chosen group, `delta.safetensors` is exactly
+the change, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erase.backbones import StableDiffusionBackbone, load_backbone
+from erase.methods import METHODS
+from erase.unlearn import unlearn
+from erase.unlearn_data import UnlearnData
+from conftest import assert_trained_only
+from test_sd_backbone import tiny_pipeline
+from tiny_pipelines import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BACKBONES = {"sd": (StableDiffusionBackbone, tiny_pipeline), **FAMILIES}
+RUN = dict(steps=3, batch_size=4, checkpoint_every=2, params="condition", progress=False)
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request, tmp_path_factory):
+    """(saved pipeline folder, forget/retain data): random latents with real prompt conditions."""
+    backbone_cls, build = BACKBONES[request.param]
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    model = backbone_cls(build())
+    model.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(8, *model.latent_shape, generator=g)
+    data = UnlearnData(forget_x0=latents[:4], forget_cond=model.encode_conditions(["the number 3"] * 4).to("cpu"),
+                       anchor_cond=model.encode_conditions(["the number 4"] * 4).to("cpu"), retain_x0=latents[4:],
+                       retain_cond=model.encode_conditions(["the number 5", "the digit 7"] * 2).to("cpu"),
+                       description={"kind": "test"})
+    return path, data
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_on_backbone(method, backbone, tmp_path):
+    path, data = backbone
+    before = load_backbone(path).denoiser.state_dict()
+    out = unlearn(path, method, out=tmp_path / "full", data=data, **RUN)
+    trained = load_backbone(out)
+    after = trained.denoiser.state_dict()
+    assert_trained_only(set(trained.trainable_parameters("condition")), before, after,
+                        load_file(out / "delta.safetensors"), method)
+
+    unlearn(path, method, out=tmp_path / "resumed", data=data, stop_after=2, **RUN)
+    resumed = load_backbone(unlearn(path, method, out=tmp_path / "resumed", data=data, **RUN)).denoiser.state_dict()
+    assert all(torch.equal(after[k], resumed[k]) for k in after), f"{method}: the resumed run differs"
+
+
+def test_esd_samples_its_own_xt_on_every_backbone(backbone, tmp_path):
+    """ESD's x_t from partial sampling (DDIM, or flow-match Euler on SD3) trains and resumes exactly."""
+    path, data = backbone
+    options = dict(RUN, xt="sample", sample_steps=3)
+    full = load_backbone(unlearn(path, "esd", out=tmp_path / "full", data=data, **options)).denoiser.state_dict()
+    unlearn(path, "esd", out=tmp_path / "resumed", data=data, stop_after=2, **options)
+    resumed = load_backbone(unlearn(path, "esd", out=tmp_path / "resumed", data=data, **options)).denoiser.state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    cached = load_backbone(unlearn(path, "esd", out=tmp_path / "cached", data=data, **RUN)).denoiser.state_dict()
+    assert any(not torch.equal(full[k], cached[k]) for k in full)

@@ -1,0 +1,43 @@
+"""`erase train-mini-flow`: a few training steps write an SD3 pipeline that stock diffusers loads."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from erase.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Stock diffusers only; an SD3 pipeline without T5 loads with text_encoder_3=None (diffusers' documented way).
+STOCK_LOAD = """
+import sys, torch
+from diffusers import StableDiffusion3Pipeline
+pipe = StableDiffusion3Pipeline.from_pretrained(sys.argv[1], text_encoder_3=None, tokenizer_3=None)
+out = pipe(["a handwritten digit three"], num_inference_steps=3, output_type="np",
+           generator=torch.Generator().manual_seed(0)).images
+print(out.shape)
+"""
+
+
+def test_train_command_writes_a_stock_sd3_pipeline(tmp_path):
+    from erase.backbones import StableDiffusion3Backbone, load_backbone
+
+    out = tmp_path / "mini-flow"
+    assert main(["train-mini-flow", "--out", str(out), "--vae-steps", "2", "--steps", "3", "--batch-size", "8",
+                 "--width", "16", "--layers", "1", "--text-hidden", "8", "--eval-images", "0"]) == 0
+    model = load_backbone(out)
+    assert isinstance(model, StableDiffusion3Backbone) and model.info["training"]["config"]["steps"] == 3
+    assert model.info["sample_defaults"] == {"steps": 25, "guidance": 3.0}
+    # The VAE's shift and scale make the training latents zero-mean, unit-variance.
+    from erase.data import load_dataset
+
+    images = load_dataset("digits", "train").images[:256].expand(-1, 3, -1, -1)
+    latents = model.encode_images(images)
+    assert abs(latents.mean().item()) < 0.2 and abs(latents.std().item() - 1) < 0.2
+    result = subprocess.run([sys.executable, "-c", STOCK_LOAD, str(out)], cwd=tmp_path, capture_output=True,
+                            text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(1, 16, 16, 3)" in result.stdout
+    assert torch.isfinite(model.sample(["three"], [0], steps=2, guidance=3.0, batch_size=1)).all()

@@ -1,0 +1,94 @@
+"""The text-to-image backbones beyond SD 1.x (SDXL, and the flow-matching family) on tiny pipelines:
+loading, conditions, sampling, and outputs that stock diffusers reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erase.backbones import load_backbone
+from tiny_pipelines import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(family name, backbone class, pipeline folder saved by the backbone)."""
+    backbone_cls, build = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    backbone_cls(build()).save_pretrained(path)
+    return request.param, backbone_cls, path
+
+
+def test_loads_by_probing_and_stock_diffusers_loads_the_folder(family):
+    name, backbone_cls, path = family
+    model = load_backbone(path)
+    assert type(model) is backbone_cls and model.info["source"] == str(path)
+    assert not any(p.requires_grad for e in backbone_cls.TEXT_ENCODERS for p in model.components[e].parameters())
+    pipe = backbone_cls.pipeline_class().from_pretrained(path)
+    assert type(pipe).__name__ == backbone_cls.PIPELINE
+    stock = getattr(pipe, backbone_cls.DENOISER).state_dict()
+    assert all(torch.equal(stock[k], v) for k, v in model.denoiser.state_dict().items())
+
+
+def test_conditions_and_the_null_condition(family):
+    _, _, path = family
+    model = load_backbone(path)
+    cond = model.encode_conditions(["the number 3", "the digit 4", "the number 3"])
+    assert len(cond) == 3 and cond[0].equal(cond[2]) and not cond[0].equal(cond[1])
+    null = model.null_condition(2)
+    assert list(null.tensors) == list(cond.tensors) and len(null) == 2
+    with torch.no_grad():
+        x = model.initial_noise([1, 2]).to(model.device)
+        t = model.draw_timesteps(2, torch.Generator().manual_seed(0))
+        guided = model.guided_prediction(x, t, cond[:2], 3.0)
+        p_c, p_u = model.predict(x, t, cond[:2]), model.predict(x, t, null)
+    torch.testing.assert_close(guided, p_u + 3.0 * (p_c - p_u), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(p_c, p_u)
+
+
+def test_image_depends_only_on_prompt_and_seed(family):
+    _, _, path = family
+    model = load_backbone(path)
+    both = model.sample(["the number 3", "the number 5"], [10, 11], steps=2, guidance=3.0, batch_size=2)
+    alone = model.sample(["the number 5"], [11], steps=2, guidance=3.0, batch_size=2)
+    assert both.shape == (2, *model.image_shape) and torch.equal(both[1], alone[0])
+    assert both.min() >= -1 and both.max() <= 1
+
+
+def test_delta_applies_to_the_original_in_stock_diffusers(family, tmp_path):
+    name, backbone_cls, path = family
+    model = load_backbone(path)
+    with torch.no_grad():
+        for p in model.trainable_parameters("condition").values():
+            p.add_(0.1)
+    model.save_delta(tmp_path / "delta.safetensors", model.trainable_parameters("condition"))
+    prompts, seeds = ["the number 3", "the digit 7"], [1, 2]
+    expected = model.sample(prompts, seeds, steps=2, guidance=3.0, batch_size=2)
+
+    pipe = backbone_cls.pipeline_class().from_pretrained(path)  # the original weights, stock diffusers
+    delta = load_file(tmp_path / "delta.safetensors")
+    _, unexpected = getattr(pipe, backbone_cls.DENOISER).load_state_dict(delta, strict=False)
+    assert not unexpected and set(delta) == set(model.trainable_parameters("condition"))
+    assert torch.equal(backbone_cls(pipe).sample(prompts, seeds, steps=2, guidance=3.0, batch_size=2), expected)
+
+
+def test_sd3_without_t5_saves_and_loads(tmp_path):
+    """SD3 with its T5 dropped (as sd3-random builds it): the folder records the absence, loads back
+    through the registry, and the condition keeps T5's sequence length with zeros in its place."""
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    from erase.backbones import StableDiffusion3Backbone
+
+    pipe = tiny_sd3_pipeline()
+    with_t5 = StableDiffusion3Backbone(pipe).encode_conditions(["the number 3"]).tensors["encoder_hidden_states"]
+    pipe.text_encoder_3 = pipe.tokenizer_3 = None
+    StableDiffusion3Backbone(pipe).save_pretrained(tmp_path / "no-t5")
+    model = load_backbone(tmp_path / "no-t5")
+    assert type(model) is StableDiffusion3Backbone and model.components["text_encoder_3"] is None
+    embeds = model.encode_conditions(["the number 3"]).tensors["encoder_hidden_states"]
+    clip_tokens = model.components["tokenizer"].model_max_length
+    assert embeds.shape == with_t5.shape and not embeds[:, clip_tokens:].any()
+    assert model.sample(["the number 3"], [1], steps=2, guidance=3.0, batch_size=1).shape == (1, *model.image_shape)
