@@ -19,9 +19,8 @@ The Python API, in the order of the main job (reference: `erase.api`):
 - `METHODS` and `PROTOCOLS` are the registries of methods and evaluation protocols by name.
 
 Every name is imported on first use, so `import erase` imports neither torch nor diffusers. The
-command line (`erase --help`) is `erase.cli`. `erase.unlearn` is the module of the training loop,
-made callable: `erase.unlearn(...)` is `erase.api.unlearn(...)`, while `from erase.unlearn import
-unlearn` is the loop itself (it returns the output folder).
+command line (`erase --help`) is `erase.cli`; the training loop that `unlearn` runs is
+`erase.loop.unlearn` (it returns the output folder).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ __version__ = "0.1.0"
 
 # Public name: the module that defines it, imported on first access.
 _EXPORTS = {
-    "load_model": "erase.api", "evaluate": "erase.api", "report": "erase.api",
+    "load_model": "erase.api", "unlearn": "erase.api", "evaluate": "erase.api", "report": "erase.api",
     "UnlearnResult": "erase.api", "EvalResult": "erase.api", "Report": "erase.api",
     "METHODS": "erase.methods", "PROTOCOLS": "erase.eval.protocols",
 }
@@ -42,8 +41,6 @@ __all__ = ["__version__", *_EXPORTS, "eval", *sorted(m.name for m in pkgutil.ite
 
 
 def __getattr__(name: str):
-    if name == "unlearn":  # the submodule, which is callable: erase.unlearn(...) is erase.api.unlearn(...)
-        return importlib.import_module("erase.unlearn")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'erase' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

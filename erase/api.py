@@ -65,11 +65,11 @@ def unlearn(model, method: str, forget, out: str | Path, **options) -> UnlearnRe
     name (`nudity`, `three`: a folder of `prompts/`), a concept folder or a literal prompt for Stable
     Diffusion. `options` are the method's config fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see
     `erase unlearn --method NAME --help`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
-    `resume=`, ...: see `erase.unlearn.unlearn`). The same (model, method, options, seed) gives the
+    `resume=`, ...: see `erase.loop.unlearn`). The same (model, method, options, seed) gives the
     same weights.
     """
-    from .unlearn import CONFIG_FILE
-    from .unlearn import unlearn as run_unlearning
+    from .loop import CONFIG_FILE
+    from .loop import unlearn as run_unlearning
     from .utils import read_json
 
     if isinstance(model, (str, Path)):

@@ -208,7 +208,7 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
     from .backbones import load_backbone
     from .methods import parse_methods
-    from .unlearn import unlearn
+    from .loop import unlearn
 
     methods = ["finetune"] + [m for m in parse_methods(config.methods) if m != "finetune"]
     device = resolve_device(None)  # the device accelerate trains on

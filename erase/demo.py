@@ -86,7 +86,7 @@ def _run_part(config: DemoConfig, out: Path, key: str, methods: list[str | None]
     """
     import torch
 
-    from .unlearn import unlearn
+    from .loop import unlearn
 
     if threads is not None:  # a worker process: the demo's threads are shared out among the workers
         setup_logging()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from erase.utils import setup_logging
 from erase.eval.protocols import I2PNudity, T2IUtility
 from erase.eval.report import build_report

@@ -299,7 +299,7 @@ def test_overwrite_replaces_and_reruns_reuse_their_own_kind(tiny_model, tmp_path
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
 def test_outputs_follow_the_umask(umask, file_mode, dir_mode, tiny_model, tmp_path, one_thread):
-    from erase.unlearn import unlearn
+    from erase.loop import unlearn
 
     old = os.umask(umask)
     try:
@@ -336,13 +336,13 @@ FAST = dict(steps=4, batch_size=4, checkpoint_every=2)
 def test_kill_during_final_save_then_rerun_completes(tiny_model, tmp_path, capsys, one_thread):
     """SIGKILL while the model is being written (after the weights, before the marker), then the same command."""
     from erase.backbones import load_backbone
-    from erase.unlearn import unlearn
+    from erase.loop import unlearn
 
     out = tmp_path / "erased"
     script = (
         "import os, signal, sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "import erase.unlearn as u\n"
+        "import erase.loop as u\n"
         "u.mark_output = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"u.unlearn({str(tiny_model)!r}, 'ga', '3', {str(out)!r}, **{FAST!r})\n")
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
@@ -380,7 +380,7 @@ def test_full_disk_during_save_leaves_nothing_that_loads(tiny_model, tmp_path, c
 
 def test_truncated_checkpoint_is_skipped_for_the_previous_one(tiny_model, tmp_path, caplog, one_thread):
     from erase.backbones import load_backbone
-    from erase.unlearn import unlearn
+    from erase.loop import unlearn
 
     out = tmp_path / "erased"
     unlearn(tiny_model, "ga", "3", out, stop_after=4, **{**FAST, "steps": 6})
@@ -420,7 +420,7 @@ def test_prompts_too_long_for_a_file_name_are_prompts(tmp_path):
 
 def test_save_load_round_trip_marks_the_folder(tiny_model, tmp_path):
     from erase.outputs import output_kind
-    from erase.unlearn import unlearn
+    from erase.loop import unlearn
 
     out = unlearn(tiny_model, "ga", "3", tmp_path / "u", steps=1, batch_size=4)
     assert output_kind(out) == "unlearn"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from erase.cli import main
-from erase.unlearn import check_in_sync
+from erase.loop import check_in_sync
 from erase.utils import EraseError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def test_two_processes_take_the_step_of_one_with_the_joint_batch(method, tmp_pat
     """eupmu's dual weight and surgery's projection use quantities of the joint batch, so two processes of
     batch 8 train the weights that one process of batch 16 trains on the same 16 samples (shards=2 draws
     process 0's and process 1's samples)."""
-    from erase.unlearn import unlearn
+    from erase.loop import unlearn
 
     options = ["--steps", "4", "--lr", "1e-3", "--eps", "0.05"]
     run = launch("unlearn", "--model", str(tiny_ddpm_dir), "--method", method, "--forget", "3", "--batch-size", "8",

@@ -15,7 +15,7 @@ import pytest
 from erase.cli import main
 from erase.eval.protocols import DigitsClass, I2PNudity
 from erase.eval.report import Target, build_report
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from erase.utils import EraseError
 
 REPO = Path(__file__).resolve().parents[1]

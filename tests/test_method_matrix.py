@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from erase.backbones import StableDiffusionBackbone, load_backbone
 from erase.methods import METHODS
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from erase.unlearn_data import UnlearnData
 from conftest import assert_trained_only
 from test_sd_backbone import tiny_pipeline

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from erase.backbones import load_backbone
 from erase.methods import METHODS
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from conftest import assert_trained_only
 
 TINY = dict(steps=3, batch_size=8, checkpoint_every=2)

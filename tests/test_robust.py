@@ -9,7 +9,7 @@ import torch
 from erase.backbones import load_backbone
 from erase.methods.losses import noised
 from erase.robust import AdversarialCondition
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from erase.utils import step_generator
 
 pytestmark = pytest.mark.usefixtures("one_thread")

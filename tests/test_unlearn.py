@@ -12,7 +12,7 @@ from erase.backbones import load_backbone
 from erase.checkpoint import latest_checkpoint, load_checkpoint
 from erase.cli import main
 from erase.methods import METHODS
-from erase.unlearn import unlearn
+from erase.loop import unlearn
 from erase.unlearn_data import class_erasure_data
 from erase.utils import EraseError
 

@@ -34,7 +34,7 @@ def own_options(config_cls: type) -> str:
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from ..config import build_config
-    from ..unlearn import unlearn
+    from ..loop import unlearn
 
     method = get_method(args.method)
     config = build_config(method.Config, load_config_file(args.config), args)

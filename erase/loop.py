@@ -21,9 +21,7 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -318,16 +316,3 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     accelerator.wait_for_everyone()
     return out
 
-
-class _CallableModule(types.ModuleType):
-    """`erase.unlearn(...)` runs the Python API's `erase.api.unlearn` (which returns an UnlearnResult)
-    while `erase.unlearn` stays this module: `import erase.unlearn`, its attributes, and
-    `from erase.unlearn import unlearn` (the loop above) work as for any module."""
-
-    def __call__(self, *args, **kwargs):
-        from .api import unlearn as api_unlearn
-
-        return api_unlearn(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
