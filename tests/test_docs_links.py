@@ -2,10 +2,11 @@
 docs, docstrings and comments (`erase/...`, `eval/...`, `docs/...`, `models/...`, upper-case `.md` names)."""
 
 import re
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SKIP_DIRS = {".git", "build", "runs", "out", ".venv", "__pycache__", ".pytest_cache", "site"}
+SKIP_DIRS = {".git", "build", "runs", "out", ".venv", "__pycache__", ".pytest_cache", "site", "erase.egg-info"}
 # Paths that exist only inside an installed wheel (pyproject.toml maps prompts/ and models/ there).
 WHEEL_ONLY = {"erase/prompts", "erase/models"}
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -14,8 +15,13 @@ MD_NAME = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
 
 
 def repo_files(*suffixes):
-    for path in sorted(REPO.rglob("*")):
-        if path.is_file() and path.suffix in suffixes and not SKIP_DIRS & set(path.relative_to(REPO).parts):
+    """The repository's own files: git's list where there is one (no build output, caches or runs)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True)
+    paths = ([REPO / line for line in listed.stdout.splitlines()] if listed.returncode == 0
+             else [p for p in REPO.rglob("*") if not SKIP_DIRS & set(p.relative_to(REPO).parts)])
+    for path in sorted(paths):
+        if path.is_file() and path.suffix in suffixes:
             yield path
 
 
