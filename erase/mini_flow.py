@@ -30,7 +30,7 @@ from .utils import EraseError, logger, package_versions, step_generator
 
 @dataclass
 class MiniFlowConfig(MiniTrainingConfig):
-    steps: int = field(6000, "transformer + text encoders training steps (phase 2)")
+    steps: int = field(3000, "transformer + text encoders training steps (phase 2; the shipped model's)")
     lr: float = field(1e-3, "peak AdamW learning rate of phase 2 (warm-up, cosine decay to 10%)")
     width: int = field(64, "transformer width (heads of 16)")
     layers: int = field(4, "joint transformer blocks")

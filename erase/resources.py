@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd")
+SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd", "mini-flow")
 
 
 def shipped(folder: str) -> Path:
@@ -20,7 +20,7 @@ def shipped(folder: str) -> Path:
 
 
 def shipped_model(name: str) -> Path:
-    """The folder of a shipped model (`digits-ddpm`, `digits-classifier`, `mini-sd`)."""
+    """The folder of a shipped model (`digits-ddpm`, `digits-classifier`, `mini-sd`, `mini-flow`)."""
     if name not in SHIPPED_MODELS:
         raise ValueError(f"{name!r} is not a shipped model; the shipped ones are {', '.join(SHIPPED_MODELS)}")
     return shipped("models") / name

@@ -41,3 +41,17 @@ def test_train_command_writes_a_stock_sd3_pipeline(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(1, 16, 16, 3)" in result.stdout
     assert torch.isfinite(model.sample(["three"], [0], steps=2, guidance=3.0, batch_size=1)).all()
+
+
+@pytest.mark.slow
+def test_shipped_flow_model_draws_the_digits_it_is_asked_for():
+    from erase.backbones import StableDiffusion3Backbone, load_backbone
+    from erase.mini_sd import HELDOUT_TEMPLATES, digit_accuracy
+    from erase.resources import shipped_model
+
+    model = load_backbone(shipped_model("mini-flow"))
+    assert isinstance(model, StableDiffusion3Backbone)
+    defaults = model.info["sample_defaults"]
+    acc = digit_accuracy(model, ("a handwritten digit {w}", HELDOUT_TEMPLATES[0]), n=4,
+                         steps=defaults["steps"], guidance=defaults["guidance"])
+    assert acc["mean"] >= 0.9, acc  # a paraphrase it never saw included (measured: models/mini-flow/README.md)
