@@ -4,12 +4,12 @@ With `--adversarial-every K` the loop keeps an adversarial perturbation δ of th
 every K steps an inner attack refreshes it (`--adversarial-steps` Adam steps, warm-started from the
 last δ, minimising the current model's denoising loss on the step's forget images under the
 condition + δ: the nearby condition that brings the concept back best), and every other step runs
-the method with the forget condition read as condition + δ by the trained UNet, so the outer step
+the method with the forget condition read as condition + δ by the trained denoiser, so the outer step
 unlearns the adversarial condition as well as (on the other steps) the plain one. Frozen reference
 copies (ESD's and EUPMU's targets) still see the plain condition, and the method's retain term keeps
 what it keeps. The condition is the class-embedding vector on the class-conditional DDPM and the
-text embedding (tokens x width) on Stable Diffusion, perturbed through the backbones'
-`override_condition` hook.
+text sequence embedding (tokens x width) on SD, SDXL and SD3 (their pooled text stays plain),
+perturbed through the backbones' `override_condition` hook.
 
 Only weights past the condition can learn from the adversarial steps: the class-embedding row that
 ESD trains on the DDPM is replaced, not read, while δ is applied, so robust erasure wants a UNet

@@ -376,12 +376,10 @@ class ClassInversion(Attack):
 
 
 # -- text-to-image -----------------------------------------------------------------------------------------
-def _embedding(cond: Condition) -> torch.Tensor:
-    """The one tensor of a text condition (the text embedding): Ring-A-Bell's vector arithmetic needs it."""
-    if len(cond.tensors) != 1:
-        raise EraseError(f"attack-ring-a-bell shifts a single text embedding; this model's conditions are "
-                         f"{', '.join(cond.tensors)}")
-    return next(iter(cond.tensors.values()))
+def _vector_key(tensor: str) -> str:
+    """Where Ring-A-Bell saves its shift of one condition tensor: the text embedding's under
+    `concept_vector`, others (SDXL's and SD3's pooled text) under `concept_vector.<name>`."""
+    return "concept_vector" if tensor == "encoder_hidden_states" else f"concept_vector.{tensor}"
 
 
 def _insert_tokens(model, before: list[str], after: list[str], vectors: torch.Tensor) -> torch.Tensor:
@@ -659,15 +657,19 @@ class RingABell(TextAttack):
 
         with_c = read_prompts(self.with_prompts) if self.with_prompts else self.concept.forget
         without = read_prompts(self.without_prompts) if self.without_prompts else self.concept.retain
-        vector = _embedding(model.encode_conditions(with_c)).mean(0) - _embedding(model.encode_conditions(without)).mean(0)
-        return {"concept_vector": vector[None].cpu()}, {"with_prompts": len(with_c), "without_prompts": len(without),
-                                                        "vector_norm": float(vector.norm())}
+        present, absent = model.encode_conditions(with_c).tensors, model.encode_conditions(without).tensors
+        # Every part of the condition moves: the text embedding, and the pooled text where the model has
+        # one (SDXL's micro-conditions are the same for every prompt, so their shift is zero).
+        vectors = {_vector_key(name): (present[name].float().mean(0) - absent[name].float().mean(0))[None].cpu()
+                   for name in present}
+        return vectors, {"with_prompts": len(with_c), "without_prompts": len(without),
+                         "vector_norm": float(vectors["concept_vector"].norm())}
 
     def attacked(self, model, units, found):
-        base = model.encode_conditions([u["prompt"] for u in units])
-        name, embedding = next(iter(base.tensors)), _embedding(base)
-        vector = _check_shape(found, "concept_vector", tuple(embedding.shape[1:]))[0]
-        return self._sample_conditions(model, units, Condition(**{name: embedding + self.strength * vector.to(embedding)}))
+        base = model.encode_conditions([u["prompt"] for u in units]).tensors
+        shifted = {name: tensor + self.strength * _check_shape(found, _vector_key(name), tuple(tensor.shape[1:]))[0].to(tensor)
+                   for name, tensor in base.items()}
+        return self._sample_conditions(model, units, Condition(**shifted))
 
 
 @dataclass

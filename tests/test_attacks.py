@@ -18,6 +18,20 @@ from erase.utils import EraseError
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3"])
+def text_model_dir(request, tmp_path_factory):
+    """Every text-to-image family, tiny: SD 1.x, SDXL (two CLIP encoders, pooled text, time ids) and
+    SD3 without T5 (flow matching, two CLIP encoders side by side), saved as pipeline folders."""
+    if request.param == "sd":
+        return request.getfixturevalue("tiny_sd_dir")
+    from tiny_pipelines import FAMILIES
+
+    backbone_cls, build = FAMILIES[request.param]
+    path = tmp_path_factory.mktemp(request.param) / "model"
+    backbone_cls(build(t5=False) if request.param == "sd3" else build()).save_pretrained(path)
+    return path
+
+
 def _pngs(folder: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))]
 
@@ -83,17 +97,51 @@ def test_override_condition_is_local_and_differentiable(tiny_ddpm_dir, one_threa
     assert all(torch.equal(p, before[n]) for n, p in _weights(model).items())
 
 
-def test_sd_hooks_match_the_pipeline(tiny_sd_dir, one_thread):
-    """encode_token_embeddings and denoise are the same computation as encode_conditions and sample."""
-    model = load_backbone(tiny_sd_dir)
+def test_text_hooks_match_the_pipeline(text_model_dir, one_thread):
+    """encode_token_embeddings and denoise are the same computation as encode_conditions and sample,
+    on every text family (for SDXL and SD3 that includes the pooled text read at the end token)."""
+    model = load_backbone(text_model_dir)
     prompts = ["a handwritten digit three", "3"]
     embeddings, lengths = model.token_embeddings(prompts)
-    assert lengths.tolist() == [len("a handwritten digit three".replace(" ", "")) + 2, 3]
+    tokenizer = model.components["tokenizer"]
+    assert lengths.tolist() == [len(tokenizer(p).input_ids) for p in prompts] and lengths[1] == 3  # start, "3", end
+    widths = sum(model.components[e].get_input_embeddings().embedding_dim for e, _ in model.CLIP_ENCODERS)
+    assert embeddings.shape[-1] == widths
     assert model.encode_token_embeddings(embeddings).equal(model.encode_conditions(prompts))
     latents = model.sample(prompts, [1, 2], steps=3, guidance=3.0, batch_size=2, return_latents=True)
     with torch.no_grad():
         again = model.denoise(model.initial_noise([1, 2]), model.encode_conditions(prompts), 3, 3.0)
     assert torch.equal(latents, again)
+
+
+def test_text_override_is_local_and_differentiable(text_model_dir, one_thread):
+    model = load_backbone(text_model_dir)
+    before = _weights(model)
+    cond = model.encode_conditions(["the number 3", "the number 4"])
+    x = model.initial_noise([1, 2]).to(model.device)
+    t = model.draw_timesteps(2, torch.Generator().manual_seed(0)).to(model.device)
+    plain = model.predict(x, t, cond).detach()
+    match, vector = model.condition_vectors(cond[:1])[0]
+    replacement = (vector + torch.randn_like(vector)).requires_grad_(True)
+    with model.override_condition(match, replacement):
+        out = model.predict(x, t, cond)
+        out[0].sum().backward()
+    assert replacement.grad is not None and replacement.grad.abs().sum() > 0
+    assert not torch.allclose(out[0], plain[0]) and torch.allclose(out[1], plain[1])  # only "3" changed
+    assert torch.equal(model.predict(x, t, cond), plain)  # the hook is gone after the block
+    assert all(torch.equal(p, before[n]) for n, p in _weights(model).items())
+
+
+def test_inversion_returns_to_the_sample(text_model_dir, one_thread):
+    """DDIM inversion (SD, SDXL) and Euler inversion (SD3's flow): sampling from the inverted noise
+    under the same condition lands near the sample, much nearer than from other noise."""
+    model = load_backbone(text_model_dir)
+    cond = model.null_condition(2)
+    with torch.no_grad():
+        sample = model.denoise(model.initial_noise([1, 2]), cond, 50, 1.0)
+        back = model.denoise(model.invert(sample, cond, 50), cond, 50, 1.0)
+        other = model.denoise(model.initial_noise([3, 4]), cond, 50, 1.0)
+    assert (back - sample).norm() < 0.1 * (other - sample).norm()
 
 
 def _text_protocol(cls, classifier, **kwargs):
@@ -105,11 +153,11 @@ def _text_protocol(cls, classifier, **kwargs):
     (PrefixAttack, dict(attack_steps=20, check_every=10, tokens=2, attack_lr=0.1), "prefix"),
     (NullLatent, dict(attack_steps=6, check_every=3, attack_lr=0.1), "latent"),
 ], ids=["concept-inversion", "prefix", "null-latent"])
-def test_text_attacks_tiny(cls, settings, tensor, tiny_sd_dir, tiny_classifier_dir, tmp_path, one_thread):
+def test_text_attacks_tiny(cls, settings, tensor, text_model_dir, tiny_classifier_dir, tmp_path, one_thread):
     protocol = _text_protocol(cls, tiny_classifier_dir, **settings)
     _never_stop_early(protocol)
     out = tmp_path / "run"
-    results = protocol.run(tiny_sd_dir, out)
+    results = protocol.run(text_model_dir, out)
     _check_run(out, 3, tensor)
     log = results["metrics"]["search"]
     if cls is ConceptInversion:
@@ -119,11 +167,11 @@ def test_text_attacks_tiny(cls, settings, tensor, tiny_sd_dir, tiny_classifier_d
     else:
         assert log["losses"][-1] < log["losses"][0]  # the sample moved towards the target image
     _, tensors = load_attack(out, protocol.name)
-    model = load_backbone(tiny_sd_dir)
+    model = load_backbone(text_model_dir)
     start = model.token_embeddings(["a"])[0][0, 1]
     if tensor != "latent":
         assert not torch.allclose(tensors[tensor], start.expand_as(tensors[tensor]))
-    _replays_bit_for_bit(protocol, tiny_sd_dir, out, tmp_path)
+    _replays_bit_for_bit(protocol, text_model_dir, out, tmp_path)
 
 
 def _never_stop_early(protocol) -> None:
@@ -146,15 +194,20 @@ class _NeverPasses:
         return torch.zeros(len(images), dtype=torch.bool)
 
 
-def test_ring_a_bell_tiny(tiny_sd_dir, tiny_classifier_dir, tmp_path, one_thread):
+def test_ring_a_bell_tiny(text_model_dir, tiny_classifier_dir, tmp_path, one_thread):
     protocol = _text_protocol(RingABell, tiny_classifier_dir, strength=2.0)
     out = tmp_path / "run"
-    results = protocol.run(tiny_sd_dir, out)
+    results = protocol.run(text_model_dir, out)
     _check_run(out, 3, "concept_vector")
+    _, tensors = load_attack(out, protocol.name)
+    pooled = {"stable-diffusion-xl": "text_embeds", "stable-diffusion-3": "pooled_projections"}.get(
+        load_backbone(text_model_dir).name)
+    if pooled:  # the pooled text moves with the sequence embedding
+        assert tensors[f"concept_vector.{pooled}"].abs().sum() > 0
     assert results["metrics"]["search"]["vector_norm"] > 0
     pre, post = _pngs(out / "images" / "pre"), _pngs(out / "images" / "post")
     assert not all(np.array_equal(a, b) for a, b in zip(pre, post))  # the vector changed what is drawn
-    _replays_bit_for_bit(protocol, tiny_sd_dir, out, tmp_path)
+    _replays_bit_for_bit(protocol, text_model_dir, out, tmp_path)
 
 
 def test_attack_refuses_the_wrong_backbone_and_replay(tiny_ddpm_dir, tiny_sd_dir, tiny_classifier_dir, tmp_path,

@@ -31,9 +31,18 @@ def _inner_loss(adversary, forget, delta):
     return float(((prediction - target) ** 2).mean())
 
 
-@pytest.mark.parametrize("backbone", ["ddpm", "sd"])
-def test_inner_attack_and_where_delta_applies(backbone, tiny_ddpm_dir, tiny_sd_dir):
-    model = load_backbone(tiny_ddpm_dir if backbone == "ddpm" else tiny_sd_dir)
+def _model(backbone, request):
+    if backbone in ("ddpm", "sd"):
+        return load_backbone(request.getfixturevalue(f"tiny_{backbone}_dir"))
+    from tiny_pipelines import FAMILIES
+
+    backbone_cls, build = FAMILIES[backbone]
+    return backbone_cls(build())
+
+
+@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3"])
+def test_inner_attack_and_where_delta_applies(backbone, request):
+    model = _model(backbone, request)
     conditions = (model.encode_conditions([3, 3, 3, 3]) if backbone == "ddpm" else
                   model.encode_conditions(["three", "3", "three", "3"]))
     other = model.encode_conditions([5]) if backbone == "ddpm" else model.encode_conditions(["five"])

@@ -74,14 +74,14 @@ def _t5(width: int, max_length: int = 16):
     return encoder, tokenizer
 
 
-def tiny_sd3_pipeline(seed: int = 0):
+def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
     """StableDiffusion3Pipeline: a 2-layer SD3Transformer2DModel (patch 2, width 8) on two CLIPs and a
-    one-layer T5, with a VAE using SD3's latent shift and scale."""
+    one-layer T5 (or none, as models/mini-flow), with a VAE using SD3's latent shift and scale."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed)
     tokenizer = _tokenizer()
-    t5, t5_tokenizer = _t5(16)
+    t5_encoder, t5_tokenizer = _t5(16) if t5 else (None, None)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                         attention_head_dim=4, num_attention_heads=2, joint_attention_dim=16,
                                         caption_projection_dim=8, pooled_projection_dim=16, pos_embed_max_size=8)
@@ -89,7 +89,7 @@ def tiny_sd3_pipeline(seed: int = 0):
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(4, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
         text_encoder=_clip(tokenizer, 8, projection=8), tokenizer=tokenizer,
-        text_encoder_2=_clip(tokenizer, 8, projection=8), tokenizer_2=tokenizer, text_encoder_3=t5, tokenizer_3=t5_tokenizer)
+        text_encoder_2=_clip(tokenizer, 8, projection=8), tokenizer_2=tokenizer, text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
 
 
 def _families() -> dict:

@@ -250,9 +250,9 @@ class Backbone:
     def guided_prediction(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition, guidance: float,
                           denoiser=None) -> torch.Tensor:
         """Classifier-free guidance `p_∅ + s·(p_c − p_∅)`: both halves in one batched forward."""
+        t = t.expand(len(x_t)) if t.dim() == 0 else t  # a sampler's scalar timestep, one per sample
         if guidance == 1.0:
             return self.predict(x_t, t, cond, denoiser)
-        t = t.expand(len(x_t)) if t.dim() == 0 else t
         both = self.predict(torch.cat([x_t, x_t]), torch.cat([t, t]),
                             Condition.cat([cond, self.null_condition(len(cond))]), denoiser)
         p_c, p_u = both.chunk(2)
@@ -362,7 +362,8 @@ class Backbone:
         `sample(..., return_latents=True)` written out so that gradients can flow to `initial` and to
         the condition. Run it under `torch.no_grad()` to sample."""
         sampler = self.sampling_scheduler(steps)
-        x = initial.to(self.device, self.denoiser.dtype) * sampler.init_noise_sigma
+        # DDIM starts from unit noise times its init_noise_sigma; flow-matching Euler from the noise itself.
+        x = initial.to(self.device, self.denoiser.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
         for t in sampler.timesteps:
             x = sampler.step(self.guided_prediction(x, t.to(self.device), cond, guidance), t, x).prev_sample
         return x
@@ -370,24 +371,24 @@ class Backbone:
     def condition_vectors(self, cond: Condition) -> list[tuple[object, torch.Tensor]]:
         """(what `override_condition` matches, the condition's vector) per distinct condition of `cond`:
         the continuous input an adversary perturbs."""
-        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
-                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+        raise EraseError(f"the {self.name} backbone has no condition override, which adversarial attacks "
+                         "and robust erasure need")
 
     def override_condition(self, match, vector: torch.Tensor):
         """A context manager: inside it the trainable denoiser reads condition `match` (from
         `condition_vectors`) as `vector`, differentiably; frozen copies and the weights are untouched."""
-        raise EraseError(f"the {self.name} backbone has no condition override (adversarial attacks and "
-                         "robust erasure run on the class-conditional DDPM and Stable Diffusion 1.x/2.x)")
+        raise EraseError(f"the {self.name} backbone has no condition override, which adversarial attacks "
+                         "and robust erasure need")
 
     def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text backbones with one CLIP encoder: the encoder's input token embeddings and token counts."""
-        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
-                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+        """Text backbones: the text encoders' input token embeddings (N, L, D) and token counts (N,)."""
+        raise EraseError(f"the {self.name} backbone has no text encoder whose token embeddings the token "
+                         "attacks could edit")
 
     def encode_token_embeddings(self, embeddings: torch.Tensor) -> Condition:
         """Conditions from input token embeddings (see `token_embeddings`)."""
-        raise EraseError(f"the {self.name} backbone does not expose its text encoder's token embeddings "
-                         "(the token attacks run on Stable Diffusion 1.x/2.x)")
+        raise EraseError(f"the {self.name} backbone has no text encoder whose token embeddings the token "
+                         "attacks could edit")
 
 
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
@@ -489,6 +490,18 @@ class FlowMatchingSchedule:
         sampler = type(self.scheduler).from_config(self.scheduler.config)
         sampler.set_timesteps(steps)
         return sampler
+
+    def invert(self, samples: torch.Tensor, cond: Condition, steps: int) -> torch.Tensor:
+        """Euler inversion (an attack hook): the sampler's σ grid walked from the samples (σ = 0) back to
+        noise (σ = 1), each step using the velocity at the point it starts from, so that
+        `denoise(..., cond, steps, guidance=1)` returns approximately `samples`."""
+        sigmas = self.sampling_scheduler(steps).sigmas.tolist()  # descending, ends with 0
+        x = samples.to(self.device, self.denoiser.dtype)
+        for i in range(steps - 1, -1, -1):
+            low, high = sigmas[i + 1], sigmas[i]
+            t = torch.full((len(x),), low * self.num_train_timesteps, device=self.device)
+            x = x + (high - low) * self.predict(x, t, cond)
+        return x
 
 
 @dataclass

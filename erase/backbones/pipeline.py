@@ -15,6 +15,7 @@ A safety checker is never loaded: the erasure benchmarks measure what the model 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import ClassVar, Sequence
 
@@ -42,6 +43,9 @@ class TextToImageBackbone(Backbone):
     SINGLE_FILE_PREFIXES: ClassVar[tuple[str, ...]] = ()
     #: extra keyword arguments of the pipeline class (e.g. no safety checker)
     PIPELINE_KWARGS: ClassVar[dict] = {}
+    #: (text encoder, its tokenizer) pairs of the CLIP encoders whose input token embeddings the token
+    #: attacks edit, in the order `_condition_from_text_encoders` receives their outputs
+    CLIP_ENCODERS: ClassVar[tuple[tuple[str, str], ...]] = (("text_encoder", "tokenizer"),)
 
     def __init__(self, pipe, info: dict | None = None):
         from diffusers import AutoencoderKL
@@ -284,6 +288,90 @@ class TextToImageBackbone(Backbone):
                         generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
                         guidance_scale=guidance, height=height, width=width, output_type="latent",
                         **extra).images.float()
+
+
+    # -- attack hooks ---------------------------------------------------------------------------------
+    # Besides the base's `denoise` and the schedule's `invert`: the CLIP encoders fed with input token
+    # embeddings (learned tokens, adversarial prefixes), and the text embedding overridden for robust
+    # erasure. Every family's denoiser takes the text sequence as its `encoder_hidden_states` argument.
+    def _condition_from_text_encoders(self, outputs: list, n: int) -> Condition:
+        """The condition the pipeline's `encode_prompt` makes, from the outputs (with hidden states) of
+        the `CLIP_ENCODERS` run on the same tokens."""
+        raise NotImplementedError
+
+    def _clip_encoders(self) -> list[tuple[torch.nn.Module, object]]:
+        return [(self.components[encoder], self.components[tokenizer]) for encoder, tokenizer in self.CLIP_ENCODERS]
+
+    @torch.no_grad()
+    def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLIP encoders' input token embeddings of the prompts, padded to the tokenizer's length and
+        side by side when there are several encoders (N, L, D1 + D2 ...), and each prompt's token count
+        including its start and end tokens (N,). An attack treats the width as opaque: a learned token
+        is one vector per encoder, edited together."""
+        parts, counts = [], []
+        for encoder, tokenizer in self._clip_encoders():
+            tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            parts.append(encoder.get_input_embeddings()(tokens.input_ids.to(encoder.device)).float())
+            counts.append(tokens.attention_mask.sum(1))
+        if any(not torch.equal(c, counts[0]) for c in counts) or len({p.shape[1] for p in parts}) > 1:
+            raise EraseError(f"the token attacks need this {self.name} model's tokenizers to split prompts alike "
+                             "(the same vocabulary and length); they do not")
+        return torch.cat(parts, dim=-1), counts[0]
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor) -> Condition:
+        """Conditions from input token embeddings (N, L, D) as `token_embeddings` makes them: position
+        embeddings and transformers are the encoders' own, and a pooled output is read at each row's
+        first end token, where the tokenizer put it (the last position if an insertion pushed it out);
+        differentiable in `embeddings`. Equal to `encode_conditions` on the same tokens."""
+        encoders = self._clip_encoders()
+        widths = [encoder.get_input_embeddings().embedding_dim for encoder, _ in encoders]
+        if embeddings.ndim != 3 or embeddings.shape[-1] != sum(widths):
+            raise EraseError(f"token embeddings for this model's text encoders have shape (N, L, {sum(widths)}), "
+                             f"got {tuple(embeddings.shape)}")
+        outputs = []
+        for (encoder, tokenizer), part in zip(encoders, embeddings.split(widths, dim=-1)):
+            table = encoder.get_input_embeddings()
+            end = tokenizer.eos_token_id
+            is_end = (part == table.weight[end].to(part)).all(-1)
+            at = torch.where(is_end.any(1), is_end.int().argmax(1), part.shape[1] - 1)
+            # The ids only set the shape and where CLIP pools (its first end token, or its largest id
+            # under the legacy eos_token_id 2): a forward hook puts the embeddings in place of their lookup.
+            ids = torch.zeros(part.shape[:2], dtype=torch.long, device=encoder.device)
+            ids[torch.arange(len(ids)), at.to(encoder.device)] = end
+            handle = table.register_forward_hook(lambda module, inputs, output, part=part: part.to(output.dtype))
+            try:
+                outputs.append(encoder(ids, output_hidden_states=True))
+            finally:
+                handle.remove()
+        return self._condition_from_text_encoders(outputs, len(embeddings)).to(dtype=self.denoiser.dtype)
+
+    def condition_vectors(self, cond: Condition) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each distinct text embedding (L, dim) of `cond`, as what is matched and as its vector (pooled
+        embeddings and micro-conditions are left as they are)."""
+        return [(row, row) for row in cond.tensors["encoder_hidden_states"].unique(dim=0)]
+
+    @contextlib.contextmanager
+    def override_condition(self, condition: torch.Tensor, replacement: torch.Tensor):
+        """Inside the block, the trainable denoiser reads the text embedding `condition` (L, dim) as
+        `replacement` (L, dim) wherever it is given it, differentiably in `replacement`; other
+        conditions, frozen reference copies and the weights are untouched (the counterpart of the
+        class-conditional backbone's `override_condition`, for robust erasure)."""
+        if replacement.shape != condition.shape:
+            raise EraseError(f"a replacement condition must have the shape {tuple(condition.shape)}, "
+                             f"got {tuple(replacement.shape)}")
+
+        def replace_rows(module, args, kwargs):
+            hidden = kwargs["encoder_hidden_states"]
+            chosen = (hidden == condition.to(hidden)).flatten(1).all(1)[:, None, None]
+            kwargs["encoder_hidden_states"] = torch.where(chosen, replacement.to(hidden), hidden)
+            return args, kwargs
+
+        handle = self.denoiser.register_forward_pre_hook(replace_rows, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def _call_parameters(pipe) -> set[str]:

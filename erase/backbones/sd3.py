@@ -18,6 +18,8 @@ the pooled-text embedder beside the timestep embedding: that is the `condition` 
 
 from __future__ import annotations
 
+import torch
+
 from ..utils import EraseError
 from .base import Condition, FlowMatchingSchedule
 from .pipeline import TextToImageBackbone
@@ -50,6 +52,7 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
     DENOISER = "transformer"
     delta_module = "transformer"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    CLIP_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.joint_blocks.",)
     PARAMETER_GROUPS = TRANSFORMER_GROUPS
     SAMPLE_DEFAULTS = {"steps": 28, "guidance": 7.0, "eta": 0.0}  # SD3's model card
@@ -77,6 +80,21 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         embeds, _, pooled, _ = self.pipeline().encode_prompt(prompts, None, None, device=device,
                                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
         return Condition(encoder_hidden_states=embeds, pooled_projections=pooled)
+
+    def _condition_from_text_encoders(self, outputs, n: int) -> Condition:
+        # As the pipeline: the CLIP penultimate states side by side, zero-padded to the T5 width, then
+        # T5's states along the sequence (zeros without T5); the two CLIP projections side by side.
+        if self.components.get("text_encoder_3") is not None:
+            raise EraseError("the token attacks edit the CLIP encoders' token embeddings, which T5 does not "
+                             "read: they run on SD3 models without T5 (text_encoder_3 None in model_index.json, "
+                             "as models/mini-flow ships)")
+        import torch.nn.functional as F
+
+        clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+        t5 = self.pipeline()._get_t5_prompt_embeds([""] * n, device=clip.device, dtype=clip.dtype)
+        embeds = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)
+        return Condition(encoder_hidden_states=embeds,
+                         pooled_projections=torch.cat([out.text_embeds for out in outputs], dim=-1))
 
     def _forward(self, denoiser, x_t, t, cond):
         c = cond.tensors

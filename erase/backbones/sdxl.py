@@ -40,6 +40,7 @@ class StableDiffusionXLBackbone(DDPMSchedule, TextToImageBackbone):
     PIPELINE = "StableDiffusionXLPipeline"
     PIPELINE_NAMES = ("StableDiffusionXLPipeline",)
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+    CLIP_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.input_blocks.", "conditioner.embedders.1.")
     PIPELINE_KWARGS = {"add_watermarker": False}  # a watermark would change what the metrics see
     PARAMETER_GROUPS = UNET_XL_GROUPS
@@ -69,6 +70,12 @@ class StableDiffusionXLBackbone(DDPMSchedule, TextToImageBackbone):
         embeds, _, pooled, _ = self.pipeline().encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                              do_classifier_free_guidance=False)
         return Condition(encoder_hidden_states=embeds, text_embeds=pooled, time_ids=self._time_ids(len(prompts)))
+
+    def _condition_from_text_encoders(self, outputs, n: int) -> Condition:
+        # As the pipeline: both encoders' penultimate states side by side, the second one's projection.
+        embeds = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
+        return Condition(encoder_hidden_states=embeds, text_embeds=outputs[-1].text_embeds,
+                         time_ids=self._time_ids(n).to(embeds.device))
 
     def null_condition(self, n: int) -> Condition:
         if not self.pipeline_config.get("force_zeros_for_empty_prompt", True):

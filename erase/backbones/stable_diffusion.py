@@ -8,11 +8,6 @@ folder, or a single `.safetensors` / `.ckpt` file in the original LDM layout.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Sequence
-
-import torch
-
 from .base import Condition, DDPMSchedule
 from .pipeline import TextToImageBackbone
 from ..utils import EraseError
@@ -83,57 +78,6 @@ class StableDiffusionBackbone(DDPMSchedule, TextToImageBackbone):
         return {"prompt_embeds": cond.tensors["encoder_hidden_states"],
                 "negative_prompt_embeds": negative.tensors["encoder_hidden_states"]}
 
-    # -- attack hooks ---------------------------------------------------------------------------------
-    # Besides the base's `denoise` and `invert`: the text encoder fed with token embeddings (learned
-    # tokens, adversarial prefixes), and text conditions overridden for robust erasure.
-    @torch.no_grad()
-    def token_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The text encoder's input token embeddings of the prompts, padded to the tokenizer's length
-        (N, L, D), and each prompt's token count including its start and end tokens (N,)."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.text_encoder.device)
-        return self.text_encoder.get_input_embeddings()(ids).float(), tokens.attention_mask.sum(1)
-
-    def encode_token_embeddings(self, embeddings: torch.Tensor) -> Condition:
-        """Text conditions from input token embeddings (N, L, D), as `encode_conditions` makes them
-        from token ids: position embeddings and the causal transformer are the encoder's own;
-        differentiable in `embeddings`."""
-        table = self.text_encoder.get_input_embeddings()
-        if embeddings.ndim != 3 or embeddings.shape[-1] != table.embedding_dim:
-            raise EraseError(f"token embeddings for this text encoder have shape (N, L, {table.embedding_dim}), "
-                             f"got {tuple(embeddings.shape)}")
-        # The ids only set the shape: a forward hook puts the given embeddings in place of their lookup.
-        ids = torch.zeros(embeddings.shape[:2], dtype=torch.long, device=self.text_encoder.device)
-        handle = table.register_forward_hook(lambda module, inputs, output: embeddings.to(output.dtype))
-        try:
-            hidden = self.text_encoder(ids)[0]
-        finally:
-            handle.remove()
-        return Condition(encoder_hidden_states=hidden.to(self.denoiser.dtype))
-
-    def condition_vectors(self, cond: Condition) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each distinct text embedding (L, dim) of `cond`, as what is matched and as its vector."""
-        return [(row, row) for row in cond.tensors["encoder_hidden_states"].unique(dim=0)]
-
-    @contextlib.contextmanager
-    def override_condition(self, condition: torch.Tensor, replacement: torch.Tensor):
-        """Inside the block, the trainable UNet reads the text embedding `condition` (L, dim) as
-        `replacement` (L, dim) wherever it is given it, differentiably in `replacement`; other
-        conditions, frozen reference copies and the weights are untouched (the counterpart of the
-        class-conditional backbone's `override_condition`, for robust erasure)."""
-        if replacement.shape != condition.shape:
-            raise EraseError(f"a replacement condition must have the shape {tuple(condition.shape)}, "
-                             f"got {tuple(replacement.shape)}")
-
-        def replace_rows(module, args, kwargs):
-            hidden = kwargs["encoder_hidden_states"]
-            chosen = (hidden == condition.to(hidden)).flatten(1).all(1)[:, None, None]
-            kwargs["encoder_hidden_states"] = torch.where(chosen, replacement.to(hidden), hidden)
-            return args, kwargs
-
-        handle = self.denoiser.register_forward_pre_hook(replace_rows, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+    def _condition_from_text_encoders(self, outputs, n: int) -> Condition:
+        # The pipeline's encoding without clip_skip: the encoder's last hidden states.
+        return Condition(encoder_hidden_states=outputs[0].last_hidden_state)
