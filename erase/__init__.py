@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name: the module that defines it, imported on first access.
 _EXPORTS = {

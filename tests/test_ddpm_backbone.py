@@ -31,6 +31,22 @@ def test_batched_guidance_equals_two_separate_forwards():
     assert not torch.allclose(eps_c, eps_u), "the null class must give a different prediction"
 
 
+def test_ddim_step_uses_the_epsilon_of_the_clipped_x0():
+    """The sampler clips x0 to [-1, 1] and steps with the ε that the clipped x0 implies (diffusers'
+    default keeps the raw ε, which broke guided sampling of the digits model: models/README.md)."""
+    model = tiny_model()
+    sampler = model.sampling_scheduler(10)
+    t, prev = sampler.timesteps[3], sampler.timesteps[4]
+    g = torch.Generator().manual_seed(0)
+    x, eps = 2 * torch.randn(2, 1, 8, 8, generator=g), 3 * torch.randn(2, 1, 8, 8, generator=g)
+    a_t, a_prev = sampler.alphas_cumprod[t], sampler.alphas_cumprod[prev]
+    x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+    assert (x0.abs() == 1).float().mean() > 0.3  # the case that matters: much of x0 is clipped
+    eps_clipped = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    expected = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps_clipped
+    torch.testing.assert_close(sampler.step(eps, t, x).prev_sample, expected)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_image_depends_only_on_its_seed_not_on_the_request(eta):
     model = tiny_model()

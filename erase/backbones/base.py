@@ -27,6 +27,7 @@ in `erase/backbones/__init__.py`, and nothing else changes (docs/backbones.md wa
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -435,6 +436,13 @@ class DDPMSchedule:
 
         sampler = DDIMScheduler.from_config(self.scheduler.config)
         sampler.set_timesteps(steps)
+        if sampler.config.clip_sample:
+            # With x0 clipped to [-1, 1], step with the ε that the clipped x0 implies (DDIM's update
+            # made consistent), not diffusers' default of the raw ε: under guidance the raw ε points
+            # off the data and the samples degrade. Measured on the digits DDPM shipped with erase 0.1.0
+            # (20 per digit, 50 steps, guidance 3): 37.5% of the asked digits drawn with the raw ε,
+            # 100% with this (CHANGELOG.md).
+            sampler.step = functools.partial(sampler.step, use_clipped_model_output=True)
         return sampler
 
     def invert(self, samples: torch.Tensor, cond: Condition, steps: int) -> torch.Tensor:
