@@ -105,7 +105,9 @@ def aggregate(evals: list[Path], forget: str | None, neighbours: list[str] | Non
     if neighbours:
         row["neighbour_accuracy"] = rate(neighbours)
     reliable = all(m.get("fid_reliable", True) for m in metrics)
-    row["fid"] = t_interval([m["fid"] for m in metrics]) if reliable else None
+    fids = [m["fid"] for m in metrics]
+    # One seed has no interval over seeds (Student's t needs two).
+    row["fid"] = None if not reliable else (t_interval(fids) if len(fids) > 1 else (fids[0], None, None))
     row["fid_samples"] = metrics[0]["fid_samples"]
     return row
 
