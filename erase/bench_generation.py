@@ -80,7 +80,8 @@ def interleaved_rates(variants: dict[str, Callable[[], object]], images: int, ro
 def stock_ddim_sample(unet, scheduler_config, labels: torch.Tensor, null_class: int, noise: torch.Tensor,
                       steps: int, guidance: float) -> torch.Tensor:
     """The stock reference for a class-conditional UNet: diffusers' DDIM loop (as in `DDIMPipeline`)
-    with classifier-free guidance batched as `StableDiffusionPipeline` does it (unconditional half first)."""
+    with classifier-free guidance batched as `StableDiffusionPipeline` does it (unconditional half first),
+    stepping with the ε of the clipped x0 as this package's sampler does (CHANGELOG.md, 0.2.0)."""
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -93,7 +94,7 @@ def stock_ddim_sample(unet, scheduler_config, labels: torch.Tensor, null_class: 
         if guided:
             eps_u, eps_c = eps.chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-        x = scheduler.step(eps, t, x).prev_sample
+        x = scheduler.step(eps, t, x, use_clipped_model_output=scheduler.config.clip_sample).prev_sample
     return x
 
 
