@@ -181,8 +181,12 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
     import platform
 
-    versions = {"python": platform.python_version()}
-    for name in ("erase", "torch", "diffusers", "transformers", "accelerate", "torchmetrics",
+    from . import __version__
+
+    # This package's version from the code itself: an editable install's metadata keeps the version
+    # it was installed at (results measured with 0.2.0's code once recorded 0.1.0 that way).
+    versions = {"python": platform.python_version(), "erase": __version__}
+    for name in ("torch", "diffusers", "transformers", "accelerate", "torchmetrics",
                  "torch-fidelity", "nudenet", "safetensors", "numpy"):
         try:
             versions[name] = md.version(name)
