@@ -289,7 +289,6 @@ class TextToImageBackbone(Backbone):
                         guidance_scale=guidance, height=height, width=width, output_type="latent",
                         **extra).images.float()
 
-
     # -- attack hooks ---------------------------------------------------------------------------------
     # Besides the base's `denoise` and the schedule's `invert`: the CLIP encoders fed with input token
     # embeddings (learned tokens, adversarial prefixes), and the text embedding overridden for robust
