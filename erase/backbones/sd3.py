@@ -19,6 +19,7 @@ the pooled-text embedder beside the timestep embedding: that is the `condition` 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..utils import EraseError
 from .base import Condition, FlowMatchingSchedule
@@ -88,8 +89,6 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
             raise EraseError("the token attacks edit the CLIP encoders' token embeddings, which T5 does not "
                              "read: they run on SD3 models without T5 (text_encoder_3 None in model_index.json, "
                              "as models/mini-flow ships)")
-        import torch.nn.functional as F
-
         clip = torch.cat([out.hidden_states[-2] for out in outputs], dim=-1)
         t5 = self.pipeline()._get_t5_prompt_embeds([""] * n, device=clip.device, dtype=clip.dtype)
         embeds = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)
