@@ -1,14 +1,18 @@
-"""Digits class erasure over several seeds: every method forgets one digit; writes BENCHMARKS.md's table.
+"""Digit erasure over several seeds: every method forgets one digit; writes BENCHMARKS.md's tables.
 
     python examples/bench_digits_erasure.py --out runs/bench-digits --seeds 0,1,2
+    python examples/bench_digits_erasure.py --model models/mini-sd --protocol digits-prompts \
+        --forget three --out runs/bench-mini-sd --seeds 0,1,2
 
 A thin driver of the tool's own commands, so that every figure comes from the same path a user
 runs: for each unlearning seed s and each method, `erase unlearn ... --seed s`, then
-`erase eval --protocol digits-class --seed s` (the evaluation's sampling seed varied with it; the
+`erase eval --protocol P --seed s` (digits-class on the class-conditional DDPM, digits-prompts on
+the text-to-image miniatures; the evaluation's sampling seed varied with it; the
 original model is evaluated at every seed too), then `erase report` over the first seed's runs.
 The table aggregates the seeds: mean UA, retained and neighbour accuracy with a two-level
 bootstrap interval (seeds, then images: `erase.eval.metrics.seed_bootstrap_rate`), FID with
-Student's t over seeds (refused when any seed's FID rests on too few images), and a verdict
+Student's t over seeds where the protocol measures one (refused when any seed's FID rests on too
+few images), and a verdict
 against the target decided on those intervals. Finished steps are reused (delete their folder to
 redo one); `--set METHOD.OPTION=V1,V2` adds sweep rows; `--cost-rounds N` adds each method's step
 cost as a ratio to finetune, from `erase bench`.
@@ -82,7 +86,7 @@ def unlearn_and_evaluate(run: str, method: str | None, options: dict, seed: int,
                          "--out", str(model), "--seed", str(seed), *args.unlearn_option, *options_as_flags(options)])
     evaluation = folder / "eval"
     if not (evaluation / "metrics.json").is_file():
-        run_command(["eval", "--model", str(model), "--protocol", "digits-class", "--forget", args.forget,
+        run_command(["eval", "--model", str(model), "--protocol", args.protocol, "--forget", args.forget,
                      "--classifier", args.classifier, "--seed", str(seed), "--out", str(evaluation),
                      *args.eval_option])
     return evaluation
@@ -104,10 +108,12 @@ def aggregate(evals: list[Path], forget: str | None, neighbours: list[str] | Non
         row["ua"] = rate([forget], wrong=True)
     if neighbours:
         row["neighbour_accuracy"] = rate(neighbours)
+    if "fid" not in metrics[0]:  # the text protocols judge by the classifier only
+        return row
     reliable = all(m.get("fid_reliable", True) for m in metrics)
     fids = [m["fid"] for m in metrics]
     # One seed has no interval over seeds (Student's t needs two).
-    row["fid"] = None if not reliable else (t_interval(fids) if len(fids) > 1 else (fids[0], None, None))
+    row["fid"] = None if not reliable else (t_interval(fids, floor=0.0) if len(fids) > 1 else (fids[0], None, None))
     row["fid_samples"] = metrics[0]["fid_samples"]
     return row
 
@@ -134,14 +140,14 @@ def pct(interval) -> str:
 
 def markdown(rows: dict[str, dict], cost: dict[str, float], command: str, settings: dict, target: Target) -> str:
     original = rows.get("original")
-    lines = [f"Produced by `{command}`; protocol `digits-class` of erase {settings['erase']} "
+    lines = [f"Produced by `{command}`; protocol `{settings['protocol']}` of erase {settings['erase']} "
              f"({settings['settings']}); 95% intervals over seeds and images. Target: {target.describe()}.", "",
              "| run | seeds | UA (%) | retained acc (%) | Δ retained (pts) | neighbour acc (%) | feature FID "
              "| verdict | step cost vs finetune |",
              "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for run, r in rows.items():
         delta = f"{100 * (r['retained_accuracy'][0] - original['retained_accuracy'][0]):+.1f}" if original else ""
-        fid = "refused (too few images)" if r["fid"] is None else (
+        fid = "—" if "fid" not in r else "refused (too few images)" if r["fid"] is None else (
             f"{r['fid'][0]:.2f}" + (f" [{r['fid'][1]:.2f}, {r['fid'][2]:.2f}]" if r["seeds"] > 1 else ""))
         method = run.split("[")[0]
         ratio = f"{cost[method] / cost['finetune']:.2f}x" if method in cost and "finetune" in cost else ""
@@ -154,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="models/digits-ddpm")
     p.add_argument("--classifier", default="models/digits-classifier")
-    p.add_argument("--forget", default="3")
+    p.add_argument("--forget", default="3", help="the digit to erase: a class id (digits-class) or a concept "
+                   "such as three (digits-prompts)")
+    p.add_argument("--protocol", default="digits-class", choices=("digits-class", "digits-prompts"))
     p.add_argument("--methods", default=",".join(["original", *METHODS]),
                    help="comma list; 'original' is the unmodified model (default: it and every method)")
     p.add_argument("--seeds", default="0,1,2", help="unlearning seeds; each run's evaluation uses the same seed")
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                      "--rounds", str(args.cost_rounds), "--out", str(out / "cost")])
         cost = {m["method"]: m["seconds_per_step"] for m in read_json(out / "cost" / "bench.json")["methods"]}
     results = read_json(next(iter(evals.values()))[0] / "metrics.json")
-    settings = {"erase": results["versions"]["erase"],
+    settings = {"erase": results["versions"]["erase"], "protocol": args.protocol,
                 "settings": ", ".join(f"{k} {v}" for k, v in results["settings"].items()
                                       if k in ("n", "n_forget", "steps", "guidance", "eta", "batch_size"))}
     command = shlex.join(["python", "examples/bench_digits_erasure.py", *(sys.argv[1:] if argv is None else argv)])

@@ -45,6 +45,22 @@ def test_t_interval_matches_scipy():
     expected = stats.t.interval(0.95, 2, loc=np.mean(values), scale=stats.sem(values))
     assert (lo, hi) == pytest.approx(expected) and mean == pytest.approx(np.mean(values))
     assert np.isnan(t_interval([0.9])[1])
+    # FID cannot be negative: with a floor, a wide interval over seeds stops at 0.
+    assert t_interval([0.1, 2.0, 0.2], floor=0.0)[1] == 0.0 and t_interval([0.1, 2.0, 0.2])[1] < 0
+
+
+def test_bootstrap_fid_interval_is_centred_on_fid_where_the_resamples_are_biased():
+    # Few images in many dimensions: resampling with replacement repeats images and raises FID,
+    # so the resampled FIDs all sit above FID itself; the interval must still hold it, and stay >= 0.
+    g = torch.Generator().manual_seed(0)
+    real_mean, real_cov = moments(torch.randn(5000, 32, generator=g))
+    fake = torch.randn(60, 32, generator=g)
+    fid = fid_of_moments(*moments(fake), real_mean, real_cov)
+    resampled = [fid_of_moments(*moments(fake[torch.randint(60, (60,), generator=g)]), real_mean, real_cov)
+                 for _ in range(50)]
+    assert min(resampled) > fid  # the bias the interval corrects
+    lo, hi = bootstrap_fid(fake, real_mean, real_cov, resamples=200)
+    assert 0 <= lo <= fid <= hi
 
 
 def test_seed_bootstrap_rate_holds_image_and_seed_noise():
