@@ -349,7 +349,10 @@ def _tradeoff_plot(runs: list[Run], original: Run | None, target: Target) -> Ima
     for r in points:
         x, y = r.value("retained_accuracy"), r.value("ua")
         (xl, xh), (yl, yh) = r.interval("retained_accuracy") or (x, x), r.interval("ua") or (y, y)
-        ax.errorbar(x, y, xerr=[[x - xl], [xh - x]], yerr=[[y - yl], [yh - y]], fmt="o", capsize=3)
+        # A rate stored in float32 can sit a hair outside its float64 interval (1.0000001 vs 1.0):
+        # matplotlib refuses negative error bars, so each half is clipped at 0.
+        xerr, yerr = [[max(0, x - xl)], [max(0, xh - x)]], [[max(0, y - yl)], [max(0, yh - y)]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3)
         ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("retained accuracy (higher is better)")
     ax.set_ylabel("UA (higher is more forgetting)")
