@@ -42,7 +42,9 @@ def wilson_interval(successes: float, n: float, confidence: float = CONFIDENCE) 
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 rounding can leave the bound a hair inside the rate itself (0.9999999999 for 1.0);
+    # the interval must always hold its own estimate.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def clopper_pearson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -213,17 +213,20 @@ class ClassErasure(Protocol):
         fid_result = fid.compute()
 
         names = model.class_names
-        count, correct = v["count"].cpu(), (v["accuracy"].nan_to_num(0) * v["count"]).round().cpu()
+        count, correct = v["count"].cpu().double(), (v["accuracy"].nan_to_num(0) * v["count"]).round().cpu().double()
+        # Rates from the counts in float64, the precision of their intervals (torchmetrics' float32
+        # accuracy can sit a hair outside its own Wilson interval).
+        accuracy = correct / count
         metrics = {} if forget is None else {
-            "ua": 1.0 - float(v["accuracy"][forget]),
+            "ua": float((count[forget] - correct[forget]) / count[forget]),  # as its interval computes it, to the last bit
             "ua_ci95": list(wilson_interval(float(count[forget] - correct[forget]), float(count[forget]))),
             "forget_class": forget, "forget_class_name": names[forget],
-            "forget_accuracy": float(v["accuracy"][forget]),
+            "forget_accuracy": float(accuracy[forget]),
             "forget_entropy": float(v["entropy"][forget]),
             "forget_prob": float(v["label_prob"][forget]),
         }
         metrics |= {
-            "retained_accuracy": float(v["accuracy"][retained].mean()),
+            "retained_accuracy": float(accuracy[retained].mean()),
             "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(count[retained].sum()))),
         }
         if forget is not None and self.neighbours > 0:
@@ -234,7 +237,7 @@ class ClassErasure(Protocol):
                 "neighbour_accuracy_ci95": list(wilson_interval(float(correct[near].sum()), float(count[near].sum()))),
             }
         metrics |= {
-            "per_class_accuracy": {names[c]: float(v["accuracy"][c]) for c in range(model.num_classes)},
+            "per_class_accuracy": {names[c]: float(accuracy[c]) for c in range(model.num_classes)},
             "per_class_accuracy_ci95": dict(zip(names, rate_intervals(correct, count))),
             "per_class_images": {names[c]: int(count[c]) for c in range(model.num_classes)},
             **_fid_metrics(fid_result),
@@ -465,7 +468,7 @@ class DigitsPrompts(Protocol):
             predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \
                 torch.empty(0, dtype=torch.long, device=state.device)
         # Counts per (digit, held-out?) are summed over processes: [correct, total].
-        counts = torch.zeros(10, 2, 2, device=state.device)
+        counts = torch.zeros(10, 2, 2, dtype=torch.float64, device=state.device)
         for j, pred in zip(mine, predicted.tolist()):
             c, k = plan[j][0], plan[j][1]
             counts[c, int(templates[k][1]), 0] += pred == c
@@ -479,7 +482,7 @@ class DigitsPrompts(Protocol):
         retained = [c for c in range(10) if c != forget]
         correct, total = counts[..., 0].sum(1).cpu(), counts[..., 1].sum(1).cpu()
         metrics = {} if forget is None else {
-            "ua": 1.0 - accuracy[forget],
+            "ua": float((total[forget] - correct[forget]) / total[forget]),  # as its interval computes it, to the last bit
             "ua_ci95": list(wilson_interval(float(total[forget] - correct[forget]), float(total[forget]))),
             "forget_class": forget, "forget_class_name": DIGITS_NAMES[forget],
             "forget_accuracy_train_prompts": by_wording[forget][0],

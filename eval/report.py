@@ -384,8 +384,9 @@ def _per_class_chart(runs: list[Run]) -> Image.Image | None:
     for r in with_acc:
         values = [r.metrics["per_class_accuracy"].get(c, float("nan")) for c in labels]
         ci = r.metrics.get("per_class_accuracy_ci95", {})
-        series[r.label] = (values, [[v - ci[c][0] if c in ci else 0 for c, v in zip(labels, values)],
-                                    [ci[c][1] - v if c in ci else 0 for c, v in zip(labels, values)]])
+        # Clipped at 0 as in the trade-off plot, for metrics written before rates and intervals shared a precision.
+        series[r.label] = (values, [[max(0, v - ci[c][0]) if c in ci else 0 for c, v in zip(labels, values)],
+                                    [max(0, ci[c][1] - v) if c in ci else 0 for c, v in zip(labels, values)]])
     return _grouped_bars("classifier accuracy per class (95% intervals)", "accuracy", labels, series)
 
 

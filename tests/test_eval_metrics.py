@@ -37,6 +37,15 @@ def test_binomial_intervals_match_scipy(k, n):
     assert clopper_pearson_interval(k, n) == pytest.approx(tuple(result.proportion_ci(method="exact")), abs=1e-9)
 
 
+def test_wilson_interval_holds_its_own_rate_at_0_and_1():
+    # Rounding left the bound a hair inside the rate (0.99999999 for 13 of 13, 1e-17 for 0 of 10),
+    # which crashed the report's error bars; the interval must contain k / n exactly.
+    for n in range(1, 2001):
+        for k in (0, n):
+            lo, hi = wilson_interval(k, n)
+            assert lo <= k / n <= hi
+
+
 def test_t_interval_matches_scipy():
     from scipy import stats
 
