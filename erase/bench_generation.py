@@ -117,6 +117,7 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
                     "stock DDIMScheduler loop": stock}
         reference = "stock DDIMScheduler loop"
     else:
+        from erase.backbones.base import ModelSource
         from erase.eval.generation import sample_prompts
         from erase.eval.prompts import PromptItem
 
@@ -124,7 +125,8 @@ def generation_speed(model, path, n: int, batch_size: int, steps: int, guidance:
         prompts = sample_conditions(model, n)
         items = [PromptItem(prompt=p, seed=s, guidance=guidance, source_row=s) for p, s in zip(prompts, seeds)]
         half = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        pipe = model.pipeline_class().from_pretrained(path, **model.PIPELINE_KWARGS, **half).to(device)
+        stock_kwargs = model.stock_kwargs(ModelSource.resolve(path))  # as a user loads it: absent parts absent
+        pipe = model.pipeline_class().from_pretrained(path, **stock_kwargs, **half).to(device)
         pipe.set_progress_bar_config(disable=True)
 
         def stock():

@@ -107,6 +107,13 @@ class TextToImageBackbone(Backbone):
         return cls.from_source(resolved, **kwargs)
 
     @classmethod
+    def stock_kwargs(cls, source: ModelSource) -> dict:
+        """What the stock pipeline's `from_pretrained` needs besides the path to load `source` as we do."""
+        # Components a folder records as absent (SD3 without T5, no safety checker) stay absent.
+        absent = {name: None for name, entry in (source.index or {}).items() if entry == [None, None]}
+        return {**absent, **cls.PIPELINE_KWARGS}
+
+    @classmethod
     def from_source(cls, source: ModelSource, config: str | Path | None = None,
                     frozen_dtype: torch.dtype | None = None) -> "TextToImageBackbone":
         """`config`: for a single file, a local pipeline folder of the same architecture whose component
@@ -114,9 +121,7 @@ class TextToImageBackbone(Backbone):
         `frozen_dtype`: dtype of the frozen VAE and text encoders (e.g. torch.float16 on a GPU); the
         denoiser stays float32 so that its optimizer keeps full-precision weights, and mixed
         precision comes from autocast in the training loop."""
-        # Components a folder records as absent (SD3 without T5, no safety checker) stay absent.
-        absent = {name: None for name, entry in (source.index or {}).items() if entry == [None, None]}
-        kwargs = {**absent, **cls.PIPELINE_KWARGS}
+        kwargs = cls.stock_kwargs(source)
         pipeline_cls = cls.pipeline_class()
         if source.kind == "file":
             extra = {}
