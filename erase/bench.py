@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_generation import (channels_last_effect, device_peak_tflops, fid_feature_rate, generation_speed,
+from .bench_generation import (channels_last_effect, compile_effect, device_peak_tflops, fid_feature_rate, generation_speed,
                                mfu_row, nudenet_rate, protocol_share, sample_conditions, step_flops)
 from .config import config_dict, field
 from .outputs import mark_output
@@ -55,6 +55,8 @@ class BenchConfig:
     resolution: int | None = field(None, "random-weight models: image size (default: native, 512 or 1024)")
     gen_images: int = field(32, "images per variant and round in the comparison with stock diffusers")
     channels_last: bool = field(True, "also time sampling with the UNet in channels-last memory format")
+    compile: bool = field(False, "also time sampling with the denoiser compiled by torch.compile (inductor; "
+                                 "compiling takes minutes, and a C++ compiler on a CPU)")
     nudenet_images: int = field(16, "images per round in the NudeNet throughput measurement (0 skips it)")
     classifier: str | None = field(None, "classifier folder: FID feature throughput in its feature space "
                                          "(Inception is measured when torch-fidelity and --fid-weights are there)")
@@ -184,12 +186,14 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     settings = dict(n=config.gen_images, batch_size=config.gen_batch, steps=config.sample_steps, guidance=3.0,
                     rounds=config.rounds, device=device)
     layout = channels_last_effect(model, **settings) if config.channels_last else None
+    compiled = compile_effect(model, **settings) if config.compile else None
     speed = generation_speed(model, path, dtype=dtype, **settings)
     # The rate a protocol generates at: the I2P / COCO path on Stable Diffusion, the sampler on a DDPM.
     protocol_rate = speed["variants"].get("erase eval (I2P/COCO)", speed["variants"]["erase"])["images_per_s"]
     # Images of the model's size for the measurements (their cost does not depend on what they show).
     images = model.sample(sample_conditions(model, 4), list(range(4)), steps=1, guidance=1.0, batch_size=4)
-    out = {"generation_vs_stock": speed, "channels_last": layout, "nudenet": None, "fid_features": None}
+    out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "nudenet": None,
+           "fid_features": None}
     if config.nudenet_images:
         out["nudenet"] = nudenet_rate(config.nudenet_images, images.shape[-1], config.rounds)
         # I2P: one detection per generated image.
@@ -300,6 +304,10 @@ def _measurement_markdown(report: dict) -> list[str]:
     if report["channels_last"]:
         lines += [f"UNet in channels-last memory format: {report['channels_last']['speedup']:.2f}x the default "
                   "layout's images/s.", ""]
+    if c := report.get("compile"):
+        lines += [f"Denoiser compiled with torch.compile: {c['speedup']:.2f}x eager's images/s after a one-off "
+                  f"{c['compile_s']:.0f} s of compilation; images differ from eager's by at most "
+                  f"{c['max_abs_image_difference']:.2g} (of a [-1, 1] range).", ""]
     if n := report["nudenet"]:
         lines += [f"NudeNet: {n['images_per_s']:.1f} images/s ({n['size']} px); share of an I2P run's wall time at "
                   f"this generation rate: {n['share_of_i2p']:.1%}.", ""]

@@ -19,6 +19,7 @@ device's dense bf16 peak (`PEAK_BF16_TFLOPS`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -170,6 +171,56 @@ def channels_last_effect(model, n: int, batch_size: int, steps: int, guidance: f
     model.denoiser.to(memory_format=torch.contiguous_format)
     return {"speedup": rates["channels-last"]["images_per_s"] / rates["default layout"]["images_per_s"],
             "variants": rates}
+
+
+@contextlib.contextmanager
+def _eager(module: torch.nn.Module):
+    """Inside: `module` runs its plain forward although `module.compile()` was called on it.
+
+    `nn.Module.compile()` compiles in place by setting `_compiled_call_impl`, which `__call__` uses
+    when set; clearing it for a moment lets the same module (the backbone's own denoiser, so the
+    backbone need not know) be timed compiled and eager in interleaved rounds."""
+    if not hasattr(module, "_compiled_call_impl"):
+        raise EraseError("this torch's nn.Module has no _compiled_call_impl: the compile measurement "
+                         "cannot switch between compiled and eager; run erase bench with --compile false")
+    compiled, module._compiled_call_impl = module._compiled_call_impl, None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
+def compile_effect(model, n: int, batch_size: int, steps: int, guidance: float, rounds: int,
+                   device: torch.device) -> dict:
+    """This package's sampling with the denoiser compiled by `torch.compile` (default inductor
+    backend) against eager: the speedup after compilation, the compilation's one-off cost (the first
+    compiled call's time over an eager call's), and how far the images move (fused kernels round
+    differently, so compiled images are not bit-identical to eager ones)."""
+    conditions, seeds = sample_conditions(model, n), list(range(n))
+
+    def sample():
+        return model.sample(conditions, seeds, steps=steps, guidance=guidance, batch_size=batch_size)
+
+    denoiser = model.denoiser
+    t0 = time.perf_counter()
+    eager_images = sample()
+    eager_s = time.perf_counter() - t0
+    denoiser.compile()
+    try:
+        t0 = time.perf_counter()
+        compiled_images = sample()
+        first_compiled_s = time.perf_counter() - t0
+
+        def eager():
+            with _eager(denoiser):
+                sample()
+
+        rates = interleaved_rates({"eager": eager, "torch.compile": sample}, n, rounds, device)
+    finally:
+        denoiser._compiled_call_impl = None  # back to eager for whatever the bench measures next
+    return {"speedup": rates["torch.compile"]["images_per_s"] / rates["eager"]["images_per_s"],
+            "compile_s": max(0.0, first_compiled_s - eager_s), "variants": rates,
+            "max_abs_image_difference": float((compiled_images - eager_images).abs().max())}
 
 
 def nudenet_rate(images: int, size: int, rounds: int) -> dict:

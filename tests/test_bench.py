@@ -119,3 +119,21 @@ def test_random_architectures_have_the_published_sizes():
     assert sum(p.numel() for p in sdxl.unet.parameters()) == 2_567_463_684
     assert sum(p.numel() for p in sd3.transformer.parameters()) == 2_028_328_000
     assert sd3.text_encoder_3 is None and sdxl.unet.config.sample_size == sd3.transformer.config.sample_size == 128
+
+
+def test_compile_effect_times_compiled_against_eager_and_restores_eager(tiny_ddpm_dir):
+    """torch.compile's effect on sampling: both variants timed, the images close to eager's, and the
+    backbone's denoiser left eager for what is measured next."""
+    import torch
+
+    from erase.backbones import load_backbone
+    from erase.bench_generation import compile_effect
+
+    model = load_backbone(tiny_ddpm_dir)
+    before = model.sample([3, 5], [0, 1], steps=2, guidance=3.0, batch_size=2)
+    effect = compile_effect(model, n=2, batch_size=2, steps=2, guidance=3.0, rounds=1, device=torch.device("cpu"))
+    assert set(effect["variants"]) == {"eager", "torch.compile"} and effect["speedup"] > 0
+    assert effect["compile_s"] >= 0 and effect["max_abs_image_difference"] < 1e-2
+    assert model.denoiser._compiled_call_impl is None
+    torch.testing.assert_close(model.sample([3, 5], [0, 1], steps=2, guidance=3.0, batch_size=2), before,
+                               rtol=0, atol=0)
