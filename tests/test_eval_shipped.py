@@ -45,3 +45,32 @@ def test_shipped_classifier_agrees_with_an_independent_svc(tmp_path):
     differences = {c: abs(ours[c] - svc[c]) for c in ours}
     assert np.mean(list(differences.values())) < 0.05, (ours, svc)
     assert abs(np.mean(list(ours.values())) - np.mean(list(svc.values()))) < 0.05
+
+
+RETRAINED_DDPM = REPO / "models" / "digits-ddpm-retrained-no3"
+RETRAINED_MINI_SD = REPO / "models" / "mini-sd-retrained-no-three"
+
+
+@pytest.mark.slow
+def test_shipped_retrained_ddpm_never_saw_a_three(tmp_path):
+    """The retrained reference: trained without the 3s, so the label 3 draws no 3, and the rest is drawn."""
+    assert json.loads((RETRAINED_DDPM / "erase_model.json").read_text())["info"]["training"]["excluded_classes"] == [3]
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(RETRAINED_DDPM), "--protocol", "digits-class", "--forget", "3",
+                 "--classifier", str(SHIPPED_CLASSIFIER), "--n", "10", "--n-forget", "20", "--steps", "10",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["ua"] >= 0.9 and metrics["retained_accuracy"] >= 0.9, metrics
+
+
+@pytest.mark.slow
+def test_shipped_retrained_mini_sd_never_saw_a_three(tmp_path):
+    """Neither the training captions nor the paraphrases of "three" draw a 3; the other digits are drawn."""
+    info = json.loads((RETRAINED_MINI_SD / "erase_info.json").read_text())["info"]["training"]
+    assert info["excluded_digits"] == [3]
+    out = tmp_path / "ev"
+    assert main(["eval", "--model", str(RETRAINED_MINI_SD), "--protocol", "digits-prompts", "--forget", "three",
+                 "--classifier", str(SHIPPED_CLASSIFIER), "--n", "2", "--steps", "10", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["forget_accuracy_train_prompts"] <= 0.1 and metrics["forget_accuracy_heldout_prompts"] <= 0.1
+    assert metrics["retained_accuracy"] >= 0.9, metrics
