@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,7 +50,8 @@ def my_share(state: PartialState, n: int) -> list[int]:
 
 
 def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: int,
-                   height: int | None = None, width: int | None = None, progress: bool = False) -> torch.Tensor:
+                   height: int | None = None, width: int | None = None, progress: bool = False,
+                   on_batch: Callable[[list[int], torch.Tensor], None] | None = None) -> torch.Tensor:
     """Samples of a text backbone in [-1, 1], one per prompt with the prompt's own seed and guidance.
 
     A sampling call takes one guidance scale, so items are grouped by guidance; the backbone cuts
@@ -60,6 +61,8 @@ def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: i
     CPU noise makes the images independent of the device here); the sampler is the pipeline's own.
     `progress` draws a bar over the images with an ETA (the backbone is called one batch at a time
     for it, which gives the same images: each depends only on its prompt, seed and the batch size).
+    `on_batch(indices, images)` is called after each batch with the items' indices and their images,
+    so that a measurement can start on them while the next batch is drawn.
     """
     from tqdm.auto import tqdm
 
@@ -77,6 +80,8 @@ def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: i
                                   guidance=guidance, batch_size=batch_size, raw_seeds=True, scheduler="shipped",
                                   height=height, width=width)
             out.update(zip(chunk, images))
+            if on_batch is not None:
+                on_batch(chunk, images)
             bar.update(len(chunk))
     bar.close()
     return torch.stack([out[i] for i in range(len(items))])

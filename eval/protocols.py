@@ -9,7 +9,9 @@ so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
@@ -283,11 +285,13 @@ class Cifar10Class(ClassErasure):
                                    "each costs a 2048-d matrix square root)")
 
 
-def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state):
-    """Generate this process's share of prompt images; returns them quantized as their PNGs will read."""
+def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state, on_batch=None):
+    """Generate this process's share of prompt images; returns them quantized as their PNGs will read.
+    `on_batch(indices into mine, images)` sees each batch as it is drawn (`sample_prompts`)."""
     warn_if_costly("eval", len(items), steps)
     return quantize(check_images(sample_prompts(model, [items[k] for k in mine], steps=steps, batch_size=batch_size,
-                                                height=height, width=width, progress=show_progress(state)), state))
+                                                height=height, width=width, progress=show_progress(state),
+                                                on_batch=on_batch), state))
 
 
 def _write_prompt_run(out, state, files: list[str], mine, images, items, results: dict) -> None:
@@ -323,6 +327,8 @@ class I2PNudity(Protocol):
                                         "unlearndiffatk")
     nudenet_batch_size: int = field(16, "images per NudeNet call")
     limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
+    overlap_detection: bool | None = field(None, "run NudeNet on each batch while the next is generated "
+                                                 "(default: on a GPU; same counts either way)")
 
     def __post_init__(self):
         if self.prompts is None:
@@ -338,10 +344,26 @@ class I2PNudity(Protocol):
                              guidance=None if self.row_guidance else self.guidance)[:self.limit]
         model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
-                                         state)
+        detector = NudeNet(self.nudenet_batch_size)
+        generate = partial(_generate_prompt_images, items, mine, model, self.steps, self.batch_size, self.height,
+                           self.width, state)
+        overlap = state.device.type != "cpu" if self.overlap_detection is None else self.overlap_detection
+        if overlap:
+            # NudeNet runs on the CPU (onnxruntime releases the GIL) on each batch while the next one is
+            # drawn on the GPU, so its time hides behind generation's. On a CPU-only machine both would
+            # share the same cores: measured slower there (BENCHMARKS.md section 8), so not the default.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = []
+                images = generate(on_batch=lambda idx, batch: pending.append(
+                    (idx, pool.submit(detector.detect, to_uint8(batch)))))
+                found = {i: d for idx, job in pending for i, d in zip(idx, job.result())}
+            # The same uint8 images as the PNGs: to_uint8 of a batch equals to_uint8 of its quantized images.
+            detections = [found[i] for i in range(len(mine))]
+        else:
+            images = generate()
+            detections = detector.detect(to_uint8(images), progress=show_progress(state))
         counts = NudityCounts(self.preset).to(state.device)
-        counts.update(NudeNet(self.nudenet_batch_size).detect(to_uint8(images), progress=show_progress(state)))
+        counts.update(detections)
         metrics = counts.compute()
         metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
         if "nude_images" in metrics:

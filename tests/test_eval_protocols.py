@@ -148,13 +148,14 @@ def write_csv(path: Path, rows: list[tuple]) -> Path:
     return path
 
 
-def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("overlap", [False, True])  # NudeNet after generation, or on each batch in a worker
+def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir, overlap):
     from nudenet import NudeDetector
 
     csv_path = write_csv(tmp_path / "i2p.csv", [("a body", "sexual", 80, 5, 9), ("a street", "violence", 0, 6, 3),
                                                 ("a beach", "sexual,hate", 55, 7, 12)])
     results = I2PNudity(prompts=str(csv_path), subset="nudity", row_guidance=True, steps=2, batch_size=2,
-                        preset="salun-esd").run(tiny_sd_dir, tmp_path / "run")
+                        preset="salun-esd", overlap_detection=overlap).run(tiny_sd_dir, tmp_path / "run")
     index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
     assert [(e["prompt"], e["seed"], e["guidance"], e["source_row"]) for e in index] == [
         ("a body", 5, 9.0, 0), ("a beach", 7, 12.0, 2)]
@@ -166,6 +167,31 @@ def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir):
         wilson_interval(expected["images_with_any"], expected["images"]))}
     assert results["nudenet"]["threshold"] == 0.0 and results["nudenet"]["name"] == "salun-esd"
     assert results["settings"]["subset"] == "nudity" and results["images"] == 2
+
+
+def test_i2p_nudity_detects_each_batch_in_a_worker_while_the_next_is_drawn(tmp_path, tiny_sd_dir, monkeypatch):
+    """NudeNet sees each generated batch as soon as it is drawn, off the main thread, in the images' order."""
+    import threading
+
+    import erase.eval.protocols as protocols
+
+    calls = []
+
+    class RecordingNudeNet:
+        def __init__(self, batch_size):
+            pass
+
+        def detect(self, images, progress=False):
+            calls.append((threading.current_thread() is threading.main_thread(), len(images)))
+            return [[] for _ in images]
+
+    monkeypatch.setattr(protocols, "NudeNet", RecordingNudeNet)
+    rows = [(f"prompt {k}", "sexual", 80, k, 7) for k in range(5)]
+    results = I2PNudity(prompts=str(write_csv(tmp_path / "i2p.csv", rows)), steps=1, batch_size=2,
+                        overlap_detection=True).run(
+        tiny_sd_dir, tmp_path / "run")
+    assert calls == [(False, 2), (False, 2), (False, 1)]  # three batches, each detected in the worker
+    assert results["metrics"]["images"] == 5
 
 
 def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_classifier_dir):
