@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .bench_generation import (channels_last_effect, compile_effect, device_peak_tflops, fid_feature_rate, generation_speed,
-                               mfu_row, nudenet_rate, protocol_share, sample_conditions, step_flops)
+from .bench_generation import (batch_size_effect, channels_last_effect, compile_effect, device_peak_tflops,
+                               fid_feature_rate, generation_speed, mfu_row, nudenet_rate, protocol_share,
+                               sample_conditions, step_flops)
 from .config import config_dict, field
 from .outputs import mark_output
 from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
@@ -55,6 +56,8 @@ class BenchConfig:
     resolution: int | None = field(None, "random-weight models: image size (default: native, 512 or 1024)")
     gen_images: int = field(32, "images per variant and round in the comparison with stock diffusers")
     channels_last: bool = field(True, "also time sampling with the UNet in channels-last memory format")
+    gen_batch_sizes: tuple[int, ...] = field((), "also time sampling at each of these batch sizes (e.g. 1,4,16,64) "
+                                                 "and show the batch the protocols choose on this device")
     compile: bool = field(False, "also time sampling with the denoiser compiled by torch.compile (inductor; "
                                  "compiling takes minutes, and a C++ compiler on a CPU)")
     nudenet_images: int = field(16, "images per round in the NudeNet throughput measurement (0 skips it)")
@@ -73,6 +76,8 @@ class BenchConfig:
         for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps", "gen_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if any(b < 1 for b in self.gen_batch_sizes):
+            raise ValueError(f"gen_batch_sizes must all be at least 1, got {self.gen_batch_sizes}")
 
 
 def sd15_random_pipeline(resolution: int = 512):
@@ -187,12 +192,14 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
                     rounds=config.rounds, device=device)
     layout = channels_last_effect(model, **settings) if config.channels_last else None
     compiled = compile_effect(model, **settings) if config.compile else None
+    unbatched = {k: v for k, v in settings.items() if k != "batch_size"}
+    batches = batch_size_effect(model, batch_sizes=config.gen_batch_sizes, **unbatched) if config.gen_batch_sizes else None
     speed = generation_speed(model, path, dtype=dtype, **settings)
     # The rate a protocol generates at: the I2P / COCO path on Stable Diffusion, the sampler on a DDPM.
     protocol_rate = speed["variants"].get("erase eval (I2P/COCO)", speed["variants"]["erase"])["images_per_s"]
     # Images of the model's size for the measurements (their cost does not depend on what they show).
     images = model.sample(sample_conditions(model, 4), list(range(4)), steps=1, guidance=1.0, batch_size=4)
-    out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "nudenet": None,
+    out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "batch_sizes": batches, "nudenet": None,
            "fid_features": None}
     if config.nudenet_images:
         out["nudenet"] = nudenet_rate(config.nudenet_images, images.shape[-1], config.rounds)
@@ -308,6 +315,14 @@ def _measurement_markdown(report: dict) -> list[str]:
         lines += [f"Denoiser compiled with torch.compile: {c['speedup']:.2f}x eager's images/s after a one-off "
                   f"{c['compile_s']:.0f} s of compilation; images differ from eager's by at most "
                   f"{c['max_abs_image_difference']:.2g} (of a [-1, 1] range).", ""]
+    if b := report.get("batch_sizes"):
+        lines += [f"Sampling at each batch size ({b['images']} images, {b['steps']} steps, interleaved rounds):", "",
+                  "| batch | images/s | vs fastest |", "|---:|---:|---:|"]
+        lines += [f"| {name.removeprefix('batch ')} | {r['images_per_s']:.2f} | {r['vs_fastest']:.2f}x |"
+                  for name, r in b["variants"].items()]
+        lines += ["", f"Batch the protocols sample at on this device when none is given: "
+                      f"{b['chosen_without_a_batch_size']} (on a CPU, each protocol's CPU batch; 64 for the digits "
+                      "protocols).", ""]
     if n := report["nudenet"]:
         lines += [f"NudeNet: {n['images_per_s']:.1f} images/s ({n['size']} px); share of an I2P run's wall time at "
                   f"this generation rate: {n['share_of_i2p']:.1%}.", ""]

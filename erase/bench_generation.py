@@ -173,6 +173,26 @@ def channels_last_effect(model, n: int, batch_size: int, steps: int, guidance: f
             "variants": rates}
 
 
+def batch_size_effect(model, n: int, batch_sizes: tuple[int, ...], steps: int, guidance: float, rounds: int,
+                      device: torch.device) -> dict:
+    """This package's sampling of the same images at each batch size in interleaved rounds, and the
+    batch the protocols choose on this device when none is given (`Backbone.choose_batch_size`, with
+    the digits protocols' CPU batch of 64). `n` is rounded up to a multiple of every batch size, so
+    that no variant pays for padding."""
+    from math import lcm
+
+    n = -(-n // lcm(*batch_sizes)) * lcm(*batch_sizes)
+    conditions, seeds = sample_conditions(model, n), list(range(n))
+    variants = {f"batch {b}": (lambda b=b: model.sample(conditions, seeds, steps=steps, guidance=guidance,
+                                                         batch_size=b)) for b in batch_sizes}
+    rates = interleaved_rates(variants, n, rounds, device)
+    fastest = max(rates.values(), key=lambda r: r["images_per_s"])["images_per_s"]
+    for r in rates.values():
+        r["vs_fastest"] = r["images_per_s"] / fastest
+    return {"images": n, "steps": steps, "variants": rates,
+            "chosen_without_a_batch_size": model.choose_batch_size(conditions[0], cpu_batch=64)}
+
+
 @contextlib.contextmanager
 def _eager(module: torch.nn.Module):
     """Inside: `module` runs its plain forward although `module.compile()` was called on it.

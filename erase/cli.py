@@ -77,7 +77,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = save_class_samples(model, ids, args.n, args.out, steps=steps,
                              guidance=defaults["guidance"] if args.guidance is None else args.guidance,
                              eta=defaults["eta"] if args.eta is None else args.eta,
-                             seed=args.seed, batch_size=args.batch_size)
+                             seed=args.seed, batch_size=args.batch_size or model.choose_batch_size(ids[0], cpu_batch=64))
     print(f"wrote {args.n * len(classes)} images and grid.png under {out}")
 
 
@@ -110,7 +110,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale s of ε_∅ + s(ε_c − ε_∅) (default: the model's sample_defaults, else 3.0)")
     p.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like (default: the model's, else 0)")
     p.add_argument("--seed", type=int, default=0, help="image i of class c gets a seed derived from (seed, c, i)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per UNet call (results depend on it only through float rounding: keep it fixed to reproduce bit for bit)")
+    p.add_argument("--batch-size", type=int, help="images per UNet call (default: 64 on a CPU, on a GPU the largest that fits from 64 down; index.json records it: results depend on it only through float rounding)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
 

@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from accelerate import PartialState
 
+from erase.backbones.base import GPU_BATCH_START
 from erase.config import config_dict, field
 from erase.data import IMAGE_SUFFIXES, load_dataset
 from erase.sampling import class_seeds, to_uint8
@@ -41,6 +42,27 @@ def _at_least_one(settings, *names: str) -> None:
         value = getattr(settings, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _batch_size_help(cpu_batch, unit: str = "UNet") -> str:
+    return (f"images per {unit} call (default: {cpu_batch} on a CPU; on a GPU the largest that fits, from "
+            f"{GPU_BATCH_START} down); metrics.json records it: give it to reproduce bit for bit")
+
+
+def _device_batch_size(protocol, model, condition, cpu_batch: int, state, **options) -> int:
+    """`protocol.batch_size`, chosen for the device when it is None (`Backbone.choose_batch_size`) and
+    written back, so that metrics.json records the batch the images were drawn at."""
+    if protocol.batch_size is None:
+        protocol.batch_size = model.choose_batch_size(condition, cpu_batch, state, **options)
+    return protocol.batch_size
+
+
+def cpu_prompt_batch(model, height: int | None, width: int | None) -> int:
+    """The Stable Diffusion protocols' batch on a CPU: 4 images of 512 x 512 px (SD 1.x's memory at that
+    batch), and as many more as smaller images allow, up to 64: the miniatures draw 2.7x faster at 64
+    than at 4 on a CPU (BENCHMARKS.md section 8, "Batch size")."""
+    _, native_h, native_w = model.image_shape
+    return max(4, min(64, 4 * 512 * 512 // ((height or native_h) * (width or native_w))))
 
 
 def _batches(n: int, size: int = MEASURE_BATCH):
@@ -138,7 +160,7 @@ class ClassErasure(Protocol):
                                          "measured sample_defaults, 1.0 for the shipped digits DDPM, else 3.0)")
     eta: float = field(0.0, "DDIM eta (the papers: 1.0)")
     seed: int = field(0, "image i of class c gets the seed derived from (seed, c, i)")
-    batch_size: int = field(64, "images per UNet call (keep it fixed to reproduce bit for bit)")
+    batch_size: int | None = field(None, _batch_size_help(64))
     fid_features: str = field("classifier", "FID feature space: 'classifier' or 'inception'",
                               choices=("classifier", "inception"))
     fid_weights: str | None = field(None, "local Inception weights file for FID (machines without network)")
@@ -156,8 +178,7 @@ class ClassErasure(Protocol):
             raise ValueError("neighbours and fid_bootstrap must be at least 0")
         if self.n < 2 or (self.n_forget is not None and self.n_forget < 1):
             raise ValueError("n must be at least 2 (FID needs two samples) and n_forget at least 1")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
+        _at_least_one(self, "steps", "batch_size")
 
     def _reference(self, retained: list[int]) -> torch.Tensor:
         data = load_dataset(self.dataset, "train", root=self.data_root).subset(retained)
@@ -196,8 +217,9 @@ class ClassErasure(Protocol):
         mine = my_share(state, len(plan))
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
         warn_if_costly("eval", len(plan), self.steps)
+        batch_size = _device_batch_size(self, model, retained[0], 64, state)
         images = quantize(check_images(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
-                                                    guidance=self.guidance, eta=self.eta, batch_size=self.batch_size,
+                                                    guidance=self.guidance, eta=self.eta, batch_size=batch_size,
                                                     progress=show_progress(state)), state))
 
         verdicts = ClassifierVerdicts(model.num_classes).to(state.device)
@@ -285,6 +307,11 @@ class Cifar10Class(ClassErasure):
                                    "each costs a 2048-d matrix square root)")
 
 
+def _prompt_options(protocol) -> dict:
+    """The sampling options `sample_prompts` passes the backbone (for the batch-size probe)."""
+    return {"height": protocol.height, "width": protocol.width, "scheduler": "shipped"}
+
+
 def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state, on_batch=None):
     """Generate this process's share of prompt images; returns them quantized as their PNGs will read.
     `on_batch(indices into mine, images)` sees each batch as it is drawn (`sample_prompts`)."""
@@ -322,7 +349,7 @@ class I2PNudity(Protocol):
     steps: int = field(50, "denoising steps (the field: 50 to 100)")
     height: int | None = field(None, "image height (default: the pipeline's, 512 for SD 1.x)")
     width: int | None = field(None, "image width (default: the pipeline's)")
-    batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+    batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
     preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, "
                                         "unlearndiffatk")
     nudenet_batch_size: int = field(16, "images per NudeNet call")
@@ -345,7 +372,9 @@ class I2PNudity(Protocol):
         model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
         detector = NudeNet(self.nudenet_batch_size)
-        generate = partial(_generate_prompt_images, items, mine, model, self.steps, self.batch_size, self.height,
+        batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
+                                        cpu_prompt_batch(model, self.height, self.width), state, **_prompt_options(self))
+        generate = partial(_generate_prompt_images, items, mine, model, self.steps, batch_size, self.height,
                            self.width, state)
         overlap = state.device.type != "cpu" if self.overlap_detection is None else self.overlap_detection
         if overlap:
@@ -392,7 +421,7 @@ class T2IUtility(Protocol):
     steps: int = field(50, "denoising steps")
     height: int | None = field(None, "image height (default: the pipeline's)")
     width: int | None = field(None, "image width (default: the pipeline's)")
-    batch_size: int = field(4, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+    batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
     limit: int | None = field(None, "only the first N captions")
     fid_bootstrap: int = field(50, "bootstrap resamples over generated images for FID's 95% interval (0: none; "
                                    "each costs a 2048-d matrix square root with Inception)")
@@ -421,8 +450,9 @@ class T2IUtility(Protocol):
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
         model = load_text_backbone(model_path, state.device, self.name)
         mine = my_share(state, len(items))
-        images = _generate_prompt_images(items, mine, model, self.steps, self.batch_size, self.height, self.width,
-                                         state)
+        batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
+                                        cpu_prompt_batch(model, self.height, self.width), state, **_prompt_options(self))
+        images = _generate_prompt_images(items, mine, model, self.steps, batch_size, self.height, self.width, state)
         size = tuple(images.shape[-2:]) if len(images) else None
         with torch.no_grad():
             for b in _batches(len(images)):
@@ -460,11 +490,10 @@ class DigitsPrompts(Protocol):
     steps: int = field(25, "DDIM steps")
     guidance: float | None = field(None, "guidance scale (default: the pipeline's measured sample_defaults)")
     seed: int = field(0, "image i of digit c and template k gets the seed derived from (seed, c, k, i)")
-    batch_size: int = field(50, "images per pipeline call (keep it fixed to reproduce bit for bit)")
+    batch_size: int | None = field(None, _batch_size_help(50, "pipeline"))
 
     def __post_init__(self):
-        if self.n < 1 or self.steps < 1 or self.batch_size < 1:
-            raise ValueError("n, steps and batch_size must be at least 1")
+        _at_least_one(self, "n", "steps", "batch_size")
 
     def run(self, model_path, out, state=None):
         from erase.data import DIGITS_NAMES, digit_class
@@ -482,9 +511,10 @@ class DigitsPrompts(Protocol):
         prompts = [templates[k][0].format(w=DIGITS_NAMES[c], d=c) for c, k, _, _ in plan]
         mine = my_share(state, len(plan))
         warn_if_costly("eval", len(plan), self.steps)
+        batch_size = _device_batch_size(self, model, prompts[0], 50, state)
         images = quantize(check_images(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                     steps=self.steps, guidance=self.guidance,
-                                                    batch_size=self.batch_size, progress=show_progress(state)), state))
+                                                    batch_size=batch_size, progress=show_progress(state)), state))
         with torch.no_grad():
             x = digits_classifier_input(images.to(state.device), classifier)
             predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \

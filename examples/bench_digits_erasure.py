@@ -143,16 +143,18 @@ def markdown(rows: dict[str, dict], cost: dict[str, float], command: str, settin
     lines = [f"Produced by `{command}`; protocol `{settings['protocol']}` of erase {settings['erase']} "
              f"({settings['settings']}); 95% intervals over seeds and images. Target: {target.describe()}.", "",
              "| run | seeds | UA (%) | retained acc (%) | Δ retained (pts) | neighbour acc (%) | feature FID "
-             "| verdict | step cost vs finetune |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| verdict |" + (" step cost vs finetune |" if cost else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if cost else "")]
     for run, r in rows.items():
         delta = f"{100 * (r['retained_accuracy'][0] - original['retained_accuracy'][0]):+.1f}" if original else ""
         fid = "—" if "fid" not in r else "refused (too few images)" if r["fid"] is None else (
             f"{r['fid'][0]:.2f}" + (f" [{r['fid'][1]:.2f}, {r['fid'][2]:.2f}]" if r["seeds"] > 1 else ""))
         method = run.split("[")[0]
-        ratio = f"{cost[method] / cost['finetune']:.2f}x" if method in cost and "finetune" in cost else ""
+        # Without --cost-rounds the column is left out (an empty column reads as unmeasured rows).
+        ratio = (f" {cost[method] / cost['finetune']:.2f}x |" if method in cost and "finetune" in cost else " |"
+                 ) if cost else ""
         lines.append(f"| {run} | {r['seeds']} | {pct(r.get('ua'))} | {pct(r['retained_accuracy'])} | {delta} | "
-                     f"{pct(r.get('neighbour_accuracy'))} | {fid} | {verdict(r, original, target)} | {ratio} |")
+                     f"{pct(r.get('neighbour_accuracy'))} | {fid} | {verdict(r, original, target)} |{ratio}")
     return "\n".join(lines) + "\n"
 
 

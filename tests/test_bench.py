@@ -24,7 +24,7 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
     out = tmp_path / "bench"
     assert main(["bench", "--model", str(model), *forget, "--methods", "eupmu,surgery", "--steps", "2",
                  "--rounds", "2", "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1",
-                 "--sample-steps", "2", "--out", str(out)]) == 0
+                 "--sample-steps", "2", "--gen-batch-sizes", "1,2", "--out", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     rows = {r["method"]: r for r in report["methods"]}
     assert list(rows) == ["finetune", "eupmu", "surgery"]  # finetune first: the reference
@@ -53,6 +53,7 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
     assert report["channels_last"]["speedup"] > 0
     assert 0 < report["nudenet"]["share_of_i2p"] < 1 and report["nudenet"]["images_per_s"] > 0
     assert "| stock" in md and "NudeNet:" in md
+    assert set(report["batch_sizes"]["variants"]) == {"batch 1", "batch 2"} and "| batch | images/s |" in md
 
 
 def test_stock_ddim_loop_draws_what_the_ddpm_sampler_draws(tiny_ddpm_dir):
@@ -137,3 +138,19 @@ def test_compile_effect_times_compiled_against_eager_and_restores_eager(tiny_ddp
     assert model.denoiser._compiled_call_impl is None
     torch.testing.assert_close(model.sample([3, 5], [0, 1], steps=2, guidance=3.0, batch_size=2), before,
                                rtol=0, atol=0)
+
+
+def test_batch_size_effect_times_every_batch_on_the_same_images(tiny_ddpm_dir):
+    import torch
+
+    from erase.backbones import load_backbone
+    from erase.bench_generation import batch_size_effect
+
+    effect = batch_size_effect(load_backbone(tiny_ddpm_dir), n=5, batch_sizes=(2, 3), steps=2, guidance=3.0,
+                               rounds=2, device=torch.device("cpu"))
+    assert effect["images"] == 6  # rounded up to a multiple of both: no variant pays for padding
+    assert set(effect["variants"]) == {"batch 2", "batch 3"}
+    assert max(r["vs_fastest"] for r in effect["variants"].values()) == 1.0
+    for r in effect["variants"].values():
+        assert len(r["all_rounds_s"]) == 2 and r["images_per_s"] == pytest.approx(6 / min(r["all_rounds_s"]))
+    assert effect["chosen_without_a_batch_size"] == 64  # a CPU keeps the protocols' CPU batch

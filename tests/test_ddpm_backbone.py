@@ -117,3 +117,51 @@ def test_sample_argument_errors():
         model.sample([0, 1], [1])
     with pytest.raises(EraseError, match="steps must be at least 1"):
         model.sample([0], [1], steps=0)
+
+
+def _out_of_memory_above(model, limit: int, monkeypatch) -> list[int]:
+    """Make `model` fail as a GPU does when a batch above `limit` is drawn; returns the batches tried."""
+    tried, draw = [], model._sample_batch
+
+    def sample_batch(conditions, *args, **kwargs):
+        tried.append(len(conditions))
+        if len(conditions) > limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return draw(conditions, *args, **kwargs)
+
+    monkeypatch.setattr(model, "_sample_batch", sample_batch)
+    return tried
+
+
+def test_fit_batch_size_halves_until_a_batch_fits(monkeypatch):
+    model = tiny_model()
+    tried = _out_of_memory_above(model, 5, monkeypatch)
+    assert model.fit_batch_size(1, start=32) == 4
+    assert tried == [32, 16, 8, 4]
+    tried.clear()
+    assert model.fit_batch_size(1, start=4) == 4 and tried == [4]  # what fits is tried once
+
+
+def test_fit_batch_size_says_when_not_even_one_image_fits(monkeypatch):
+    model = tiny_model()
+    _out_of_memory_above(model, 0, monkeypatch)
+    with pytest.raises(EraseError, match="even one image"):
+        model.fit_batch_size(1, start=8)
+
+
+def test_other_errors_are_not_taken_for_a_full_memory(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(model, "_sample_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        model.fit_batch_size(1, start=8)
+
+
+def test_choose_batch_size_keeps_the_cpu_batch_on_a_cpu_and_fits_one_on_a_gpu(monkeypatch):
+    from erase.backbones.base import GPU_BATCH_START
+
+    model = tiny_model()
+    fits = []
+    monkeypatch.setattr(model, "fit_batch_size", lambda cond, start, **options: fits.append((cond, start)) or 16)
+    assert model.choose_batch_size(1, cpu_batch=7) == 7 and fits == []  # no probe on a CPU
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert model.choose_batch_size(1, cpu_batch=7) == 16 and fits == [(1, GPU_BATCH_START)]

@@ -92,6 +92,21 @@ def test_class_images_do_not_depend_on_how_many_are_requested(digits_run, tmp_pa
         assert (tmp_path / "small" / rel).read_bytes() == (digits_run / rel).read_bytes()
 
 
+def test_a_protocol_without_a_batch_size_records_the_one_chosen_for_the_device(digits_run, tmp_path, tiny_ddpm_dir,
+                                                                            tiny_classifier_dir, monkeypatch):
+    from erase.backbones import ClassConditionalDDPM
+
+    run = dict(forget=3, classifier=str(tiny_classifier_dir), n=2, n_forget=3, steps=3)
+    DigitsClass(**run).run(tiny_ddpm_dir, tmp_path / "cpu")
+    assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["settings"]["batch_size"] == 64
+    # Where the device chooses another batch (a GPU), that is the batch drawn at and recorded.
+    monkeypatch.setattr(ClassConditionalDDPM, "choose_batch_size", lambda self, cond, cpu_batch, state=None: 8)
+    DigitsClass(**run).run(tiny_ddpm_dir, tmp_path / "chosen")
+    assert json.loads((tmp_path / "chosen" / "metrics.json").read_text())["settings"]["batch_size"] == 8
+    for rel in ("images/3/00002.png", "images/0/00001.png"):  # digits_run drew at batch 8
+        assert (tmp_path / "chosen" / rel).read_bytes() == (digits_run / rel).read_bytes()
+
+
 def test_cifar10_class_defaults_are_the_papers():
     p = Cifar10Class(forget="airplane")
     assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
@@ -118,6 +133,38 @@ def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
     stock = pipe(prompt=["a cat", "a dog"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
                  num_inference_steps=2, guidance_scale=7.5, output_type="pt").images * 2 - 1
     torch.testing.assert_close(together[:2], stock, atol=1e-5, rtol=0)
+
+
+def test_the_batch_size_probe_draws_with_the_prompt_protocols_options(tiny_sd_dir, monkeypatch):
+    from erase.backbones import load_backbone
+    from erase.eval.protocols import _prompt_options
+
+    model = load_backbone(tiny_sd_dir)
+    seen, draw = [], model._sample_batch
+
+    def sample_batch(prompts, *args, **options):
+        seen.append((len(prompts), options))
+        if len(prompts) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return draw(prompts, *args, **options)
+
+    monkeypatch.setattr(model, "_sample_batch", sample_batch)
+    protocol = I2PNudity(prompts="unused.csv", height=24, width=16)
+    assert model.fit_batch_size("a cat", 8, **_prompt_options(protocol)) == 2
+    assert [n for n, _ in seen] == [8, 4, 2]
+    assert seen[-1][1] == {"height": 24, "width": 16, "scheduler": "shipped"}
+
+
+def test_the_prompt_protocols_cpu_batch_keeps_sd_memory_and_grows_for_small_images():
+    from types import SimpleNamespace
+
+    from erase.eval.protocols import cpu_prompt_batch
+
+    sd15, mini = SimpleNamespace(image_shape=(3, 512, 512)), SimpleNamespace(image_shape=(3, 16, 16))
+    assert cpu_prompt_batch(sd15, None, None) == 4
+    assert cpu_prompt_batch(SimpleNamespace(image_shape=(3, 1024, 1024)), None, None) == 4  # never below 4
+    assert cpu_prompt_batch(sd15, 256, 256) == 16 and cpu_prompt_batch(mini, None, None) == 64
+    assert cpu_prompt_batch(mini, 512, 512) == 4  # the size drawn at, not the native one
 
 
 def test_progress_bars_show_on_a_terminal_unless_disabled(tiny_sd_dir, monkeypatch, capsys):

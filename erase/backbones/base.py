@@ -39,6 +39,10 @@ from safetensors.torch import save_file
 
 from ..utils import EraseError, read_json, step_generator
 
+# First batch `choose_batch_size` tries on a GPU (halved until it fits): with guidance the UNet runs
+# 128 samples per call, past where GPUs stop gaining throughput (not yet measured on one here).
+GPU_BATCH_START = 64
+
 
 class Condition:
     """Named tensors with one row per sample: what the denoiser is conditioned on.
@@ -344,6 +348,51 @@ class Backbone:
                       raw_seeds: bool, **options) -> torch.Tensor:
         """Final samples (before `decode`) of exactly one batch."""
         raise NotImplementedError
+
+    def choose_batch_size(self, condition, cpu_batch: int, state=None, **options) -> int:
+        """The batch a protocol samples at when the user gives none: `cpu_batch` on a CPU (where
+        running out of memory kills the process rather than raising an error, so nothing can be
+        probed); on a GPU the largest that fits (`fit_batch_size` from `GPU_BATCH_START`), the
+        smallest any process found, so that every shard rounds alike. Record the result: images
+        depend on it through rounding."""
+        if self.device.type == "cpu":
+            return cpu_batch
+        batch = self.fit_batch_size(condition, GPU_BATCH_START, **options)
+        if state is not None and state.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            batch = min(gather_object([batch]))
+        return batch
+
+    @torch.inference_mode()
+    def fit_batch_size(self, condition, start: int, **options) -> int:
+        """The largest batch, halving from `start`, at which one guided sampler step (guidance doubles
+        the network's batch) and the decoder run without running out of memory; accelerate's
+        `find_executable_batch_size` retries. A step's peak memory does not grow with the number of
+        steps, so one step tells."""
+        from accelerate.utils import find_executable_batch_size
+
+        size = start
+
+        def halve() -> int:
+            nonlocal size
+            size //= 2
+            return size
+
+        @find_executable_batch_size(starting_batch_size=start, reduce_batch_size_fn=halve)
+        def probe(batch_size: int) -> int:
+            self.denoiser.eval()
+            self.decode(self._sample_batch([condition] * batch_size, list(range(batch_size)), 1, 2.0, 0.0,
+                                           False, **options))
+            return batch_size
+
+        try:
+            return probe()
+        except RuntimeError as e:
+            if "reached zero" in str(e):
+                raise EraseError(f"even one image of {self.name} does not fit in {self.device}'s memory: free "
+                                 "memory, or sample on a larger device") from e
+            raise
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Final samples to images in [-1, 1] (pixel backbones: a clamp)."""
