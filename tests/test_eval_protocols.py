@@ -107,6 +107,22 @@ def test_a_protocol_without_a_batch_size_records_the_one_chosen_for_the_device(d
         assert (tmp_path / "chosen" / rel).read_bytes() == (digits_run / rel).read_bytes()
 
 
+def test_compile_generates_with_the_compiled_denoiser_and_the_same_images(digits_run, tmp_path, tiny_ddpm_dir,
+                                                                          tiny_classifier_dir, one_thread,
+                                                                          monkeypatch):
+    """`--compile`: the denoiser runs compiled (fused kernels round differently: PNG levels may move by one)."""
+    compiled_modules, compile_ = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compiled_modules.append(type(self).__name__) or compile_(self, *a, **k))
+    DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=2, n_forget=3, steps=3, batch_size=8,
+                compile=True).run(tiny_ddpm_dir, tmp_path / "compiled")
+    assert json.loads((tmp_path / "compiled" / "metrics.json").read_text())["settings"]["compile"] is True
+    assert compiled_modules == ["UNet2DModel"]  # the denoiser, and nothing else
+    for rel in ("images/3/00002.png", "images/0/00001.png"):
+        eager, compiled = (load_images([run / rel]) for run in (digits_run, tmp_path / "compiled"))
+        assert (compiled - eager).abs().max() <= 2 / 255 + 1e-6  # one PNG level in [-1, 1]
+
+
 def test_cifar10_class_defaults_are_the_papers():
     p = Cifar10Class(forget="airplane")
     assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
