@@ -27,7 +27,7 @@ from erase.utils import EraseError, derive_seed, logger, package_versions, warn_
 from .generation import (check_images, load_images, load_text_backbone, my_share, process_state, quantize,
                          sample_prompts, save_pngs, shared_run_dir, show_progress)
 from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
-                      nudenet_preset, rate_intervals, wilson_interval)
+                      nudenet_preset, rate_intervals, verdict_distance, verdict_distance_interval, wilson_interval)
 from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
 
 METRICS_FILE = "metrics.json"
@@ -183,6 +183,10 @@ class ClassErasure(Protocol):
                                "classifier confuses most with it on the real test split); their accuracy is "
                                "reported apart from the mean")
     fid_bootstrap: int = field(200, "bootstrap resamples over generated images for FID's 95% interval (0: none)")
+    reference_model: str | None = field(None, "model to measure the distance to (the model retrained without the "
+                                              "class): the same classes and seeds drawn by it, FID of the retained "
+                                              "samples against its retained samples, and how far the classifier's "
+                                              "verdicts on the forgotten class's samples are from its")
 
     def __post_init__(self):
         if self.neighbours < 0 or self.fid_bootstrap < 0:
@@ -205,6 +209,46 @@ class ClassErasure(Protocol):
             probs = torch.cat([classifier(data.images[b].to(device)).double().softmax(1).cpu()
                                for b in _batches(len(data))])
         return confusable_classes(probs, data.labels, forget, min(self.neighbours, num_classes - 1))
+
+    def _distance_to_reference(self, images, labels, seeds, forget, retained, class_names, classifier, batch_size,
+                               state) -> dict:
+        """The reference model draws the same (class, seed) plan; its samples stand where the real
+        images stand for FID, and its verdicts on the forgotten class are compared with ours. Drawn
+        from the same starting noise, a model is at distance 0 from itself, and two models' samples
+        differ by what the models do rather than by which noise each happened to get."""
+        from erase.backbones import load_backbone
+
+        reference = load_backbone(self.reference_model).to(state.device)
+        if reference.condition_kind != "class" or reference.class_names != class_names:
+            raise EraseError(f"--reference-model {self.reference_model} must be a class-conditional model over the "
+                             "same classes (the model retrained without the forgotten class)")
+        theirs = quantize(check_images(reference.sample(labels.tolist(), seeds, steps=self.steps,
+                                                        guidance=self.guidance, eta=self.eta, batch_size=batch_size,
+                                                        progress=show_progress(state)), state))
+        fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
+        # Per process: what the classifier calls each forget-class sample, ours (row 0) and theirs (row 1).
+        verdicts = torch.zeros(2, reference.num_classes, dtype=torch.float64, device=state.device)
+        kept_mask = torch.isin(labels, torch.tensor(retained))
+        with torch.no_grad():
+            for b in _batches(len(images)):
+                for row, batch in enumerate((images[b], theirs[b])):
+                    x = batch.to(state.device)
+                    if kept_mask[b].any():
+                        fid.update(x[kept_mask[b]], real=row == 1)
+                    called = classifier(x[labels[b] == forget]).argmax(1) if forget is not None else x[:0, 0, 0, 0]
+                    verdicts[row] += torch.bincount(called.long(), minlength=reference.num_classes).double()
+        if state.num_processes > 1:
+            from accelerate.utils import reduce
+
+            verdicts = reduce(verdicts, reduction="sum")
+        metrics = {f"{k}_vs_reference": v for k, v in _fid_metrics(fid.compute()).items()}
+        if forget is not None:
+            ours, refs = verdicts.cpu()
+            metrics |= {"forget_verdict_distance_vs_reference": verdict_distance(ours, refs),
+                        "forget_verdict_distance_vs_reference_ci95": list(verdict_distance_interval(ours, refs)),
+                        "reference_forget_verdicts": {name: int(n) for name, n in zip(reference.class_names, refs)},
+                        "forget_verdicts": {name: int(n) for name, n in zip(reference.class_names, ours)}}
+        return metrics
 
     def run(self, model_path, out, state=None):
         from erase.backbones import load_backbone
@@ -230,7 +274,8 @@ class ClassErasure(Protocol):
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
         warn_if_costly("eval", len(plan), self.steps)
         batch_size = _device_batch_size(self, model, retained[0], 64, state)
-        images = quantize(check_images(model.sample(labels.tolist(), [plan[k][2] for k in mine], steps=self.steps,
+        seeds = [plan[k][2] for k in mine]
+        images = quantize(check_images(model.sample(labels.tolist(), seeds, steps=self.steps,
                                                     guidance=self.guidance, eta=self.eta, batch_size=batch_size,
                                                     progress=show_progress(state)), state))
 
@@ -278,6 +323,9 @@ class ClassErasure(Protocol):
             "per_class_images": {names[c]: int(count[c]) for c in range(model.num_classes)},
             **_fid_metrics(fid_result),
         }
+        if self.reference_model is not None:
+            metrics |= self._distance_to_reference(images, labels, seeds, forget, retained, model.class_names,
+                                                   classifier, batch_size, state)
         files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
                                 classifier=classifier.source, class_names=names)

@@ -355,3 +355,18 @@ def test_clip_score_matches_direct_computation(tiny_clip_dir):
 def test_clip_score_needs_a_model_folder(tmp_path):
     with pytest.raises(EraseError, match="not a CLIP model folder"):
         clip_score_metric(tmp_path)
+
+
+def test_verdict_distance_is_total_variation_and_its_interval_holds_it():
+    from erase.eval.metrics import verdict_distance, verdict_distance_interval
+
+    same, other = torch.tensor([5.0, 5.0, 0.0]), torch.tensor([0.0, 0.0, 20.0])
+    assert verdict_distance(same, same * 3) == 0.0  # shares, not counts
+    assert verdict_distance(same, other) == 1.0
+    assert verdict_distance(torch.tensor([8.0, 2.0]), torch.tensor([4.0, 6.0])) == pytest.approx(0.4)
+    for ours, theirs in ((same, same), (torch.tensor([8.0, 2.0]), torch.tensor([4.0, 6.0])),
+                         (torch.tensor([30.0, 15.0, 5.0]), torch.tensor([10.0, 30.0, 10.0]))):
+        low, high = verdict_distance_interval(ours, theirs, resamples=300)
+        assert 0.0 <= low <= verdict_distance(ours, theirs) <= high <= 1.0
+    low, high = verdict_distance_interval(torch.tensor([40.0, 10.0]), torch.tensor([10.0, 40.0]), resamples=300)
+    assert low > 0.4  # 0.6 apart on 50 samples each: the interval keeps well away from 0

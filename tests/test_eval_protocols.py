@@ -123,6 +123,37 @@ def test_compile_generates_with_the_compiled_denoiser_and_the_same_images(digits
         assert (compiled - eager).abs().max() <= 2 / 255 + 1e-6  # one PNG level in [-1, 1]
 
 
+def test_distance_to_a_reference_model_is_zero_to_itself_and_grows_to_another(digits_run, tmp_path, tiny_ddpm_dir,
+                                                                          tiny_classifier_dir):
+    from conftest import save_tiny_ddpm
+
+    run = dict(forget=3, classifier=str(tiny_classifier_dir), n=6, n_forget=8, steps=3, batch_size=8)
+    itself = DigitsClass(**run, reference_model=str(tiny_ddpm_dir)).run(tiny_ddpm_dir, tmp_path / "itself")["metrics"]
+    # The reference draws the same classes and seeds: from the same model, the very same images.
+    assert itself["fid_vs_reference"] == pytest.approx(0.0, abs=1e-3)
+    assert itself["forget_verdict_distance_vs_reference"] == 0.0
+    assert itself["forget_verdicts"] == itself["reference_forget_verdicts"]
+    assert sum(itself["forget_verdicts"].values()) == 8
+    # The run's own numbers do not change with a reference beside them.
+    plain = json.loads((digits_run / "metrics.json").read_text())["metrics"]
+    assert itself["ua"] == plain["ua"] and itself["fid"] == plain["fid"]
+
+    torch.manual_seed(1)
+    other = save_tiny_ddpm(tmp_path / "other", attention=True)  # other weights, same classes
+    apart = DigitsClass(**run, reference_model=str(other)).run(tiny_ddpm_dir, tmp_path / "apart")["metrics"]
+    assert apart["fid_vs_reference"] > itself["fid_vs_reference"] + 0.1
+    low, high = apart["forget_verdict_distance_vs_reference_ci95"]
+    assert low <= apart["forget_verdict_distance_vs_reference"] <= high
+
+
+def test_a_reference_model_over_other_classes_is_refused(tmp_path, tiny_ddpm_dir, tiny_classifier_dir, tiny_sd_dir):
+    from erase.utils import EraseError
+
+    with pytest.raises(EraseError, match="same classes"):
+        DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=2, steps=1, batch_size=8,
+                    reference_model=str(tiny_sd_dir)).run(tiny_ddpm_dir, tmp_path / "refused")
+
+
 def test_cifar10_class_defaults_are_the_papers():
     p = Cifar10Class(forget="airplane")
     assert (p.n_forget, p.n, p.steps, p.eta, p.guidance, p.fid_features, p.dataset) == (
