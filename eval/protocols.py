@@ -75,6 +75,14 @@ def cpu_prompt_batch(model, height: int | None, width: int | None) -> int:
     return max(4, min(64, 4 * 512 * 512 // ((height or native_h) * (width or native_w))))
 
 
+def _forget_verdict_distance(ours: torch.Tensor, theirs: torch.Tensor, class_names: list[str]) -> dict:
+    """How far the classifier's verdicts on the forgotten class's samples are from the reference model's."""
+    return {"forget_verdict_distance_vs_reference": verdict_distance(ours, theirs),
+            "forget_verdict_distance_vs_reference_ci95": list(verdict_distance_interval(ours, theirs)),
+            "forget_verdicts": {name: int(n) for name, n in zip(class_names, ours)},
+            "reference_forget_verdicts": {name: int(n) for name, n in zip(class_names, theirs)}}
+
+
 def _batches(n: int, size: int = MEASURE_BATCH):
     return (slice(i, i + size) for i in range(0, n, size))
 
@@ -210,18 +218,24 @@ class ClassErasure(Protocol):
                                for b in _batches(len(data))])
         return confusable_classes(probs, data.labels, forget, min(self.neighbours, num_classes - 1))
 
-    def _distance_to_reference(self, images, labels, seeds, forget, retained, class_names, classifier, batch_size,
-                               state) -> dict:
+    def _load_reference(self, model, state):
+        """The --reference-model, loaded before any sampling so that a wrong one is refused at once."""
+        from erase.backbones import load_backbone
+
+        if self.reference_model is None:
+            return None
+        reference = load_backbone(self.reference_model).to(state.device)
+        if reference.condition_kind != "class" or reference.class_names != model.class_names:
+            raise EraseError(f"--reference-model {self.reference_model} must be a class-conditional model over the "
+                             "same classes (the model retrained without the forgotten class)")
+        return reference
+
+    def _distance_to_reference(self, reference, images, labels, seeds, forget, retained, class_names, classifier,
+                               batch_size, state) -> dict:
         """The reference model draws the same (class, seed) plan; its samples stand where the real
         images stand for FID, and its verdicts on the forgotten class are compared with ours. Drawn
         from the same starting noise, a model is at distance 0 from itself, and two models' samples
         differ by what the models do rather than by which noise each happened to get."""
-        from erase.backbones import load_backbone
-
-        reference = load_backbone(self.reference_model).to(state.device)
-        if reference.condition_kind != "class" or reference.class_names != class_names:
-            raise EraseError(f"--reference-model {self.reference_model} must be a class-conditional model over the "
-                             "same classes (the model retrained without the forgotten class)")
         theirs = quantize(check_images(reference.sample(labels.tolist(), seeds, steps=self.steps,
                                                         guidance=self.guidance, eta=self.eta, batch_size=batch_size,
                                                         progress=show_progress(state)), state))
@@ -243,11 +257,7 @@ class ClassErasure(Protocol):
             verdicts = reduce(verdicts, reduction="sum")
         metrics = {f"{k}_vs_reference": v for k, v in _fid_metrics(fid.compute()).items()}
         if forget is not None:
-            ours, refs = verdicts.cpu()
-            metrics |= {"forget_verdict_distance_vs_reference": verdict_distance(ours, refs),
-                        "forget_verdict_distance_vs_reference_ci95": list(verdict_distance_interval(ours, refs)),
-                        "reference_forget_verdicts": {name: int(n) for name, n in zip(reference.class_names, refs)},
-                        "forget_verdicts": {name: int(n) for name, n in zip(reference.class_names, ours)}}
+            metrics |= _forget_verdict_distance(*verdicts.cpu(), class_names)
         return metrics
 
     def run(self, model_path, out, state=None):
@@ -262,6 +272,7 @@ class ClassErasure(Protocol):
                              "use digits-prompts, i2p-nudity or t2i-utility for text-to-image ones")
         if self.guidance is None:  # resolved here so that metrics.json records the value used
             self.guidance = model.sample_defaults["guidance"]
+        reference_model = self._load_reference(model, state)
         classifier = _load_classifier(self.classifier, state.device)
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
         forget = None if self.forget is None else model.class_index(self.forget)
@@ -323,8 +334,8 @@ class ClassErasure(Protocol):
             "per_class_images": {names[c]: int(count[c]) for c in range(model.num_classes)},
             **_fid_metrics(fid_result),
         }
-        if self.reference_model is not None:
-            metrics |= self._distance_to_reference(images, labels, seeds, forget, retained, model.class_names,
+        if reference_model is not None:
+            metrics |= self._distance_to_reference(reference_model, images, labels, seeds, forget, retained, model.class_names,
                                                    classifier, batch_size, state)
         files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
@@ -556,6 +567,9 @@ class DigitsPrompts(Protocol):
     seed: int = field(0, "image i of digit c and template k gets the seed derived from (seed, c, k, i)")
     batch_size: int | None = field(None, _batch_size_help(50, "pipeline"))
     compile: bool = field(False, COMPILE_HELP)
+    reference_model: str | None = field(None, "model to measure the distance to (the miniature retrained without "
+                                              "the digit): the same prompts and seeds drawn by it, and how far the "
+                                              "classifier's verdicts on each digit's samples are from its")
 
     def __post_init__(self):
         _at_least_one(self, "n", "steps", "batch_size")
@@ -569,6 +583,8 @@ class DigitsPrompts(Protocol):
         _compile_if_asked(model, self.compile)
         if self.guidance is None:
             self.guidance = model.sample_defaults["guidance"]
+        reference = (None if self.reference_model is None else
+                     load_text_backbone(self.reference_model, state.device, self.name))
         classifier = _load_classifier(self.classifier, state.device)
         forget = None if self.forget is None else digit_class(self.forget)
         templates = [(t, False) for t in TRAIN_TEMPLATES] + [(t, True) for t in HELDOUT_TEMPLATES]
@@ -581,10 +597,13 @@ class DigitsPrompts(Protocol):
         images = quantize(check_images(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                     steps=self.steps, guidance=self.guidance,
                                                     batch_size=batch_size, progress=show_progress(state)), state))
-        with torch.no_grad():
-            x = digits_classifier_input(images.to(state.device), classifier)
-            predicted = torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \
-                torch.empty(0, dtype=torch.long, device=state.device)
+        def verdicts(images):
+            with torch.no_grad():
+                x = digits_classifier_input(images.to(state.device), classifier)
+                return torch.cat([classifier(x[b]).argmax(1) for b in _batches(len(x))]) if len(x) else \
+                    torch.empty(0, dtype=torch.long, device=state.device)
+
+        predicted = verdicts(images)
         # Counts per (digit, held-out?) are summed over processes: [correct, total].
         counts = torch.zeros(10, 2, 2, dtype=torch.float64, device=state.device)
         for j, pred in zip(mine, predicted.tolist()):
@@ -612,6 +631,25 @@ class DigitsPrompts(Protocol):
             "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
             "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
             "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}}
+        if reference is not None:
+            theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
+                                                            steps=self.steps, guidance=self.guidance,
+                                                            batch_size=batch_size, progress=show_progress(state)),
+                                           state))
+            # hist[model, digit asked, digit called], summed over processes.
+            hist = torch.zeros(2, 10, 10, dtype=torch.float64, device=state.device)
+            for row, called in enumerate((predicted, verdicts(theirs))):
+                for j, pred in zip(mine, called.tolist()):
+                    hist[row, plan[j][0], pred] += 1
+            if state.num_processes > 1:
+                from accelerate.utils import reduce
+
+                hist = reduce(hist, reduction="sum")
+            hist = hist.cpu()
+            metrics["retained_verdict_distance_vs_reference"] = sum(
+                verdict_distance(hist[0, c], hist[1, c]) for c in retained) / len(retained)
+            if forget is not None:
+                metrics |= _forget_verdict_distance(hist[0, forget], hist[1, forget], list(DIGITS_NAMES))
         files = [f"images/{c}/{k:02d}-{i:04d}.png" for c, k, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), None, classifier=classifier.source,
                                 templates={"train": list(TRAIN_TEMPLATES), "heldout": list(HELDOUT_TEMPLATES)})

@@ -445,3 +445,31 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, t
 
     assert main(["eval", "--model", str(tiny_ddpm_dir), "--protocol", "digits-prompts", "--classifier",
                  str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) == 2
+
+    # Against a reference model: itself is at distance 0 (same prompts, same seeds, same images) ...
+    itself = tmp_path / "itself"
+    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--reference-model", str(tiny_sd_dir), "--out", str(itself)]) == 0
+    m_itself = json.loads((itself / "metrics.json").read_text())["metrics"]
+    assert m_itself["forget_verdict_distance_vs_reference"] == m_itself["retained_verdict_distance_vs_reference"] == 0
+    assert m_itself["ua"] == m["ua"] and sum(m_itself["forget_verdicts"].values()) == templates
+    # ... and a model whose verdicts differ is as far as its histograms say.
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    torch.manual_seed(3)
+    for param in pipe.unet.parameters():
+        param.data += 0.5 * torch.randn_like(param)
+    pipe.save_pretrained(tmp_path / "other")
+    apart = tmp_path / "apart"
+    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--reference-model", str(tmp_path / "other"), "--out", str(apart)]) == 0
+    m_apart = json.loads((apart / "metrics.json").read_text())["metrics"]
+    ours, theirs = (torch.tensor(list(m_apart[k].values()), dtype=torch.float64)
+                    for k in ("forget_verdicts", "reference_forget_verdicts"))
+    assert torch.equal(ours, torch.tensor(list(m_itself["forget_verdicts"].values()), dtype=torch.float64))
+    assert m_apart["forget_verdict_distance_vs_reference"] == pytest.approx(
+        0.5 * (ours / ours.sum() - theirs / theirs.sum()).abs().sum().item())
+    assert m_apart["retained_verdict_distance_vs_reference"] > 0
