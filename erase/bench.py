@@ -193,13 +193,15 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     layout = channels_last_effect(model, **settings) if config.channels_last else None
     compiled = compile_effect(model, **settings) if config.compile else None
     unbatched = {k: v for k, v in settings.items() if k != "batch_size"}
-    batches = batch_size_effect(model, batch_sizes=config.gen_batch_sizes, **unbatched) if config.gen_batch_sizes else None
+    batches = (batch_size_effect(model, batch_sizes=config.gen_batch_sizes, **unbatched)
+               if config.gen_batch_sizes else None)
     speed = generation_speed(model, path, dtype=dtype, **settings)
     # The rate a protocol generates at: the I2P / COCO path on Stable Diffusion, the sampler on a DDPM.
     protocol_rate = speed["variants"].get("erase eval (I2P/COCO)", speed["variants"]["erase"])["images_per_s"]
     # Images of the model's size for the measurements (their cost does not depend on what they show).
     images = model.sample(sample_conditions(model, 4), list(range(4)), steps=1, guidance=1.0, batch_size=4)
-    out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "batch_sizes": batches, "nudenet": None,
+    out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "batch_sizes": batches,
+           "nudenet": None,
            "fid_features": None}
     if config.nudenet_images:
         out["nudenet"] = nudenet_rate(config.nudenet_images, images.shape[-1], config.rounds)

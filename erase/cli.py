@@ -77,7 +77,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = save_class_samples(model, ids, args.n, args.out, steps=steps,
                              guidance=defaults["guidance"] if args.guidance is None else args.guidance,
                              eta=defaults["eta"] if args.eta is None else args.eta,
-                             seed=args.seed, batch_size=args.batch_size or model.choose_batch_size(ids[0], cpu_batch=64))
+                             seed=args.seed,
+                             batch_size=args.batch_size or model.choose_batch_size(ids[0], cpu_batch=64))
     print(f"wrote {args.n * len(classes)} images and grid.png under {out}")
 
 

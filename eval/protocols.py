@@ -266,10 +266,10 @@ class ClassErasure(Protocol):
         state = state or process_state()
         # Load everything that can refuse the run before spending time on sampling.
         model = load_backbone(model_path).to(state.device)
-        _compile_if_asked(model, self.compile)
         if model.condition_kind != "class":
             raise EraseError(f"{model_path} is a {model.name} model: {self.name} measures class-conditional models; "
                              "use digits-prompts, i2p-nudity or t2i-utility for text-to-image ones")
+        _compile_if_asked(model, self.compile)
         if self.guidance is None:  # resolved here so that metrics.json records the value used
             self.guidance = model.sample_defaults["guidance"]
         reference_model = self._load_reference(model, state)
@@ -335,8 +335,8 @@ class ClassErasure(Protocol):
             **_fid_metrics(fid_result),
         }
         if reference_model is not None:
-            metrics |= self._distance_to_reference(reference_model, images, labels, seeds, forget, retained, model.class_names,
-                                                   classifier, batch_size, state)
+            metrics |= self._distance_to_reference(reference_model, images, labels, seeds, forget, retained,
+                                                   model.class_names, classifier, batch_size, state)
         files = [f"images/{c}/{i:05d}.png" for c, i, _ in plan]
         results = self._results(model_path, state, metrics, len(plan), fid.feature_name,
                                 classifier=classifier.source, class_names=names)
@@ -446,7 +446,8 @@ class I2PNudity(Protocol):
         mine = my_share(state, len(items))
         detector = NudeNet(self.nudenet_batch_size)
         batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
-                                        cpu_prompt_batch(model, self.height, self.width), state, **_prompt_options(self))
+                                        cpu_prompt_batch(model, self.height, self.width), state,
+                                        **_prompt_options(self))
         generate = partial(_generate_prompt_images, items, mine, model, self.steps, batch_size, self.height,
                            self.width, state)
         overlap = state.device.type != "cpu" if self.overlap_detection is None else self.overlap_detection
@@ -526,7 +527,8 @@ class T2IUtility(Protocol):
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
         batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
-                                        cpu_prompt_batch(model, self.height, self.width), state, **_prompt_options(self))
+                                        cpu_prompt_batch(model, self.height, self.width), state,
+                                        **_prompt_options(self))
         images = _generate_prompt_images(items, mine, model, self.steps, batch_size, self.height, self.width, state)
         size = tuple(images.shape[-2:]) if len(images) else None
         with torch.no_grad():
