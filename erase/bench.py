@@ -201,8 +201,7 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     # Images of the model's size for the measurements (their cost does not depend on what they show).
     images = model.sample(sample_conditions(model, 4), list(range(4)), steps=1, guidance=1.0, batch_size=4)
     out = {"generation_vs_stock": speed, "channels_last": layout, "compile": compiled, "batch_sizes": batches,
-           "nudenet": None,
-           "fid_features": None}
+           "nudenet": None, "fid_features": None}
     if config.nudenet_images:
         out["nudenet"] = nudenet_rate(config.nudenet_images, images.shape[-1], config.rounds)
         # I2P: one detection per generated image.
