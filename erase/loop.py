@@ -203,7 +203,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
     robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
-                                   config.seed) if config.adversarial_every else None)
+                                   config.seed, config.adversarial_radius) if config.adversarial_every else None)
 
     run = {"method": method_cls.name, "config": config_dict(config), "params": group,
            "base_model": base_model, "data": data.description}

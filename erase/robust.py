@@ -5,7 +5,9 @@ every K steps an inner attack refreshes it (`--adversarial-steps` Adam steps, wa
 last δ, minimising the current model's denoising loss on the step's forget images under the
 condition + δ: the nearby condition that brings the concept back best), and every other step runs
 the method with the forget condition read as condition + δ by the trained denoiser, so the outer step
-unlearns the adversarial condition as well as (on the other steps) the plain one. Frozen reference
+unlearns the adversarial condition as well as (on the other steps) the plain one. Unbounded, δ can
+wander to a condition far from the concept's (`--adversarial-radius R` keeps each row of δ within R
+times the norm of the condition's row, projected after every inner step as PGD does). Frozen reference
 copies (ESD's and EUPMU's targets) still see the plain condition, and the method's retain term keeps
 what it keeps. The condition is the class-embedding vector on the class-conditional DDPM and the
 text sequence embedding (tokens x width) on SD, SDXL and SD3 (their pooled text stays plain),
@@ -34,8 +36,8 @@ ADVERSARIAL_STREAM = 1 << 42  # the inner attack's noise, apart from the loop's 
 class AdversarialCondition:
     """δ and the inner attack that refreshes it; `applied(step, forget)` wraps one step of the method."""
 
-    def __init__(self, model, every: int, steps: int, lr: float, seed: int):
-        self.model, self.every, self.steps, self.lr, self.seed = model, every, steps, lr, seed
+    def __init__(self, model, every: int, steps: int, lr: float, seed: int, radius: float | None = None):
+        self.model, self.every, self.steps, self.lr, self.seed, self.radius = model, every, steps, lr, seed, radius
         self.delta: torch.Tensor | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.refreshes = 0
@@ -49,9 +51,9 @@ class AdversarialCondition:
 
     def refresh(self, forget: Noised, step: int) -> float:
         """A few attack steps on δ against the current weights; returns the last inner loss."""
+        plain = self.model.condition_vectors(forget.cond)[0][1].detach()
         if self.delta is None:
-            shape = self.model.condition_vectors(forget.cond)[0][1].shape
-            self.delta = torch.zeros(shape, device=forget.x0.device, requires_grad=True)
+            self.delta = torch.zeros(plain.shape, device=forget.x0.device, requires_grad=True)
             self.optimizer = torch.optim.Adam([self.delta], lr=self.lr)
         for i in range(self.steps):
             g = step_generator(self.seed, ADVERSARIAL_STREAM, step, i)
@@ -65,6 +67,10 @@ class AdversarialCondition:
                 (self.delta.grad,) = torch.autograd.grad(loss, [self.delta])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.radius is not None:  # back onto the ball: each row within radius x its plain norm
+                with torch.no_grad():
+                    bound = self.radius * plain.norm(dim=-1, keepdim=True)
+                    self.delta.mul_((bound / self.delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1))
         self.refreshes += 1
         return float(loss.detach())
 

@@ -79,3 +79,18 @@ def test_robust_option_changes_what_the_method_learns(tiny_model, tmp_path):
 
     plain, robust = trained(), trained(adversarial_every=1, adversarial_steps=2)
     assert any(not torch.equal(plain[n], robust[n]) for n in plain)
+
+
+@pytest.mark.parametrize("backbone", ["ddpm", "sd"])
+def test_adversarial_radius_keeps_each_row_of_delta_on_its_ball(backbone, request):
+    model = _model(backbone, request)
+    conditions = model.encode_conditions([3, 3]) if backbone == "ddpm" else model.encode_conditions(["three", "three"])
+    forget = _forget_batch(model, conditions)
+    plain = model.condition_vectors(conditions)[0][1]
+    free = AdversarialCondition(model, every=1, steps=20, lr=0.5, seed=0)
+    bounded = AdversarialCondition(model, every=1, steps=20, lr=0.5, seed=0, radius=0.05)
+    free.refresh(forget, step=1)
+    bounded.refresh(forget, step=1)
+    ratio = lambda delta: (delta.norm(dim=-1) / plain.norm(dim=-1)).max().item()  # noqa: E731
+    assert ratio(free.delta) > 0.05  # the search goes further when nothing bounds it ...
+    assert 0 < ratio(bounded.delta) <= 0.05 + 1e-6  # ... and stays on the ball when bounded

@@ -44,6 +44,9 @@ class MethodConfig:
                                       "inner attack refreshes every this many of those steps; 0 turns it off")
     adversarial_steps: int = field(5, "robust erasure: inner attack steps (Adam on the perturbation) per refresh")
     adversarial_lr: float = field(0.05, "robust erasure: the inner attack's learning rate")
+    adversarial_radius: float | None = field(None, "robust erasure: keep the perturbation of each condition row "
+                                                   "(token) within this fraction of the row's norm (projected "
+                                                   "after every inner step, as PGD does); default unbounded")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -53,6 +56,8 @@ class MethodConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
+        if self.adversarial_radius is not None and not self.adversarial_radius > 0:
+            raise ValueError(f"adversarial_radius must be positive, got {self.adversarial_radius}")
         if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
             raise ValueError("adversarial_every must be 0 (off) or more, adversarial_steps at least 1 and "
                              "adversarial_lr positive")
