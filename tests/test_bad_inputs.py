@@ -199,7 +199,7 @@ CASES = [
     # eval
     ("eval-protocol-unknown", ["eval", *M, "--protocol", "digits-kind", "--out", "{ws}/new"], r"unknown protocol"),
     ("eval-n-one", DC[:-6] + ["--n", "1", "--out", "{ws}/new"], r"n must be at least 2"),
-    ("eval-steps-zero", DC + ["--steps", "0", "--out", "{ws}/new"], r"steps and batch_size must be at least 1"),
+    ("eval-steps-zero", DC + ["--steps", "0", "--out", "{ws}/new"], r"steps must be at least 1, got 0"),
     ("eval-out-is-model", DC + ["--out", "{ws}/model"], r"overwrite the input"),
     ("eval-out-is-classifier", DC + ["--out", "{ws}/classifier"], r"overwrite the input"),
     ("eval-out-user-folder", DC + ["--out", "{ws}/user"], r"--overwrite"),
