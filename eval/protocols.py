@@ -255,7 +255,8 @@ class ClassErasure(Protocol):
             from accelerate.utils import reduce
 
             verdicts = reduce(verdicts, reduction="sum")
-        metrics = {f"{k}_vs_reference": v for k, v in _fid_metrics(fid.compute()).items()}
+        # fid_vs_reference, fid_vs_reference_ci95, ...: the FID entries, measured against the reference.
+        metrics = {k.replace("fid", "fid_vs_reference", 1): v for k, v in _fid_metrics(fid.compute()).items()}
         if forget is not None:
             metrics |= _forget_verdict_distance(*verdicts.cpu(), class_names)
         return metrics

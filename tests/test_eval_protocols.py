@@ -142,6 +142,8 @@ def test_distance_to_a_reference_model_is_zero_to_itself_and_grows_to_another(di
     other = save_tiny_ddpm(tmp_path / "other", attention=True)  # other weights, same classes
     apart = DigitsClass(**run, reference_model=str(other)).run(tiny_ddpm_dir, tmp_path / "apart")["metrics"]
     assert apart["fid_vs_reference"] > itself["fid_vs_reference"] + 0.1
+    assert apart["fid_vs_reference_ci95"][0] <= apart["fid_vs_reference"] <= apart["fid_vs_reference_ci95"][1]
+    assert apart["fid_vs_reference_samples"] == 9 * 6  # the retained samples only
     low, high = apart["forget_verdict_distance_vs_reference_ci95"]
     assert low <= apart["forget_verdict_distance_vs_reference"] <= high
 
