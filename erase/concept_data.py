@@ -94,9 +94,20 @@ def cache_dir_for(settings: dict, root: str | Path | None = None) -> Path:
 def generate_concept_cache(model, concept: Concept, config: ConceptDataConfig | None = None,
                            cache_root: str | Path | None = None, progress: bool = True) -> Path:
     """Generate (or find) the cached latents and embeddings of `concept`; returns the cache folder."""
+    from filelock import FileLock
+
     config = config or ConceptDataConfig()
     settings = _settings(model, concept, config)
     folder = cache_dir_for(settings, cache_root)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One builder per cache folder: runs started side by side on the same concept (two jobs, or the
+    # processes of one accelerate run) wait here, then find the folder the first one wrote.
+    with FileLock(folder.with_name(f".{folder.name}.lock")):
+        return _find_or_generate(model, concept, config, settings, folder, progress)
+
+
+def _find_or_generate(model, concept: Concept, config: ConceptDataConfig, settings: dict, folder: Path,
+                      progress: bool) -> Path:
     if (folder / MANIFEST).is_file():
         manifest = read_json(folder / MANIFEST, what="concept cache manifest")
         if _key(manifest.get("settings", {})) == _key(settings):

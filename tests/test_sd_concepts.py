@@ -53,7 +53,7 @@ def test_concept_data_is_generated_once_and_reused(tmp_path):
     concept = load_concept("three")
     config = ConceptDataConfig(images=3, steps=2, batch_size=2)
     data = concept_unlearn_data(model, concept, config, cache_root=tmp_path, progress=False)
-    folder, = tmp_path.iterdir()
+    folder, = (p for p in tmp_path.iterdir() if not p.name.endswith(".lock"))  # the builders' lock stays
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["images"]["forget"][1]["prompt"] == concept.forget[1]
     assert manifest["settings"]["denoiser_fingerprint"] and manifest["settings"]["steps"] == 2
@@ -71,7 +71,7 @@ def test_concept_data_is_generated_once_and_reused(tmp_path):
     # Image i is the same whatever the count: its seed depends on (seed, set, i) only.
     more = concept_unlearn_data(model, concept, ConceptDataConfig(images=4, steps=2, batch_size=2),
                                 cache_root=tmp_path, progress=False)
-    assert len(list(tmp_path.iterdir())) == 2  # the work folder of the second one is gone
+    assert len([p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]) == 2  # no work folder left
     assert torch.equal(more.forget_x0[:3], data.forget_x0)
     # A changed model gets its own cache, never the old images.
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_interrupted_generation_resumes_at_the_unfinished_set(tmp_path, monkeypa
     assert calls == [concept.forget[0], concept.anchor]
     monkeypatch.setattr(model, "sample", sample)
     folder = generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == [folder.name]  # work folder gone
     uninterrupted = generate_concept_cache(model, concept, config, cache_root=tmp_path / "fresh", progress=False)
     assert (folder / "latents.safetensors").read_bytes() == (uninterrupted / "latents.safetensors").read_bytes()
 
@@ -110,3 +110,31 @@ def test_damaged_cache_is_a_clear_error(tmp_path):
     (folder / "latents.safetensors").unlink()
     with pytest.raises(EraseError, match="lacks latents.safetensors"):
         concept_unlearn_data(model, load_concept("church"), config, cache_root=tmp_path, progress=False)
+
+
+def test_runs_side_by_side_build_one_cache_and_share_it(tmp_path):
+    """Two jobs erasing the same concept at once: one generates, the other waits and reuses its folder
+    (they used to share one work folder, and the first to finish deleted it under the other)."""
+    import threading
+
+    concept, config = load_concept("church"), ConceptDataConfig(images=2, steps=1, batch_size=2)
+    models = [StableDiffusionBackbone(tiny_pipeline()) for _ in range(2)]
+    generated, found, errors = [], [], []
+    for model in models:
+        sample = model.sample
+        model.sample = lambda *a, sample=sample, **k: generated.append(1) or sample(*a, **k)
+
+    def build(model):
+        try:
+            found.append(generate_concept_cache(model, concept, config, cache_root=tmp_path, progress=False))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(m,)) for m in models]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(found) == 2 and found[0] == found[1]
+    assert len(generated) == 3  # forget, anchor and retain images, generated once
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [found[0].name]
