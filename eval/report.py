@@ -62,6 +62,11 @@ METRICS = [
     MetricSpec("forget_prob", "classifier p(erased class) on its images", "lower"),
     MetricSpec("forget_entropy", "classifier entropy on erased-class images", None),
     MetricSpec("fid", "FID of retained-class images", "lower"),
+    MetricSpec("fid_vs_reference", "FID of retained-class images against the reference (retrained) model's", "lower"),
+    MetricSpec("forget_verdict_distance_vs_reference", "erased class: verdicts' distance to the reference model's",
+               "lower"),
+    MetricSpec("retained_verdict_distance_vs_reference", "kept digits: verdicts' distance to the reference model's",
+               "lower"),
     MetricSpec("clip_score", "CLIP score", "higher"),
     MetricSpec("fraction_with_any", "share of images with any exposed-body detection", "lower"),
     MetricSpec("fraction_nude", "share of nude images", "lower"),
@@ -255,6 +260,11 @@ def _fmt(value, interval=None) -> str:
     return text
 
 
+def _unreliable(run: Run, key: str) -> bool:
+    """An FID (`fid`, `fid_vs_reference`) resting on fewer images than its feature dimension."""
+    return key.startswith("fid") and run.metrics.get(f"{key}_reliable") is False
+
+
 def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
     rows = []
     for spec in METRICS:
@@ -263,13 +273,13 @@ def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
         cells = []
         for r in runs:
             value = r.value(spec.key)
-            if spec.key == "fid" and value is not None and r.metrics.get("fid_reliable") is False:
-                cells.append({"text": f"n/a: {r.metrics['fid_samples']} images < {r.metrics['fid_min_samples']}",
-                              "delta": "", "flag": True})
+            if value is not None and _unreliable(r, spec.key):
+                cells.append({"text": f"n/a: {r.metrics[spec.key + '_samples']} images < "
+                                      f"{r.metrics[spec.key + '_min_samples']}", "delta": "", "flag": True})
                 continue
             delta = ""
             if original is not None and r is not original and value is not None and original.value(spec.key) is not None \
-                    and not (spec.key == "fid" and original.metrics.get("fid_reliable") is False):
+                    and not _unreliable(original, spec.key):
                 delta = f"{value - original.value(spec.key):+.3f}"
             cells.append({"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False})
         arrow = {"higher": "↑ higher is better", "lower": "↓ lower is better"}.get(spec.better, "no better direction")

@@ -81,6 +81,24 @@ def test_report_refuses_to_present_an_fid_from_too_few_images(two_runs, tmp_path
     assert "n/a: 45 images < 128" in fid and f"{results['metrics']['fid']:.3f}" not in fid
 
 
+def test_report_shows_the_distance_to_the_reference_model(two_runs, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    measured = tmp_path / "ga-vs-reference"
+    DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8, fid_bootstrap=20,
+                reference_model=str(tiny_ddpm_dir)).run(two_runs[1].parent / "models" / "ga", measured)
+    metrics = json.loads((measured / "metrics.json").read_text())["metrics"]
+    md = build_report([two_runs[0], measured], tmp_path / "report")[0].read_text()
+    row = _table_rows(md, "erased class: verdicts' distance to the reference")
+    assert "lower is better" in row and f"{metrics['forget_verdict_distance_vs_reference']:.3f}" in row
+    fid = _table_rows(md, "FID of retained-class images against the reference")
+    assert metrics["fid_vs_reference_reliable"] and f"{metrics['fid_vs_reference']:.3f}" in fid
+    # Too few images for the feature dimension: flagged like the plain FID, not shown.
+    metrics |= {"fid_vs_reference_reliable": False, "fid_vs_reference_samples": 27}
+    results = json.loads((measured / "metrics.json").read_text()) | {"metrics": metrics}
+    (measured / "metrics.json").write_text(json.dumps(results))
+    md = build_report([two_runs[0], measured], tmp_path / "report-flagged")[0].read_text()
+    assert "n/a: 27 images < " in _table_rows(md, "FID of retained-class images against the reference")
+
+
 def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     ga = json.loads((two_runs[1] / "metrics.json").read_text())["metrics"]
     lo, hi = ga["ua_ci95"]
