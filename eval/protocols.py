@@ -49,11 +49,13 @@ def _batch_size_help(cpu_batch, unit: str = "UNet") -> str:
             f"{GPU_BATCH_START} down); metrics.json records it: give it to reproduce bit for bit")
 
 
-def _device_batch_size(protocol, model, condition, cpu_batch: int, state, **options) -> int:
+def _device_batch_size(protocol, model, condition, cpu_batch: int, state, images: int, **options) -> int:
     """`protocol.batch_size`, chosen for the device when it is None (`Backbone.choose_batch_size`) and
-    written back, so that metrics.json records the batch the images were drawn at."""
+    written back, so that metrics.json records the batch the images were drawn at. Never more than
+    the run's `images` (all processes together, so every process draws at the same batch): a batch
+    is padded to its full size, and a short run would pay for the padding."""
     if protocol.batch_size is None:
-        protocol.batch_size = model.choose_batch_size(condition, cpu_batch, state, **options)
+        protocol.batch_size = min(model.choose_batch_size(condition, cpu_batch, state, **options), max(1, images))
     return protocol.batch_size
 
 
@@ -285,7 +287,7 @@ class ClassErasure(Protocol):
         mine = my_share(state, len(plan))
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
         warn_if_costly("eval", len(plan), self.steps)
-        batch_size = _device_batch_size(self, model, retained[0], 64, state)
+        batch_size = _device_batch_size(self, model, retained[0], 64, state, len(plan))
         seeds = [plan[k][2] for k in mine]
         images = quantize(check_images(model.sample(labels.tolist(), seeds, steps=self.steps,
                                                     guidance=self.guidance, eta=self.eta, batch_size=batch_size,
@@ -447,7 +449,7 @@ class I2PNudity(Protocol):
         mine = my_share(state, len(items))
         detector = NudeNet(self.nudenet_batch_size)
         batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
-                                        cpu_prompt_batch(model, self.height, self.width), state,
+                                        cpu_prompt_batch(model, self.height, self.width), state, len(items),
                                         **_prompt_options(self))
         generate = partial(_generate_prompt_images, items, mine, model, self.steps, batch_size, self.height,
                            self.width, state)
@@ -528,7 +530,7 @@ class T2IUtility(Protocol):
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
         batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
-                                        cpu_prompt_batch(model, self.height, self.width), state,
+                                        cpu_prompt_batch(model, self.height, self.width), state, len(items),
                                         **_prompt_options(self))
         images = _generate_prompt_images(items, mine, model, self.steps, batch_size, self.height, self.width, state)
         size = tuple(images.shape[-2:]) if len(images) else None
@@ -596,7 +598,7 @@ class DigitsPrompts(Protocol):
         prompts = [templates[k][0].format(w=DIGITS_NAMES[c], d=c) for c, k, _, _ in plan]
         mine = my_share(state, len(plan))
         warn_if_costly("eval", len(plan), self.steps)
-        batch_size = _device_batch_size(self, model, prompts[0], 50, state)
+        batch_size = _device_batch_size(self, model, prompts[0], 50, state, len(plan))
         images = quantize(check_images(model.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                     steps=self.steps, guidance=self.guidance,
                                                     batch_size=batch_size, progress=show_progress(state)), state))

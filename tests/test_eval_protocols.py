@@ -97,8 +97,10 @@ def test_a_protocol_without_a_batch_size_records_the_one_chosen_for_the_device(d
     from erase.backbones import ClassConditionalDDPM
 
     run = dict(forget=3, classifier=str(tiny_classifier_dir), n=2, n_forget=3, steps=3)
-    DigitsClass(**run).run(tiny_ddpm_dir, tmp_path / "cpu")
+    DigitsClass(**{**run, "n": 8}).run(tiny_ddpm_dir, tmp_path / "cpu")  # 75 images: the CPU batch, 64
     assert json.loads((tmp_path / "cpu" / "metrics.json").read_text())["settings"]["batch_size"] == 64
+    DigitsClass(**run).run(tiny_ddpm_dir, tmp_path / "short")  # 21 images: no batch padded beyond them
+    assert json.loads((tmp_path / "short" / "metrics.json").read_text())["settings"]["batch_size"] == 21
     # Where the device chooses another batch (a GPU), that is the batch drawn at and recorded.
     monkeypatch.setattr(ClassConditionalDDPM, "choose_batch_size", lambda self, cond, cpu_batch, state=None: 8)
     DigitsClass(**run).run(tiny_ddpm_dir, tmp_path / "chosen")
