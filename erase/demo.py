@@ -5,7 +5,10 @@ It erases one digit from the shipped class-conditional DDPM (`models/digits-ddpm
 recommended method or several, evaluates the original and every erased model with the digits
 classifier (`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and
 self-contained HTML: metrics tables, before/after image grids, per-class accuracy charts).
-Everything it writes lives under `--out`; finished steps are reused when it is run again.
+With `--attacks` it also attacks every model, the shipped models retrained without the digit 3
+included (the floor), measures each model's distance to the retrained one, and writes the
+robustness table (`robustness.md`). Everything it writes lives under `--out`; finished steps are
+reused when it is run again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 from .config import field
 from .outputs import mark_output
 from .resources import shipped_model
-from .utils import logger, read_json, setup_logging
+from .utils import atomic_write_text, logger, read_json, setup_logging
 
 SHIPPED_DDPM = shipped_model("digits-ddpm")
 SHIPPED_MINI_SD = shipped_model("mini-sd")
@@ -28,6 +31,14 @@ SHIPPED_CLASSIFIER = shipped_model("digits-classifier")
 # The method with the best measured trade-off on both shipped models (BENCHMARKS.md).
 RECOMMENDED = "eupmu"
 MINI_SD_CONCEPT = "three"  # prompts/three: the mini-SD's own captions of the digit 3
+# The shipped models trained without any 3 (models/README.md): the floor of the robustness table.
+RETRAINED = {"digits-ddpm": shipped_model("digits-ddpm-retrained-no3"),
+             "mini-sd": shipped_model("mini-sd-retrained-no-three")}
+RETRAINED_WITHOUT = 3
+# The attacks of each model, at the budgets of BENCHMARKS.md section 7 (the units set by --attack-units).
+ATTACKS = {"digits-ddpm": {"attack-class-inversion": {"steps": 25, "attack_steps": 100}},
+           "mini-sd": {"attack-concept-inversion": {}, "attack-prefix": {}, "attack-ring-a-bell": {},
+                       "attack-null-latent": {}}}
 
 
 @dataclass
@@ -44,10 +55,18 @@ class DemoConfig:
     seed: int = field(0, "seed of the unlearning runs and the evaluation samples")
     workers: int | None = field(None, "processes sharing the work (default: 2 on a CPU with two or more cores, 1 on "
                                       "a GPU); images and numbers do not depend on it")
+    attacks: bool = field(False, "also attack every model (class-embedding inversion on the DDPM; concept inversion, "
+                                 "adversarial prefix, Ring-A-Bell and null-latent inversion on the mini-SD), the "
+                                 "models retrained without the digit 3 included, measure each model's distance to "
+                                 "the retrained one, and write the robustness table (minutes per model)")
+    attack_units: int = field(20, "images or prompts per attack (BENCHMARKS.md section 7: 50 on the DDPM, 40 on "
+                                  "the mini-SD)")
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be at least 1, got {self.workers}")
+        if self.attack_units < 1:
+            raise ValueError(f"attack_units must be at least 1, got {self.attack_units}")
 
     def method_list(self) -> list[str]:
         from .methods import parse_methods
@@ -78,8 +97,39 @@ def _sections(config: DemoConfig) -> dict[str, tuple]:
     return sections
 
 
-def _run_part(config: DemoConfig, out: Path, key: str, methods: list[str | None], threads: int | None = None) -> None:
-    """Erase with each of `methods` (None: keep the original) and evaluate: one independent part of the demo.
+def _retrained(config: DemoConfig, key: str) -> Path | None:
+    """The shipped model retrained without what this section erases, if there is one."""
+    from .data import digit_class
+
+    erased = RETRAINED_WITHOUT if key == "mini-sd" else digit_class(config.forget)
+    return RETRAINED[key] if erased == RETRAINED_WITHOUT else None
+
+
+def _model(out: Path, key: str, name: str, shipped: Path, retrained: Path | None) -> Path:
+    return {"original": shipped, "retrained": retrained}.get(name) or out / key / "models" / name
+
+
+def _attack(config: DemoConfig, out: Path, key: str, name: str, model: Path, shipped: Path, forget: str) -> None:
+    """Every attack of the section on one model; then, for an erased model, its distance to the retrained one."""
+    from erase.eval.protocols import get_protocol
+
+    for attack, budget in ATTACKS[key].items():
+        run = out / key / "attacks" / attack / name
+        if not _done(run, "metrics.json"):
+            # The text attacks' target images come from the original model, whatever model is attacked.
+            original = {} if key == "digits-ddpm" else {"reference_model": str(shipped)}
+            get_protocol(attack)(forget=forget, classifier=str(SHIPPED_CLASSIFIER), n=config.attack_units,
+                                 seed=config.seed, **original, **budget).run(model, run)
+    retrained = _retrained(config, key)
+    if retrained is not None and name != "retrained":
+        *_, protocol, _, eval_settings = _sections(config)[key]
+        _evaluate(protocol, model, out / key / "distance" / name, forget=forget, classifier=str(SHIPPED_CLASSIFIER),
+                  seed=config.seed, reference_model=str(retrained), **eval_settings)
+
+
+def _run_part(config: DemoConfig, out: Path, key: str, methods: list[str], threads: int | None = None) -> None:
+    """Erase with each of `methods` ("original" / "retrained": the shipped ones) and evaluate (and
+    attack, with --attacks): one independent part of the demo.
 
     Parts write only their own folders, and the concept cache is generated by the one part that
     trains on the mini-SD, so parts can run in parallel processes.
@@ -93,13 +143,15 @@ def _run_part(config: DemoConfig, out: Path, key: str, methods: list[str | None]
         torch.set_num_threads(threads)
     _, shipped, forget, protocol, unlearn_options, eval_settings = _sections(config)[key]
     steps = {} if config.steps is None else {"steps": config.steps}
-    for method in methods:
-        model = shipped if method is None else out / key / "models" / method
-        if method is not None and not _done(model, "erase_config.json"):
-            logger.info("demo: erasing %s from %s with %s", forget, shipped.name, method)
-            unlearn(shipped, method, forget, model, seed=config.seed, **steps, **unlearn_options)
-        _evaluate(protocol, model, out / key / "eval" / (method or "original"), forget=forget,
+    for name in methods:
+        model = _model(out, key, name, shipped, _retrained(config, key))
+        if name not in ("original", "retrained") and not _done(model, "erase_config.json"):
+            logger.info("demo: erasing %s from %s with %s", forget, shipped.name, name)
+            unlearn(shipped, name, forget, model, seed=config.seed, **steps, **unlearn_options)
+        _evaluate(protocol, model, out / key / "eval" / name, forget=forget,
                   classifier=str(SHIPPED_CLASSIFIER), seed=config.seed, **eval_settings)
+        if config.attacks:
+            _attack(config, out, key, name, model, shipped, forget)
 
 
 def default_workers() -> int:
@@ -133,7 +185,9 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
-    parts = [(key, methods) for key in reversed(sections)] + [(key, [None]) for key in reversed(sections)]
+    references = [[n for n in ("original", "retrained") if n == "original" or (config.attacks and _retrained(config, k))]
+                  for k in reversed(sections)]
+    parts = [(key, methods) for key in reversed(sections)] + list(zip(reversed(sections), references))
     workers = min(config.workers or default_workers(), len(parts))
     # On the CPU, a backward pass sums gradients in an order set by the number of torch threads, so
     # every part gets the same number whatever `workers` is: the default share of the cores.
@@ -156,23 +210,72 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
                 pool.shutdown(cancel_futures=True)  # parts not started yet are dropped
                 raise
 
-    rows, report_sections = [], {}
+    rows, report_sections, robustness = [], {}, []
     for key, (title, *_rest) in sections.items():
         runs = []
-        for name in ["original", *methods]:
+        names = ["original", *(["retrained"] if config.attacks and _retrained(config, key) else []), *methods]
+        for name in names:
             run = out / key / "eval" / name
             metrics = read_json(run / "metrics.json", what="eval results")["metrics"]
             rows.append({"model": key, "method": name, "ua": metrics["ua"],
                          "retained_accuracy": metrics["retained_accuracy"]})
             runs.append(run)
+        if config.attacks:
+            runs += [out / key / "attacks" / attack / name for attack in ATTACKS[key] for name in names]
+            robustness.append(_robustness_table(config, out, key, title, names))
         report_sections[title] = runs
 
     intro = (f"erase demo: methods {', '.join(methods)}; digits classifier models/digits-classifier. "
              "UA: share of images of the erased digit that the classifier does not recognise as it (higher is "
              "more forgetting); retained accuracy: mean accuracy on the other digits (higher is better kept).")
     md, html = build_report(report_sections, out / "report", title="erase demo", intro=intro)
-    elapsed = time.perf_counter() - start
-    return {"report": html, "markdown": md, "rows": rows, "seconds": elapsed}
+    result = {"report": html, "markdown": md, "rows": rows}
+    if config.attacks:
+        result["robustness"] = out / "robustness.md"
+        atomic_write_text(result["robustness"], ROBUSTNESS_INTRO + "\n".join(robustness))
+    return result | {"seconds": time.perf_counter() - start}
+
+
+ROBUSTNESS_INTRO = """# erase demo: robustness
+
+Each erased model next to the original and the model retrained without the digit 3 (the floor: what
+an attack gets from a model that never saw a 3). UA and retained accuracy: the nominal evaluation;
+each attack: pre-attack → post-attack success (the detector is the digits classifier) and, in
+brackets, the search's time over sampling the same units plainly in the same run. Distance to the
+retrained model: total-variation distance between the classifier's verdicts on the erased digit's
+samples and the retrained model's from the same seeds (0: the same digits in the same shares), and
+the FID of the kept digits' samples against its.
+
+"""
+
+
+def _robustness_table(config: DemoConfig, out: Path, key: str, title: str, names: list[str]) -> str:
+    """One Markdown table: a row per model, nominal figures, every attack, the distance to retrained."""
+    def metrics(folder: Path) -> dict:
+        return read_json(folder / "metrics.json", what="eval results")["metrics"] if folder.is_dir() else {}
+
+    def pct(value) -> str:
+        return "—" if value is None else f"{100 * value:.1f}%"
+
+    attacks = list(ATTACKS[key])
+    header = ["model", "UA", "retained acc.", *attacks, "verdicts vs retrained (TV)", "FID vs retrained"]
+    lines = [f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for name in names:
+        nominal, distance = metrics(out / key / "eval" / name), metrics(out / key / "distance" / name)
+        cells = [name, pct(nominal.get("ua")), pct(nominal.get("retained_accuracy"))]
+        for attack in attacks:
+            a = metrics(out / key / "attacks" / attack / name)
+            ratio = a["cost"]["search_to_plain_sampling"]
+            cells.append(f"{pct(a['pre_attack_success'])} → **{pct(a['post_attack_success'])}**"
+                         + ("" if ratio is None else f" ({ratio:.1f}x)"))
+        if name == "retrained":
+            cells += ["0 (itself)", "0 (itself)"]
+        else:
+            tv, fid = distance.get("forget_verdict_distance_vs_reference"), distance.get("fid_vs_reference")
+            cells += ["—" if tv is None else f"{tv:.2f}", "—" if fid is None else f"{fid:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    units = f"{config.attack_units} units per attack, seed {config.seed}"
+    return "\n".join(lines) + f"\n\n{units}; the attacks' budgets are in each attack run's metrics.json.\n"
 
 
 def _cmd_demo(args) -> None:
@@ -183,6 +286,8 @@ def _cmd_demo(args) -> None:
     print(f"{'model':<12} {'method':<10} {'UA':>6} {'retained acc':>13}")
     for r in result["rows"]:
         print(f"{r['model']:<12} {r['method']:<10} {r['ua']:>6.3f} {r['retained_accuracy']:>13.3f}")
+    if "robustness" in result:
+        print(f"robustness table: {result['robustness']}")
     print(f"report: {result['report']} (and {result['markdown']}), {result['seconds']:.0f} s")
 
 

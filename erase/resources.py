@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
-SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd", "mini-flow")
+SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd", "mini-flow",
+                  # the two trained without the digit 3: the retrained references of the robustness table
+                  "digits-ddpm-retrained-no3", "mini-sd-retrained-no-three")
 
 
 def shipped(folder: str) -> Path:
@@ -20,7 +22,7 @@ def shipped(folder: str) -> Path:
 
 
 def shipped_model(name: str) -> Path:
-    """The folder of a shipped model (`digits-ddpm`, `digits-classifier`, `mini-sd`, `mini-flow`)."""
+    """The folder of a shipped model (one of SHIPPED_MODELS)."""
     if name not in SHIPPED_MODELS:
         raise ValueError(f"{name!r} is not a shipped model; the shipped ones are {', '.join(SHIPPED_MODELS)}")
     return shipped("models") / name

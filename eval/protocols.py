@@ -572,12 +572,28 @@ class DigitsPrompts(Protocol):
     seed: int = field(0, "image i of digit c and template k gets the seed derived from (seed, c, k, i)")
     batch_size: int | None = field(None, _batch_size_help(50, "pipeline"))
     compile: bool = field(False, COMPILE_HELP)
+    fid_bootstrap: int = field(200, "bootstrap resamples over generated images for FID's 95% interval (0: none)")
     reference_model: str | None = field(None, "model to measure the distance to (the miniature retrained without "
-                                              "the digit): the same prompts and seeds drawn by it, and how far the "
-                                              "classifier's verdicts on each digit's samples are from its")
+                                              "the digit): the same prompts and seeds drawn by it, FID of the kept "
+                                              "digits' samples against its, and how far the classifier's verdicts on "
+                                              "each digit's samples are from its")
 
     def __post_init__(self):
+        if self.fid_bootstrap < 0:
+            raise ValueError("fid_bootstrap must be at least 0")
         _at_least_one(self, "n", "steps", "batch_size")
+
+    def _kept_digits_fid(self, kept, reference, classifier, state) -> tuple[dict, str]:
+        """FID in the digits classifier's features of the kept digits' samples (this process's) against
+        `reference` (this process's share of real digits, or of the reference model's samples)."""
+        from erase.mini_sd import digits_classifier_input
+
+        fid = _fid("classifier", classifier, None, state.device, self.fid_bootstrap)
+        with torch.no_grad():
+            for images, real in ((kept, False), (reference, True)):
+                for b in _batches(len(images)):
+                    fid.update(digits_classifier_input(images[b].to(state.device), classifier), real=real)
+        return _fid_metrics(fid.compute()), fid.feature_name
 
     def run(self, model_path, out, state=None):
         from erase.data import DIGITS_NAMES, digit_class
@@ -592,6 +608,7 @@ class DigitsPrompts(Protocol):
                      load_text_backbone(self.reference_model, state.device, self.name))
         classifier = _load_classifier(self.classifier, state.device)
         forget = None if self.forget is None else digit_class(self.forget)
+        retained = [c for c in range(10) if c != forget]
         templates = [(t, False) for t in TRAIN_TEMPLATES] + [(t, True) for t in HELDOUT_TEMPLATES]
         plan = [(c, k, i, derive_seed(self.seed, c, k, i)) for c in range(10)
                 for k in range(len(templates)) for i in range(self.n)]
@@ -609,6 +626,10 @@ class DigitsPrompts(Protocol):
                     torch.empty(0, dtype=torch.long, device=state.device)
 
         predicted = verdicts(images)
+        # The kept digits' samples against the real digits the miniature was trained on (those classes only).
+        kept = torch.tensor([plan[j][0] != forget for j in mine], dtype=torch.bool)
+        real = load_dataset("digits", "train").subset(retained).images
+        fid, feature_name = self._kept_digits_fid(images[kept], real[my_share(state, len(real))], classifier, state)
         # Counts per (digit, held-out?) are summed over processes: [correct, total].
         counts = torch.zeros(10, 2, 2, dtype=torch.float64, device=state.device)
         for j, pred in zip(mine, predicted.tolist()):
@@ -621,7 +642,6 @@ class DigitsPrompts(Protocol):
             counts = reduce(counts, reduction="sum")
         accuracy = (counts[..., 0].sum(1) / counts[..., 1].sum(1)).tolist()
         by_wording = (counts[..., 0] / counts[..., 1]).tolist()
-        retained = [c for c in range(10) if c != forget]
         correct, total = counts[..., 0].sum(1).cpu(), counts[..., 1].sum(1).cpu()
         metrics = {} if forget is None else {
             "ua": float((total[forget] - correct[forget]) / total[forget]),  # as its interval computes it, to the last bit
@@ -635,7 +655,7 @@ class DigitsPrompts(Protocol):
             "retained_accuracy_heldout_prompts": sum(by_wording[c][1] for c in retained) / len(retained),
             "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
             "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
-            "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}}
+            "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}, **fid}
         if reference is not None:
             theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                             steps=self.steps, guidance=self.guidance,
@@ -651,12 +671,14 @@ class DigitsPrompts(Protocol):
 
                 hist = reduce(hist, reduction="sum")
             hist = hist.cpu()
+            fid_vs_reference, _ = self._kept_digits_fid(images[kept], theirs[kept], classifier, state)
+            metrics |= {k.replace("fid", "fid_vs_reference", 1): v for k, v in fid_vs_reference.items()}
             metrics["retained_verdict_distance_vs_reference"] = sum(
                 verdict_distance(hist[0, c], hist[1, c]) for c in retained) / len(retained)
             if forget is not None:
                 metrics |= _forget_verdict_distance(hist[0, forget], hist[1, forget], list(DIGITS_NAMES))
         files = [f"images/{c}/{k:02d}-{i:04d}.png" for c, k, i, _ in plan]
-        results = self._results(model_path, state, metrics, len(plan), None, classifier=classifier.source,
+        results = self._results(model_path, state, metrics, len(plan), feature_name, classifier=classifier.source,
                                 templates={"train": list(TRAIN_TEMPLATES), "heldout": list(HELDOUT_TEMPLATES)})
         with shared_run_dir(out, state) as tmp:
             save_pngs(tmp, [files[j] for j in mine], images)

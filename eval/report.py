@@ -125,6 +125,15 @@ def _changed_options(config_cls: type, values: dict, skip: tuple[str, ...] = ())
     return args
 
 
+def _excluded_classes(model: Path) -> list:
+    """What the model's training left out, as `erase train-base` / `erase train-mini-sd --exclude` record it."""
+    for name in ("erase_model.json", "erase_info.json"):
+        if (model / name).is_file():
+            training = (read_json(model / name).get("info") or {}).get("training") or {}
+            return list(training.get("excluded_classes") or training.get("excluded_digits") or [])
+    return []
+
+
 @dataclass
 class Run:
     """One `erase eval` output folder, the model it evaluated and, for an erased model, how it was made."""
@@ -135,6 +144,8 @@ class Run:
     unlearning: dict | None  # the model's erase_config.json: None for a model before erasure
     history: list[dict] = field(default_factory=list)  # the model's loss_history.jsonl
     label: str = ""
+    # Classes the model's own training left out (a retrained reference, `erase train-base --exclude`).
+    excluded: list = field(default_factory=list)
     derived: dict = field(default_factory=dict)  # the original's figures computed for comparison
 
     @classmethod
@@ -153,7 +164,7 @@ class Run:
         history_file = model / LOSS_HISTORY
         history = ([json.loads(line) for line in history_file.read_text().splitlines() if line.strip()]
                    if history_file.is_file() else [])
-        return cls(path, results, index, unlearning, history)
+        return cls(path, results, index, unlearning, history, excluded=_excluded_classes(model))
 
     @property
     def metrics(self) -> dict:
@@ -161,7 +172,9 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.unlearning["method"] if self.unlearning else "original"
+        if self.unlearning:
+            return self.unlearning["method"]
+        return "retrained" if self.excluded else "original"
 
     @property
     def is_attack(self) -> bool:
@@ -469,8 +482,9 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
     if not runs:
         raise EraseError("every run given is an attack run: give the eval runs they attack as well")
     _label_runs(runs)
-    _label_runs(attacks)
-    original = next((r for r in runs if r.unlearning is None), None)
+    for name in {r.results.get("attack") for r in attacks}:  # the attack column tells apart the runs of a model
+        _label_runs([r for r in attacks if r.results.get("attack") == name])
+    original = next((r for r in runs if r.method == "original"), None)
     if original is not None:
         _derive_original_figures(original, [r for r in runs if r is not original])
     settings, differ = _settings_rows(runs)
@@ -487,11 +501,26 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
         "nudenet": figures.add(f"{number}-nudenet-counts", _nudenet_chart(runs)),
         "losses": figures.add(f"{number}-loss-curves", _loss_curves(runs)),
         "grids": _grids(runs, figures, number),
-        "attacks": [{"label": r.label, "attack": r.results.get("attack", r.metrics.get("attack")),
-                     "metrics": {k: _fmt(v, r.metrics.get(f"{k}_ci95")) for k, v in r.metrics.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                     "command": r.eval_command()} for r in attacks],
+        "attacks": [_attack_entry(r, figures, f"{number}-attack-{i}") for i, r in enumerate(attacks)],
     }
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
+    """An attack run's row: the two rates apart, its budget and cost, and the first samples drawn
+    the usual way (pre-attack) beside the same units after the attack."""
+    m, images = run.metrics, run.index.get("images", [])
+    strips = {f"{side}_images": figures.add(f"{name}-{side}", run.strip([e[side] for e in images])) if images
+              else None for side in ("pre", "post")}
+    ratio = (m.get("cost") or {}).get("search_to_plain_sampling")
+    return {"label": run.label, "attack": run.results.get("attack", m.get("attack")),
+            "pre": _percent(m.get("pre_attack_success")), "post": _percent(m.get("post_attack_success")),
+            "units": m.get("units", "—"), "cost": "—" if ratio is None else f"{ratio:.1f}x",
+            "budget": ", ".join(f"{k} {v}" for k, v in (m.get("budget") or {}).items()) or "—",
+            **strips, "command": run.eval_command()}
 
 
 def build_report(runs: list[str | Path] | dict[str, list[str | Path]], out: str | Path,

@@ -56,3 +56,40 @@ def test_demo_parts_in_two_processes_give_the_same_images_and_numbers(tmp_path, 
 def test_demo_refuses_an_unknown_method(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--methods", "eupmu,nope"]) == 2
     assert "unknown method(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_attacks_every_model_and_writes_the_robustness_table(tmp_path, monkeypatch):
+    """--attacks: the original, the retrained model and each erased one attacked; the table reads the runs."""
+    from erase import demo
+
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    # The demo's attacks at a few steps each (their real budgets take minutes per model).
+    monkeypatch.setattr(demo, "ATTACKS", {
+        "digits-ddpm": {"attack-class-inversion": {"steps": 2, "attack_steps": 2, "attack_batch": 4, "train_images": 8}},
+        "mini-sd": {"attack-concept-inversion": {"steps": 2, "attack_steps": 2, "attack_batch": 2, "train_images": 2},
+                    "attack-ring-a-bell": {"steps": 2}}})
+    config = demo.DemoConfig(steps=3, n=2, n_forget=4, prompt_images=1, concept_images=4, workers=1, attacks=True,
+                             attack_units=2)
+    out = tmp_path / "demo"
+    result = demo.run_demo(config, out)
+    for key, attacks in demo.ATTACKS.items():
+        for name in ("original", "retrained", "eupmu"):
+            for attack in attacks:
+                assert json.loads((out / key / "attacks" / attack / name / "metrics.json").read_text())[
+                    "metrics"]["units"] == 2
+        # the distance of the original and the erased model to the retrained one, from the same seeds
+        for name in ("original", "eupmu"):
+            m = json.loads((out / key / "distance" / name / "metrics.json").read_text())["metrics"]
+            assert 0 <= m["forget_verdict_distance_vs_reference"] <= 1 and m["fid_vs_reference"] >= 0
+        assert not (out / key / "distance" / "retrained").exists()
+    table = result["robustness"].read_text()
+    assert table.count("| retrained | 100.0% |") == 2  # a model that never saw a 3 does not draw one when asked
+    eupmu = json.loads((out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "eupmu" / "metrics.json").read_text())
+    row = next(line for line in table.splitlines() if line.startswith("| eupmu |") and "attack" not in line
+               and line.count("|") == 8)  # the mini-SD row: 3 + 2 attacks + 2 distances
+    assert f"**{100 * eupmu['metrics']['post_attack_success']:.1f}%**" in row
+    md = result["markdown"].read_text()
+    assert md.count("### Robustness") == 2 and "| retrained |" in md
+    assert sorted(r["method"] for r in result["rows"]) == ["eupmu", "eupmu", "original", "original",
+                                                          "retrained", "retrained"]

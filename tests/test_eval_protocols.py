@@ -446,6 +446,18 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, t
     assert m["forget_accuracy_heldout_prompts"] == pytest.approx(sum(held) / len(HELDOUT_TEMPLATES))
     assert m["retained_accuracy"] == pytest.approx(sum(sum(correct[c]) for c in range(10) if c != 3) / (9 * templates))
     assert sum(e["heldout_prompt"] for e in index) == 10 * len(HELDOUT_TEMPLATES)
+    # FID: the kept digits' saved images against the real training digits of those classes, in the
+    # classifier's features, as recomputed from the files.
+    from erase.data import load_dataset
+    from erase.eval.metrics import FeatureFID
+    from erase.mini_sd import digits_classifier_input
+
+    fid = FeatureFID(classifier, bootstrap=0)
+    kept = [out / e["file"] for e in index if e["class"] != 3]
+    fid.update(digits_classifier_input(load_images(kept), classifier), real=False)
+    fid.update(load_dataset("digits", "train").subset([c for c in range(10) if c != 3]).images, real=True)
+    assert m["fid"] == pytest.approx(fid.compute()["fid"], rel=1e-6) and m["fid_samples"] == len(kept)
+    assert results["feature_extractor"].startswith("classifier features")
 
     assert main(["eval", "--model", str(tiny_ddpm_dir), "--protocol", "digits-prompts", "--classifier",
                  str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) == 2
@@ -458,6 +470,7 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, t
     m_itself = json.loads((itself / "metrics.json").read_text())["metrics"]
     assert m_itself["forget_verdict_distance_vs_reference"] == m_itself["retained_verdict_distance_vs_reference"] == 0
     assert m_itself["ua"] == m["ua"] and sum(m_itself["forget_verdicts"].values()) == templates
+    assert m_itself["fid_vs_reference"] == pytest.approx(0, abs=1e-6) and m_itself["fid"] == m["fid"]
     # ... and a model whose verdicts differ is as far as its histograms say.
     from diffusers import StableDiffusionPipeline
 
@@ -476,4 +489,5 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, t
     assert torch.equal(ours, torch.tensor(list(m_itself["forget_verdicts"].values()), dtype=torch.float64))
     assert m_apart["forget_verdict_distance_vs_reference"] == pytest.approx(
         0.5 * (ours / ours.sum() - theirs / theirs.sum()).abs().sum().item())
-    assert m_apart["retained_verdict_distance_vs_reference"] > 0
+    assert m_apart["retained_verdict_distance_vs_reference"] > 0 
+    assert m_apart["fid_vs_reference"] > 10 * max(abs(m_itself["fid_vs_reference"]), 1e-6)

@@ -110,14 +110,24 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     assert "**ga**: meets the target: UA erased, retained accuracy kept" in easy
 
 
-def test_attack_runs_are_listed_in_the_robustness_section(two_runs, tmp_path):
+def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_runs, tmp_path, tiny_classifier_dir):
+    from erase.eval.attacks import ClassInversion
+
     attacked = tmp_path / "ga-attacked"
-    shutil.copytree(two_runs[1], attacked)
-    results = json.loads((attacked / "metrics.json").read_text())
-    results["attack"] = "prefix search"
-    (attacked / "metrics.json").write_text(json.dumps(results))
-    md = build_report([*two_runs, attacked], tmp_path / "report")[0].read_text()
-    assert "### Robustness" in md and "(prefix search)" in md
+    ClassInversion(forget="3", classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=4, attack_steps=2,
+                   attack_batch=4, train_images=8).run(two_runs[1].parent / "models" / "ga", attacked)
+    m = json.loads((attacked / "metrics.json").read_text())["metrics"]
+    md_path, html_path = build_report([*two_runs, attacked], tmp_path / "report")
+    md = md_path.read_text()
+    assert "### Robustness" in md
+    row = _table_rows(md, "ga | attack-class-inversion")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == ["3", f"{100 * m['pre_attack_success']:.1f}%", f"{100 * m['post_attack_success']:.1f}%",
+                          f"{m['cost']['search_to_plain_sampling']:.1f}x"]
+    # The nominal samples beside the attacked ones: two image strips, each a real file of the report.
+    strips = re.findall(r"\]\((figures/[^)]+)\)", row)
+    assert len(strips) == 2 and all((md_path.parent / f).is_file() for f in strips)
+    assert "attack_steps 2" in md and html_path.read_text().count("<table class=\"attacks\">") == 1
     assert _table_rows(md, "metric") == "| metric | original | ga | "  # not a column of the main table
     plain = build_report(list(two_runs), tmp_path / "plain")[0].read_text()
     assert "Robustness" not in plain
