@@ -64,6 +64,9 @@ class BenchConfig:
     classifier: str | None = field(None, "classifier folder: FID feature throughput in its feature space "
                                          "(Inception is measured when torch-fidelity and --fid-weights are there)")
     fid_weights: str | None = field(None, "local Inception weights file for the FID feature throughput")
+    robust_every: int | None = field(None, "also time each method with robust erasure (`erase unlearn "
+                                           "--adversarial-every K` at its default inner attack), as a row "
+                                           "'METHOD+robust' in the same rounds")
     mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
     peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
                                             "(default: looked up for known GPUs; none on a CPU)")
@@ -76,6 +79,8 @@ class BenchConfig:
         for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps", "gen_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.robust_every is not None and self.robust_every < 1:
+            raise ValueError(f"robust_every must be at least 1, got {self.robust_every}")
         if any(b < 1 for b in self.gen_batch_sizes):
             raise ValueError(f"gen_batch_sizes must all be at least 1, got {self.gen_batch_sizes}")
 
@@ -235,11 +240,15 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         path, model, forget = _load(config, workdir)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
         data = model.unlearn_data(forget, images=None if model.condition_kind == "class" else config.images)
+        # (row name, method, extra options): each method plain, and with robust erasure if asked.
+        variants = [(m, m, {}) for m in methods] + (
+            [(f"{m}+robust", m, {"adversarial_every": config.robust_every}) for m in methods]
+            if config.robust_every else [])
         for round_ in range(config.rounds):
-            for m in methods:
+            for m, method, extra in variants:
                 backbone = load_backbone(path)  # every run starts from the original weights
                 run_dir = workdir / f"{m}-{round_}"
-                unlearn(backbone, m, out=run_dir, data=data, progress=False, resume=False, **options)
+                unlearn(backbone, method, out=run_dir, data=data, progress=False, resume=False, **options, **extra)
                 info = read_json(run_dir / "erase_config.json", what="run summary")
                 entry = results.setdefault(m, {"seconds_per_step": [], "peak_memory_mb": [], "params": info["params"],
                                                "batch_size": info["config"]["batch_size"],
