@@ -105,6 +105,11 @@ def _retrained(config: DemoConfig, key: str) -> Path | None:
     return RETRAINED[key] if erased == RETRAINED_WITHOUT else None
 
 
+def _reference_names(config: DemoConfig, key: str) -> list[str]:
+    """The section's shipped models in the demo: the original, and with --attacks the retrained one."""
+    return ["original", *(["retrained"] if config.attacks and _retrained(config, key) else [])]
+
+
 def _model(out: Path, key: str, name: str, shipped: Path, retrained: Path | None) -> Path:
     return {"original": shipped, "retrained": retrained}.get(name) or out / key / "models" / name
 
@@ -185,9 +190,8 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
-    references = [[n for n in ("original", "retrained") if n == "original" or (config.attacks and _retrained(config, k))]
-                  for k in reversed(sections)]
-    parts = [(key, methods) for key in reversed(sections)] + list(zip(reversed(sections), references))
+    parts = ([(key, methods) for key in reversed(sections)]
+             + [(key, _reference_names(config, key)) for key in reversed(sections)])
     workers = min(config.workers or default_workers(), len(parts))
     # On the CPU, a backward pass sums gradients in an order set by the number of torch threads, so
     # every part gets the same number whatever `workers` is: the default share of the cores.
@@ -213,7 +217,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     rows, report_sections, robustness = [], {}, []
     for key, (title, *_rest) in sections.items():
         runs = []
-        names = ["original", *(["retrained"] if config.attacks and _retrained(config, key) else []), *methods]
+        names = _reference_names(config, key) + methods
         for name in names:
             run = out / key / "eval" / name
             metrics = read_json(run / "metrics.json", what="eval results")["metrics"]
