@@ -134,7 +134,8 @@ def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
 
 
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
-            dataset: str | None = None, images: int | None = None, data: UnlearnData | None = None,
+            dataset: str | None = None, images: int | None = None, image_guidance: float | None = None,
+            data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
             report_to: str | None = None,
@@ -164,6 +165,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     config = make_config(method_cls, config, **options)
     if images is not None and images < 1:
         raise EraseError(f"--images must be at least 1, got {images}")
+    if image_guidance is not None and not (math.isfinite(image_guidance) and image_guidance > 0):
+        raise EraseError(f"--image-guidance must be a positive number (1 is plain conditional sampling), "
+                         f"got {image_guidance}")
     check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [],
                  checkpoints=True)
     n_forget = round(config.batch_size * method_cls.forget_share)
@@ -189,7 +193,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     model.to(device)
     group = resolve_params(model, config.params, method_cls.params_preference_for(model))  # before any data is generated
     if data is None:
-        data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images)
+        data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images,
+                                  image_guidance=image_guidance)
     data.to(device)
 
     if config.gradient_checkpointing:

@@ -35,6 +35,21 @@ def test_unlearn_a_prompt_concept_and_apply_the_delta_with_stock_diffusers(tiny_
         assert torch.equal(original.unet.state_dict()[k], v), k
 
 
+def test_image_guidance_sets_the_guidance_of_the_generated_concept_images(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for guidance in ("1", None):
+        out = tmp_path / f"erased-{guidance}"
+        extra = ["--image-guidance", guidance] if guidance else []
+        assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "finetune", "--forget", "a photo of a cat",
+                     "--retain", "a tree", "--images", "2", "--steps", "1", "--batch-size", "2",
+                     "--out", str(out), *extra]) == 0
+        runs[guidance] = json.loads((out / "erase_config.json").read_text())["data"]
+    assert runs["1"]["guidance"] == 1.0
+    assert runs[None]["guidance"] != 1.0, "without the option the model's sampling default applies"
+    assert runs["1"]["cache"] != runs[None]["cache"], "images drawn at another guidance are cached apart"
+
+
 def test_dataset_option_is_refused_for_text_concepts(tiny_sd_dir, tmp_path, capsys):
     assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "rl", "--forget", "cat",
                  "--dataset", "digits", "--out", str(tmp_path / "x")]) == 2

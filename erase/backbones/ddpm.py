@@ -173,12 +173,14 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
     def _forward(self, denoiser, x_t, t, cond):
         return denoiser(x_t, t, class_labels=cond.tensors["class_labels"]).sample
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
+                     image_guidance: float | None = None):
         """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
         from ..unlearn_data import class_erasure_data
 
-        if images is not None:
-            raise EraseError("--images sets how many images are generated for a text concept; class "
+        if images is not None or image_guidance is not None:
+            option = "--images" if images is not None else "--image-guidance"
+            raise EraseError(f"{option} applies to the images generated for a text concept; class "
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(self, forget, retain, anchor, dataset)
 

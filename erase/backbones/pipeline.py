@@ -197,7 +197,8 @@ class TextToImageBackbone(Backbone):
     def null_condition(self, n: int) -> Condition:
         return self.encode_conditions([""] * n)
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None):
+    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
+                     image_guidance: float | None = None):
         """Forget/retain sets for a text concept: images this model generates from the concept's
         forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
 
@@ -212,7 +213,8 @@ class TextToImageBackbone(Backbone):
                              "generated from its prompts (set how many with --images)")
         if isinstance(retain, str) and not Path(retain).expanduser().is_file():
             retain = [p.strip() for p in retain.split(",") if p.strip()]
-        config = ConceptDataConfig() if images is None else ConceptDataConfig(images=images)
+        chosen = {"images": images, "guidance": image_guidance}
+        config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
         return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
 
     # -- images and latents ---------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     method = get_method(args.method)
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
-                  dataset=args.dataset, images=args.images, config=config, resume=not args.no_resume,
+                  dataset=args.dataset, images=args.images,
+                  image_guidance=args.image_guidance, config=config, resume=not args.no_resume,
                   keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
     from accelerate import PartialState
 
@@ -87,6 +88,9 @@ def add_commands(sub) -> None:
     p.add_argument("--dataset", help="dataset of the forget/retain images (default: the model's training set)")
     p.add_argument("--images", type=int, help="Stable Diffusion: images generated and cached per set (forget, "
                                               "anchor, retain); default 800 as in SalUn and EUPMU")
+    p.add_argument("--image-guidance", type=float,
+                   help="Stable Diffusion: guidance scale of those images (default: the model's sampling "
+                        "default, 7.5 for SD); 1 (no guidance) keeps the miniature's FID, see BENCHMARKS.md")
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
