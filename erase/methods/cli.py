@@ -90,7 +90,8 @@ def add_commands(sub) -> None:
                                               "anchor, retain); default 800 as in SalUn and EUPMU")
     p.add_argument("--image-guidance", type=float,
                    help="Stable Diffusion: guidance scale of those images (default: the model's sampling "
-                        "default, 7.5 for SD); 1 (no guidance) keeps the miniature's FID, see BENCHMARKS.md")
+                        "default, 7.5 for SD); 1 (no guidance) lowers unlearning's FID cost on the "
+                        "miniature (BENCHMARKS.md section 7)")
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
