@@ -4,7 +4,8 @@ The loop owns everything a method should not care about: data draws, the optimiz
 precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, the progress bar, and
 the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
 `erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
-`report_to` hands the same losses to accelerate's trackers (e.g. tensorboard, if installed). Each
+`ema_decay` keeps an exponential moving average of the trained weights (diffusers' EMAModel,
+checkpointed with them) and saves it in their place. `report_to` hands the same losses to accelerate's trackers (e.g. tensorboard, if installed). Each
 step's randomness comes from `step_generator(seed, step, rank)`, so a run resumed from a checkpoint
 is identical to an uninterrupted one.
 
@@ -111,6 +112,14 @@ def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, config: 
     return join([p[0] for p in parts]), join([p[1] for p in parts])
 
 
+def new_ema(params: dict[str, torch.nn.Parameter], decay: float):
+    """diffusers' EMAModel of the trained weights, with its default warm-up: the first update copies
+    the weights, then the decay grows as (1 + n) / (10 + n) up to `decay`."""
+    from diffusers.training_utils import EMAModel
+
+    return EMAModel(params.values(), decay=decay)
+
+
 def tracker_names(report_to: str | None) -> list[str]:
     """accelerate tracker names from a comma-separated list, refused up front when not installed."""
     from accelerate.tracking import get_available_trackers
@@ -207,6 +216,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo = method_cls(model, config, data, params)
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
+    ema = new_ema(params, config.ema_decay) if config.ema_decay else None
     robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
                                    config.seed, config.adversarial_radius) if config.adversarial_every else None)
 
@@ -222,6 +232,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                 p.copy_(tensors["params"][n])
         restore_optimizer_state(optimizer, tensors["optimizer"], state["optimizer"])
         algo.load_state_dict(tensors.get("method", {}), state["method"])
+        if ema is not None:
+            ema.load_state_dict({**ema.state_dict(), "optimization_step": state["ema_step"],
+                                 "shadow_params": [tensors["ema"][n].to(device) for n in params]})
         start, elapsed, step_times, recent = state["step"], state["elapsed_s"], state["step_times"], state["recent"]
         history = state["history"]
         logger.info("resuming %s from %s (step %d of %d)", method_cls.name, last, start, config.steps)
@@ -234,9 +247,12 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         tensors = {"params": params, "optimizer": opt_tensors}
         if m_tensors:
             tensors["method"] = m_tensors
-        return save_checkpoint(ckpt_dir, step, tensors, {
-            "run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
-            "step_times": step_times, "recent": recent, "history": history})
+        meta = {"run": run, "optimizer": opt_meta, "method": m_meta, "elapsed_s": elapsed,
+                "step_times": step_times, "recent": recent, "history": history}
+        if ema is not None:
+            tensors["ema"] = dict(zip(params, ema.shadow_params))
+            meta["ema_step"] = ema.optimization_step
+        return save_checkpoint(ckpt_dir, step, tensors, meta)
 
     if trackers:
         # Tracker configs take flat scalars only.
@@ -257,6 +273,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             pg["lr"] = config.lr * algo.lr_scale(step)
         with accelerator.autocast(), robust.applied(step, forget_b) if robust else contextlib.nullcontext():
             pending.append((step, algo.step(Batch(forget_b, retain_b, step), ctx)))
+        if ema is not None:
+            ema.step(params.values())
         done = step + 1
         checkpoint_now = done == stop_after or (done % config.checkpoint_every == 0 and done < config.steps)
         # The first step is read on its own: its warm-up (allocation, kernel choice) stays out of the
@@ -288,6 +306,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if stop_after is not None and stop_after < config.steps:
         return latest_checkpoint(ckpt_dir)
 
+    if ema is not None:  # the average stands in for the trained weights, also in a method's `finish` (mox)
+        ema.copy_to(params.values())
     algo.finish()
     if accelerator.num_processes > 1:
         check_in_sync(accelerator, params)
@@ -304,6 +324,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
+    if ema is not None:
+        summary["ema_final_decay"] = ema.get_decay(ema.optimization_step)
     if accelerator.is_main_process:
         # Model, delta, summary, loss history and marker appear together in one folder swap: a run killed
         # or out of disk while saving leaves no folder that loads, and the rerun resumes from the checkpoints.

@@ -114,3 +114,35 @@ def test_batch_of_one_only_for_forget_only_methods(tiny_model, tmp_path):
     with pytest.raises(EraseError, match="--batch-size must be at least 2"):
         unlearn(tiny_model, "rl", "3", tmp_path / "rl", steps=1, batch_size=1, progress=False)
     unlearn(tiny_model, "esd", "3", tmp_path / "esd", steps=1, batch_size=1, progress=False)  # ESD's own batch
+
+
+def test_ema_saves_the_warm_up_average_of_the_trained_weights(tiny_model, tmp_path):
+    """--ema-decay: the saved weights are the EMA (diffusers' warm-up) of the weights after each step,
+    only the trained group moves, and a resumed run gives the same average."""
+    decay, options = 0.5, dict(steps=4, batch_size=8, params="attn", checkpoint_every=100, progress=False)
+    per_step = []
+    for k in (1, 2, 3):  # each call resumes the last and stops with a checkpoint of step k
+        ckpt = unlearn(tiny_model, "finetune", "3", tmp_path / "plain", stop_after=k, **options)
+        per_step.append(load_file(ckpt / "params.safetensors"))
+    last = load_backbone(unlearn(tiny_model, "finetune", "3", tmp_path / "plain", **options)).unet.state_dict()
+    per_step.append({k: last[k] for k in per_step[0]})
+    expected = dict(per_step[0])  # the first update copies the weights
+    for n, weights in enumerate(per_step[1:], start=2):
+        d = min(decay, n / (9 + n))
+        expected = {k: d * expected[k] + (1 - d) * weights[k] for k in expected}
+
+    before = load_backbone(tiny_model).unet.state_dict()
+    out = unlearn(tiny_model, "finetune", "3", tmp_path / "ema", ema_decay=decay, **options)
+    model = load_backbone(out)
+    averaged = model.unet.state_dict()
+    assert_trained_only(set(model.trainable_parameters("attn")), before, averaged,
+                        load_file(out / "delta.safetensors"), "finetune with EMA")
+    for k in expected:
+        torch.testing.assert_close(averaged[k], expected[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(averaged[k], last[k]) for k in expected), "the EMA saved the last weights"
+    assert json.loads((out / "erase_config.json").read_text())["ema_final_decay"] == min(decay, 4 / 13)
+
+    unlearn(tiny_model, "finetune", "3", tmp_path / "resumed", ema_decay=decay, stop_after=3, **options)
+    resumed = load_backbone(unlearn(tiny_model, "finetune", "3", tmp_path / "resumed", ema_decay=decay,
+                                    **options)).unet.state_dict()
+    assert all(torch.equal(averaged[k], resumed[k]) for k in averaged), "the resumed EMA differs"

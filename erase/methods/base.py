@@ -39,6 +39,9 @@ class MethodConfig:
     mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16; fp16 is not "
                                          "offered because surgery, lur and eupmu do gradient algebra that a loss "
                                          "scaler would corrupt", choices=("auto", "no", "bf16"))
+    ema_decay: float = field(0.0, "keep diffusers' EMAModel of the trained weights (its warm-up: decay "
+                                  "min(ema_decay, (1+n)/(10+n)) at step n) and save the average instead of the "
+                                  "last weights; 0 turns it off (see BENCHMARKS.md section 7)")
     adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
                                       "unlearns the forget condition plus an adversarial perturbation that an "
                                       "inner attack refreshes every this many of those steps; 0 turns it off")
@@ -56,6 +59,8 @@ class MethodConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
         if self.adversarial_radius is not None and not self.adversarial_radius > 0:
             raise ValueError(f"adversarial_radius must be positive, got {self.adversarial_radius}")
         if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
