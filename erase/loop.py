@@ -179,9 +179,10 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                          f"got {image_guidance}")
     check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [],
                  checkpoints=True)
-    n_forget = round(config.batch_size * method_cls.forget_share)
+    forget_share = method_cls.forget_share_for(config)
+    n_forget = round(config.batch_size * forget_share)
     n_retain = config.batch_size - n_forget
-    if (method_cls.forget_share > 0 and n_forget < 1) or (method_cls.forget_share < 1 and n_retain < 1):
+    if (forget_share > 0 and n_forget < 1) or (forget_share < 1 and n_retain < 1):
         raise EraseError(f"{method_cls.name} draws forget and retain samples in every batch: --batch-size must "
                          f"be at least 2, got {config.batch_size}")
     if shards < 1 or n_forget % shards or n_retain % shards:

@@ -152,6 +152,8 @@ CASES = [
     ("unlearn-image-guidance-classes", U + ["--image-guidance", "1", "--out", "{ws}/new"],
      r"--image-guidance applies to the images generated for a text concept"),
     ("unlearn-ema-decay-one", U + ["--ema-decay", "1", "--out", "{ws}/new"], r"ema_decay must be in \[0, 1\)"),
+    ("unlearn-esd-retain-weight-negative", ["unlearn", *M, "--method", "esd", "--forget", "3", "--retain-weight", "-1",
+                                            "--out", "{ws}/new"], r"retain_weight must be non-negative"),
     ("unlearn-batch-one", U + ["--batch-size", "1", "--out", "{ws}/new"], r"batch-size must be at least 2"),
     ("unlearn-dataset-unknown", U + ["--dataset", "mnist9", "--out", "{ws}/new"], r"unknown dataset 'mnist9'"),
     ("unlearn-method-unknown", ["unlearn", *M, "--method", "magic", "--forget", "3", "--out", "{ws}/new"],

@@ -153,6 +153,11 @@ class Method:
         return (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
 
     @classmethod
+    def forget_share_for(cls, config: MethodConfig) -> float:
+        """The forget share of each batch under `config` (a method with an optional retain term changes it)."""
+        return cls.forget_share
+
+    @classmethod
     def params_preference_for(cls, model) -> tuple[str, ...]:
         """Parameter groups to try in order when `params` is unset (the first the backbone has wins)."""
         return cls.params_preference

@@ -2,7 +2,9 @@
 
 `neg_guidance`: the forget condition is trained to predict the reference model's negatively guided
 noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept. No retain
-term. ESD-u trains everything but where the condition enters (`nocondition`, on SD everything but
+term in the paper; `retain_weight` > 0 adds AdvUnlearn's utility term (keep the original's
+predictions on the retain conditions, half of each batch), which ESD needs where erasing one text
+concept drags its neighbours along (the flow miniature, BENCHMARKS.md section 10). ESD-u trains everything but where the condition enters (`nocondition`, on SD everything but
 cross-attention, for broad concepts), ESD-x only where it enters (`condition`, SD's cross-attention,
 for a specific concept). The default is ESD-u on text-conditioned backbones. **[adaptation]** a
 class-conditional DDPM's condition enters through its class embedding, so ESD trains `condition`
@@ -29,7 +31,7 @@ import torch
 from ..config import field
 from ..utils import step_generator
 from .base import Method, MethodConfig
-from .losses import neg_guidance
+from .losses import mse, neg_guidance, neg_guidance_target, predict, reference_prediction
 
 SAMPLE_STREAM = 1 << 41  # the x_t sampler's own random stream, separate from the loop's draws
 
@@ -44,11 +46,17 @@ class ESDConfig(MethodConfig):
                     choices=("cached", "sample"))
     sample_steps: int = field(50, "xt=sample: DDIM steps of the sampler (ESD: 50)")
     start_guidance: float = field(3.0, "xt=sample: guidance scale of the sampler (ESD: 3)")
+    retain_weight: float = field(0.0, "weight of a retain term that keeps the retain conditions' predictions "
+                                      "those of the original (AdvUnlearn's utility term added to ESD, arXiv "
+                                      "2405.15234); 0 is the paper's ESD, forget samples only; above 0 half of "
+                                      "each batch is retain samples")
 
     def __post_init__(self):
         super().__post_init__()
         if self.eta <= 0:
             raise ValueError(f"eta must be positive, got {self.eta}")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight must be non-negative (0 turns the retain term off), got {self.retain_weight}")
         if self.sample_steps < 1:
             raise ValueError(f"sample_steps must be at least 1, got {self.sample_steps}")
 
@@ -57,6 +65,10 @@ class ESD(Method):
     name = "esd"
     Config = ESDConfig
     forget_share = 1.0
+
+    @classmethod
+    def forget_share_for(cls, config) -> float:
+        return 0.5 if config.retain_weight > 0 else cls.forget_share
 
     @classmethod
     def params_preference_for(cls, model) -> tuple[str, ...]:
@@ -84,5 +96,11 @@ class ESD(Method):
                                                self.config.start_guidance)
             # Only x_t, t and the condition enter the loss; the cached draw's x0 and noise are unused.
             forget = dataclasses.replace(forget, x_t=x_t, t=t)
-        loss = neg_guidance(self.model, self.ref, forget, self.config.eta)
-        return loss, {"esd": loss.detach()}
+        if not self.config.retain_weight:
+            loss = neg_guidance(self.model, self.ref, forget, self.config.eta)
+            return loss, {"esd": loss.detach()}
+        target_f = neg_guidance_target(self.model, self.ref, forget, self.config.eta)
+        target_r = reference_prediction(self.model, self.ref, batch.retain)
+        pred_f, pred_r = predict(self.model, forget, batch.retain)  # one network call for both
+        esd, keep = mse(pred_f, target_f), mse(pred_r, target_r)
+        return esd + self.config.retain_weight * keep, {"esd": esd.detach(), "retain": keep.detach()}
