@@ -5,9 +5,10 @@ precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, t
 the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
 `erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
 `ema_decay` keeps an exponential moving average of the trained weights (diffusers' EMAModel,
-checkpointed with them) and saves it in their place. `report_to` hands the same losses to accelerate's trackers (e.g. tensorboard, if installed). Each
-step's randomness comes from `step_generator(seed, step, rank)`, so a run resumed from a checkpoint
-is identical to an uninterrupted one.
+checkpointed with them) and saves it in their place. `report_to` hands the same losses to
+accelerate's trackers (e.g. tensorboard, if installed). Each step's randomness comes from
+`step_generator(seed, step, rank)`, so a run resumed from a checkpoint is identical to an
+uninterrupted one.
 
 Parameter groups: `--params` picks one explicitly (an unknown group is an error). Left unset, the
 method's preference list for the backbone decides: the first group the backbone offers (ESD trains

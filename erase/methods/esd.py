@@ -4,7 +4,8 @@
 noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept. No retain
 term in the paper; `retain_weight` > 0 adds AdvUnlearn's utility term (keep the original's
 predictions on the retain conditions, half of each batch), which ESD needs where erasing one text
-concept drags its neighbours along (the flow miniature, BENCHMARKS.md section 10). ESD-u trains everything but where the condition enters (`nocondition`, on SD everything but
+concept drags its neighbours along (the flow miniature, BENCHMARKS.md section 10).
+ESD-u trains everything but where the condition enters (`nocondition`, on SD everything but
 cross-attention, for broad concepts), ESD-x only where it enters (`condition`, SD's cross-attention,
 for a specific concept). The default is ESD-u on text-conditioned backbones. **[adaptation]** a
 class-conditional DDPM's condition enters through its class embedding, so ESD trains `condition`
