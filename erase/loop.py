@@ -4,6 +4,8 @@ The loop owns everything a method should not care about: data draws, the optimiz
 precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, the progress bar, and
 the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
 `erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
+`retain_target="reference"` replaces the retain samples' training targets by a frozen copy of the
+input model's predictions on them, for every method at once (each retain term reads `Noised.target`).
 `ema_decay` keeps an exponential moving average of the trained weights (diffusers' EMAModel,
 checkpointed with them) and saves it in their place. `report_to` hands the same losses to
 accelerate's trackers (e.g. tensorboard, if installed). Each step's randomness comes from
@@ -34,7 +36,7 @@ from .checkpoint import (check_same_config, flatten_optimizer_state, latest_chec
 from .config import build_config, config_dict
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
-from .methods.losses import Noised
+from .methods.losses import Noised, reference_prediction
 from .robust import AdversarialCondition
 from .unlearn_data import UnlearnData
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
@@ -219,6 +221,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
     ema = new_ema(params, config.ema_decay) if config.ema_decay else None
+    # The input model, frozen before any step, whose predictions replace the retain images' targets.
+    retain_reference = model.frozen_copy() if config.retain_target == "reference" and n_retain else None
     robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
                                    config.seed, config.adversarial_radius) if config.adversarial_every else None)
 
@@ -274,6 +278,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         for pg in optimizer.param_groups:
             pg["lr"] = config.lr * algo.lr_scale(step)
         with accelerator.autocast(), robust.applied(step, forget_b) if robust else contextlib.nullcontext():
+            if retain_reference is not None:
+                retain_b.target = reference_prediction(model, retain_reference, retain_b)
             pending.append((step, algo.step(Batch(forget_b, retain_b, step), ctx)))
         if ema is not None:
             ema.step(params.values())

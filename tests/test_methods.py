@@ -151,13 +151,18 @@ def test_ema_saves_the_warm_up_average_of_the_trained_weights(tiny_model, tmp_pa
 def test_esd_retain_weight_keeps_the_retain_predictions(tiny_model, tmp_path):
     """ESD's optional retain term: half of each batch is retain samples, and the retain classes'
     predictions stay nearer the original's than plain ESD leaves them."""
-    from erase.utils import step_generator
-
     options = dict(steps=20, batch_size=8, lr=1e-3, params="all", progress=False)
     plain = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "plain", **options))
     out = unlearn(tiny_model, "esd", "3", tmp_path / "kept", retain_weight=100.0, **options)
     kept, original = load_backbone(out), load_backbone(tiny_model)
     assert {"esd", "retain"} <= set(json.loads((out / "erase_config.json").read_text())["final_losses"])
+    drift = retain_drift(original, {"plain": plain, "kept": kept})
+    assert drift["kept"] < 0.5 * drift["plain"], drift
+
+
+def retain_drift(original, models: dict) -> dict[str, float]:
+    """Mean squared change of the retained digits' predictions against `original`, per model."""
+    from erase.utils import step_generator
 
     g = step_generator(0)
     cond = original.encode_conditions([0, 1, 2, 4, 5, 6, 7, 8, 9] * 4)
@@ -165,6 +170,25 @@ def test_esd_retain_weight_keeps_the_retain_predictions(tiny_model, tmp_path):
     t = torch.randint(original.scheduler.config.num_train_timesteps, (len(cond),), generator=g)
     with torch.no_grad():
         ref = original.predict(x_t, t, cond)
-        drift = {name: (m.predict(x_t, t, cond) - ref).pow(2).mean().item()
-                 for name, m in (("plain", plain), ("kept", kept))}
-    assert drift["kept"] < 0.5 * drift["plain"], drift
+        return {name: (m.predict(x_t, t, cond) - ref).pow(2).mean().item() for name, m in models.items()}
+
+
+def test_retain_target_reference_replaces_the_retain_images_targets(tiny_model, tmp_path):
+    """`retain_target="reference"`: every retain term targets the input model's own predictions.
+
+    `finetune` is its retain term alone, so against those targets its loss starts at exactly 0 and
+    it has nothing to learn: the weights stay where they were, while the data target moves them. A
+    method with a forget term (`rl`) keeps the retain digits' predictions nearer the original's.
+    """
+    options = dict(steps=6, batch_size=8, lr=1e-3, params="all", progress=False)
+    still = unlearn(tiny_model, "finetune", "3", tmp_path / "ft-ref", retain_target="reference", **options)
+    moved = unlearn(tiny_model, "finetune", "3", tmp_path / "ft-data", **options)
+    assert not load_file(still / "delta.safetensors") and load_file(moved / "delta.safetensors")
+    history = [json.loads(line) for line in (still / "loss_history.jsonl").read_text().splitlines()]
+    assert [h["retain"] for h in history] == [0.0] * len(history)
+
+    options["steps"] = 20
+    data = load_backbone(unlearn(tiny_model, "rl", "3", tmp_path / "rl-data", **options))
+    ref = load_backbone(unlearn(tiny_model, "rl", "3", tmp_path / "rl-ref", retain_target="reference", **options))
+    drift = retain_drift(load_backbone(tiny_model), {"data": data, "reference": ref})
+    assert drift["reference"] < 0.5 * drift["data"], drift

@@ -42,6 +42,11 @@ class MethodConfig:
     ema_decay: float = field(0.0, "keep diffusers' EMAModel of the trained weights (its warm-up: decay "
                                   "min(ema_decay, (1+n)/(10+n)) at step n) and save the average instead of the "
                                   "last weights; 0 turns it off (see BENCHMARKS.md section 7)")
+    retain_target: str = field("data", "target of every retain term: data (the training target of the retain "
+                                       "images, the papers' choice) or reference (a frozen copy of the input model's "
+                                       "prediction on the same noised retain sample: the retain term then keeps what "
+                                       "the model did instead of refitting the data; see BENCHMARKS.md section 7)",
+                               choices=("data", "reference"))
     adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
                                       "unlearns the forget condition plus an adversarial perturbation that an "
                                       "inner attack refreshes every this many of those steps; 0 turns it off")

@@ -30,6 +30,8 @@ from ..config import field
 from .base import Method, MethodConfig
 from .losses import anchor_target, mse, predict
 
+LOSS_FLOOR = 1e-12  # far below any loss against data targets, so it changes nothing there
+
 
 @dataclass
 class EUPMUConfig(MethodConfig):
@@ -71,10 +73,13 @@ class EUPMU(Method):
         # ∇log L = ∇L / L, so each process backpropagates its own L over the joint L (a constant).
         # Averaged over processes, that is the gradient one process with the joint batch computes.
         joint_forget, joint_retain = ctx.reduce_mean([forget.detach().float(), retain.detach().float()])
+        # With `retain_target="reference"` the first step's retain loss is exactly 0 (the model is its
+        # reference): the floor keeps log L_r and the division finite.
+        joint_forget, joint_retain = joint_forget.clamp_min(LOSS_FLOOR), joint_retain.clamp_min(LOSS_FLOOR)
         ctx.backward(self.w.detach() * retain / joint_retain + forget / joint_forget)
         ctx.optimizer_step()
         with torch.no_grad():
-            after = ctx.global_mean(mse(predict(self.model, r)[0], r.target))
+            after = ctx.global_mean(mse(predict(self.model, r)[0], r.target)).clamp_min(LOSS_FLOOR)
             delta = joint_retain.log() - after.log() - self.config.eps  # the same on every process
             self.w.grad = delta.reshape(())
             self.w_opt.step()
