@@ -147,7 +147,7 @@ def check_in_sync(accelerator, params: dict[str, torch.nn.Parameter]) -> None:
 
 def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, retain=None, anchor=None,
             dataset: str | None = None, images: int | None = None, image_guidance: float | None = None,
-            data: UnlearnData | None = None,
+            anchor_in_retain: bool | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
             report_to: str | None = None,
@@ -207,7 +207,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     group = resolve_params(model, config.params, method_cls.params_preference_for(model))  # before any data is generated
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images,
-                                  image_guidance=image_guidance)
+                                  image_guidance=image_guidance, anchor_in_retain=anchor_in_retain)
     data.to(device)
 
     if config.gradient_checkpointing:

@@ -151,6 +151,8 @@ CASES = [
      r"--image-guidance must be a positive number"),
     ("unlearn-image-guidance-classes", U + ["--image-guidance", "1", "--out", "{ws}/new"],
      r"--image-guidance applies to the images generated for a text concept"),
+    ("unlearn-no-anchor-in-retain-classes", U + ["--no-anchor-in-retain", "--out", "{ws}/new"],
+     r"--no-anchor-in-retain applies to the images generated for a text concept"),
     ("unlearn-ema-decay-one", U + ["--ema-decay", "1", "--out", "{ws}/new"], r"ema_decay must be in \[0, 1\)"),
     ("unlearn-esd-retain-weight-negative", ["unlearn", *M, "--method", "esd", "--forget", "3", "--retain-weight", "-1",
                                             "--out", "{ws}/new"], r"retain_weight must be non-negative"),

@@ -50,6 +50,20 @@ def test_image_guidance_sets_the_guidance_of_the_generated_concept_images(tiny_s
     assert runs["1"]["cache"] != runs[None]["cache"], "images drawn at another guidance are cached apart"
 
 
+def test_no_anchor_in_retain_leaves_the_anchor_images_out_of_the_retain_set(tiny_sd_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for extra in ([], ["--no-anchor-in-retain"]):
+        out = tmp_path / f"erased-{len(extra)}"
+        assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "finetune", "--forget", "a photo of a cat",
+                     "--retain", "a tree", "--images", "2", "--steps", "1", "--batch-size", "2",
+                     "--out", str(out), *extra]) == 0
+        runs[len(extra)] = json.loads((out / "erase_config.json").read_text())["data"]
+    assert (runs[0]["anchor_in_retain"], runs[0]["retain_images"]) == (True, 4), "2 anchor + 2 retain images"
+    assert (runs[1]["anchor_in_retain"], runs[1]["retain_images"]) == (False, 2)
+    assert runs[0]["cache"] == runs[1]["cache"], "the same generated images, only the retain set differs"
+
+
 def test_dataset_option_is_refused_for_text_concepts(tiny_sd_dir, tmp_path, capsys):
     assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "rl", "--forget", "cat",
                  "--dataset", "digits", "--out", str(tmp_path / "x")]) == 2

@@ -174,12 +174,13 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
         return denoiser(x_t, t, class_labels=cond.tensors["class_labels"]).sample
 
     def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None):
+                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
         """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
         from ..unlearn_data import class_erasure_data
 
-        if images is not None or image_guidance is not None:
-            option = "--images" if images is not None else "--image-guidance"
+        if images is not None or image_guidance is not None or anchor_in_retain is not None:
+            option = ("--images" if images is not None else "--image-guidance" if image_guidance is not None
+                      else "--no-anchor-in-retain")
             raise EraseError(f"{option} applies to the images generated for a text concept; class "
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(self, forget, retain, anchor, dataset)

@@ -198,7 +198,7 @@ class TextToImageBackbone(Backbone):
         return self.encode_conditions([""] * n)
 
     def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None):
+                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
         """Forget/retain sets for a text concept: images this model generates from the concept's
         forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
 
@@ -213,7 +213,7 @@ class TextToImageBackbone(Backbone):
                              "generated from its prompts (set how many with --images)")
         if isinstance(retain, str) and not Path(retain).expanduser().is_file():
             retain = [p.strip() for p in retain.split(",") if p.strip()]
-        chosen = {"images": images, "guidance": image_guidance}
+        chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
         config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
         return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
 

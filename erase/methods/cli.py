@@ -40,7 +40,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images,
-                  image_guidance=args.image_guidance, config=config, resume=not args.no_resume,
+                  image_guidance=args.image_guidance,
+                  anchor_in_retain=False if args.no_anchor_in_retain else None, config=config, resume=not args.no_resume,
                   keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
     from accelerate import PartialState
 
@@ -92,6 +93,11 @@ def add_commands(sub) -> None:
                    help="Stable Diffusion: guidance scale of those images (default: the model's sampling "
                         "default, 7.5 for SD); 1 (no guidance) lowers unlearning's FID cost on the "
                         "miniature (BENCHMARKS.md section 7)")
+    p.add_argument("--no-anchor-in-retain", action="store_true",
+                   help="Stable Diffusion: leave the anchor images out of the retain set (by default they join "
+                        "it, SalUn's nudity recipe; beside a concept's own retain prompts they are half the "
+                        "retain images; on the miniature leaving them out did not lower the FID cost over "
+                        "seeds, BENCHMARKS.md section 7)")
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
