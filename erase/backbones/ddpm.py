@@ -178,10 +178,10 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
         """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
         from ..unlearn_data import class_erasure_data
 
-        if images is not None or image_guidance is not None or anchor_in_retain is not None:
-            option = ("--images" if images is not None else "--image-guidance" if image_guidance is not None
-                      else "--no-anchor-in-retain")
-            raise EraseError(f"{option} applies to the images generated for a text concept; class "
+        text_only = {"--images": images, "--image-guidance": image_guidance, "--no-anchor-in-retain": anchor_in_retain}
+        given = [option for option, value in text_only.items() if value is not None]
+        if given:
+            raise EraseError(f"{given[0]} applies to the images generated for a text concept; class "
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(self, forget, retain, anchor, dataset)
 

@@ -39,9 +39,9 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     method = get_method(args.method)
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
-                  dataset=args.dataset, images=args.images,
-                  image_guidance=args.image_guidance,
-                  anchor_in_retain=False if args.no_anchor_in_retain else None, config=config, resume=not args.no_resume,
+                  dataset=args.dataset, images=args.images, image_guidance=args.image_guidance,
+                  anchor_in_retain=False if args.no_anchor_in_retain else None,
+                  config=config, resume=not args.no_resume,
                   keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
     from accelerate import PartialState
 
