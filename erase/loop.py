@@ -48,6 +48,26 @@ LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
 LOG_EVERY = 10  # steps between reads of the losses (NaN guard, progress bar, step times)
 
 
+def frozen_retain_reference(model, path: str | None) -> torch.nn.Module:
+    """The frozen denoiser the retain term keeps: the input model's, or the one of the model at `path`,
+    which must be the same backbone with the same parameters (names and shapes)."""
+    if path is None:
+        return model.frozen_copy()
+    from .backbones import load_backbone
+
+    other = load_backbone(path)
+    mine = {n: p.shape for n, p in model.denoiser.named_parameters()}
+    theirs = {n: p.shape for n, p in other.denoiser.named_parameters()}
+    if type(other) is not type(model) or mine != theirs:
+        differ = sorted(n for n in mine.keys() | theirs.keys() if mine.get(n) != theirs.get(n))
+        what = (f"it is a {type(other).__name__}, not a {type(model).__name__}" if type(other) is not type(model)
+                else f"{len(differ)} parameters differ in name or shape (first: {differ[0]})")
+        raise EraseError(f"--retain-reference {path} does not match the model being trained: {what}. "
+                         f"Give the model this run's input was made from (e.g. the original of a recipe).")
+    dtype = next(model.denoiser.parameters()).dtype
+    return other.denoiser.to(model.device, dtype).eval().requires_grad_(False)
+
+
 def resolve_params(model, requested: str | None, preference: tuple[str, ...]) -> str:
     if requested is not None:
         model.trainable_parameters(requested)  # raises a clear error for a group the backbone lacks
@@ -180,7 +200,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if image_guidance is not None and not (math.isfinite(image_guidance) and image_guidance > 0):
         raise EraseError(f"--image-guidance must be a positive number (1 is plain conditional sampling), "
                          f"got {image_guidance}")
-    check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [],
+    inputs = [model] if isinstance(model, (str, Path)) else []
+    check_output(out, "unlearn", overwrite, inputs=inputs + [p for p in [config.retain_reference] if p],
                  checkpoints=True)
     forget_share = method_cls.forget_share_for(config)
     n_forget = round(config.batch_size * forget_share)
@@ -221,8 +242,10 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
     ema = new_ema(params, config.ema_decay) if config.ema_decay else None
-    # The input model, frozen before any step, whose predictions replace the retain images' targets.
-    retain_reference = model.frozen_copy() if config.retain_target == "reference" and n_retain else None
+    # The input model (or --retain-reference), frozen before any step, whose predictions replace the
+    # retain images' targets.
+    retain_reference = (frozen_retain_reference(model, config.retain_reference)
+                        if config.retain_target == "reference" and n_retain else None)
     robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
                                    config.seed, config.adversarial_radius) if config.adversarial_every else None)
 

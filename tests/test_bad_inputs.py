@@ -36,6 +36,7 @@ def workspace(tmp_path_factory, tiny_model, tiny_classifier_dir):
     (user / "notes.txt").write_text("my own notes\n")
     (user / "data" / "table.bin").write_bytes(os.urandom(256))
     shutil.copytree(tiny_model, ws / "model")
+    save_tiny_ddpm(ws / "no-attention-model", attention=False)  # another architecture of the same backbone
     shutil.copytree(tiny_classifier_dir, ws / "classifier")
 
     truncated = ws / "truncated-model"
@@ -153,6 +154,17 @@ CASES = [
      r"--image-guidance applies to the images generated for a text concept"),
     ("unlearn-no-anchor-in-retain-classes", U + ["--no-anchor-in-retain", "--out", "{ws}/new"],
      r"--no-anchor-in-retain applies to the images generated for a text concept"),
+    ("unlearn-retain-reference-without-target", U + ["--retain-reference", "{ws}/model", "--out", "{ws}/new"],
+     r"retain_reference.*needs retain_target='reference'"),
+    ("unlearn-retain-reference-other-architecture",
+     U + ["--retain-target", "reference", "--retain-reference", "{ws}/no-attention-model", "--out", "{ws}/new"],
+     r"--retain-reference .* does not match the model being trained: \d+ parameters differ"),
+    ("unlearn-retain-reference-missing",
+     U + ["--retain-target", "reference", "--retain-reference", "{ws}/nope", "--out", "{ws}/new"], r"does not exist"),
+    ("unlearn-out-is-retain-reference",
+     U + ["--retain-target", "reference", "--retain-reference", "{ws}/nan-model", "--out", "{ws}/nan-model",
+          "--overwrite"],
+     r"overwrite the input"),
     ("unlearn-ema-decay-one", U + ["--ema-decay", "1", "--out", "{ws}/new"], r"ema_decay must be in \[0, 1\)"),
     ("unlearn-esd-retain-weight-negative", ["unlearn", *M, "--method", "esd", "--forget", "3", "--retain-weight", "-1",
                                             "--out", "{ws}/new"], r"retain_weight must be non-negative"),

@@ -160,6 +160,23 @@ def test_esd_retain_weight_keeps_the_retain_predictions(tiny_model, tmp_path):
     assert drift["kept"] < 0.5 * drift["plain"], drift
 
 
+def test_retain_reference_pulls_a_later_stage_back_to_the_given_model(tiny_model, tmp_path):
+    """`retain_reference`: the retain term keeps a named model's predictions, not the input's.
+
+    A second stage that distils the original undoes most of what a first stage changed on the
+    retained digits; distilling its own input (the default reference) leaves it where it was.
+    """
+    options = dict(steps=20, batch_size=8, lr=1e-3, params="all", progress=False)
+    moved = unlearn(tiny_model, "rl", "3", tmp_path / "moved", **options)
+    back = unlearn(moved, "finetune", "3", tmp_path / "back", retain_target="reference",
+                   retain_reference=str(tiny_model), **options)
+    stayed = unlearn(moved, "finetune", "3", tmp_path / "stayed", retain_target="reference", **options)
+    assert not load_file(stayed / "delta.safetensors")
+    drift = retain_drift(load_backbone(tiny_model), {"moved": load_backbone(moved), "back": load_backbone(back)})
+    assert drift["back"] < 0.5 * drift["moved"], drift
+    assert json.loads((back / "erase_config.json").read_text())["config"]["retain_reference"] == str(tiny_model)
+
+
 def retain_drift(original, models: dict) -> dict[str, float]:
     """Mean squared change of the retained digits' predictions against `original`, per model."""
     from erase.utils import step_generator

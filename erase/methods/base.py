@@ -47,6 +47,10 @@ class MethodConfig:
                                        "prediction on the same noised retain sample: the retain term then keeps what "
                                        "the model did instead of refitting the data; see BENCHMARKS.md section 7)",
                                choices=("data", "reference"))
+    retain_reference: str | None = field(None, "with --retain-target reference: the model whose predictions the "
+                                               "retain term keeps, in place of the input model (a later stage of a "
+                                               "recipe then keeps what the original model did, not what the "
+                                               "previous stage left); same backbone and architecture as the input")
     adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
                                       "unlearns the forget condition plus an adversarial perturbation that an "
                                       "inner attack refreshes every this many of those steps; 0 turns it off")
@@ -66,6 +70,9 @@ class MethodConfig:
             raise ValueError("weight_decay and grad_clip must be non-negative")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
+        if self.retain_reference is not None and self.retain_target != "reference":
+            raise ValueError("retain_reference names the model the retain term keeps: it needs "
+                             "retain_target='reference' (--retain-target reference)")
         if self.adversarial_radius is not None and not self.adversarial_radius > 0:
             raise ValueError(f"adversarial_radius must be positive, got {self.adversarial_radius}")
         if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
