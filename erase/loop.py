@@ -226,6 +226,10 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     reset_peak_memory(device)
     model.to(device)
     group = resolve_params(model, config.params, method_cls.params_preference_for(model))  # before any data is generated
+    # The input model (or --retain-reference), frozen before any step, whose predictions replace the
+    # retain images' targets; loaded before the data is generated, so that a mismatch is refused at once.
+    retain_reference = (frozen_retain_reference(model, config.retain_reference)
+                        if config.retain_target == "reference" and n_retain else None)
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images,
                                   image_guidance=image_guidance, anchor_in_retain=anchor_in_retain)
@@ -242,10 +246,6 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     algo.setup()  # on the original weights: a resume then restores the trained ones
     ctx = StepContext(accelerator, optimizer, list(params.values()), config.grad_clip)
     ema = new_ema(params, config.ema_decay) if config.ema_decay else None
-    # The input model (or --retain-reference), frozen before any step, whose predictions replace the
-    # retain images' targets.
-    retain_reference = (frozen_retain_reference(model, config.retain_reference)
-                        if config.retain_target == "reference" and n_retain else None)
     robust = (AdversarialCondition(model, config.adversarial_every, config.adversarial_steps, config.adversarial_lr,
                                    config.seed, config.adversarial_radius) if config.adversarial_every else None)
 
