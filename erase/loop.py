@@ -5,7 +5,8 @@ precision, gradient clipping, checkpoints and exact resume, the NaN/inf guard, t
 the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tensors that changed,
 `erase_config.json`, and `loss_history.jsonl`: every step's losses, one JSON object per line).
 `retain_target="reference"` replaces the retain samples' training targets by a frozen copy of the
-input model's predictions on them, for every method at once (each retain term reads `Noised.target`).
+input model's predictions on them (or of `retain_reference`'s, e.g. the original of a multi-stage
+recipe), for every method at once (each retain term reads `Noised.target`).
 `ema_decay` keeps an exponential moving average of the trained weights (diffusers' EMAModel,
 checkpointed with them) and saves it in their place. `report_to` hands the same losses to
 accelerate's trackers (e.g. tensorboard, if installed). Each step's randomness comes from
