@@ -57,12 +57,14 @@ def frozen_retain_reference(model, path: str | None) -> torch.nn.Module:
     from .backbones import load_backbone
 
     other = load_backbone(path)
-    mine = {n: p.shape for n, p in model.denoiser.named_parameters()}
-    theirs = {n: p.shape for n, p in other.denoiser.named_parameters()}
-    if type(other) is not type(model) or mine != theirs:
+    if type(other) is not type(model):
+        what = f"it is a {type(other).__name__}, not a {type(model).__name__}"
+    else:
+        mine = {n: p.shape for n, p in model.denoiser.named_parameters()}
+        theirs = {n: p.shape for n, p in other.denoiser.named_parameters()}
         differ = sorted(n for n in mine.keys() | theirs.keys() if mine.get(n) != theirs.get(n))
-        what = (f"it is a {type(other).__name__}, not a {type(model).__name__}" if type(other) is not type(model)
-                else f"{len(differ)} parameters differ in name or shape (first: {differ[0]})")
+        what = f"{len(differ)} parameters differ in name or shape (first: {differ[0]})" if differ else None
+    if what:
         raise EraseError(f"--retain-reference {path} does not match the model being trained: {what}. "
                          f"Give the model this run's input was made from (e.g. the original of a recipe).")
     dtype = next(model.denoiser.parameters()).dtype
@@ -202,8 +204,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         raise EraseError(f"--image-guidance must be a positive number (1 is plain conditional sampling), "
                          f"got {image_guidance}")
     inputs = [model] if isinstance(model, (str, Path)) else []
-    check_output(out, "unlearn", overwrite, inputs=inputs + [p for p in [config.retain_reference] if p],
-                 checkpoints=True)
+    if config.retain_reference:
+        inputs.append(config.retain_reference)  # the output must not overwrite it either
+    check_output(out, "unlearn", overwrite, inputs=inputs, checkpoints=True)
     forget_share = method_cls.forget_share_for(config)
     n_forget = round(config.batch_size * forget_share)
     n_retain = config.batch_size - n_forget
