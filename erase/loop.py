@@ -7,6 +7,8 @@ the outputs (a `save_pretrained` folder, `delta.safetensors` with only the tenso
 `retain_target="reference"` replaces the retain samples' training targets by a frozen copy of the
 input model's predictions on them (or of `retain_reference`'s, e.g. the original of a multi-stage
 recipe), for every method at once (each retain term reads `Noised.target`).
+`retain_samples="trajectories"` draws those retain samples from the reference's own guided sampling
+paths (`erase.unlearn_data.SamplingPaths`) instead of noising the retain images.
 `ema_decay` keeps an exponential moving average of the trained weights (diffusers' EMAModel,
 checkpointed with them) and saves it in their place. `report_to` hands the same losses to
 accelerate's trackers (e.g. tensorboard, if installed). Each step's randomness comes from
@@ -39,7 +41,7 @@ from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .methods.losses import Noised, reference_prediction
 from .robust import AdversarialCondition
-from .unlearn_data import UnlearnData
+from .unlearn_data import UnlearnData, sampling_paths
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
@@ -237,6 +239,10 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images,
                                   image_guidance=image_guidance, anchor_in_retain=anchor_in_retain)
+    if config.retain_samples == "trajectories" and retain_reference is not None:
+        paths = sampling_paths(model, retain_reference, data.retain_cond, config.trajectories, config.seed)
+        data = dataclasses.replace(data, retain_paths=paths,  # a copy: a caller's data object stays as given
+                                   description={**data.description, "retain_samples": paths.description})
     data.to(device)
 
     if config.gradient_checkpointing:

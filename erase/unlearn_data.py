@@ -3,6 +3,8 @@
 `UnlearnData` holds tensors and `Condition`s and indexes only their rows, so a condition can be
 anything a backbone encodes (a class id, a text embedding, SDXL's embeddings with pooled embeddings
 and time ids); `x0` are pixels or VAE latents. `class_erasure_data` builds it from a labelled dataset.
+`SamplingPaths` replaces the noised retain samples by the states a teacher's sampler visits
+(`--retain-samples trajectories`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,63 @@ import torch
 from .backbones.base import Condition
 from .data import load_dataset
 from .methods.losses import Noised, noised
-from .utils import EraseError, to_device
+from .utils import EraseError, derive_seed, logger, step_generator, to_device
+
+
+@dataclass
+class SamplingPaths:
+    """Retain samples taken from sampling: the states `x_t` a teacher model's guided sampler fed its
+    denoiser (`Backbone.sampling_path`) on the way to K retain samples, S steps each.
+
+    A state has no clean sample and no noise of its own, so it has no data target: the retain term
+    distils the teacher's prediction there (`--retain-target reference`). Half of each drawn batch
+    asks for the state under its retain condition and half under the null condition, the two
+    predictions guided sampling combines.
+    """
+
+    states: torch.Tensor  # (K, S, *sample_shape)
+    timesteps: torch.Tensor  # (K, S)
+    cond: Condition  # (K) the retain condition of each path
+    null: Condition  # (1) the null condition
+    description: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> "SamplingPaths":
+        for name in ("states", "timesteps", "cond", "null"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def draw(self, n: int, g: torch.Generator) -> Noised:
+        """n states with replacement (path and step uniform), the first half conditioned, the rest null;
+        `target` is left for the teacher's prediction."""
+        k, s = (to_device(torch.randint(m, (n,), generator=g), self.states.device) for m in self.states.shape[:2])
+        conditioned = (n + 1) // 2
+        cond = Condition.cat([self.cond[k[:conditioned]], self.null[[0] * (n - conditioned)]])
+        return Noised(x0=None, cond=cond, noise=None, t=self.timesteps[k, s], x_t=self.states[k, s], target=None)
+
+
+PATH_STREAM = 1 << 43  # the sampling paths' own random stream, apart from every training step's draws
+
+
+def sampling_paths(model, teacher, retain_cond: Condition, count: int, seed: int, batch_size: int = 64) -> SamplingPaths:
+    """`count` guided sampling paths of `teacher` (a frozen denoiser of `model`'s architecture) at the
+    model's sampling steps and guidance: retain conditions drawn from `retain_cond` (without
+    replacement while they last), initial noise seeded by (seed, path). On the CPU, float32."""
+    g = step_generator(seed, PATH_STREAM)
+    rows = (torch.randperm(len(retain_cond), generator=g)[:count] if count <= len(retain_cond)
+            else torch.randint(len(retain_cond), (count,), generator=g))
+    cond = retain_cond[rows]
+    steps, guidance = model.sample_defaults["steps"], model.sample_defaults["guidance"]
+    logger.info("drawing %d sampling paths of the retain reference (%d steps, guidance %g)", count, steps, guidance)
+    initial = model.initial_noise([derive_seed(seed, PATH_STREAM, i) for i in range(count)])
+    states, times = [], []
+    for b in range(0, count, batch_size):
+        x, t = model.sampling_path(initial[b:b + batch_size], cond[b:b + batch_size].to(model.device), steps,
+                                   guidance, teacher)
+        states.append(x.transpose(0, 1).float().cpu())
+        times.append(t.transpose(0, 1).cpu())
+    return SamplingPaths(torch.cat(states).contiguous(), torch.cat(times).contiguous(), cond.to("cpu"),
+                         model.null_condition(1).to("cpu"),
+                         description={"paths": count, "steps": steps, "guidance": guidance, "seed": seed})
 
 
 @dataclass
@@ -26,6 +84,7 @@ class UnlearnData:
     retain_x0: torch.Tensor
     retain_cond: Condition
     description: dict = field(default_factory=dict)  # written to erase_config.json
+    retain_paths: SamplingPaths | None = None  # when set, retain batches are drawn from these states instead
 
     def __post_init__(self):
         if len(self.forget_x0) == 0:
@@ -46,6 +105,8 @@ class UnlearnData:
     def to(self, device: torch.device | str) -> "UnlearnData":
         for name in ("forget_x0", "forget_cond", "anchor_cond", "retain_x0", "retain_cond"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.retain_paths is not None:
+            self.retain_paths.to(device)
         return self
 
     def draw(self, model, n_forget: int, n_retain: int, g: torch.Generator,
@@ -55,7 +116,9 @@ class UnlearnData:
         if n_forget:
             i = to_device(torch.randint(len(self.forget_x0), (n_forget,), generator=g), self.forget_x0.device)
             forget = noised(model, self.forget_x0[i], self.forget_cond[i], g, antithetic, anchor=self.anchor_cond[i])
-        if n_retain:
+        if n_retain and self.retain_paths is not None:
+            retain = self.retain_paths.draw(n_retain, g)
+        elif n_retain:
             i = to_device(torch.randint(len(self.retain_x0), (n_retain,), generator=g), self.retain_x0.device)
             retain = noised(model, self.retain_x0[i], self.retain_cond[i], g, antithetic)
         return forget, retain

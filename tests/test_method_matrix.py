@@ -63,3 +63,18 @@ def test_esd_samples_its_own_xt_on_every_backbone(backbone, tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     cached = load_backbone(unlearn(path, "esd", out=tmp_path / "cached", data=data, **RUN)).denoiser.state_dict()
     assert any(not torch.equal(full[k], cached[k]) for k in full)
+
+
+def test_trajectory_retain_samples_on_every_backbone(backbone, tmp_path):
+    """The retain term on the reference's sampling paths (DDIM, or flow-match Euler on SD3): against
+    the input model's own paths a retain-only run has nothing to learn (its loss is exactly 0), a
+    method with a forget term trains and resumes exactly, and the caller's data is left as given."""
+    path, data = backbone
+    options = dict(RUN, retain_target="reference", retain_samples="trajectories", trajectories=2)
+    still = unlearn(path, "finetune", out=tmp_path / "still", data=data, **options)
+    assert not load_file(still / "delta.safetensors")
+    full = load_backbone(unlearn(path, "eupmu", out=tmp_path / "full", data=data, **options)).denoiser.state_dict()
+    unlearn(path, "eupmu", out=tmp_path / "resumed", data=data, stop_after=2, **options)
+    resumed = load_backbone(unlearn(path, "eupmu", out=tmp_path / "resumed", data=data, **options)).denoiser.state_dict()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert data.retain_paths is None

@@ -209,3 +209,58 @@ def test_retain_target_reference_replaces_the_retain_images_targets(tiny_model, 
     ref = load_backbone(unlearn(tiny_model, "rl", "3", tmp_path / "rl-ref", retain_target="reference", **options))
     drift = retain_drift(load_backbone(tiny_model), {"data": data, "reference": ref})
     assert drift["reference"] < 0.5 * drift["data"], drift
+
+
+def test_sampling_paths_are_the_samplers_own_states(tiny_model):
+    """`sampling_path` keeps what the guided sampler feeds the denoiser: the first state is the initial
+    noise, the timesteps are the sampler's, and one more step from the last state is `denoise`'s end.
+    `SamplingPaths.draw` asks half its states under their retain condition and half under the null one."""
+    from erase.unlearn_data import sampling_paths
+    from erase.utils import step_generator
+
+    model = load_backbone(tiny_model)
+    cond = model.encode_conditions([0, 1, 2])
+    initial = model.initial_noise([5, 6, 7])
+    states, times = model.sampling_path(initial, cond, 4, 3.0)
+    sampler = model.sampling_scheduler(4)
+    assert states.shape == (4, 3, *model.sample_shape)
+    assert torch.equal(states[0], initial) and torch.equal(times, sampler.timesteps[:, None].expand(4, 3))
+    with torch.no_grad():
+        last = sampler.step(model.guided_prediction(states[-1], times[-1], cond, 3.0), times[-1, 0], states[-1])
+        assert torch.allclose(last.prev_sample, model.denoise(initial, cond, 4, 3.0), atol=1e-6)
+
+    paths = sampling_paths(model, model.frozen_copy(), model.encode_conditions([0, 1, 2, 4]).to("cpu"), 3, seed=0)
+    assert paths.states.shape[:2] == (3, model.sample_defaults["steps"])
+    batch = paths.draw(6, step_generator(0))
+    labels = batch.cond.tensors["class_labels"].tolist()
+    assert set(labels[:3]) <= {0, 1, 2, 4} and labels[3:] == [model.null_class] * 3
+    assert batch.target is None and batch.x0 is None, "a state has no data target; the reference gives it"
+    for x, t in zip(batch.x_t, batch.t):
+        assert any(torch.equal(x, s) for s in paths.states[paths.timesteps == t]), "every state is on a path"
+
+
+def test_trajectory_retain_samples_pull_the_sampling_path_back(tiny_model, tmp_path):
+    """`retain_samples="trajectories"`: a repair stage that distils the original on its own guided
+    sampling paths brings an altered model's guided predictions along those paths most of the way
+    back to the original's; the paths it drew are recorded."""
+    options = dict(steps=20, batch_size=8, lr=1e-3, params="all", progress=False)
+    moved = unlearn(tiny_model, "rl", "3", tmp_path / "moved", **options)
+    back = unlearn(moved, "finetune", "3", tmp_path / "back", retain_target="reference",
+                   retain_reference=str(tiny_model), retain_samples="trajectories", trajectories=16, **options)
+    original = load_backbone(tiny_model)
+    guidance = original.sample_defaults["guidance"]
+    cond = original.encode_conditions([0, 1, 2, 4, 5, 6, 7, 8, 9])
+    states, times = original.sampling_path(original.initial_noise(range(100, 109)), cond, 10, guidance)
+
+    def path_error(model) -> float:
+        with torch.no_grad():
+            return sum((model.guided_prediction(x, t, cond, guidance)
+                        - original.guided_prediction(x, t, cond, guidance)).pow(2).mean().item()
+                       for x, t in zip(states, times))
+
+    moved_error, back_error = path_error(load_backbone(moved)), path_error(load_backbone(back))
+    assert back_error < 0.5 * moved_error, (back_error, moved_error)
+    recorded = json.loads((back / "erase_config.json").read_text())
+    assert recorded["data"]["retain_samples"] == {"paths": 16, "steps": original.sample_defaults["steps"],
+                                                  "guidance": guidance, "seed": 0}
+    assert recorded["config"]["retain_samples"] == "trajectories"

@@ -305,6 +305,23 @@ class Backbone:
             x = sampler.step(self.guided_prediction(x, t.to(self.device).expand(n), cond, guidance), t, x).prev_sample
         return x, sampler.timesteps[stop].to(self.device).expand(n)
 
+    @torch.no_grad()
+    def sampling_path(self, initial: torch.Tensor, cond: Condition, steps: int, guidance: float,
+                      denoiser=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The states the deterministic sampler feeds the denoiser on its way from `initial` noise under
+        `cond` (guided by `guidance`), with `denoiser` (a frozen copy) or the trainable one: states
+        (steps, N, *sample_shape) and their timesteps (steps, N), as `predict` takes them. The same
+        computation as `denoise`, keeping the inputs instead of the end."""
+        sampler = self.sampling_scheduler(steps)
+        x = initial.to(self.device, self.denoiser.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
+        states, times = [], []
+        for t in sampler.timesteps:
+            t = t.to(self.device).expand(len(x))
+            states.append(x)
+            times.append(t)
+            x = sampler.step(self.guided_prediction(x, t, cond, guidance, denoiser), t[0], x).prev_sample
+        return torch.stack(states), torch.stack(times)
+
     @torch.inference_mode()
     def sample(self, conditions: Sequence, seeds: Sequence[int], steps: int = 50, guidance: float = 7.5,
                eta: float = 0.0, batch_size: int = 8, progress: bool = False, return_latents: bool = False,

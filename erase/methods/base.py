@@ -51,6 +51,15 @@ class MethodConfig:
                                                "retain term keeps, in place of the input model (a later stage of a "
                                                "recipe then keeps what the original model did, not what the "
                                                "previous stage left); same backbone and architecture as the input")
+    retain_samples: str = field("images", "what every retain term is computed on: images (the retain images "
+                                          "noised at random timesteps) or trajectories (the states the retain "
+                                          "reference's guided sampler visits on its way to retain samples, at the "
+                                          "model's sampling steps and guidance, under the retain condition and the "
+                                          "null one; needs --retain-target reference: on the miniature SD this "
+                                          "keeps the FID where images do not, BENCHMARKS.md section 7)",
+                                choices=("images", "trajectories"))
+    trajectories: int = field(256, "with --retain-samples trajectories: sampling paths drawn (retain conditions "
+                                   "chosen at random from the retain set), each kept at every sampler step")
     adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
                                       "unlearns the forget condition plus an adversarial perturbation that an "
                                       "inner attack refreshes every this many of those steps; 0 turns it off")
@@ -73,6 +82,11 @@ class MethodConfig:
         if self.retain_reference is not None and self.retain_target != "reference":
             raise ValueError("retain_reference names the model the retain term keeps: it needs "
                              "retain_target='reference' (--retain-target reference)")
+        if self.retain_samples == "trajectories" and self.retain_target != "reference":
+            raise ValueError("a sampler state has no data target: retain_samples='trajectories' needs "
+                             "retain_target='reference' (--retain-target reference)")
+        if self.trajectories < 1:
+            raise ValueError(f"trajectories must be at least 1, got {self.trajectories}")
         if self.adversarial_radius is not None and not self.adversarial_radius > 0:
             raise ValueError(f"adversarial_radius must be positive, got {self.adversarial_radius}")
         if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
