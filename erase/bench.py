@@ -67,6 +67,9 @@ class BenchConfig:
     robust_every: int | None = field(None, "also time each method with robust erasure (`erase unlearn "
                                            "--adversarial-every K` at its default inner attack), as a row "
                                            "'METHOD+robust' in the same rounds")
+    paths: bool = field(False, "also time each method with its retain term on the original's sampling paths "
+                               "(`erase unlearn --retain-target reference --retain-samples trajectories`), as a row "
+                               "'METHOD+paths' in the same rounds, with the one-off seconds of drawing the paths")
     mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
     peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
                                             "(default: looked up for known GPUs; none on a CPU)")
@@ -243,7 +246,9 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         # (row name, method, extra options): each method plain, and with robust erasure if asked.
         variants = [(m, m, {}) for m in methods] + (
             [(f"{m}+robust", m, {"adversarial_every": config.robust_every}) for m in methods]
-            if config.robust_every else [])
+            if config.robust_every else []) + (
+            [(f"{m}+paths", m, {"retain_target": "reference", "retain_samples": "trajectories"}) for m in methods]
+            if config.paths else [])
         for round_ in range(config.rounds):
             for m, method, extra in variants:
                 backbone = load_backbone(path)  # every run starts from the original weights
@@ -255,6 +260,8 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
                                                "mixed_precision": info["mixed_precision"]})
                 entry["seconds_per_step"].append(info["seconds_per_step"])
                 entry["peak_memory_mb"].append(info["peak_memory_mb"])
+                if "retain_paths_s" in info:
+                    entry.setdefault("retain_paths_s", []).append(info["retain_paths_s"])
                 logger.info("bench round %d: %s %.4f s/step, peak %.0f MB", round_ + 1, m, info["seconds_per_step"],
                             info["peak_memory_mb"])
         generation = generation_throughput(model.to(device), forget, config, device)
@@ -272,7 +279,8 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     rows = [{"method": m, "seconds_per_step": min(r["seconds_per_step"]),
              "vs_finetune": min(r["seconds_per_step"]) / reference,
              "peak_memory_mb": max(r["peak_memory_mb"]), "params": r["params"], "batch_size": r["batch_size"],
-             "mixed_precision": r["mixed_precision"], "all_rounds_s": r["seconds_per_step"]}
+             "mixed_precision": r["mixed_precision"], "all_rounds_s": r["seconds_per_step"],
+             **({"retain_paths_s": min(r["retain_paths_s"])} if "retain_paths_s" in r else {})}
             for m, r in results.items()]
     report = {"config": config_dict(config), "model": config.model, "forget": forget,
               "device": _device_name(device), "torch_threads": torch.get_num_threads(), "methods": rows,
@@ -304,6 +312,9 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['method']} | {r['seconds_per_step']:.4f} | {r['vs_finetune']:.2f}x | {r['peak_memory_mb']:.0f} | "
 
               f"{r['params']} | {r['batch_size']} | {r['mixed_precision']} |" for r in report["methods"]]
+    if paths := [r for r in report["methods"] if "retain_paths_s" in r]:
+        lines += ["", "Drawing the original's sampling paths for the `+paths` rows, once per run before the first step: "
+                  + ", ".join(f"{r['method']} {r['retain_paths_s']:.2f} s" for r in paths) + "."]
     lines += ["", f"Generation ({g['precision']}, batch {g['batch']}): guided noise predictions per second, "
                   f"batched CFG {g['guided_predictions_per_s_batched']:.1f} vs two forwards "
                   f"{g['guided_predictions_per_s_separate']:.1f} (**{g['batched_cfg_speedup']:.2f}x**); "

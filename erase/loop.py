@@ -239,10 +239,13 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if data is None:
         data = model.unlearn_data(forget, retain, anchor, dataset=dataset, images=images,
                                   image_guidance=image_guidance, anchor_in_retain=anchor_in_retain)
+    paths_seconds = None
     if config.retain_samples == "trajectories" and retain_reference is not None:
+        started = time.perf_counter()
         paths = sampling_paths(model, retain_reference, data.retain_cond, config.trajectories, config.seed)
         data = dataclasses.replace(data, retain_paths=paths,  # a copy: a caller's data object stays as given
                                    description={**data.description, "retain_samples": paths.description})
+        paths_seconds = round(time.perf_counter() - started, 2)
     data.to(device)
 
     if config.gradient_checkpointing:
@@ -365,6 +368,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
+    if paths_seconds is not None:
+        summary["retain_paths_s"] = paths_seconds  # drawing the sampling paths, once per run (not in wall_time_s)
     if ema is not None:
         summary["ema_final_decay"] = ema.get_decay(ema.optimization_step)
     if accelerator.is_main_process:

@@ -56,14 +56,14 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
     assert set(report["batch_sizes"]["variants"]) == {"batch 1", "batch 2"} and "| batch | images/s |" in md
 
 
-def test_bench_times_robust_erasure_beside_the_plain_method(tiny_ddpm_dir, tmp_path, monkeypatch):
+def test_bench_times_robust_erasure_and_sampling_paths_beside_the_plain_method(tiny_ddpm_dir, tmp_path, monkeypatch):
     import erase.loop
 
     calls = []
     plain_unlearn = erase.loop.unlearn
 
     def recording_unlearn(model, method, **options):
-        calls.append((method, options.get("adversarial_every")))
+        calls.append((method, options.get("adversarial_every"), options.get("retain_samples")))
         return plain_unlearn(model, method, **options)
 
     monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
@@ -71,13 +71,16 @@ def test_bench_times_robust_erasure_beside_the_plain_method(tiny_ddpm_dir, tmp_p
     assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
                  "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--sample-steps", "2",
                  "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--robust-every", "1",
-                 "--out", str(out)]) == 0
+                 "--paths", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
-    assert list(rows) == ["finetune", "eupmu", "finetune+robust", "eupmu+robust"]
-    assert calls == [("finetune", None), ("eupmu", None), ("finetune", 1), ("eupmu", 1)]  # one round, side by side
+    assert list(rows) == ["finetune", "eupmu", "finetune+robust", "eupmu+robust", "finetune+paths", "eupmu+paths"]
+    assert calls == [("finetune", None, None), ("eupmu", None, None), ("finetune", 1, None), ("eupmu", 1, None),
+                     ("finetune", None, "trajectories"), ("eupmu", None, "trajectories")]  # one round, side by side
     assert rows["eupmu+robust"]["vs_finetune"] == pytest.approx(
         rows["eupmu+robust"]["seconds_per_step"] / rows["finetune"]["seconds_per_step"])
-    assert "| eupmu+robust |" in (out / "bench.md").read_text()
+    assert rows["eupmu+paths"]["retain_paths_s"] > 0 and "retain_paths_s" not in rows["eupmu"]
+    md = (out / "bench.md").read_text()
+    assert "| eupmu+robust |" in md and "| eupmu+paths |" in md and "Drawing the original's sampling paths" in md
 
 
 def test_stock_ddim_loop_draws_what_the_ddpm_sampler_draws(tiny_ddpm_dir):
