@@ -305,21 +305,27 @@ class Backbone:
             x = sampler.step(self.guided_prediction(x, t.to(self.device).expand(n), cond, guidance), t, x).prev_sample
         return x, sampler.timesteps[stop].to(self.device).expand(n)
 
+    def _sampler_walk(self, initial: torch.Tensor, cond: Condition, steps: int, guidance: float, denoiser=None):
+        """The deterministic sampler (eta 0) from `initial` noise under `cond`, guided by `guidance`
+        against the null condition, one step at a time: yields (x_t, t) before each step, then
+        (final samples, None)."""
+        sampler = self.sampling_scheduler(steps)
+        # DDIM starts from unit noise times its init_noise_sigma; flow-matching Euler from the noise itself.
+        x = initial.to(self.device, self.denoiser.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
+        for t in sampler.timesteps:
+            yield x, t
+            x = sampler.step(self.guided_prediction(x, t.to(self.device), cond, guidance, denoiser), t, x).prev_sample
+        yield x, None
+
     @torch.no_grad()
     def sampling_path(self, initial: torch.Tensor, cond: Condition, steps: int, guidance: float,
                       denoiser=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The states the deterministic sampler feeds the denoiser on its way from `initial` noise under
         `cond` (guided by `guidance`), with `denoiser` (a frozen copy) or the trainable one: states
-        (steps, N, *sample_shape) and their timesteps (steps, N), as `predict` takes them. The same
-        computation as `denoise`, keeping the inputs instead of the end."""
-        sampler = self.sampling_scheduler(steps)
-        x = initial.to(self.device, self.denoiser.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
-        states, times = [], []
-        for t in sampler.timesteps:
-            t = t.to(self.device).expand(len(x))
-            states.append(x)
-            times.append(t)
-            x = sampler.step(self.guided_prediction(x, t, cond, guidance, denoiser), t[0], x).prev_sample
+        (steps, N, *sample_shape) and their timesteps (steps, N), as `predict` takes them. The walk
+        `denoise` takes, keeping the inputs instead of the end."""
+        states, times = zip(*[(x, t.to(self.device).expand(len(x)))
+                              for x, t in self._sampler_walk(initial, cond, steps, guidance, denoiser) if t is not None])
         return torch.stack(states), torch.stack(times)
 
     @torch.inference_mode()
@@ -429,12 +435,8 @@ class Backbone:
         `cond`, guided by `guidance` against the null condition: the computation of
         `sample(..., return_latents=True)` written out so that gradients can flow to `initial` and to
         the condition. Run it under `torch.no_grad()` to sample."""
-        sampler = self.sampling_scheduler(steps)
-        # DDIM starts from unit noise times its init_noise_sigma; flow-matching Euler from the noise itself.
-        x = initial.to(self.device, self.denoiser.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
-        for t in sampler.timesteps:
-            x = sampler.step(self.guided_prediction(x, t.to(self.device), cond, guidance), t, x).prev_sample
-        return x
+        *_, (final, _) = self._sampler_walk(initial, cond, steps, guidance)
+        return final
 
     def condition_vectors(self, cond: Condition) -> list[tuple[object, torch.Tensor]]:
         """(what `override_condition` matches, the condition's vector) per distinct condition of `cond`:
