@@ -21,9 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import config_dict, field
-from .data import load_dataset
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
-                      caption_words, captions, check_and_save, update_ema, draw_captioned_batch)
+                      caption_words, captions, check_and_save, draw_captioned_batch, training_digits, update_ema)
 from .train_base import learning_rate
 from .utils import EraseError, logger, package_versions, step_generator
 
@@ -73,7 +72,7 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     from .backbones import Condition, StableDiffusion3Backbone
 
     start = time.perf_counter()
-    data = load_dataset("digits", "train")
+    data, excluded = training_digits(config)
     images = data.images.expand(-1, 3, -1, -1).contiguous()  # grey digits as RGB
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(caption_words())
@@ -95,13 +94,20 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
         m.train().requires_grad_(True)
     params = [p for m in trained for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    flat = [c for label in range(10) for c in captions(label)] + [""]
+    # Only the kept digits' captions are encoded (an excluded digit's name never reaches the text
+    # encoders), so the labels are renumbered to positions among the kept digits.
+    kept = [label for label in range(10) if label not in excluded]
+    flat = [c for label in kept for c in captions(label)] + [""]
+    position = torch.full((10,), -1, dtype=torch.long)
+    position[kept] = torch.arange(len(kept))
+    labels = position[data.labels]
     loss_avg = None
     for step in range(config.steps):
         g = step_generator(config.seed, 1, step)
-        x0, caption, noise = draw_captioned_batch(latents, data.labels, config, g)
+        x0, caption, noise = draw_captioned_batch(latents, labels, config, g, len(kept))
         t = backbone.draw_timesteps(len(x0), g)
-        # Every distinct caption through both text encoders once per step (81 short captions), with gradients.
+        # Every distinct caption through both text encoders once per step (81 short captions with no
+        # digit excluded), with gradients.
         embeds, _, pooled, _ = pipe.encode_prompt(flat, None, None, device="cpu", do_classifier_free_guidance=False)
         cond = Condition(encoder_hidden_states=embeds, pooled_projections=pooled)[caption]
         for group in optimizer.param_groups:
@@ -125,7 +131,8 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     train_time = time.perf_counter() - start
 
     backbone = StableDiffusion3Backbone(pipe)
-    report = {"config": config_dict(config), "train_images": len(images), "vae_final_loss": vae_loss,
+    report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded,
+              "vae_final_loss": vae_loss,
               "vae_shift_factor": shift, "vae_scaling_factor": scale, "final_loss": loss_avg,
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}

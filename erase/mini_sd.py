@@ -174,8 +174,12 @@ class MiniTrainingConfig:
     eval_guidance: float = field(3.0, "guidance scale of the accuracy check")
     eval_steps: int = field(25, "sampling steps of the accuracy check")
     seed: int = field(0, "seed of weights, batches, noise and timesteps")
+    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
+                                         "retrained reference for erasing them")
 
     def __post_init__(self):
+        if len({digit_class(d) for d in self.exclude}) == 10:  # also rejects unknown digits, by name
+            raise ValueError("--exclude leaves no digit to train on")
         for name in ("vae_steps", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -194,8 +198,6 @@ class MiniTrainingConfig:
 class MiniSDConfig(MiniTrainingConfig):
     unet_channels: tuple[int, ...] = field((16, 32), "UNet channels per level (cross-attention at each)")
     text_hidden: int = field(32, "text encoder width (= UNet cross-attention dim)")
-    exclude: tuple[str, ...] = field((), "digits (0-9 or names) whose images and captions are left out: the "
-                                         "retrained reference for erasing them")
 
     def __post_init__(self):
         super().__post_init__()
@@ -229,19 +231,23 @@ def _train_vae(vae, images: torch.Tensor, config: MiniTrainingConfig) -> float:
     return loss_avg
 
 
+def training_digits(config: MiniTrainingConfig):
+    """The digits train split without `config.exclude`'s digits, and those digits' sorted class ids.
+    Their images go, and with them every caption naming them (captions follow the image labels)."""
+    data = load_dataset("digits", "train")
+    excluded = sorted({digit_class(d) for d in config.exclude})
+    if excluded:
+        data = data.subset([c for c in range(10) if c not in excluded])
+        logger.info("training without digits %s: %d images left", excluded, len(data))
+    return data, excluded
+
+
 def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     """Train the miniature SD on the digits train split and save it as a pipeline folder at `out`."""
     from .backbones.stable_diffusion import StableDiffusionBackbone
 
     start = time.perf_counter()
-    data = load_dataset("digits", "train")
-    excluded = sorted({digit_class(d) for d in config.exclude})
-    if excluded:
-        if len(excluded) == 10:
-            raise EraseError("train-mini-sd: --exclude leaves no digit to train on")
-        # Their images go, and with them every caption naming them.
-        data = data.subset([c for c in range(10) if c not in excluded])
-        logger.info("training without digits %s: %d images left", excluded, len(data))
+    data, excluded = training_digits(config)
     images = data.images.expand(-1, 3, -1, -1).contiguous()  # grey digits as RGB, as SD expects
     torch.manual_seed(config.seed)
     tokenizer = build_tokenizer(caption_words())
@@ -306,15 +312,16 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     return check_and_save(backbone, report, config, out, ("tokenizer",), "train-mini-sd")
 
 
-def draw_captioned_batch(latents: torch.Tensor, labels: torch.Tensor, config, g: torch.Generator):
+def draw_captioned_batch(latents: torch.Tensor, labels: torch.Tensor, config, g: torch.Generator,
+                         num_labels: int = 10):
     """(x0, caption index, noise) of one training step, all from `g`: random images, one of their digit's
-    training captions each (index into `captions(0) + ... + captions(9) + [""]`), the empty caption
-    with probability `caption_dropout`."""
+    training captions each (index into `captions(0) + ... + captions(num_labels - 1) + [""]` when
+    `labels` run over 0..num_labels-1), the empty caption with probability `caption_dropout`."""
     per_class = len(TRAIN_TEMPLATES)
     idx = torch.randint(len(latents), (config.batch_size,), generator=g)
     x0 = latents[idx]
     caption = labels[idx] * per_class + torch.randint(per_class, (len(idx),), generator=g)
-    caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = 10 * per_class
+    caption[torch.rand(len(idx), generator=g) < config.caption_dropout] = num_labels * per_class
     return x0, caption, torch.randn(x0.shape, generator=g)
 
 

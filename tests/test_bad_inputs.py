@@ -222,6 +222,10 @@ CASES = [
     ("train-mini-flow-vae-groupnorm", ["train-mini-flow", "--vae-channels", "12,32", "--out", "{ws}/new"],
      r"12 is not a positive multiple of 8"),
     ("train-mini-flow-out-user", ["train-mini-flow", "--out", "{ws}/user"], r"--overwrite"),
+    ("train-mini-flow-exclude-unknown", ["train-mini-flow", "--exclude", "eleven", "--out", "{ws}/new"],
+     r"unknown digit 'eleven'"),
+    ("train-mini-sd-exclude-all", ["train-mini-sd", "--exclude", "0,1,2,3,4,5,6,7,8,9", "--out", "{ws}/new"],
+     r"leaves no digit"),
     # eval
     ("eval-protocol-unknown", ["eval", *M, "--protocol", "digits-kind", "--out", "{ws}/new"], r"unknown protocol"),
     ("eval-n-one", DC[:-6] + ["--n", "1", "--out", "{ws}/new"], r"n must be at least 2"),

@@ -55,3 +55,40 @@ def test_shipped_flow_model_draws_the_digits_it_is_asked_for():
     acc = digit_accuracy(model, ("a handwritten digit {w}", HELDOUT_TEMPLATES[0]), n=4,
                          steps=defaults["steps"], guidance=defaults["guidance"])
     assert acc["mean"] >= 0.9, acc  # a paraphrase it never saw included (measured: models/mini-flow/README.md)
+
+
+def test_exclude_leaves_the_digits_images_and_captions_out_of_training(tmp_path, monkeypatch):
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from erase import mini_flow
+    from erase.data import load_dataset
+
+    encoded, drawn = [], []
+    encode_prompt = StableDiffusion3Pipeline.encode_prompt
+    draw = mini_flow.draw_captioned_batch
+
+    def spy_encode(self, prompt, *args, **kwargs):
+        encoded.extend([prompt] if isinstance(prompt, str) else prompt)
+        return encode_prompt(self, prompt, *args, **kwargs)
+
+    def spy_draw(latents, *args, **kwargs):
+        drawn.append(latents)
+        return draw(latents, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusion3Pipeline, "encode_prompt", spy_encode)
+    monkeypatch.setattr(mini_flow, "draw_captioned_batch", spy_draw)
+    out = tmp_path / "no-three"
+    assert main(["train-mini-flow", "--out", str(out), "--vae-steps", "1", "--steps", "2", "--batch-size", "4",
+                 "--width", "16", "--layers", "1", "--text-hidden", "8", "--eval-images", "0",
+                 "--exclude", "three,7"]) == 0
+    record = json.loads((out / "erase_info.json").read_text())["info"]["training"]
+    labels = load_dataset("digits", "train").labels
+    assert record["excluded_digits"] == [3, 7] and record["config"]["exclude"] == ["three", "7"]
+    kept = int(((labels != 3) & (labels != 7)).sum())
+    assert record["train_images"] == kept and all(len(latents) == kept for latents in drawn) and len(drawn) == 2
+    words = {word for caption in encoded for word in caption.split()}
+    assert encoded and not words & {"three", "3", "seven", "7"}
+    assert {"two", "2", "eight", "8"} <= words  # the other digits' captions are still trained on
+
