@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 from erase.config import add_dataclass_arguments, build_config
 from erase.utils import EraseError
@@ -73,7 +74,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from .report import build_report
 
-    md, html = build_report(args.runs, args.out)
+    from .report import Target
+
+    outcomes = {}
+    for item in args.outcome or []:
+        run, sep, outcome = item.partition("=")
+        if not sep or not run or not outcome:
+            raise EraseError(f"--outcome {item!r}: write RUN_DIR=OUTCOME, e.g. runs/eval-eupmu=anchor")
+        outcomes[Path(run).name] = outcome
+    target = Target(in_distribution=args.min_in_distribution, outcomes=outcomes)
+    md, html = build_report(args.runs, args.out, target=target)
     print(f"wrote {md} and {html}")
 
 
@@ -93,4 +103,10 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
+    p.add_argument("--min-in-distribution", type=float, default=0.8,
+                   help="share of the erased class's images that must lie among real data for a verdict of "
+                        "'erased' (default 0.8; real held-out images score 0.95)")
+    p.add_argument("--outcome", action="append", metavar="RUN_DIR=OUTCOME",
+                   help="declare what a run's erased prompt is meant to draw when not real data (e.g. a blank "
+                        "image): its verdict then does not require the in-distribution score; repeatable")
     p.set_defaults(func=cmd_report)
