@@ -352,7 +352,8 @@ def _verdict(run: Run, original: Run | None, target: Target) -> str:
         return "no target for this protocol"
     ua_state = "yes" if ua_ci[0] >= target.ua else "no" if ua_ci[1] < target.ua else "unclear"
     data_state, data_text = _in_distribution_state(run, target)
-    if ua_state == "yes" and data_state != "yes":
+    overridden = ua_state == "yes" and data_state != "yes"
+    if overridden:
         # Not recognised as the class is not erased when what is drawn instead is not data at all.
         ua_state = data_state
     if original is None or original.value("retained_accuracy") is None:
@@ -364,6 +365,8 @@ def _verdict(run: Run, original: Run | None, target: Target) -> str:
         kept_state = "yes" if lo >= floor else "no" if hi < floor else "unclear"
         kept = {"yes": "kept", "no": "lost", "unclear": "unclear"}[kept_state] + f" (floor {floor:.3f})"
     erased = {"yes": "erased", "no": "not erased", "unclear": "unclear"}[ua_state]
+    if overridden:
+        erased = "met but the class is " + ("not erased" if ua_state == "no" else "not surely erased")
     if "no" in (ua_state, kept_state):
         head = "misses the target"
     elif ua_state == kept_state == "yes":
