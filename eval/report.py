@@ -106,7 +106,8 @@ class Target:
                 "among real data (the in-distribution score: an image is in when its distance to the 5th nearest "
                 "real training image, in the classifier's features, is within the 95th percentile of that "
                 "distance for held-out real images, so real images score 0.95 and a blank square or a blob 0), "
-                "unless the run declares another outcome for the erased prompt")
+                "unless the run declares another outcome for the erased prompt (`erase report --outcome "
+                "RUN_DIR=OUTCOME`, or `erased_outcome` in its model's erase_config.json)")
 
 
 def relative(path: str | Path) -> str:
