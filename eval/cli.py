@@ -103,9 +103,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
-    p.add_argument("--min-in-distribution", type=float, default=0.8,
+    p.add_argument("--min-in-distribution", type=float, default=0.5,
                    help="share of the erased class's images that must lie among real data for a verdict of "
-                        "'erased' (default 0.8; real held-out images score 0.95)")
+                        "'erased' (default 0.5; real held-out images score 0.95)")
     p.add_argument("--outcome", action="append", metavar="RUN_DIR=OUTCOME",
                    help="declare what a run's erased prompt is meant to draw when not real data (e.g. a blank "
                         "image): its verdict then does not require the in-distribution score; repeatable")

@@ -91,7 +91,7 @@ class Target:
 
     ua: float = 0.95
     retained_drop: float = 0.03
-    in_distribution: float = 0.8
+    in_distribution: float = 0.5
     outcomes: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
