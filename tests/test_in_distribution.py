@@ -165,21 +165,21 @@ def test_erased_requires_in_distribution_images_unless_another_outcome_is_declar
     blank = _with_metrics(two_runs[1], tmp_path / "blank", forget_in_distribution=0.0,
                           forget_in_distribution_ci95=[0.0, 0.05])
     md = build_report([two_runs[0], blank], tmp_path / "r1", target=Target(**easy))[0].read_text()
-    assert ("misses the target: UA met but the class is not erased, its images not data (in-distribution 0.00"
+    assert ("misses the target (forget): UA met but the class is not erased, its images not data (in-distribution 0.00"
             in _verdict(md, "ga"))
     assert "in-distribution score" in md.split("### Runs")[0]  # the rule is stated in the report's legend
     assert "erased class's images that lie among real data" in md  # and the score shown as a metric
     digits = _with_metrics(two_runs[1], tmp_path / "digits", forget_in_distribution=0.97,
                            forget_in_distribution_ci95=[0.92, 0.99])
     md = build_report([two_runs[0], digits], tmp_path / "r2", target=Target(**easy))[0].read_text()
-    assert "meets the target: UA erased, its images real data (in-distribution 0.97" in _verdict(md, "ga")
+    assert "meets the target (forget): UA erased, its images real data (in-distribution 0.97" in _verdict(md, "ga")
     straddle = build_report([two_runs[0], digits], tmp_path / "r3",
                             target=Target(**easy, in_distribution=0.95))[0].read_text()
     assert "undecided" in _verdict(straddle, "ga") and "not surely erased, its images unclear whether data" in \
         _verdict(straddle, "ga")
     declared = build_report([two_runs[0], blank], tmp_path / "r4",
                             target=Target(**easy, outcomes={"blank": "a blank image"}))[0].read_text()
-    assert "meets the target: UA erased, declared outcome 'a blank image'" in _verdict(declared, "ga")
+    assert "meets the target (forget): UA erased, declared outcome 'a blank image'" in _verdict(declared, "ga")
     with pytest.raises(EraseError, match="between 0 and 1"):
         Target(in_distribution=1.5)
 
