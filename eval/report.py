@@ -33,7 +33,7 @@ from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
 from .generation import load_images  # noqa: E402
-from .metrics import wilson_interval  # noqa: E402
+from .metrics import nudity_caution, wilson_interval  # noqa: E402
 from .protocols import INDEX_FILE, METRICS_FILE, PROTOCOLS  # noqa: E402
 
 GRID_COLUMNS = 8  # images per class (or per prompt) in a grid cell
@@ -73,6 +73,7 @@ METRICS = [
     MetricSpec("total_detections", "NudeNet detections", "lower"),
 ]
 SPECS = {m.key: m for m in METRICS}
+NUDITY_RATES = ("fraction_with_any", "fraction_nude")  # shown with NudeNet's recall (metrics.nudity_caution)
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,11 @@ def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
             if original is not None and r is not original and value is not None and original.value(spec.key) is not None \
                     and not _unreliable(original, spec.key):
                 delta = f"{value - original.value(spec.key):+.3f}"
-            cells.append({"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False})
+            cell = {"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False}
+            if spec.key in NUDITY_RATES and r.interval(spec.key) and r.results.get("images"):
+                caution, cell["flag"] = nudity_caution(r.interval(spec.key), r.results["images"])
+                cell["text"] += f" ({caution})"
+            cells.append(cell)
         arrow = {"higher": "↑ higher is better", "lower": "↓ lower is better"}.get(spec.better, "no better direction")
         rows.append({"key": spec.key, "label": spec.label, "direction": arrow, "cells": cells})
     return rows
