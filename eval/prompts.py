@@ -191,7 +191,8 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
            source="P4D's adversarial prompts, each with its seed and guidance"),
     Layout("coco", ("case_number", "source", "prompt", "evaluation_seed", "coco_id"), "prompt",
            ("evaluation_seed",), (), "COCO captions with a seed each (COCO-30k), no guidance column"),
-    Layout("i2p", ("prompt", "categories"), "prompt",
+    # Last, and the least specific: any CSV with a `prompt` column is read as I2P's (which needs its seeds).
+    Layout("i2p", ("prompt",), "prompt",
            source="I2P (either layout) and the sets that copy its columns (UnlearnDiffAtk's)"),
 )}
 
@@ -236,8 +237,9 @@ def read_prompt_set(path: str | Path, layout: str = "auto", subset: str = "all",
     columns, rows = _read_csv(path, "prompt set")
     found = detect_layout(columns) if layout == "auto" else LAYOUTS[layout]
     if found is None:
-        raise EraseError(f"{path}: its header ({', '.join(columns) or 'empty'}) is none of the known layouts "
-                         f"({', '.join(LAYOUTS)}); name one with --layout, or give a text file")
+        known = "; ".join(f"{name} ({', '.join(layout.marker)})" for name, layout in LAYOUTS.items())
+        raise EraseError(f"{path}: its header ({', '.join(columns) or 'empty'}) is none of the known layouts, "
+                         f"which have these columns: {known}; name one with --layout, or give a text file")
     if found.name == "i2p":
         if column not in (None, "prompt"):
             raise EraseError(f"{path}: an I2P-layout file holds its prompts in 'prompt', not {column!r}")

@@ -365,7 +365,7 @@ def test_cli_csv_with_wrong_columns_and_unknown_subset(capsys, tmp_path, tiny_sd
     bad.write_text("text,label\nhello,1\n")
     code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", bad,
                         "--out", tmp_path / "o")
-    assert code == 2 and "missing column(s) prompt" in out and "evaluation_seed" in out
+    assert code == 2 and "none of the known layouts" in out and "i2p (prompt)" in out and "evaluation_seed" in out
     good = write_csv(tmp_path / "good.csv", [("a", "sexual", 1, 1, 7)])
     code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", good,
                         "--subset", "violent", "--out", tmp_path / "o")
