@@ -178,22 +178,21 @@ class Layout:
     prompt: str  # the column of the prompts (a user may name another, e.g. MMA-Diffusion's clean_prompt)
     seed: tuple[str, ...] = SEED_COLUMNS  # per-row seed columns, first found wins; () when the set has none
     guidance: tuple[str, ...] = GUIDANCE_COLUMNS  # per-row guidance columns; () when the set has none
-    source: str = ""
 
 
 # In detection order: the most specific header first (P4D's and COCO's carry I2P's seed column too).
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
-    Layout("mma-diffusion", ("target_prompt", "adv_prompt", "clean_prompt"), "adv_prompt", (), (),
-           "MMA-Diffusion's adversarial prompts; clean_prompt holds a benign prompt for the clean rate"),
-    Layout("ring-a-bell", ("sensitive prompt",), "sensitive prompt", (), (),
-           "Ring-A-Bell's prompts; 'normal prompt' holds each one's benign counterpart"),
-    Layout("p4d", ("prompt", "evaluation_seed", "evaluation_guidance", "safe_model"), "prompt",
-           source="P4D's adversarial prompts, each with its seed and guidance"),
-    Layout("coco", ("case_number", "source", "prompt", "evaluation_seed", "coco_id"), "prompt",
-           ("evaluation_seed",), (), "COCO captions with a seed each (COCO-30k), no guidance column"),
-    # Last, and the least specific: any CSV with a `prompt` column is read as I2P's (which needs its seeds).
-    Layout("i2p", ("prompt",), "prompt",
-           source="I2P (either layout) and the sets that copy its columns (UnlearnDiffAtk's)"),
+    # MMA-Diffusion's adversarial prompts; clean_prompt holds a benign prompt for the clean rate.
+    Layout("mma-diffusion", ("target_prompt", "adv_prompt", "clean_prompt"), "adv_prompt", (), ()),
+    # Ring-A-Bell's prompts; 'normal prompt' holds each one's benign counterpart.
+    Layout("ring-a-bell", ("sensitive prompt",), "sensitive prompt", (), ()),
+    # P4D's adversarial prompts, each with its seed and guidance.
+    Layout("p4d", ("prompt", "evaluation_seed", "evaluation_guidance", "safe_model"), "prompt"),
+    # COCO captions with a seed each (COCO-30k), no guidance column.
+    Layout("coco", ("case_number", "source", "prompt", "evaluation_seed", "coco_id"), "prompt", ("evaluation_seed",), ()),
+    # Last, and the least specific: any CSV with a `prompt` column is read as I2P's (either layout, and
+    # the sets that copy its columns, e.g. UnlearnDiffAtk's), which needs its seeds.
+    Layout("i2p", ("prompt",), "prompt"),
 )}
 
 

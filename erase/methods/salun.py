@@ -4,15 +4,22 @@
 whose saliency over the forget set is in the top `mask_ratio`, by one global threshold, and every
 step zeroes the other gradients (Adam then leaves them untouched).
 
-The saliency (`saliency`):
-- `authors`, SalUn's code: `|Σ_b g_b|`, the absolute value of the gradient summed over all forget
-  batches `b`, where `g_b = ∇ ‖ε − ε̃_θ(x_t, t, c_f)‖²` is taken on the classifier-free guided
-  prediction `ε̃ = ε_θ(∅) + s(ε_θ(c_f) − ε_θ(∅))` (`s = 3`, their `w = 2`, on the DDPM; 7.5 on Stable
-  Diffusion) and clipped to norm `grad_clip` before it is added.
-- `conditional` (the default here, ours): `Σ_b |∇ denoise(forget)|`, batch by batch on the
-  conditional prediction, no clipping. On the digits (seed 0) the two masks share 0.685 of their
-  weights, less than the authors' saliency shares between seeds 0 and 1 (0.739; ours: 0.816), so
-  the choice changes which weights SalUn trains (docs/methods.md has the commands).
+The saliency (`saliency`), over the forget set in batches `b` of `mask_batch_size`:
+- `conditional` (the default here, ours): `Σ_b |∇ denoise(forget)|`, the gradient of the mean
+  loss of the conditional prediction, batch by batch, no clipping.
+- `authors-ddpm`, SalUn's DDPM script: `Σ_b |clip(g_b)|`, where `g_b` is the gradient of the loss
+  summed over pixels of the classifier-free guided prediction `(1 + w)ε_θ(c_f) − wε_θ(∅)` (`w = 2`,
+  i.e. `s = 3`), clipped to norm `grad_clip` before its absolute value is added.
+- `authors-sd`, SalUn's Stable Diffusion script: `|Σ_b g_b|`, the absolute value of the gradient
+  summed over all batches, of the mean loss of the guided prediction at `w = 7.5` (`s = 8.5`), no
+  clipping.
+Not reproduced from those scripts (declared here): the DDPM script also takes an optimizer step
+after each mask batch, so its later batches see moved weights; and both select the entries whose
+ascending rank is below half the count, which as written keeps the lower half of the saliency,
+whereas the paper and this method keep the top `mask_ratio`.
+On the digits (seed 0, one step, so the trained weights are the mask) the default mask shares
+SALUN_OVERLAP of its weights with `authors-ddpm`'s (docs/methods.md has the commands and the
+seed-to-seed overlaps).
 The retain weight `alpha` is `rl`'s: 3 is SalUn's DDPM weight on a mean loss; their Stable
 Diffusion nudity script weighs mean losses with 0.1 (pass `--alpha 0.1` there).
 """
@@ -25,7 +32,7 @@ import torch
 
 from ..config import field
 from ..utils import step_generator
-from .losses import denoise, mse, noised
+from .losses import denoise, noised
 from .rl import RL, RLConfig
 
 MASK_STREAM = 1 << 40  # an index no training step uses, so the mask's draws are its own
@@ -37,13 +44,15 @@ class SalUnConfig(RLConfig):
     mask_ratio: float = field(0.5, "fraction of weights kept trainable (SalUn: 0.5)")
     mask_batch_size: int = field(64, "forget images per batch while accumulating the saliency")
     saliency: str = field("conditional", "how the saliency is accumulated over the forget batches: conditional "
-                                         "(ours: sum of |grad| of the conditional prediction's loss, batch by batch) "
-                                         "or authors (SalUn's code: |sum of grad| of the guided prediction's loss, "
-                                         "each batch's gradient clipped to --grad-clip); the module docstring has "
-                                         "the measured overlap", choices=("conditional", "authors"))
-    saliency_guidance: float | None = field(None, "saliency authors: guidance scale s of the guided prediction "
-                                                  "(default: SalUn's, 3 (w = 2) on class-conditional backbones, 7.5 "
-                                                  "on text-conditioned ones)")
+                                         "(ours: sum over batches of |grad| of the conditional prediction's mean "
+                                         "loss), authors-ddpm (SalUn's DDPM script: sum of |grad| of the guided "
+                                         "prediction's pixel-summed loss, each batch's gradient clipped to "
+                                         "--grad-clip) or authors-sd (SalUn's SD script: |sum of grad| of the guided "
+                                         "prediction's mean loss); see the module docstring",
+                          choices=("conditional", "authors-ddpm", "authors-sd"))
+    saliency_guidance: float | None = field(None, "authors saliency modes: guidance scale s of the guided prediction "
+                                                  "eps(null) + s (eps(c) - eps(null)) (default: the script's, s = 1 + w: "
+                                                  "3 for authors-ddpm, 8.5 for authors-sd)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,19 +74,19 @@ class SalUn(RL):
         saliency = {n: torch.zeros_like(p) for n, p in self.params.items()}
         x0, cond = self.data.forget_x0, self.data.forget_cond
         g = step_generator(self.config.seed, MASK_STREAM)
-        authors = self.config.saliency == "authors"
+        mode = self.config.saliency
         for start in range(0, len(x0), self.config.mask_batch_size):
             b = noised(self.model, x0[start:start + self.config.mask_batch_size],
                        cond[start:start + self.config.mask_batch_size], g)
-            loss = self.guided_loss(b) if authors else denoise(self.model, b)
+            loss = denoise(self.model, b) if mode == "conditional" else self.guided_loss(b)
             grads = torch.autograd.grad(loss, [self.params[n] for n in names], allow_unused=True)
             grads = [torch.zeros_like(self.params[n]) if gr is None else gr for n, gr in zip(names, grads)]
-            if authors and self.config.grad_clip > 0:
+            if mode == "authors-ddpm" and self.config.grad_clip > 0:
                 norm = torch.sqrt(sum((gr.float() ** 2).sum() for gr in grads))
                 grads = [gr * (self.config.grad_clip / (norm + 1e-6)).clamp(max=1.0) for gr in grads]
             for n, gr in zip(names, grads):
-                saliency[n] += gr if authors else gr.abs()
-        if authors:
+                saliency[n] += gr if mode == "authors-sd" else gr.abs()
+        if mode == "authors-sd":
             saliency = {n: s.abs() for n, s in saliency.items()}
         flat = torch.cat([s.flatten() for s in saliency.values()])
         k = max(1, int(round(self.config.mask_ratio * flat.numel())))
@@ -86,11 +95,13 @@ class SalUn(RL):
         self.kept = sum(m.sum().item() for m in self.mask.values()) / flat.numel()
 
     def guided_loss(self, b):
-        """`‖ε − ε̃_θ(x_t, t, c_f)‖²` on the classifier-free guided prediction, as SalUn's mask script."""
+        """`‖ε − ε̃_θ(x_t, t, c_f)‖²` on the guided prediction, as SalUn's mask scripts: summed over pixels
+        and averaged over the batch in the DDPM script, averaged over both in the SD one."""
         s = self.config.saliency_guidance
         if s is None:
-            s = 3.0 if self.model.condition_kind == "class" else 7.5
-        return mse(self.model.guided_prediction(b.x_t, b.t, b.cond, s).float(), b.target)
+            s = 3.0 if self.config.saliency == "authors-ddpm" else 8.5
+        err = (self.model.guided_prediction(b.x_t, b.t, b.cond, s).float() - b.target.float()) ** 2
+        return err.flatten(1).sum(1).mean() if self.config.saliency == "authors-ddpm" else err.mean()
 
     def step(self, batch, ctx):
         loss, logs = self.loss(batch)
