@@ -274,10 +274,26 @@ def _read_back_kohya(base, kohya: dict, lora: LoraExport) -> tuple[list[str], li
     return missing, differ
 
 
+def pad_to_one_rank(lora: LoraExport) -> None:
+    """Give every layer the largest rank, with zero rows of `lora_A` and zero columns of `lora_B` (the
+    product is unchanged). The kohya layout stores an alpha per layer, and diffusers (0.42) reads
+    differing alphas back under names that miss its attention layers, which then load at another
+    scale; with one rank every alpha is the same and none is looked up by name."""
+    top = max(layer.rank for layer in lora.layers)
+    for layer in lora.layers:
+        extra = top - layer.rank
+        if extra:
+            layer.lora_A = torch.cat([layer.lora_A, layer.lora_A.new_zeros(extra, *layer.lora_A.shape[1:])])
+            layer.lora_B = torch.cat([layer.lora_B, layer.lora_B.new_zeros(layer.lora_B.shape[0], extra,
+                                                                           *layer.lora_B.shape[2:])], dim=1)
+            layer.rank = top
+
+
 def webui_lora(base, lora: LoraExport, changed: dict, original: dict) -> dict[str, torch.Tensor]:
     """The LoRA in the kohya layout, renamed by diffusers and verified by loading it back through
     diffusers' kohya converter. Layers the kohya layout has no name for that diffusers reads back
     (e.g. SDXL's `add_embedding`) move to the left-out list; any other difference is refused."""
+    pad_to_one_rank(lora)
     kohya = _to_kohya(base, peft_state_dict(base.denoiser, lora)[0])
     missing, differ = _read_back_kohya(base, kohya, lora)
     if missing and not differ:
@@ -378,7 +394,8 @@ def describe(report: dict) -> str:
     if "relative_error" not in report:
         return f"wrote {report['format']} of {report['run']}"
     err = report["relative_error"]
-    lines = [f"{report['format']}: {report['lora_layers']} LoRA layers (rank {report['rank']}), relative error "
+    rank = report["rank"] if isinstance(report["rank"], int) else "exact"
+    lines = [f"{report['format']}: {report['lora_layers']} LoRA layers (rank {rank}), relative error "
              f"||dW - BA||/||dW||: worst {err['worst']:.3g} ({err['worst_layer']}), mean {err['mean']:.3g}"]
     left = report["left_out"]["tensors"]
     if left:

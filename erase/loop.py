@@ -37,6 +37,7 @@ from .backbones.base import Condition
 from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
 from .config import build_config, config_dict
+from .lora import ADAPTER_FOLDER, LoraTraining
 from .methods import Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .methods.losses import Noised, reference_prediction
@@ -254,6 +255,9 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         config = dataclasses.replace(config, lr=method_cls.default_lr(group, model))
     params = select_parameters(model, group)
     original = {n: p.detach().cpu().clone() for n, p in params.items()}
+    lora = LoraTraining(model, params, group, config.lora_rank, config.lora_alpha, config.seed) if config.lora_rank else None
+    if lora is not None:  # the adapter's parameters are what the method trains
+        params = lora.params
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     algo = method_cls(model, config, data, params)
     algo.setup()  # on the original weights: a resume then restores the trained ones
@@ -358,11 +362,14 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     if not all(torch.isfinite(p).all() for p in params.values()):
         raise EraseError(f"{method_cls.name}: the final weights are not finite: the run diverged. "
                          f"Lower --lr (now {config.lr}) or --steps.")
+    trained = sum(p.numel() for p in params.values())
+    if lora is not None:  # merged into the weights: the outputs are those of a full fine-tuning, plus the adapter
+        adapter, params = lora.merge()
     changed = {n: p.detach().cpu().contiguous() for n, p in params.items() if not torch.equal(p.detach().cpu(), original[n])}
     final_losses = {k: statistics.fmean(r[k] for r in recent) for k in recent[0]} if recent else {}
     summary = {
         "method": method_cls.name, "paper": method_cls.paper(), "config": config_dict(config),
-        "params": group, "trainable_parameters": sum(p.numel() for p in params.values()),
+        "params": group, "trainable_parameters": trained,
         "changed_tensors": len(changed), "base_model": base_model, "data": data.description,
         "seed": config.seed, "steps": config.steps, "wall_time_s": round(elapsed, 2),
         "seconds_per_step": statistics.median(step_times) if step_times else None,
@@ -370,6 +377,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
     if paths_seconds is not None:
         summary["retain_paths_s"] = paths_seconds  # drawing the sampling paths, once per run (not in wall_time_s)
+    if lora is not None:
+        summary["lora"] = lora.summary()
     if ema is not None:
         summary["ema_final_decay"] = ema.get_decay(ema.optimization_step)
     if accelerator.is_main_process:
@@ -379,6 +388,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                            "data", "steps")})
             model.save_delta(tmp / DELTA_FILE, changed, method=method_cls.name)
+            if lora is not None:
+                lora.save_adapter(tmp / ADAPTER_FOLDER, adapter)
             write_json(tmp / CONFIG_FILE, summary)
             (tmp / LOSS_HISTORY_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in history))
             mark_output(tmp, "unlearn")
