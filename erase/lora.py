@@ -46,6 +46,7 @@ class LoraTraining:
         self.model = model
         self.base_names = list(params)  # the group's weights, as they are named again after the merge
         targets = target_modules(model.denoiser, params, group)
+        self.layers = len(targets)  # PEFT may rewrite a long target list as the shortest name suffixes
         self.config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=targets)
         for p in model.denoiser.parameters():
             p.requires_grad_(False)
@@ -63,7 +64,7 @@ class LoraTraining:
             p.requires_grad_(True)
 
     def summary(self) -> dict:
-        return {"rank": self.config.r, "alpha": self.config.lora_alpha, "layers": len(self.config.target_modules),
+        return {"rank": self.config.r, "alpha": self.config.lora_alpha, "layers": self.layers,
                 "trainable_parameters": sum(p.numel() for p in self.params.values())}
 
     def merge(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.nn.Parameter]]:

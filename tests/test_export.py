@@ -188,6 +188,10 @@ def test_bad_inputs_get_one_line_and_write_nothing(sd_runs, tmp_path, tiny_ddpm_
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
         assert not out.exists()
+    # A --base that is not the model the run started from (another run of it): found when both are loaded.
+    with pytest.raises(EraseError, match="does not match its input model"):
+        export(sd_runs[2], "diffusers-lora", out, base=run_all)
+    assert not out.exists()
     # A backbone the converters do not cover: a LoRA of the SD3 family in the WebUI layout.
     sd3_base, sd3_run = _make_run("sd3", tmp_path / "sd3", "condition")
     with pytest.raises(EraseError, match="webui-lora is not available for a stable-diffusion-3"):

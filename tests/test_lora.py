@@ -51,6 +51,7 @@ def test_lora_trains_every_method_and_resumes_exactly(method, saved, tmp_path):
     assert all(_matrix_rank(after[k] - original[k]) <= 2 for k in moved), method  # a rank-2 change per layer
     summary = json.loads((out / "erase_config.json").read_text())
     assert summary["lora"]["rank"] == 2 and summary["trainable_parameters"] == summary["lora"]["trainable_parameters"]
+    assert len(moved) <= summary["lora"]["layers"] <= len(group)  # a layer per moved weight (an unused one stays)
     assert summary["trainable_parameters"] < sum(original[k].numel() for k in group)
 
     unlearn(path, method, out=tmp_path / "resumed", data=data, stop_after=2, **RUN)
