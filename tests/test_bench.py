@@ -10,13 +10,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # sd3-no-t5: SD3 without its T5 encoder, as models/mini-flow ships; the stock pipeline must be told so.
-@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3", "sd3-no-t5"])
+@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3", "sd3-no-t5", "flux"])
 def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_path, monkeypatch):
     from tiny_pipelines import FAMILIES, tiny_sd3_pipeline
 
     monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
     model = {"ddpm": tiny_ddpm_dir, "sd": tiny_sd_dir}.get(backbone)
-    if model is None:  # a tiny SDXL or SD3 pipeline: the bench runs on every backbone alike
+    if model is None:  # a tiny SDXL, SD3 or FLUX pipeline: the bench runs on every backbone alike
         backbone_cls, build = FAMILIES[backbone.removesuffix("-no-t5")]
         model = tmp_path / backbone
         backbone_cls(tiny_sd3_pipeline(t5=False) if backbone == "sd3-no-t5" else build()).save_pretrained(model)

@@ -584,7 +584,9 @@ class FlowMatchingSchedule:
         for i in range(steps - 1, -1, -1):
             low, high = sigmas[i + 1], sigmas[i]
             t = torch.full((len(x),), low * self.num_train_timesteps, device=self.device)
-            x = x + (high - low) * self.predict(x, t, cond)
+            # Unguided, as `denoise(..., guidance=1)` walks (on a guidance-distilled model that is
+            # the guidance embedding at 1, not the training guidance `predict` uses).
+            x = x + (high - low) * self.guided_prediction(x, t, cond, 1.0)
         return x
 
 

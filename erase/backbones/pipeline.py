@@ -289,12 +289,26 @@ class TextToImageBackbone(Backbone):
         # With half-precision frozen parts (frozen_dtype) the float32 denoiser runs under autocast.
         mixed = self.vae.dtype != self.denoiser.dtype
         with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
-            return pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
-                        latents=self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype),
-                        # One generator per image for the stochastic part of the sampler (eta > 0).
-                        generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
-                        guidance_scale=guidance, height=height, width=width, output_type="latent",
-                        **extra).images.float()
+            noise = self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype)
+            latents = pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
+                           latents=self._to_pipeline_latents(noise),
+                           # One generator per image for the stochastic part of the sampler (eta > 0).
+                           generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
+                           height=height, width=width, output_type="latent", **self._guidance_inputs(guidance),
+                           **extra).images
+        return self._from_pipeline_latents(latents, shape).float()
+
+    def _guidance_inputs(self, guidance: float) -> dict:
+        """The pipeline's keyword arguments for the guidance scale."""
+        return {"guidance_scale": guidance}
+
+    def _to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Samples (N, *sample_shape) as the pipeline's `latents` argument takes them (FLUX packs them)."""
+        return latents
+
+    def _from_pipeline_latents(self, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The pipeline's latent output as samples of `shape` (C, H, W)."""
+        return latents
 
     # -- attack hooks ---------------------------------------------------------------------------------
     # Besides the base's `denoise` and the schedule's `invert`: the CLIP encoders fed with input token
