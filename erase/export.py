@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .outputs import MARKER, UNLEARN_DELTA, check_finished, check_output, mark_output, output_kind
-from .utils import EraseError, atomic_dir, logger, read_json, write_json
+from .utils import EraseError, _umask, atomic_dir, logger, read_json, write_json
 
 FORMATS = ("diffusers-lora", "webui-lora", "single-file", "pipeline")
 FILE_FORMATS = ("webui-lora", "single-file")
@@ -318,6 +318,7 @@ def _write_file(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
         os.replace(tmp, path)  # a reader never sees half a file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

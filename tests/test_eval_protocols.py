@@ -21,7 +21,8 @@ from erase.data import load_dataset
 from erase.eval.generation import load_images, sample_prompts
 from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric, wilson_interval
 from erase.eval.prompts import PromptItem
-from erase.eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
+from erase.eval.registry import PROTOCOLS
+from erase.eval.protocols import Cifar10Class, DigitsClass, I2PNudity, T2IUtility
 
 REPO = Path(__file__).resolve().parents[1]
 

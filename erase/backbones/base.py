@@ -228,11 +228,6 @@ class Backbone:
         """The unconditional input of classifier-free guidance (null class, empty prompt), n rows."""
         raise NotImplementedError
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """The forget/retain sets (`erase.unlearn_data.UnlearnData`) for what the user asked to erase."""
-        raise NotImplementedError
-
     # -- training: timesteps, noising, target, prediction ---------------------------------------------
     @property
     def prediction_type(self) -> str:

@@ -197,26 +197,6 @@ class TextToImageBackbone(Backbone):
     def null_condition(self, n: int) -> Condition:
         return self.encode_conditions([""] * n)
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """Forget/retain sets for a text concept: images this model generates from the concept's
-        forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
-
-        `forget` is a shipped concept name (`nudity`), a concept folder or a literal prompt; `anchor`
-        and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
-        """
-        from ..concept_data import ConceptDataConfig, concept_unlearn_data
-        from ..concepts import load_concept
-
-        if dataset is not None:
-            raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
-                             "generated from its prompts (set how many with --images)")
-        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
-            retain = [p.strip() for p in retain.split(",") if p.strip()]
-        chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
-        config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
-        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
-
     # -- images and latents ---------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:

@@ -1,8 +1,13 @@
-"""`erase unlearn` and `erase methods`.
+"""`erase unlearn`, `erase methods` and `erase recipes`.
 
 A method's options come from its config dataclass. `erase unlearn --help` lists the options every
 method has (MethodConfig); the parser reads `--method` first, so `erase unlearn --method eupmu
---help` lists them with EUPMU's defaults, followed by the options of EUPMU alone.
+--help` lists them with EUPMU's defaults, followed by the options of EUPMU alone. `--recipe NAME|FILE`
+runs a recipe's stages instead (`erase recipes` lists the shipped ones).
+
+The options that were fields of every method before the terms left the config (`--ema-decay`,
+`--retain-target`, `--retain-reference`, `--retain-samples`, `--trajectories`, `--adversarial-*`) are
+still parsed, hidden from the help, for one release: they build the equivalent one-stage recipe.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> Non
         add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), config_cls, skip=COMMON)
 
 
+LEGACY = (("--ema-decay", float), ("--retain-target", str), ("--retain-reference", str), ("--retain-samples", str),
+          ("--trajectories", int), ("--adversarial-every", int), ("--adversarial-steps", int),
+          ("--adversarial-lr", float), ("--adversarial-radius", float))
+
+
+def add_legacy_options(parser: argparse.ArgumentParser) -> None:
+    """The deprecated term options, parsed but left out of the help."""
+    for option, kind in LEGACY:
+        parser.add_argument(option, type=kind, default=None, help=argparse.SUPPRESS)
+
+
 def own_options(config_cls: type) -> str:
     own = [f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON]
     return " ".join("--" + n.replace("_", "-") for n in own) or "(none)"
@@ -34,15 +50,32 @@ def own_options(config_cls: type) -> str:
 
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from ..config import build_config
-    from ..loop import unlearn
+    from ..unlearning import unlearn
+    from ..unlearning.recipe import RUN_WIDE
+    from ..unlearning.terms import LEGACY_OPTIONS
+    from ..utils import EraseError
 
-    method = get_method(args.method)
-    config = build_config(method.Config, load_config_file(args.config), args)
-    out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
-                  dataset=args.dataset, images=args.images, image_guidance=args.image_guidance,
-                  anchor_in_retain=False if args.no_anchor_in_retain else None,
-                  config=config, resume=not args.no_resume,
-                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
+    legacy = {k: getattr(args, k) for k in LEGACY_OPTIONS if getattr(args, k, None) is not None}
+    common = dict(retain=args.retain, anchor=args.anchor, dataset=args.dataset, images=args.images,
+                  image_guidance=args.image_guidance, anchor_in_retain=False if args.no_anchor_in_retain else None,
+                  resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite,
+                  report_to=args.report_to)
+    if (args.method is None) == (args.recipe is None):
+        raise EraseError("give --method NAME (one stage) or --recipe NAME|FILE (`erase recipes`), not both")
+    if args.recipe is not None:
+        given = sorted(k for k in COMMON if getattr(args, k, None) is not None and k not in RUN_WIDE)
+        if given or args.config or legacy:
+            wrong = ("--" + given[0].replace("_", "-")) if given else "--config" if args.config else "--" + next(iter(legacy))
+            raise EraseError(f"{wrong}: a recipe sets each stage's options; copy the recipe (`erase recipes`) "
+                             f"and change it there (a command line may set {', '.join(RUN_WIDE)})")
+        out = unlearn(args.model, forget=args.forget, out=args.out, recipe=args.recipe,
+                      **{k: getattr(args, k) for k in RUN_WIDE if getattr(args, k, None) is not None}, **common)
+    else:
+        method = get_method(args.method)
+        values = load_config_file(args.config)
+        legacy = {**{k: values.pop(k) for k in LEGACY_OPTIONS if k in values}, **legacy}  # an older config file
+        config = build_config(method.Config, values, args)
+        out = unlearn(args.model, args.method, args.forget, args.out, config=config, **legacy, **common)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
@@ -67,6 +100,30 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{'':9s} defaults: {describe_defaults(method.Config)}\n")
 
 
+def describe_stage(stage) -> str:
+    parts = [stage.method] + [f"{k}={v}" for k, v in stage.config.items()]
+    for name, term in stage.terms.to_dict().items():
+        parts.append(f"+{name}(" + ", ".join(f"{k}={v}" for k, v in term.items()) + ")")
+    parts += [f"data.{k}={v}" for k, v in stage.data.options().items()]
+    return " ".join(parts)
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from ..unlearning.recipe import load_recipe, shipped_recipes
+
+    for name, path in shipped_recipes().items():
+        recipe = load_recipe(path)
+        print(f"{name} (version {recipe.version}, target {recipe.target}): {recipe.description}")
+        for i, stage in enumerate(recipe.stages, 1):
+            print(f"  stage {i}: {describe_stage(stage)}")
+        provenance = recipe.provenance
+        if provenance.get("measured"):
+            print(f"  measured: {provenance['measured']}")
+        if provenance.get("benchmarks"):
+            print(f"  source: {provenance['benchmarks']}")
+        print()
+
+
 def add_commands(sub) -> None:
     methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in METHODS.items())
     p = sub.add_parser("unlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -76,7 +133,9 @@ def add_commands(sub) -> None:
     p.options_depend_on("--method", add_method_options)
     p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "
                                                   "diffusers pipeline folder, a .safetensors/.ckpt file or a hub id")
-    p.add_argument("--method", required=True, choices=list(METHODS), help="unlearning method (`erase methods`)")
+    p.add_argument("--method", choices=list(METHODS), help="unlearning method (`erase methods`): a one-stage recipe")
+    p.add_argument("--recipe", help="a shipped recipe (`erase recipes`) or a recipe file (JSON): runs its stages "
+                                    "into OUT; give --method or --recipe")
     p.add_argument("--forget", required=True,
                    help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
                         "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh')")
@@ -103,7 +162,11 @@ def add_commands(sub) -> None:
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
     p.add_argument("--report-to", help="also log every step's losses to accelerate trackers under OUT-logs/, e.g. "
                                        "tensorboard (comma-separated; each must be installed)")
+    add_legacy_options(p)
     p.set_defaults(func=cmd_unlearn)
 
     p = sub.add_parser("methods")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("recipes", description="The shipped recipes: stages, target, and what was measured.")
+    p.set_defaults(func=cmd_recipes)
