@@ -125,6 +125,7 @@ COMMANDS = {
     "recipes": ("erase.methods.cli", "list the shipped recipes: stages, target, measured figures"),
     "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
     "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
+    "export": ("erase.export", "a finished run as a diffusers or WebUI LoRA, or a single-file checkpoint"),
     "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),
     "sample": ("erase.cli", "generate images of some classes from a class-conditional model"),
     "train-base": ("erase.cli", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),

@@ -212,6 +212,13 @@ class Backbone:
     #: the pipeline attribute the delta applies to (`unet`, `transformer`)
     delta_module: ClassVar[str] = "unet"
 
+    #: the `erase export` formats whose converters cover this backbone (`erase.export`)
+    EXPORT_FORMATS: ClassVar[tuple[str, ...]] = ()
+
+    def single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in the family's original single-file layout (`erase export --format single-file`)."""
+        raise EraseError(f"no single-file layout is known for the {self.name} backbone")
+
     # -- conditions ---------------------------------------------------------------------------------
     def encode_conditions(self, items: Iterable) -> Condition:
         """Conditions for class ids/names (class backbones) or prompts (text backbones), on `device`."""

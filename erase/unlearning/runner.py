@@ -122,6 +122,7 @@ class RecipeRun:
         self.model, self.recipe, self.out, self.stages = model, recipe, out, stages
         self.accelerator, self.shards, self.teacher_path = accelerator, shards, teacher_path
         self.single = len(stages) == 1
+        self.adapter = None  # a single stage trained as a LoRA (its Training, after the merge)
         self.ckpt_root = out.with_name(out.name + "-checkpoints")
         self.groups = [resolve_params(model, config.params, method.params_preference_for(model))
                        for method, config, _, _ in stages]  # before any data is generated
@@ -211,7 +212,7 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
         history = finished[0][1] if run.single else [{"stage": i, **e} for i, (_, h) in enumerate(finished, 1)
                                                       for e in h]
         write_output(out, model, changed, summary, history, recipe=None if run.single else recipe,
-                     stages=() if run.single else finished)
+                     stages=() if run.single else finished, adapter=run.adapter)
         if not keep_checkpoints:
             shutil.rmtree(run.ckpt_root, ignore_errors=True)
         logger.info("%s: saved %s (%d steps, %.1f s)", recipe.name, out, summary["steps"], summary["wall_time_s"])
@@ -247,6 +248,8 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
     if end < config.steps:
         return latest_checkpoint(folder)
     finish(t, accelerator)
+    if run.single and t.lora is not None:  # the whole run's change is this adapter: saved with the outputs
+        run.adapter = t
     changed = run.changed()
     record = stage_record(t, progress, sum(1 for n in changed if n in t.params), base_model, accelerator.device,
                           mixed, accelerator.num_processes)

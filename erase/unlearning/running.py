@@ -28,6 +28,7 @@ from ..methods.losses import reference_prediction
 from ..unlearn_data import UnlearnData, sampling_paths
 from ..utils import EraseError, logger
 from .data import draw_shards
+from ..lora import LoraTraining
 from .terms import Terms, new_average, new_robust
 
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
@@ -107,6 +108,8 @@ class Training:
     average: Any = None  # diffusers' EMAModel (the weight-average term)
     robust: Any = None  # erase.robust.AdversarialCondition (the robustness term)
     paths_seconds: float | None = None
+    lora: Any = None  # erase.lora.LoraTraining: the adapter trained in place of the group's weights
+    adapter: dict | None = None  # its PEFT state dict, taken when it is merged at the end
 
 
 def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data: UnlearnData, group: str,
@@ -129,6 +132,9 @@ def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data
     if config.lr is None:  # a method whose learning rate depends on the parameter group (esd)
         config = dataclasses.replace(config, lr=method.default_lr(group, model))
     params = select_parameters(model, group)
+    lora = LoraTraining(model, params, group, config.lora_rank, config.lora_alpha, config.seed) if config.lora_rank else None
+    if lora is not None:  # the adapter's parameters are what the method trains
+        params = lora.params
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     algo = method(model, config, data, params)
     algo.setup()  # on the stage's first weights: a resume then restores the trained ones
@@ -136,7 +142,7 @@ def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data
                     StepContext(accelerator, optimizer, list(params.values()), config.grad_clip), split,
                     teacher=frozen, paths_seconds=paths_seconds,
                     average=new_average(params, terms.average) if terms.average else None,
-                    robust=new_robust(model, terms.robust, config.seed) if terms.robust else None)
+                    robust=new_robust(model, terms.robust, config.seed) if terms.robust else None, lora=lora)
 
 
 def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
@@ -217,4 +223,6 @@ def finish(t: Training, accelerator) -> None:
     if not all(torch.isfinite(p).all() for p in t.params.values()):
         raise EraseError(f"{t.method.name}: the final weights are not finite: the run diverged. "
                          f"Lower --lr (now {t.config.lr}) or --steps.")
+    if t.lora is not None:  # merged into the weights: the outputs are a full fine-tuning's, plus the adapter
+        t.adapter, t.params = t.lora.merge()
     logger.debug("%s: finished", t.method.name)
