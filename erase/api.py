@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .resources import SHIPPED_MODELS, shipped_model
+from .resources import model_location as _model_location
 
 
-def _model_location(source: str | Path) -> str | Path:
-    """A shipped model's folder for its name (`digits-ddpm`), unless a path of that name exists."""
-    if str(source) in SHIPPED_MODELS and not Path(source).exists():
-        return shipped_model(str(source))
-    return source
 
 
 def load_model(source: str | Path, **kwargs):

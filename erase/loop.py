@@ -43,7 +43,7 @@ from .methods.losses import Noised, reference_prediction
 from .robust import AdversarialCondition
 from .unlearn_data import UnlearnData, sampling_paths
 from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
-from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, reset_peak_memory,
+from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, progress_off, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
 
 LOSS_HISTORY_FILE = "loss_history.jsonl"
@@ -302,7 +302,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             k: v for k, v in config_dict(config).items() if isinstance(v, (int, float, str, bool))}})
     end = config.steps if stop_after is None else min(stop_after, config.steps)
     bar = tqdm(range(start, end), initial=start, total=config.steps, desc=method_cls.name,
-               disable=not (progress and accelerator.is_local_main_process))
+               disable=not (progress and accelerator.is_local_main_process) or progress_off())
     # Losses stay on the device and are read every LOG_EVERY steps (and before each checkpoint):
     # reading them every step would make the host wait for the GPU at every step.
     pending: list[tuple[int, dict]] = []

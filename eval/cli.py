@@ -23,10 +23,14 @@ def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> N
     """The options of protocol `name`, with its defaults (none until a protocol is named). The other
     protocols' options are parsed too, out of the help, so that `protocol_options` can say which
     protocol an option belongs to rather than argparse's bare "unrecognized arguments"."""
+    from erase.suggest import did_you_mean
+
     from .protocols import PROTOCOLS
 
-    if name not in PROTOCOLS:
+    if name is None:
         return
+    if name not in PROTOCOLS:  # said here, before the protocol's options are taken for unknown ones
+        parser.error(f"unknown protocol {name}{did_you_mean(name, PROTOCOLS, cutoff=0.6)} (one of: {', '.join(PROTOCOLS)})")
     add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
     added = {f.name for f in dataclasses.fields(PROTOCOLS[name])}
     for other in PROTOCOLS.values():

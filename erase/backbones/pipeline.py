@@ -22,7 +22,7 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..outputs import check_finished
-from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
+from ..utils import EraseError, atomic_dir, logger, read_json, step_generator, write_json
 from .base import Backbone, Condition, ModelSource
 
 INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
@@ -206,16 +206,19 @@ class TextToImageBackbone(Backbone):
         and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
         """
         from ..concept_data import ConceptDataConfig, concept_unlearn_data
-        from ..concepts import load_concept
+        from ..concepts import Vocabulary, describe_concept, load_concept
+        from ..suggest import looks_like_path
 
         if dataset is not None:
             raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
                              "generated from its prompts (set how many with --images)")
-        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
+        if isinstance(retain, str) and not looks_like_path(retain):  # a path must exist: read_prompts says so
             retain = [p.strip() for p in retain.split(",") if p.strip()]
         chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
         config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
-        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
+        concept = load_concept(forget, anchor=anchor, retain=retain, vocabulary=Vocabulary.from_info(self.info))
+        logger.info("erasing %s", describe_concept(concept))
+        return concept_unlearn_data(self, concept, config)
 
     # -- images and latents ---------------------------------------------------------------------------
     @property

@@ -25,6 +25,14 @@ def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> Non
     add_dataclass_arguments(parser.add_argument_group(title), config_cls, skip=own)
     if name in METHODS:
         add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), config_cls, skip=COMMON)
+        parser.chosen = ("--method", name)
+    # Another method's option is then named as such, rather than as an unknown option.
+    owners: dict[str, list[str]] = {}
+    for other, method in METHODS.items():
+        for f in dataclasses.fields(method.Config):
+            if f.name not in COMMON and f.name not in own:
+                owners.setdefault("--" + f.name.replace("_", "-"), []).append(other)
+    parser.option_owners = owners
 
 
 def own_options(config_cls: type) -> str:
