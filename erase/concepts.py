@@ -159,10 +159,10 @@ def resolve_concept(spec: str, root: Path, vocabulary: Vocabulary | None = None,
 
 
 def _literal(prompt: str, root: Path) -> Concept:
+    """Erased towards the empty prompt; the generic retain prompts are read by `load_concept` unless given."""
     if not prompt:
         raise EraseError(f"{LITERAL_PREFIX} needs a prompt after it, e.g. {LITERAL_PREFIX}dog")
-    retain = read_prompts(root / GENERAL_RETAIN, "generic retain prompts")
-    return Concept(prompt, [prompt], "", retain)
+    return Concept(prompt, [prompt], "", [])
 
 
 def describe_concept(concept: Concept) -> str:
@@ -191,6 +191,8 @@ def load_concept(spec: str, anchor: str | None = None, retain: str | Path | Sequ
         raise EraseError("give a concept to erase: a name such as nudity, a concept folder, or a prompt")
     root = Path(root) if root else prompts_root()
     concept = resolve_concept(spec, root, vocabulary, known_names)
+    if concept.source == "literal" and retain is None:
+        concept.retain = read_prompts(root / GENERAL_RETAIN, "generic retain prompts")
     if anchor is not None:
         concept.anchor = anchor
     if retain is not None:

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import shlex
 import shutil
 import statistics
 import time
@@ -37,12 +38,13 @@ from .backbones.base import Condition
 from .checkpoint import (check_same_config, flatten_optimizer_state, latest_checkpoint, load_latest_checkpoint,
                          restore_optimizer_state, save_checkpoint)
 from .config import build_config, config_dict
-from .methods import Method, MethodConfig, get_method
+from .methods import METHODS, Method, MethodConfig, get_method
 from .methods.base import Batch, StepContext
 from .methods.losses import Noised, reference_prediction
 from .robust import AdversarialCondition
 from .unlearn_data import UnlearnData, sampling_paths
-from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, check_output, mark_output
+from .outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, absolute_if_path, check_output, \
+    command_line, is_same_output, mark_output, recording
 from .utils import (EraseError, atomic_dir, logger, package_versions, peak_memory_mb, progress_off, reset_peak_memory,
                     resolve_mixed_precision, step_generator, write_json)
 
@@ -175,7 +177,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
             anchor_in_retain: bool | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, resume: bool = True, keep_checkpoints: bool = False,
             stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
-            report_to: str | None = None,
+            report_to: str | None = None, checkpoint_minutes: float = 5.0,
             **options) -> Path:
     """Unlearn `forget` from `model` with `method` and write the result to `out`.
 
@@ -190,16 +192,15 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     `shards=k` draws each process's batch as k equal shards, shard j of process p from the
     generator of (seed, step, p·k + j): one process with `shards=N` and N times the batch draws
     exactly the samples that N processes draw, which is how data-parallel exactness is tested.
+    `checkpoint_minutes`: a checkpoint is also written when this much wall time has passed since the
+    last one (so an interrupt loses minutes, whatever the step count).
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from .backbones import load_backbone
-
     if out is None:
         raise EraseError("give an output folder (--out)")
     method_cls = get_method(method)
     config = make_config(method_cls, config, **options)
+    if not checkpoint_minutes > 0:
+        raise EraseError(f"--checkpoint-minutes must be a positive number, got {checkpoint_minutes}")
     if images is not None and images < 1:
         raise EraseError(f"--images must be at least 1, got {images}")
     if image_guidance is not None and not (math.isfinite(image_guidance) and image_guidance > 0):
@@ -208,7 +209,60 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     inputs = [model] if isinstance(model, (str, Path)) else []
     if config.retain_reference:
         inputs.append(config.retain_reference)  # the output must not overwrite it either
-    check_output(out, "unlearn", overwrite, inputs=inputs, checkpoints=True)
+    if isinstance(forget, str) and forget.strip().lower() in METHODS:
+        raise EraseError(f"--forget {forget} is a method, not what to erase: give it with --method, and the class "
+                         "or concept with --forget")
+    base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
+    command, settings = unlearn_command(base_model, method_cls.name, forget, out, config, retain=retain,
+                                        anchor=anchor, dataset=dataset, images=images, image_guidance=image_guidance,
+                                        anchor_in_retain=anchor_in_retain)
+    if data is not None:  # prebuilt data: no command makes this run, and its settings are not all known
+        command, settings = None, None
+    check_output(out, "unlearn", overwrite, inputs=inputs, checkpoints=True, settings=settings)
+    if not overwrite and settings and isinstance(model, (str, Path)) and is_same_output(out, "unlearn", settings):
+        logger.info("%s is already the output of this command: reusing it (--overwrite runs it again)", out)
+        return Path(out)
+    with recording("unlearn", command, settings) if command else contextlib.nullcontext():
+        return _unlearn(model, method_cls, config, forget, out, retain=retain, anchor=anchor, dataset=dataset,
+                        images=images, image_guidance=image_guidance, anchor_in_retain=anchor_in_retain, data=data,
+                        resume=resume, keep_checkpoints=keep_checkpoints, stop_after=stop_after, progress=progress,
+                        shards=shards, report_to=report_to, checkpoint_minutes=checkpoint_minutes,
+                        base_model=base_model, command=command)
+
+
+def unlearn_command(base_model: str, method: str, forget, out, config: MethodConfig, **data_options) -> tuple[str, dict]:
+    """The `erase unlearn` command that makes this run, every option written out (the method's whole
+    config, defaults included, so that a later change of a default does not change what it makes),
+    and the settings it is compared by (all but --out). Paths are made absolute, names kept."""
+    from .resources import SHIPPED_MODELS
+
+    def path_or_value(value, exists):
+        return str(Path(value).expanduser().resolve()) if isinstance(value, (str, Path)) and exists(value) else value
+
+    retain, anchor_in_retain = data_options.pop("retain"), data_options.pop("anchor_in_retain")
+    options = [("--model", base_model if base_model in SHIPPED_MODELS else absolute_if_path(base_model)),
+               ("--method", method),
+               ("--forget", path_or_value(forget, lambda v: Path(v).expanduser().is_dir())),  # a concept folder
+               ("--retain", path_or_value(retain, lambda v: Path(v).expanduser().is_file())),  # a prompt file
+               *((f"--{k.replace('_', '-')}", v) for k, v in data_options.items()),
+               *((f"--{k.replace('_', '-')}", absolute_if_path(v) if k == "retain_reference" else v)
+                 for k, v in config_dict(config).items())]
+    settings = json.loads(json.dumps({k: v for k, v in options if v is not None}))
+    command = command_line("unlearn", options)
+    if anchor_in_retain is False:  # an on/off flag without a value
+        settings["--no-anchor-in-retain"] = True
+        command += " --no-anchor-in-retain"
+    return f"{command} --out {shlex.quote(str(Path(out).expanduser().resolve()))}", settings
+
+
+def _unlearn(model, method_cls: type[Method], config: MethodConfig, forget, out, *, retain, anchor, dataset, images,
+             image_guidance, anchor_in_retain, data, resume, keep_checkpoints, stop_after, progress, shards,
+             report_to, checkpoint_minutes, base_model, command) -> Path:
+    """The run itself, once its options are checked and its --out is known to be writable."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .backbones import load_backbone
     forget_share = method_cls.forget_share_for(config)
     n_forget = round(config.batch_size * forget_share)
     n_retain = config.batch_size - n_forget
@@ -217,7 +271,6 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
                          f"be at least 2, got {config.batch_size}")
     if shards < 1 or n_forget % shards or n_retain % shards:
         raise EraseError(f"shards={shards} must divide the {n_forget} forget and {n_retain} retain samples of a batch")
-    base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
     if isinstance(model, (str, Path)):
         model = load_backbone(model)
     out = Path(out)
@@ -306,7 +359,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
     # Losses stay on the device and are read every LOG_EVERY steps (and before each checkpoint):
     # reading them every step would make the host wait for the GPU at every step.
     pending: list[tuple[int, dict]] = []
-    interval_start = time.perf_counter()
+    interval_start = last_save = time.perf_counter()
     for step in bar:
         # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
         forget_b, retain_b = draw_shards(data, model, n_forget, n_retain, config, step,
@@ -320,7 +373,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         if ema is not None:
             ema.step(params.values())
         done = step + 1
-        checkpoint_now = done == stop_after or (done % config.checkpoint_every == 0 and done < config.steps)
+        checkpoint_now = done == stop_after or (done < config.steps and (
+            done % config.checkpoint_every == 0 or time.perf_counter() - last_save >= 60 * checkpoint_minutes))
         # The first step is read on its own: its warm-up (allocation, kernel choice) stays out of the
         # intervals whose times give the median seconds per step.
         if not (checkpoint_now or done % LOG_EVERY == 0 or done == end or done == start + 1):
@@ -343,6 +397,7 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         bar.set_postfix({k: f"{v:.4g}" for k, v in recent[-1].items()}, refresh=False)
         if accelerator.is_main_process and checkpoint_now:
             save_state(done)
+            last_save = time.perf_counter()
         interval_start = time.perf_counter()
     bar.close()
     if trackers:
@@ -367,7 +422,8 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
         "seed": config.seed, "steps": config.steps, "wall_time_s": round(elapsed, 2),
         "seconds_per_step": statistics.median(step_times) if step_times else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
-        "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions()}
+        "processes": accelerator.num_processes, "final_losses": final_losses, "versions": package_versions(),
+        "command": command}
     if paths_seconds is not None:
         summary["retain_paths_s"] = paths_seconds  # drawing the sampling paths, once per run (not in wall_time_s)
     if ema is not None:

@@ -50,7 +50,8 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
                   dataset=args.dataset, images=args.images, image_guidance=args.image_guidance,
                   anchor_in_retain=False if args.no_anchor_in_retain else None,
                   config=config, resume=not args.no_resume,
-                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to)
+                  keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite, report_to=args.report_to,
+                  checkpoint_minutes=args.checkpoint_minutes)
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
@@ -109,6 +110,9 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="also write a checkpoint after this many minutes of training since the last one, whatever "
+                        "--checkpoint-every says, so that an interrupt loses little (default 5)")
     p.add_argument("--report-to", help="also log every step's losses to accelerate trackers under OUT-logs/, e.g. "
                                        "tensorboard (comma-separated; each must be installed)")
     p.set_defaults(func=cmd_unlearn)
