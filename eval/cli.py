@@ -76,8 +76,8 @@ def warn_if_other_concept(model: str, forget) -> None:
     if forget is None or not summary.is_file():
         return
     data = read_json(summary, what="unlearning summary").get("data", {})
-    erased = data.get("forget_names") or data.get("forget") or [data.get("concept", {}).get("name")]
-    erased_words = {str(e).lower() for e in erased if e is not None} | {str(c) for c in data.get("forget", [])}
+    erased = data.get("forget") or [data.get("concept", {}).get("name")]  # class names, or the concept's name
+    erased_words = {str(e).lower() for e in erased if e is not None} | {str(c) for c in data.get("forget_ids", [])}
     given = {w.strip().lower() for w in str(forget).split(",") if w.strip()}
     if erased_words and not given & erased_words:
         logger.warning("--forget %s differs from what %s erased (%s): the numbers measure another concept",
