@@ -99,6 +99,11 @@ def _relative_text(text):
     return " ".join(relative(word) if os.path.isabs(word) else word for word in text.split(" "))
 
 
+def _shown_command(command: str) -> str:
+    """A recorded command as the report shows it: the same words, absolute paths made relative."""
+    return shlex.join(relative(word) if os.path.isabs(word) else word for word in shlex.split(command))
+
+
 def _relative_values(values: dict) -> dict:
     return {k: _relative_text(v) for k, v in values.items()}
 
@@ -204,7 +209,7 @@ class Run:
 
     def eval_command(self) -> str:
         if self.results.get("command"):  # recorded by the run itself: every option, as it was given
-            return self.results["command"]
+            return _shown_command(self.results["command"])
         protocol = self.results["protocol"]
         args = ["erase", "eval", "--model", relative(self.results["model"]), "--protocol", protocol,
                 "--out", relative(self.path.resolve())]
@@ -216,7 +221,7 @@ class Run:
         if not self.unlearning:
             return None
         if self.unlearning.get("command"):
-            return self.unlearning["command"]
+            return _shown_command(self.unlearning["command"])
         from erase.methods import get_method
 
         u = self.unlearning
