@@ -263,6 +263,7 @@ def _unlearn(model, method_cls: type[Method], config: MethodConfig, forget, out,
     from tqdm.auto import tqdm
 
     from .backbones import load_backbone
+
     forget_share = method_cls.forget_share_for(config)
     n_forget = round(config.batch_size * forget_share)
     n_retain = config.batch_size - n_forget
