@@ -41,7 +41,7 @@ def looks_like_path(text: str) -> bool:
 
 
 def near_path(path: str | Path) -> str:
-    """'; did you mean P?' for an existing sibling of a missing path (`models/digit-ddpm` ->
+    """'; did you mean P?' for an existing sibling of a missing path (`./models/digit-ddpm` ->
     `models/digits-ddpm`), or '' when the nearest existing folder holds nothing close."""
     path = Path(path).expanduser()
     parent = path.parent

@@ -32,7 +32,7 @@ def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> N
     if name is None:
         return
     if name not in PROTOCOLS:  # said here, before the protocol's options are taken for unknown ones
-        parser.error(f"unknown protocol {name}{did_you_mean(name, PROTOCOLS, cutoff=0.6)} (one of: {', '.join(PROTOCOLS)})")
+        parser.error(f"unknown protocol {name!r}{did_you_mean(name, PROTOCOLS, cutoff=0.6)} (one of: {', '.join(PROTOCOLS)})")
     add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
     added = {f.name for f in dataclasses.fields(PROTOCOLS[name])}
     for other in PROTOCOLS.values():

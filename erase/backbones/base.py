@@ -640,7 +640,8 @@ def checkpoint_keys(path: Path) -> list[str]:
 
 def looks_like_hub_id(text: str) -> bool:
     """`owner/name`, and not a local path: no leading `.`/`/`/`~`, no file suffix, and no local folder
-    named `owner` (`models/digit-ddpm` is a typo of a local path, not a Hub repository)."""
+    named `owner` (a typo of a model under an existing `models/` folder is a local path, not a Hub
+    repository)."""
     owner, _, name = text.partition("/")
     return (text.count("/") == 1 and bool(owner) and bool(name) and not text.startswith((".", "~"))
             and not text.lower().endswith(FILE_SUFFIXES) and not Path(owner).expanduser().exists())
