@@ -48,28 +48,31 @@ class UnlearnResult:
 
     @property
     def config(self) -> dict:
-        """Every setting of the run, defaults included."""
-        return self.summary["config"]
+        """Every setting of the run, defaults included (a recipe's: each stage's, in `summary["stages"]`)."""
+        return self.summary.get("config", {})
 
 
-def unlearn(model, method: str, forget, out: str | Path, **options) -> UnlearnResult:
-    """Erase `forget` from `model` with `method` (`erase.METHODS`) and save the result to `out`.
+def unlearn(model, method: str | None = None, forget=None, out: str | Path | None = None, *, recipe=None,
+            **options) -> UnlearnResult:
+    """Erase `forget` from `model` with `method` (`erase.METHODS`) or a `recipe`, and save the result to `out`.
 
     `model` is a backbone from `load_model` (trained in place) or anything `load_model` takes.
     `forget` is a class id or name, comma-separated ones, for a class-conditional model; a concept
     name (`nudity`, `three`: a folder of `prompts/`), a concept folder or a literal prompt for Stable
-    Diffusion. `options` are the method's config fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see
-    `erase unlearn --method NAME --help`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
-    `resume=`, ...: see `erase.loop.unlearn`). The same (model, method, options, seed) gives the
-    same weights.
+    Diffusion. `recipe` is a shipped recipe's name (`erase recipes`), a recipe file or a dict: its
+    stages run one after the other into `out`. With a method, `options` are the method's config
+    fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see `erase unlearn --method NAME --help`), its
+    `terms=` (`erase.unlearning.terms`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
+    `resume=`, ...: see `erase.unlearning.unlearn`). The same (model, method or recipe, options,
+    seed) gives the same weights.
     """
-    from .loop import CONFIG_FILE
-    from .loop import unlearn as run_unlearning
+    from .unlearning import CONFIG_FILE
+    from .unlearning import unlearn as run_unlearning
     from .utils import read_json
 
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    path = Path(run_unlearning(model, method, forget, out, **options))
+    path = Path(run_unlearning(model, method, forget, out, recipe=recipe, **options))
     return UnlearnResult(model=model, path=path, summary=read_json(path / CONFIG_FILE, what="unlearning summary"))
 
 
@@ -107,7 +110,8 @@ def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, 
 
     from .config import build_config
     from .eval.cli import default_classifier, evaluate_recorded
-    from .eval.protocols import METRICS_FILE, get_protocol
+    from .eval.protocols import METRICS_FILE
+    from .eval.registry import get_protocol
     from .utils import EraseError, read_json
 
     if isinstance(model, UnlearnResult):

@@ -120,8 +120,9 @@ def add_commands(subparsers) -> None:
 # module is imported only when its command is parsed, so `erase --help` imports neither torch nor diffusers.
 COMMANDS = {
     "demo": ("erase.demo", "erase a digit from both shipped models, evaluate, write a report"),
-    "unlearn": ("erase.methods.cli", "erase classes or concepts from a model with one of the methods"),
+    "unlearn": ("erase.methods.cli", "erase classes or concepts from a model with a method or a recipe"),
     "methods": ("erase.methods.cli", "list the unlearning methods with their papers and defaults"),
+    "recipes": ("erase.methods.cli", "list the shipped recipes: stages, target, measured figures"),
     "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
     "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
     "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),

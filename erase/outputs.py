@@ -25,6 +25,9 @@ MARKER = "erase-output.json"
 UNLEARN_CONFIG = "erase_config.json"  # the run summary `erase unlearn` writes beside the model
 UNLEARN_DELTA = "delta.safetensors"  # the tensors the run changed
 CHECKPOINT_NAME = re.compile(r"^\.?step-\d{7}(\..*)?$")  # step-NNNNNNN/ and their temporary folders
+# A recipe's stages: stage-N-METHOD/ of checkpoints, with done/ (a finished stage) and its temporary folder
+STAGE_NAME = re.compile(r"^stage-\d+-[a-z0-9_]+$")
+DONE_NAME = re.compile(r"^\.?done(\..*)?$")
 
 
 # The command being run, per kind of output: {"command": the exact command line, "settings": what
@@ -115,7 +118,8 @@ def _is_within(inner: Path, outer: Path) -> bool:
 
 
 def _is_checkpoint_folder(folder: Path) -> bool:
-    return all(CHECKPOINT_NAME.match(p.name) for p in folder.iterdir())
+    return all(CHECKPOINT_NAME.match(p.name) or (STAGE_NAME.match(p.name) and p.is_dir() and all(
+        CHECKPOINT_NAME.match(q.name) or DONE_NAME.match(q.name) for q in p.iterdir())) for p in folder.iterdir())
 
 
 def check_output(out: str | Path, kind: str, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),

@@ -60,7 +60,7 @@ class DigitDetector:
         self.classifier, self.digit = classifier, digit
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        from erase.mini_sd import classify_digits
+        from erase.digits import classify_digits
 
         device = next(self.classifier.parameters()).device
         return (classify_digits(images.to(device), self.classifier) == self.digit).cpu()

@@ -27,7 +27,7 @@ def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> N
     protocol an option belongs to rather than argparse's bare "unrecognized arguments"."""
     from erase.suggest import did_you_mean
 
-    from .protocols import PROTOCOLS
+    from .registry import PROTOCOLS
 
     if name is None:
         return
@@ -42,7 +42,7 @@ def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> N
 
 def protocol_options(args: argparse.Namespace, protocol: type) -> None:
     """Refuse options that the chosen protocol does not have, rather than silently ignoring them."""
-    from .protocols import PROTOCOLS
+    from .registry import PROTOCOLS
 
     own = {f.name for f in dataclasses.fields(protocol)}
     every = {f.name for p in PROTOCOLS.values() for f in dataclasses.fields(p)}
@@ -125,7 +125,7 @@ def evaluate_recorded(protocol, model: str, out: str | Path, overwrite: bool = F
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .generation import process_state
-    from .protocols import get_protocol
+    from .registry import get_protocol
 
     protocol_cls = get_protocol(args.protocol)
     protocol_options(args, protocol_cls)
@@ -169,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 def add_commands(subparsers) -> None:
     """Add `eval` and `report` to the `erase` command's subparsers."""
-    from .protocols import PROTOCOLS
+    from .registry import PROTOCOLS
 
     protocols = "\n".join(f"  {name:15s} {(p.__doc__ or '').strip().splitlines()[0]}" for name, p in PROTOCOLS.items())
     p = subparsers.add_parser("eval", description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,8 +2,8 @@
 
 A protocol is a dataclass whose fields are every setting that decides its numbers; all of them,
 the model evaluated, the feature extractor and the package versions are written into the results,
-so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names to protocols; the
-`erase eval` command line is generated from their fields.
+so two runs can be compared, or refused as incomparable. `eval.registry.PROTOCOLS` maps names to
+protocols (these and the attacks); the `erase eval` command line is generated from their fields.
 """
 
 from __future__ import annotations
@@ -594,7 +594,7 @@ class DigitsPrompts(Protocol):
     def _kept_digits_fid(self, kept, reference, classifier, state) -> tuple[dict, str]:
         """FID in the digits classifier's features of the kept digits' samples (this process's) against
         `reference` (this process's share of real digits, or of the reference model's samples)."""
-        from erase.mini_sd import digits_classifier_input
+        from erase.digits import digits_classifier_input
 
         fid = _fid("classifier", classifier, None, state.device, self.fid_bootstrap)
         with torch.no_grad():
@@ -605,7 +605,7 @@ class DigitsPrompts(Protocol):
 
     def run(self, model_path, out, state=None):
         from erase.data import DIGITS_NAMES, digit_class
-        from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
+        from erase.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
 
         state = state or process_state()
         model = load_text_backbone(model_path, state.device, self.name)
@@ -698,15 +698,6 @@ class DigitsPrompts(Protocol):
         return results
 
 
-# The attacks are protocols too (eval/attacks.py builds on the classes above, hence the late import).
-from .attacks import ATTACKS  # noqa: E402
-
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity,
-                                                            T2IUtility) + ATTACKS}
-
-
-def get_protocol(name: str) -> type[Protocol]:
-    if name not in PROTOCOLS:
-        raise EraseError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
-
+# The measuring protocols. The attacks are protocols too, built on the classes above (eval/attacks.py);
+# eval/registry.py names them all, so that this module does not import the attacks back.
+MEASURES: tuple[type[Protocol], ...] = (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity, T2IUtility)

@@ -16,15 +16,16 @@ from ..resources import model_location
 from ..utils import EraseError
 from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
+from .flux import FluxBackbone
 from .sd3 import StableDiffusion3Backbone
 from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
-    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone)}
+    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone, FluxBackbone)}
 
 # The submodules are listed too, so that documentation tools (pdoc) walk them.
-__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusion3Backbone",
+__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "FluxBackbone", "StableDiffusion3Backbone",
            "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone",
            *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 

@@ -223,11 +223,6 @@ class Backbone:
         """The unconditional input of classifier-free guidance (null class, empty prompt), n rows."""
         raise NotImplementedError
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """The forget/retain sets (`erase.unlearn_data.UnlearnData`) for what the user asked to erase."""
-        raise NotImplementedError
-
     # -- training: timesteps, noising, target, prediction ---------------------------------------------
     @property
     def prediction_type(self) -> str:
@@ -579,7 +574,9 @@ class FlowMatchingSchedule:
         for i in range(steps - 1, -1, -1):
             low, high = sigmas[i + 1], sigmas[i]
             t = torch.full((len(x),), low * self.num_train_timesteps, device=self.device)
-            x = x + (high - low) * self.predict(x, t, cond)
+            # Unguided, as `denoise(..., guidance=1)` walks (on a guidance-distilled model that is
+            # the guidance embedding at 1, not the training guidance `predict` uses).
+            x = x + (high - low) * self.guided_prediction(x, t, cond, 1.0)
         return x
 
 

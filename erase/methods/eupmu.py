@@ -73,7 +73,7 @@ class EUPMU(Method):
         # ∇log L = ∇L / L, so each process backpropagates its own L over the joint L (a constant).
         # Averaged over processes, that is the gradient one process with the joint batch computes.
         joint_forget, joint_retain = ctx.reduce_mean([forget.detach().float(), retain.detach().float()])
-        # With `retain_target="reference"` the first step's retain loss is exactly 0 (the model is its
+        # With a retain term that keeps the input model, the first step's retain loss is exactly 0 (the model is its
         # reference): the floor keeps log L_r and the division finite.
         joint_forget, joint_retain = joint_forget.clamp_min(LOSS_FLOOR), joint_retain.clamp_min(LOSS_FLOOR)
         ctx.backward(self.w.detach() * retain / joint_retain + forget / joint_forget)
