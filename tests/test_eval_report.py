@@ -57,8 +57,7 @@ def test_report_names_columns_by_method_with_intervals_deltas_and_verdicts(two_r
     assert re.search(r"- \*\*ga\*\*: (meets|misses) the target|- \*\*ga\*\*: undecided", md)
     # The settings table is there although every setting is the same; the commands behind each column.
     assert _table_rows(md, "n ") == "| n | 3 | 3 | " and "Not comparable" not in md
-    # The recorded commands, every option written out, paths shown relative.
-    assert "`erase unlearn --model " in md and "--method ga --forget 3" in md and "--steps 4" in md
+    assert "`erase unlearn --model " in md and "--method ga --forget three" in md and "--steps 4" in md
     assert "erase eval --model " in md and "--protocol digits-class" in md
     assert not ABSOLUTE_PATH.search(md) and not ABSOLUTE_PATH.search(html)
     # Markdown points at figure files; the HTML embeds them, so it stands alone.

@@ -196,23 +196,23 @@ def test_eval_warns_when_its_forget_is_not_what_the_model_erased(first_hour, tmp
 
 
 def test_interrupt_names_the_command_that_resumes(tiny_model, tmp_path, monkeypatch, capsys, caplog, one_thread):
-    import erase.loop
+    import erase.unlearning.running as running
 
-    draw = erase.loop.draw_shards
+    draw = running.draw_shards
 
-    def interrupted(data, model, n_forget, n_retain, config, step, *rest):
+    def interrupted(data, model, n_forget, n_retain, seed, antithetic, step, *rest):
         if step == 2:
             raise KeyboardInterrupt
-        return draw(data, model, n_forget, n_retain, config, step, *rest)
+        return draw(data, model, n_forget, n_retain, seed, antithetic, step, *rest)
 
     argv = ["unlearn", "--model", str(tiny_model), "--method", "ga", "--forget", "3", "--steps", "4",
             "--batch-size", "4", "--checkpoint-every", "1", "--out", str(tmp_path / "out")]
-    monkeypatch.setattr(erase.loop, "draw_shards", interrupted)
+    monkeypatch.setattr(running, "draw_shards", interrupted)
     assert main(argv) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "to resume from the last checkpoint" in line and "run: erase unlearn" in line, line
     command = line.split("run: ", 1)[1]
-    monkeypatch.setattr(erase.loop, "draw_shards", draw)
+    monkeypatch.setattr(running, "draw_shards", draw)
     with caplog.at_level("INFO", logger="erase"):
         assert main(shlex.split(command)[1:]) == 0
     assert "resuming ga from" in caplog.text and "(step 2 of 4)" in caplog.text
