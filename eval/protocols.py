@@ -136,7 +136,15 @@ class Protocol:
                 "model": _model_name(model_path), "images": images,
                 "feature_extractor": feature_extractor, "processes": state.num_processes,
                 **extra, "metrics": metrics, **({"undefined": undefined} if undefined else {}),
-                "versions": package_versions()}
+                "versions": package_versions(), **_command()}
+
+
+def _command() -> dict:
+    """The exact `erase eval` command that made these results, when one is recording (see `erase.outputs`)."""
+    from erase.outputs import recorded_command
+
+    command = recorded_command("eval")
+    return {"command": command} if command else {}
 
 
 def _defined(metrics: dict, prefix: str = "") -> tuple[dict, dict[str, str]]:
