@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import config_dict
 from ..lora import ADAPTER_FOLDER
-from ..outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, mark_output
+from ..outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, mark_output, recorded_command
 from ..utils import atomic_dir, package_versions, peak_memory_mb, read_json, write_json
 from .running import Progress, Training
 
@@ -88,6 +88,8 @@ def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: di
     folder swap: a run killed or out of disk while saving leaves no folder that loads, and the rerun
     resumes from the checkpoints. `adapter`: a single stage trained as a LoRA, whose adapter is saved
     in `lora/` too."""
+    if command := recorded_command("unlearn"):  # the `erase unlearn` command that made it, when one did
+        summary = {**summary, "command": command}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                        "data", "steps", "recipe") if k in summary})

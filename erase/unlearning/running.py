@@ -26,7 +26,7 @@ from ..methods import Method, MethodConfig
 from ..methods.base import Batch, StepContext
 from ..methods.losses import reference_prediction
 from ..unlearn_data import UnlearnData, sampling_paths
-from ..utils import EraseError, logger
+from ..utils import EraseError, logger, progress_off
 from .data import draw_shards
 from ..lora import LoraTraining
 from .terms import Terms, new_average, new_robust
@@ -161,22 +161,26 @@ def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
 
 
 def run_steps(t: Training, progress: Progress, end: int, accelerator, *, shards: int, ckpt_dir,
-              checkpoint: Callable[[int], None], stop_after: int | None, trackers: bool, show: bool) -> Progress:
+              checkpoint: Callable[[int], None], stop_after: int | None, trackers: bool, show: bool,
+              checkpoint_minutes: float = 5.0) -> Progress:
     """Steps `progress.step` to `end`; losses read every LOG_EVERY steps, checkpoints every
-    `checkpoint_every` steps and at `stop_after`."""
+    `checkpoint_every` steps, after `checkpoint_minutes` of wall time since the last one (so that an
+    interrupt loses minutes, whatever the step count) and at `stop_after`."""
     from tqdm.auto import tqdm
 
     steps = t.config.steps
     bar = tqdm(range(progress.step, end), initial=progress.step, total=steps, desc=t.method.name,
-               disable=not (show and accelerator.is_local_main_process))
+               disable=not (show and accelerator.is_local_main_process) or progress_off())
     # Losses stay on the device and are read every LOG_EVERY steps (and before each checkpoint):
     # reading them every step would make the host wait for the GPU at every step.
     pending: list[tuple[int, dict]] = []
     start, interval_start = progress.step, time.perf_counter()
+    last_save = interval_start
     for step in bar:
         pending.append((step, one_step(t, step, accelerator, shards)))
         done = progress.step = step + 1
-        checkpoint_now = done == stop_after or (done % t.config.checkpoint_every == 0 and done < steps)
+        checkpoint_now = done == stop_after or (done < steps and (
+            done % t.config.checkpoint_every == 0 or time.perf_counter() - last_save >= 60 * checkpoint_minutes))
         # The first step is read on its own: its warm-up (allocation, kernel choice) stays out of the
         # intervals whose times give the median seconds per step.
         if not (checkpoint_now or done % LOG_EVERY == 0 or done == end or done == start + 1):
@@ -199,6 +203,7 @@ def run_steps(t: Training, progress: Progress, end: int, accelerator, *, shards:
         bar.set_postfix({k: f"{v:.4g}" for k, v in progress.recent[-1].items()}, refresh=False)
         if accelerator.is_main_process and checkpoint_now:
             checkpoint(done)
+            last_save = time.perf_counter()
         interval_start = time.perf_counter()
     bar.close()
     return progress
