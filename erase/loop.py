@@ -196,6 +196,15 @@ def unlearn(model, method: str, forget=None, out: str | Path | None = None, *, r
 
     from .backbones import load_backbone
 
+    from .edits import EDITS
+
+    if method in EDITS:  # a closed-form edit: no data, no loop (erase/edits/run.py)
+        from .edits.run import run_edit
+
+        return run_edit(model, method, forget, out, retain=retain, anchor=anchor, config=config, overwrite=overwrite,
+                        loop_options={"dataset": dataset, "images": images, "image_guidance": image_guidance,
+                                      "anchor_in_retain": anchor_in_retain, "data": data, "stop_after": stop_after,
+                                      "report_to": report_to}, **options)
     if out is None:
         raise EraseError("give an output folder (--out)")
     method_cls = get_method(method)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 
 from ..config import add_dataclass_arguments, load_config_file
+from ..edits import EDITS
 from . import METHODS, MethodConfig, get_method
 
 
@@ -18,7 +19,12 @@ COMMON = tuple(f.name for f in dataclasses.fields(MethodConfig))
 
 
 def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> None:
-    """The options of every method (with `name`'s defaults when a method is named), then its own."""
+    """The options of every method (with `name`'s defaults when a method is named), then its own.
+    A closed-form edit (`erase.edits`) has its own options only: it has no steps, batches or optimizer."""
+    if name in EDITS:
+        add_dataclass_arguments(parser.add_argument_group(f"options of {name} (a closed-form edit)"),
+                                EDITS[name].Config)
+        return
     config_cls = METHODS[name].Config if name in METHODS else MethodConfig
     own = tuple(f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON)
     title = f"options of every method (defaults of {name})" if name in METHODS else "options of every method"
@@ -36,7 +42,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     from ..config import build_config
     from ..loop import unlearn
 
-    method = get_method(args.method)
+    method = EDITS[args.method] if args.method in EDITS else get_method(args.method)
     config = build_config(method.Config, load_config_file(args.config), args)
     out = unlearn(args.model, args.method, args.forget, args.out, retain=args.retain, anchor=args.anchor,
                   dataset=args.dataset, images=args.images, image_guidance=args.image_guidance,
@@ -65,10 +71,17 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{'':9s} params: {method.params_description()}; "
               f"forget share of each batch: {method.forget_share:g}")
         print(f"{'':9s} defaults: {describe_defaults(method.Config)}\n")
+    print("closed-form edits (no images, no training loop: one solve on the text embeddings; "
+          "--forget takes several concepts)\n")
+    for name, edit in EDITS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(edit.Config))
+        print(f"{name:9s} {edit.paper()}")
+        print(f"{'':9s} params: {edit.params_description()}")
+        print(f"{'':9s} defaults: {defaults}\n")
 
 
 def add_commands(sub) -> None:
-    methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in METHODS.items())
+    methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in {**METHODS, **EDITS}.items())
     p = sub.add_parser("unlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Erase classes or text concepts from a model. `erase unlearn --method NAME --help` "
                                    "shows the options\nwith that method's defaults, and its own options.",
@@ -76,10 +89,13 @@ def add_commands(sub) -> None:
     p.options_depend_on("--method", add_method_options)
     p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "
                                                   "diffusers pipeline folder, a .safetensors/.ckpt file or a hub id")
-    p.add_argument("--method", required=True, choices=list(METHODS), help="unlearning method (`erase methods`)")
+    p.add_argument("--method", required=True, choices=[*METHODS, *EDITS],
+                   help="unlearning method or closed-form edit (`erase methods`)")
     p.add_argument("--forget", required=True,
                    help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
-                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh')")
+                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh'); "
+                        "the edits (uce, speed) also take several: comma-separated names or folders, a file of "
+                        "them, or a CSV in the mass-erasure layout (id,type,text,concept,seed)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--retain", help="classes to retain (default: every other class); Stable Diffusion: a "
                                     "prompt file or comma-separated prompts (default: the concept's retain.txt)")
