@@ -286,3 +286,37 @@ def test_bad_input_is_one_line_and_nothing_is_written(tiny_sd_dir, tmp_path, cap
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists()
+
+
+# -- the mass-erasure metrics of the digits protocol ------------------------------------------------------------
+def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd_dir, tiny_classifier_dir):
+    from erase.cli import main
+    from erase.classifier import SmallClassifier
+    from erase.eval.generation import load_images
+    from erase.eval.metrics import harmonic_h_o
+    from erase.mini_sd import classify_digits
+
+    edited = tmp_path / "edited"
+    assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "uce", "--forget", "the number 3",
+                 "--anchor", "the digit 4", "--out", str(edited)]) == 0
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,5,seven",
+                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    index = json.loads((out / "index.json").read_text())["images"]
+    predicted = classify_digits(load_images([out / e["file"] for e in index]),
+                                SmallClassifier.from_pretrained(tiny_classifier_dir)).tolist()
+    accuracy = {c: sum(p == c for e, p in zip(index, predicted) if e["class"] == c) /
+                sum(e["class"] == c for e in index) for c in range(10)}
+    m = results["metrics"]
+    assert m["erased_classes"] == ["three", "five", "seven"] and "ua" not in m
+    assert m["erased_accuracy"] == pytest.approx((accuracy[3] + accuracy[5] + accuracy[7]) / 3)
+    assert m["kept_accuracy"] == pytest.approx(sum(accuracy[c] for c in (0, 1, 2, 4, 6, 8, 9)) / 7)
+    assert m["h_o"] == pytest.approx(harmonic_h_o(m["erased_accuracy"], m["kept_accuracy"]))
+    assert m["erase_wall_time_s"] == json.loads((edited / "erase_config.json").read_text())["wall_time_s"]
+    assert harmonic_h_o(0.0, 1.0) == 1.0 and harmonic_h_o(1.0, 1.0) == 0.0
+    assert harmonic_h_o(0.5, 0.25) == pytest.approx(1 / 3)
+    assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,3",
+                 "--classifier", str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) != 0
+    assert not (tmp_path / "bad").exists()
