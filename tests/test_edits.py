@@ -320,3 +320,24 @@ def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd
     assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,3",
                  "--classifier", str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) != 0
     assert not (tmp_path / "bad").exists()
+
+
+def test_bench_times_edits_against_a_finetune_step(tiny_sd_dir, tmp_path):
+    from erase.cli import main
+
+    csv = tmp_path / "mass.csv"
+    csv.write_text("id,type,text,concept,seed\n1,erase,the number 3,three,1\n2,erase,a 3,three,2\n"
+                   "3,erase,the number 7,seven,3\n4,retain,a cat,cat,4\n5,retain,a dog,dog,5\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_sd_dir), "--edits", "uce,speed", "--edit-concepts", "1,2",
+                 "--concepts-file", str(csv), "--steps", "2", "--rounds", "1", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["edit"], r["concepts"]): r for r in report["edits"]}
+    assert set(rows) == {("uce", 1), ("uce", 2), ("speed", 1), ("speed", 2)}
+    assert rows[("uce", 1)]["forget_prompts"] == 2 and rows[("uce", 2)]["forget_prompts"] == 3
+    step = report["finetune_step"]["seconds_per_step"]
+    assert all(r["seconds"] > 0 and r["vs_finetune_step"] == pytest.approx(r["seconds"] / step) for r in rows.values())
+    assert "vs one finetune step" in (out / "bench.md").read_text()
+    assert main(["bench", "--model", str(tiny_sd_dir), "--edits", "uce", "--edit-concepts", "5",
+                 "--concepts-file", str(csv), "--out", str(tmp_path / "too-many")]) != 0
