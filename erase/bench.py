@@ -251,6 +251,9 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="erase-bench-") as tmp:
         workdir = Path(tmp)
         path, model, forget = _load(config, workdir)
+        # On the device the runs train on: a text concept's images are generated here, and on a CPU
+        # that takes minutes per image at SD 1.5's size.
+        model.to(device)
         if config.edits:
             return _edit_report(config, path, model, workdir, out, device)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
