@@ -58,7 +58,8 @@ class UnlearnResult:
 
 
 def unlearn(model, method: str, forget, out: str | Path, **options) -> UnlearnResult:
-    """Erase `forget` from `model` with `method` (`erase.METHODS`) and save the result to `out`.
+    """Erase `forget` from `model` with `method` (`erase.METHODS`, or a closed-form edit of
+    `erase.edits.EDITS`: `uce`, `speed`) and save the result to `out`.
 
     `model` is a backbone from `load_model` (trained in place) or anything `load_model` takes.
     `forget` is a class id or name, comma-separated ones, for a class-conditional model; a concept
