@@ -54,7 +54,7 @@ def test_unlearn_help_without_a_method_lists_the_common_options_and_each_methods
 
 
 def test_eval_help_lists_the_protocols_and_each_protocol_its_own_options(capsys):
-    from erase.eval.protocols import PROTOCOLS
+    from erase.eval.registry import PROTOCOLS
 
     out = help_of(["eval"], capsys)
     assert all(name in out for name in PROTOCOLS) and "--subset" not in out

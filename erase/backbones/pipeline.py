@@ -197,26 +197,6 @@ class TextToImageBackbone(Backbone):
     def null_condition(self, n: int) -> Condition:
         return self.encode_conditions([""] * n)
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """Forget/retain sets for a text concept: images this model generates from the concept's
-        forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
-
-        `forget` is a shipped concept name (`nudity`), a concept folder or a literal prompt; `anchor`
-        and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
-        """
-        from ..concept_data import ConceptDataConfig, concept_unlearn_data
-        from ..concepts import load_concept
-
-        if dataset is not None:
-            raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
-                             "generated from its prompts (set how many with --images)")
-        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
-            retain = [p.strip() for p in retain.split(",") if p.strip()]
-        chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
-        config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
-        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
-
     # -- images and latents ---------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
@@ -289,12 +269,26 @@ class TextToImageBackbone(Backbone):
         # With half-precision frozen parts (frozen_dtype) the float32 denoiser runs under autocast.
         mixed = self.vae.dtype != self.denoiser.dtype
         with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
-            return pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
-                        latents=self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype),
-                        # One generator per image for the stochastic part of the sampler (eta > 0).
-                        generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
-                        guidance_scale=guidance, height=height, width=width, output_type="latent",
-                        **extra).images.float()
+            noise = self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype)
+            latents = pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
+                           latents=self._to_pipeline_latents(noise),
+                           # One generator per image for the stochastic part of the sampler (eta > 0).
+                           generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
+                           height=height, width=width, output_type="latent", **self._guidance_inputs(guidance),
+                           **extra).images
+        return self._from_pipeline_latents(latents, shape).float()
+
+    def _guidance_inputs(self, guidance: float) -> dict:
+        """The pipeline's keyword arguments for the guidance scale."""
+        return {"guidance_scale": guidance}
+
+    def _to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Samples (N, *sample_shape) as the pipeline's `latents` argument takes them (FLUX packs them)."""
+        return latents
+
+    def _from_pipeline_latents(self, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The pipeline's latent output as samples of `shape` (C, H, W)."""
+        return latents
 
     # -- attack hooks ---------------------------------------------------------------------------------
     # Besides the base's `denoise` and the schedule's `invert`: the CLIP encoders fed with input token

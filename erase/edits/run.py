@@ -3,7 +3,7 @@
 The output folder holds the same things (`erase.loop`): the model as a pipeline folder,
 `delta.safetensors` (the edited layers' weights), `erase_config.json` (every setting, the concepts,
 the residuals of each round and the wall time) and the output marker; all appear together in one
-folder swap. `erase.loop.unlearn` hands a run to `run_edit` before its training loop starts.
+folder swap. `erase.unlearning.unlearn` hands a run to `run_edit` before any stage starts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from . import get_edit
 from .base import EditConfig, apply_edit
 
 # Options of the fine-tuning loop that mean nothing to an edit (no images, no steps, no checkpoints).
-_LOOP_ONLY = ("dataset", "images", "image_guidance", "anchor_in_retain", "data", "stop_after", "report_to")
+_LOOP_ONLY = ("recipe", "dataset", "images", "image_guidance", "anchor_in_retain", "data", "terms", "stop_after",
+              "report_to")
 
 
 def edit_config(edit_cls, config: EditConfig | dict | None, **options) -> EditConfig:
