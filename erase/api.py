@@ -54,7 +54,8 @@ class UnlearnResult:
 
 def unlearn(model, method: str | None = None, forget=None, out: str | Path | None = None, *, recipe=None,
             **options) -> UnlearnResult:
-    """Erase `forget` from `model` with `method` (`erase.METHODS`) or a `recipe`, and save the result to `out`.
+    """Erase `forget` from `model` with `method` (`erase.METHODS`, or a closed-form edit of
+    `erase.edits.EDITS`: `uce`, `speed`) or a `recipe`, and save the result to `out`.
 
     `model` is a backbone from `load_model` (trained in place) or anything `load_model` takes.
     `forget` is a class id or name, comma-separated ones, for a class-conditional model; a concept

@@ -77,6 +77,14 @@ class BenchConfig:
     mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
     peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
                                             "(default: looked up for known GPUs; none on a CPU)")
+    edits: str | None = field(None, "time these closed-form edits (comma-separated, e.g. uce,speed) for each of "
+                                    "--edit-concepts concepts of --concepts-file, against one finetune step, "
+                                    "instead of the methods (erase/edits/bench.py)")
+    edit_concepts: tuple[int, ...] = field((1, 10, 100), "with --edits: how many concepts each timed edit erases")
+    concepts_file: str | None = field(None, "with --edits: a mass-erasure prompt file (id,type,text,concept,seed)")
+    finetune_params: str | None = field(None, "with --edits: parameter group of the finetune step compared with "
+                                              "(default: finetune's, all; e.g. xattn where AdamW on every weight "
+                                              "does not fit in memory)")
 
     def __post_init__(self):
         if self.nudenet_images < 0:
@@ -90,6 +98,8 @@ class BenchConfig:
             raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
         if self.robust_every is not None and self.robust_every < 1:
             raise ValueError(f"robust_every must be at least 1, got {self.robust_every}")
+        if any(k < 1 for k in self.edit_concepts):
+            raise ValueError(f"edit_concepts must all be at least 1, got {self.edit_concepts}")
         if any(b < 1 for b in self.gen_batch_sizes):
             raise ValueError(f"gen_batch_sizes must all be at least 1, got {self.gen_batch_sizes}")
 
@@ -261,6 +271,8 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         # On the device the runs train on: a text concept's images are generated here, and on a CPU
         # that takes minutes per image at SD 1.5's size.
         model.to(device)
+        if config.edits:
+            return _edit_report(config, path, model, workdir, out, device)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
         data = build_unlearn_data(model, forget, images=None if model.condition_kind == "class" else config.images)
         # (row name, method, extra options): each method plain, and with robust erasure if asked.
@@ -313,6 +325,21 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     out = Path(out)
     write_json(out / "bench.json", report)
     atomic_write_text(out / "bench.md", markdown(report))
+    mark_output(out, "bench")
+    return report
+
+
+def _edit_report(config: BenchConfig, path: Path, model, workdir: Path, out, device) -> dict:
+    from .edits.bench import edit_bench, edit_markdown
+
+    report = {"config": config_dict(config), "model": config.model, "device": _device_name(device),
+              "torch_threads": torch.get_num_threads(), "resolution": model.image_size,
+              **edit_bench(config, path, model, workdir), "versions": package_versions()}
+    out = Path(out)
+    write_json(out / "bench.json", report)
+    title = (f"Model `{config.model}` at {model.image_size} px, on {report['device']}: closed-form edits against "
+             "one finetune step, measured in one run.")
+    atomic_write_text(out / "bench.md", "\n".join([title, "", *edit_markdown(report)]) + "\n")
     mark_output(out, "bench")
     return report
 
@@ -391,8 +418,8 @@ def _cmd_bench(args) -> None:
     from .config import build_config
 
     config = build_config(BenchConfig, {}, args)
-    report = run_bench(config, args.out)
-    print(markdown(report))
+    run_bench(config, args.out)
+    print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
 
 

@@ -200,6 +200,15 @@ class ClassifierVerdicts(Metric):
                 "label_prob": torch.where(seen, self.label_prob / n, nan)}
 
 
+def harmonic_h_o(erased_accuracy: float, kept_accuracy: float) -> float:
+    """H_o of the mass-erasure protocols (MACE, SPEED): the harmonic mean of the erasure's success
+    (1 − accuracy on the erased concepts) and the accuracy on the kept ones; 0 when either is 0."""
+    success = 1.0 - erased_accuracy
+    if success <= 0 or kept_accuracy <= 0:
+        return 0.0
+    return 2.0 / (1.0 / success + 1.0 / kept_accuracy)
+
+
 def rate_intervals(correct: torch.Tensor, total: torch.Tensor) -> list[list[float]]:
     """Wilson intervals of per-class accuracies from per-class counts."""
     return [list(wilson_interval(float(k), float(n))) for k, n in zip(correct.tolist(), total.tolist())]

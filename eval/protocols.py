@@ -752,7 +752,9 @@ class DigitsPrompts(Protocol):
     """
 
     name: ClassVar[str] = "digits-prompts"
-    forget: str | None = field(None, "the erased digit (id or name, e.g. three); leave out for a model before erasure")
+    forget: str | None = field(None, "the erased digit (id or name, e.g. three), or several comma-separated (the "
+                                     "mass-erasure metrics: accuracy on the erased and the kept digits, H_o); leave "
+                                     "out for a model before erasure")
     classifier: str | None = field(None, "digits classifier folder (models/digits-classifier)")
     n: int = field(10, "images per digit and caption template")
     steps: int = field(25, "DDIM steps")
@@ -770,6 +772,12 @@ class DigitsPrompts(Protocol):
         if self.fid_bootstrap < 0:
             raise ValueError("fid_bootstrap must be at least 0")
         _at_least_one(self, "n", "steps", "batch_size")
+        if self.forget is not None:
+            from erase.data import digit_class
+
+            erased = [digit_class(d) for d in str(self.forget).split(",")]
+            if len(set(erased)) != len(erased) or len(erased) > 9:
+                raise ValueError(f"forget {self.forget!r}: list each erased digit once, and keep at least one")
 
     def _kept_digits_fid(self, kept, reference, classifier, state) -> tuple[dict, str]:
         """FID in the digits classifier's features of the kept digits' samples (this process's) against
@@ -795,8 +803,9 @@ class DigitsPrompts(Protocol):
         reference = (None if self.reference_model is None else
                      load_text_backbone(self.reference_model, state.device, self.name))
         classifier = _load_classifier(self.classifier, state.device)
-        forget = None if self.forget is None else digit_class(self.forget)
-        retained = [c for c in range(10) if c != forget]
+        erased = [] if self.forget is None else [digit_class(d) for d in str(self.forget).split(",")]
+        forget = erased[0] if len(erased) == 1 else None  # the one-digit metrics (UA, verdict distances)
+        retained = [c for c in range(10) if c not in erased]
         templates = [(t, False) for t in TRAIN_TEMPLATES] + [(t, True) for t in HELDOUT_TEMPLATES]
         plan = [(c, k, i, derive_seed(self.seed, c, k, i)) for c in range(10)
                 for k in range(len(templates)) for i in range(self.n)]
@@ -815,7 +824,7 @@ class DigitsPrompts(Protocol):
 
         predicted = verdicts(images)
         # The kept digits' samples against the real digits the miniature was trained on (those classes only).
-        kept = torch.tensor([plan[j][0] != forget for j in mine], dtype=torch.bool)
+        kept = torch.tensor([plan[j][0] not in erased for j in mine], dtype=torch.bool)
         real = load_dataset("digits", "train").subset(retained).images
         fid, feature_name = self._kept_digits_fid(images[kept], real[my_share(state, len(real))], classifier, state)
         # Counts per (digit, held-out?) are summed over processes: [correct, total].
@@ -844,6 +853,8 @@ class DigitsPrompts(Protocol):
             "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
             "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
             "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}, **fid}
+        if erased:
+            metrics |= _mass_erasure_metrics(erased, accuracy, by_wording, metrics["retained_accuracy"], model_path)
         asked = torch.tensor([plan[j][0] for j in mine], dtype=torch.long)
         metrics |= _what_the_images_are(classifier, images, asked, forget, list(DIGITS_NAMES),
                                         partial(digits_classifier_input, classifier=classifier), "digits", None,
@@ -880,6 +891,26 @@ class DigitsPrompts(Protocol):
                      "heldout_prompt": templates[k][1]} for f, (c, k, _, s), p in zip(files, plan, prompts)]})
                 write_json(tmp / METRICS_FILE, results)
         return results
+
+
+def _mass_erasure_metrics(erased: list[int], accuracy: list[float], by_wording: list, kept_accuracy: float,
+                          model_path) -> dict:
+    """Accuracy on the erased digits (each drawn as itself, averaged), on the kept ones, their H_o, and
+    the wall time of the run that made the model (its erase_config.json, when it has one)."""
+    from erase.data import DIGITS_NAMES
+    from erase.outputs import UNLEARN_CONFIG
+    from erase.utils import read_json
+
+    from .metrics import harmonic_h_o
+
+    erased_accuracy = sum(accuracy[c] for c in erased) / len(erased)
+    summary = Path(model_path) / UNLEARN_CONFIG
+    wall = read_json(summary, what="unlearning summary").get("wall_time_s") if summary.is_file() else None
+    return {"erased_classes": [DIGITS_NAMES[c] for c in erased], "erased_accuracy": erased_accuracy,
+            "erased_accuracy_train_prompts": sum(by_wording[c][0] for c in erased) / len(erased),
+            "erased_accuracy_heldout_prompts": sum(by_wording[c][1] for c in erased) / len(erased),
+            "kept_accuracy": kept_accuracy, "h_o": harmonic_h_o(erased_accuracy, kept_accuracy),
+            "erase_wall_time_s": wall}
 
 
 # The measuring protocols. The attacks are protocols too, built on the classes above (eval/attacks.py);

@@ -87,12 +87,13 @@ def test_version(capsys):
 
 
 def test_methods_lists_defaults_for_every_method(capsys):
+    from erase.edits import EDITS
     from erase.methods import METHODS
 
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     defaults = [line.split("defaults:", 1)[1].strip() for line in lines if line.strip().startswith("defaults:")]
-    assert len(defaults) == len(METHODS) and all(defaults)
+    assert len(defaults) == len(METHODS) + len(EDITS) and all(defaults)
 
 
 def test_top_level_help_imports_neither_torch_nor_diffusers():

@@ -465,6 +465,42 @@ class Backbone:
                          "attacks could edit")
 
 
+    # -- closed-form edits ----------------------------------------------------------------------------
+    # What UCE-style edits (erase/edits/) need: the linear maps that read the text embedding, and the
+    # rows of that embedding a prompt feeds them. Text enters such a map row by row (one token each),
+    # so an edit is a least-squares problem on rows: no image, no training loop.
+    def text_entry_layers(self) -> dict[str, torch.nn.Linear]:
+        """The denoiser's linear maps that read the text embedding directly, by module name (their
+        weights are `<name>.weight` in the denoiser's state dict): cross-attention keys and values on
+        UNets, the text stream's entry on transformers."""
+        raise EraseError(f"the {self.name} backbone has no layers where a text embedding enters the denoiser "
+                         "(cross-attention keys and values), which closed-form edits rewrite: erase with a "
+                         "fine-tuning method instead (`erase methods`)")
+
+    def text_entry_inputs(self, prompts: Sequence[str]) -> list["TextRows"]:
+        """What the `text_entry_layers` read for each prompt: one `TextRows` per segment of the text
+        sequence (a segment per tokenizer whose states are laid end to end; one on SD and SDXL)."""
+        raise EraseError(f"the {self.name} backbone has no layers where a text embedding enters the denoiser "
+                         "(cross-attention keys and values), which closed-form edits rewrite: erase with a "
+                         "fine-tuning method instead (`erase methods`)")
+
+
+@dataclass
+class TextRows:
+    """One segment of the text embeddings that prompts feed the text-entry layers.
+
+    `embeddings` (N, L, D): every row the denoiser reads, padding included: CLIP encodes causally, so
+    the end token and the padding after it carry the whole prompt and are read as much as the words.
+    `last_token` (N,): the position of each prompt's last word, the row before its end token (0, the
+    start token, for an empty prompt). UCE maps a concept's rows from its last word to the end of the
+    sequence, aligned at that word with the anchor's rows; the rows before it (the start token, and
+    words such as "a photo of") are shared with other prompts and stay as they are.
+    """
+
+    embeddings: torch.Tensor
+    last_token: torch.Tensor
+
+
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
     """n draws of U{0..T-1} from `g`; `antithetic` pairs each draw k with T-1-k inside the batch."""
     if antithetic:

@@ -176,6 +176,14 @@ class FluxBackbone(FlowMatchingSchedule, TextToImageBackbone):
                                                           max_sequence_length=self._t5_length)
         return Condition(encoder_hidden_states=embeds, pooled_projections=pooled)
 
+    # -- closed-form edits ----------------------------------------------------------------------------
+    def text_entry_layers(self) -> dict:
+        # The text stream's entry (where OCE edits FLUX): every T5 row goes through it before any block.
+        return {"context_embedder": self.denoiser.context_embedder}
+
+    def _text_segments(self) -> list[tuple[str, int | None]]:
+        return [("tokenizer_2", self._t5_length)]  # the T5 sequence only; the pooled CLIP text enters elsewhere
+
     # -- latents, schedule and the forward ----------------------------------------------------------
     @property
     def image_size(self) -> int:

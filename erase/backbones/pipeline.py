@@ -23,7 +23,7 @@ import torch
 
 from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
-from .base import Backbone, Condition, ModelSource
+from .base import Backbone, Condition, ModelSource, TextRows
 
 INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
 
@@ -372,6 +372,27 @@ class TextToImageBackbone(Backbone):
             yield
         finally:
             handle.remove()
+
+
+    # -- closed-form edits ----------------------------------------------------------------------------
+    def _text_segments(self) -> list[tuple[str, int | None]]:
+        """(tokenizer, rows; None: the rest) of each segment of `encoder_hidden_states`, in order: the first CLIP
+        tokenizer over the whole sequence (SD, SDXL: the encoders side by side on the same tokens)."""
+        return [(self.CLIP_ENCODERS[0][1], self.components[self.CLIP_ENCODERS[0][1]].model_max_length)]
+
+    @torch.no_grad()
+    def text_entry_inputs(self, prompts: Sequence[str]) -> list[TextRows]:
+        hidden = self.encode_conditions(list(prompts)).tensors["encoder_hidden_states"].float().cpu()
+        segments, start = [], 0
+        for tokenizer_name, rows in self._text_segments():
+            rows = rows or hidden.shape[1] - start
+            tokens = self.components[tokenizer_name](list(prompts), padding="max_length", max_length=rows,
+                                                     truncation=True, return_tensors="pt")
+            # The end token is the last counted one; the word before it is the prompt's last word.
+            last = (tokens.attention_mask.sum(1) - 2).clamp(min=0)
+            segments.append(TextRows(hidden[:, start:start + rows], last))
+            start += rows
+        return segments
 
 
 def _call_parameters(pipe) -> set[str]:

@@ -96,6 +96,20 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         return Condition(encoder_hidden_states=embeds,
                          pooled_projections=torch.cat([out.text_embeds for out in outputs], dim=-1))
 
+    def text_entry_layers(self) -> dict:
+        # The text stream's entry, where every token row goes through one linear map before any block
+        # (the joint blocks' context projections read it after a timestep-modulated norm, which a
+        # closed form per layer cannot hold for every timestep).
+        return {"context_embedder": self.denoiser.context_embedder}
+
+    def _text_segments(self) -> list[tuple[str, int]]:
+        # The CLIP states (zero-padded to the T5 width), then T5's; without T5 its rows are zeros,
+        # which every linear map sends to its bias whatever the weights: no segment to edit.
+        segments = [("tokenizer", self.components["tokenizer"].model_max_length)]
+        if self.components.get("text_encoder_3") is not None:
+            segments.append(("tokenizer_3", None))  # the rest of the sequence
+        return segments
+
     def _forward(self, denoiser, x_t, t, cond):
         c = cond.tensors
         return denoiser(hidden_states=x_t, timestep=t, encoder_hidden_states=c["encoder_hidden_states"],

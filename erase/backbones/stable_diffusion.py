@@ -32,6 +32,11 @@ UNET_GROUPS = {
 UNET_ALIASES = {"xattn": "condition", "noxattn": "nocondition"}
 
 
+def cross_attention_kv(unet) -> dict:
+    """The UNet's cross-attention key and value projections (UCE's layers): they read the text directly."""
+    return {name: module for name, module in unet.named_modules() if name.endswith((".attn2.to_k", ".attn2.to_v"))}
+
+
 class StableDiffusionBackbone(DDPMSchedule, TextToImageBackbone):
     """VAE + CLIP text encoder + UNet2DConditionModel + noise schedule, as the methods see them."""
 
@@ -79,6 +84,9 @@ class StableDiffusionBackbone(DDPMSchedule, TextToImageBackbone):
     def _encode_prompts(self, prompts: list[str]) -> Condition:
         embeds, _ = self.pipeline().encode_prompt(prompts, self.text_encoder.device, 1, False)
         return Condition(encoder_hidden_states=embeds)
+
+    def text_entry_layers(self) -> dict:
+        return cross_attention_kv(self.unet)
 
     def _forward(self, denoiser, x_t, t, cond):
         return denoiser(x_t, t, encoder_hidden_states=cond.tensors["encoder_hidden_states"]).sample

@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 from ..config import add_dataclass_arguments, load_config_file
+from ..edits import EDITS
 from . import METHODS, MethodConfig, get_method
 
 
@@ -27,6 +28,11 @@ COMMON = tuple(f.name for f in dataclasses.fields(MethodConfig))
 
 def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> None:
     """The options of every method (with `name`'s defaults when a method is named), then its own."""
+    if name in EDITS:  # a closed-form edit has its own options only: no steps, batches or optimizer
+        add_dataclass_arguments(parser.add_argument_group(f"options of {name} (a closed-form edit)"),
+                                EDITS[name].Config)
+        parser.chosen = ("--method", name)
+        return
     config_cls = METHODS[name].Config if name in METHODS else MethodConfig
     own = tuple(f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON)
     title = f"options of every method (defaults of {name})" if name in METHODS else "options of every method"
@@ -104,7 +110,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
     common["checkpoint_minutes"] = args.checkpoint_minutes
     config = None
     if args.method is not None:
-        config = build_config(get_method(args.method).Config,
+        config = build_config(_config_class(args.method),
                               {k: v for k, v in load_config_file(args.config).items() if k not in LEGACY_OPTIONS}, args)
     command, settings = unlearn_command(args, config)
     check_output(args.out, "unlearn", args.overwrite, inputs=[args.model], checkpoints=True, settings=settings)
@@ -132,7 +138,7 @@ def _run_unlearn(args: argparse.Namespace, legacy: dict, common: dict) -> None:
         out = unlearn(args.model, forget=args.forget, out=args.out, recipe=args.recipe,
                       **{k: getattr(args, k) for k in RUN_WIDE if getattr(args, k, None) is not None}, **common)
     else:
-        method = get_method(args.method)
+        method = EDITS[args.method] if args.method in EDITS else get_method(args.method)
         values = load_config_file(args.config)
         legacy = {**{k: values.pop(k) for k in LEGACY_OPTIONS if k in values}, **legacy}  # an older config file
         config = build_config(method.Config, values, args)
@@ -141,6 +147,10 @@ def _run_unlearn(args: argparse.Namespace, legacy: dict, common: dict) -> None:
 
     if PartialState().is_main_process:  # under `accelerate launch`, every process returns here
         print(f"wrote {out} (model, delta.safetensors, erase_config.json)")
+
+
+def _config_class(name: str) -> type:
+    return EDITS[name].Config if name in EDITS else get_method(name).Config
 
 
 def describe_defaults(config_cls: type) -> str:
@@ -159,6 +169,13 @@ def cmd_methods(args: argparse.Namespace) -> None:
         print(f"{'':9s} params: {method.params_description()}; "
               f"forget share of each batch: {method.forget_share:g}")
         print(f"{'':9s} defaults: {describe_defaults(method.Config)}\n")
+    print("closed-form edits (no images, no training loop: one solve on the text embeddings; "
+          "--forget takes several concepts)\n")
+    for name, edit in EDITS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(edit.Config))
+        print(f"{name:9s} {edit.paper()}")
+        print(f"{'':9s} params: {edit.params_description()}")
+        print(f"{'':9s} defaults: {defaults}\n")
 
 
 def describe_stage(stage) -> str:
@@ -186,7 +203,7 @@ def cmd_recipes(args: argparse.Namespace) -> None:
 
 
 def add_commands(sub) -> None:
-    methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in METHODS.items())
+    methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in {**METHODS, **EDITS}.items())
     p = sub.add_parser("unlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Erase classes or text concepts from a model. `erase unlearn --method NAME --help` "
                                    "shows the options\nwith that method's defaults, and its own options.",
@@ -194,12 +211,15 @@ def add_commands(sub) -> None:
     p.options_depend_on("--method", add_method_options)
     p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "
                                                   "diffusers pipeline folder, a .safetensors/.ckpt file or a hub id")
-    p.add_argument("--method", choices=list(METHODS), help="unlearning method (`erase methods`): a one-stage recipe")
+    p.add_argument("--method", choices=[*METHODS, *EDITS],
+                   help="unlearning method (`erase methods`): a one-stage recipe; or a closed-form edit (uce, speed)")
     p.add_argument("--recipe", help="a shipped recipe (`erase recipes`) or a recipe file (JSON): runs its stages "
                                     "into OUT; give --method or --recipe")
     p.add_argument("--forget", required=True,
                    help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
-                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh')")
+                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh'); "
+                        "the edits (uce, speed) also take several: comma-separated names or folders, a file of "
+                        "them, or a CSV in the mass-erasure layout (id,type,text,concept,seed)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--retain", help="classes to retain (default: every other class); Stable Diffusion: a "
                                     "prompt file or comma-separated prompts (default: the concept's retain.txt)")

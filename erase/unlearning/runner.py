@@ -91,6 +91,16 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     """
     if not checkpoint_minutes > 0:
         raise EraseError(f"--checkpoint-minutes must be a positive number, got {checkpoint_minutes}")
+    from ..edits import EDITS
+
+    if method in EDITS:  # a closed-form edit: no data, no loop (erase/edits/run.py)
+        from ..edits.run import run_edit
+
+        return run_edit(model, method, forget, out, retain=retain, anchor=anchor, config=config, overwrite=overwrite,
+                        loop_options={"recipe": recipe, "dataset": dataset, "images": images,
+                                      "image_guidance": image_guidance, "anchor_in_retain": anchor_in_retain,
+                                      "data": data, "terms": terms, "stop_after": stop_after, "report_to": report_to},
+                        **options)
     if isinstance(forget, str) and forget.strip().lower() in METHODS:
         raise EraseError(f"--forget {forget} is a method, not what to erase: give it with --method, and the class "
                          "or concept with --forget")
