@@ -20,7 +20,7 @@ The Python API, in the order of the main job (reference: `erase.api`):
 
 Every name is imported on first use, so `import erase` imports neither torch nor diffusers. The
 command line (`erase --help`) is `erase.cli`; the training loop that `unlearn` runs is
-`erase.loop.unlearn` (it returns the output folder).
+`erase.unlearning.unlearn` (it returns the output folder; `erase.unlearning` holds the recipes and terms).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "load_model": "erase.api", "unlearn": "erase.api", "evaluate": "erase.api", "report": "erase.api",
     "UnlearnResult": "erase.api", "EvalResult": "erase.api", "Report": "erase.api",
-    "METHODS": "erase.methods", "PROTOCOLS": "erase.eval.protocols",
+    "METHODS": "erase.methods", "PROTOCOLS": "erase.eval.registry",
 }
 # The submodules are listed too, so that documentation tools (pdoc) walk them; `import erase` imports none.
 __all__ = ["__version__", *_EXPORTS, "eval", *sorted(m.name for m in pkgutil.iter_modules(__path__))]

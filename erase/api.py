@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .resources import SHIPPED_MODELS, shipped_model
+from .resources import model_location as _model_location
 
 
-def _model_location(source: str | Path) -> str | Path:
-    """A shipped model's folder for its name (`digits-ddpm`), unless a path of that name exists."""
-    if str(source) in SHIPPED_MODELS and not Path(source).exists():
-        return shipped_model(str(source))
-    return source
 
 
 def load_model(source: str | Path, **kwargs):
@@ -53,28 +48,32 @@ class UnlearnResult:
 
     @property
     def config(self) -> dict:
-        """Every setting of the run, defaults included."""
-        return self.summary["config"]
+        """Every setting of the run, defaults included (a recipe's: each stage's, in `summary["stages"]`)."""
+        return self.summary.get("config", {})
 
 
-def unlearn(model, method: str, forget, out: str | Path, **options) -> UnlearnResult:
-    """Erase `forget` from `model` with `method` (`erase.METHODS`) and save the result to `out`.
+def unlearn(model, method: str | None = None, forget=None, out: str | Path | None = None, *, recipe=None,
+            **options) -> UnlearnResult:
+    """Erase `forget` from `model` with `method` (`erase.METHODS`, or a closed-form edit of
+    `erase.edits.EDITS`: `uce`, `speed`) or a `recipe`, and save the result to `out`.
 
     `model` is a backbone from `load_model` (trained in place) or anything `load_model` takes.
     `forget` is a class id or name, comma-separated ones, for a class-conditional model; a concept
     name (`nudity`, `three`: a folder of `prompts/`), a concept folder or a literal prompt for Stable
-    Diffusion. `options` are the method's config fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see
-    `erase unlearn --method NAME --help`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
-    `resume=`, ...: see `erase.loop.unlearn`). The same (model, method, options, seed) gives the
-    same weights.
+    Diffusion. `recipe` is a shipped recipe's name (`erase recipes`), a recipe file or a dict: its
+    stages run one after the other into `out`. With a method, `options` are the method's config
+    fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see `erase unlearn --method NAME --help`), its
+    `terms=` (`erase.unlearning.terms`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
+    `resume=`, ...: see `erase.unlearning.unlearn`). The same (model, method or recipe, options,
+    seed) gives the same weights.
     """
-    from .loop import CONFIG_FILE
-    from .loop import unlearn as run_unlearning
+    from .unlearning import CONFIG_FILE
+    from .unlearning import unlearn as run_unlearning
     from .utils import read_json
 
     if isinstance(model, (str, Path)):
         model = load_model(model)
-    path = Path(run_unlearning(model, method, forget, out, **options))
+    path = Path(run_unlearning(model, method, forget, out, recipe=recipe, **options))
     return UnlearnResult(model=model, path=path, summary=read_json(path / CONFIG_FILE, what="unlearning summary"))
 
 
@@ -100,15 +99,20 @@ class EvalResult:
         return self.results["settings"]
 
 
-def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, **settings) -> EvalResult:
+def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, overwrite: bool = False,
+             **settings) -> EvalResult:
     """Evaluate a saved model with a named protocol (`erase.PROTOCOLS`) and write the run to `out`.
 
     `model` is an `UnlearnResult`, a model folder or a shipped model name. `settings` are the
     protocol's fields (`forget="3"`, `n=30`: see `erase eval --protocol NAME --help`); a shipped
     model name is accepted for `classifier` (`classifier="digits-classifier"`).
     """
+    import dataclasses
+
     from .config import build_config
-    from .eval.protocols import METRICS_FILE, get_protocol
+    from .eval.cli import default_classifier, evaluate_recorded
+    from .eval.protocols import METRICS_FILE
+    from .eval.registry import get_protocol
     from .utils import EraseError, read_json
 
     if isinstance(model, UnlearnResult):
@@ -116,10 +120,11 @@ def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, 
     elif not isinstance(model, (str, Path)):
         raise EraseError("evaluate takes a saved model: an UnlearnResult, a model folder or a shipped model name "
                          "(save an in-memory model with model.save_pretrained(folder) first)")
-    if settings.get("classifier") is not None:
-        settings["classifier"] = str(_model_location(settings["classifier"]))
-    config = build_config(get_protocol(protocol), settings)
-    config.run(_model_location(model), out)
+    protocol_cls = get_protocol(protocol)
+    if "classifier" in {f.name for f in dataclasses.fields(protocol_cls)}:
+        settings["classifier"] = default_classifier(protocol_cls.name, settings.get("classifier"))
+    config = build_config(protocol_cls, settings)
+    evaluate_recorded(config, str(model), out, overwrite)
     return EvalResult(path=Path(out), results=read_json(Path(out) / METRICS_FILE, what="eval results"))
 
 
@@ -131,17 +136,20 @@ class Report:
     html: Path
 
 
-def report(runs, out: str | Path, title: str = "Evaluation report") -> Report:
+def report(runs, out: str | Path, title: str = "Evaluation report", overwrite: bool = False) -> Report:
     """Compare evaluation runs side by side in `out` (`report.md`, `report.html`).
 
     `runs` is a list of `EvalResult`s or run folders (one table), or {section title: list} for a
     report of several sections. Runs whose settings differ are shown under a warning naming them.
     """
+    from .eval.cli import report_recorded
     from .eval.report import build_report
 
     def folders(items):
         return [r.path if isinstance(r, EvalResult) else r for r in items]
 
-    sections = {k: folders(v) for k, v in runs.items()} if isinstance(runs, dict) else folders(runs)
-    markdown, html = build_report(sections, out, title=title)
+    if isinstance(runs, dict):  # sections chosen by the caller: no one command makes this report
+        markdown, html = build_report({k: folders(v) for k, v in runs.items()}, out, title=title)
+    else:
+        markdown, html = report_recorded(folders(runs), out, overwrite, title=title)
     return Report(markdown=Path(markdown), html=Path(html))

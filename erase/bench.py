@@ -64,15 +64,27 @@ class BenchConfig:
     classifier: str | None = field(None, "classifier folder: FID feature throughput in its feature space "
                                          "(Inception is measured when torch-fidelity and --fid-weights are there)")
     fid_weights: str | None = field(None, "local Inception weights file for the FID feature throughput")
-    robust_every: int | None = field(None, "also time each method with robust erasure (`erase unlearn "
-                                           "--adversarial-every K` at its default inner attack), as a row "
-                                           "'METHOD+robust' in the same rounds")
+    robust_every: int | None = field(None, "also time each method with robust erasure (a "
+                                           "robustness term refreshed every K steps), as a row "
+                                           "'METHOD+robust' in the same rounds (methods that train on the forget "
+                                           "condition)")
     paths: bool = field(False, "also time each method with its retain term on the original's sampling paths "
-                               "(`erase unlearn --retain-target reference --retain-samples trajectories`), as a row "
+                               "(a retain term with samples=paths), as a row "
                                "'METHOD+paths' in the same rounds, with the one-off seconds of drawing the paths")
+    lora_rank: int | None = field(None, "also time each method training a LoRA adapter of this rank (`erase unlearn "
+                                        "--lora-rank R`, PEFT) instead of the full weights, as a row 'METHOD+loraR' "
+                                        "in the same rounds")
     mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
     peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
                                             "(default: looked up for known GPUs; none on a CPU)")
+    edits: str | None = field(None, "time these closed-form edits (comma-separated, e.g. uce,speed) for each of "
+                                    "--edit-concepts concepts of --concepts-file, against one finetune step, "
+                                    "instead of the methods (erase/edits/bench.py)")
+    edit_concepts: tuple[int, ...] = field((1, 10, 100), "with --edits: how many concepts each timed edit erases")
+    concepts_file: str | None = field(None, "with --edits: a mass-erasure prompt file (id,type,text,concept,seed)")
+    finetune_params: str | None = field(None, "with --edits: parameter group of the finetune step compared with "
+                                              "(default: finetune's, all; e.g. xattn where AdamW on every weight "
+                                              "does not fit in memory)")
 
     def __post_init__(self):
         if self.nudenet_images < 0:
@@ -82,8 +94,12 @@ class BenchConfig:
         for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps", "gen_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
         if self.robust_every is not None and self.robust_every < 1:
             raise ValueError(f"robust_every must be at least 1, got {self.robust_every}")
+        if any(k < 1 for k in self.edit_concepts):
+            raise ValueError(f"edit_concepts must all be at least 1, got {self.edit_concepts}")
         if any(b < 1 for b in self.gen_batch_sizes):
             raise ValueError(f"gen_batch_sizes must all be at least 1, got {self.gen_batch_sizes}")
 
@@ -225,10 +241,21 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     return out
 
 
+def _takes_term(method: str, term: str) -> bool:
+    """Whether `method` at its defaults takes a retain term (it draws retain samples) or a robustness
+    term (it trains on the forget condition)."""
+    from .methods import get_method
+
+    m = get_method(method)
+    share = m.forget_share_for(m.Config())
+    return share < 1 if term == "retain" else share > 0
+
+
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
     from .backbones import load_backbone
     from .methods import parse_methods
     from .loop import unlearn
+    from .unlearning.data import build_unlearn_data
 
     methods = ["finetune"] + [m for m in parse_methods(config.methods) if m != "finetune"]
     device = resolve_device(None)  # the device accelerate trains on
@@ -244,14 +271,20 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
         # On the device the runs train on: a text concept's images are generated here, and on a CPU
         # that takes minutes per image at SD 1.5's size.
         model.to(device)
+        if config.edits:
+            return _edit_report(config, path, model, workdir, out, device)
         # Built once and shared by every run, as the concept cache shares a text concept's images.
-        data = model.unlearn_data(forget, images=None if model.condition_kind == "class" else config.images)
+        data = build_unlearn_data(model, forget, images=None if model.condition_kind == "class" else config.images)
         # (row name, method, extra options): each method plain, and with robust erasure if asked.
         variants = [(m, m, {}) for m in methods] + (
-            [(f"{m}+robust", m, {"adversarial_every": config.robust_every}) for m in methods]
+            [(f"{m}+robust", m, {"terms": {"robust": {"every": config.robust_every}}}) for m in methods
+             if _takes_term(m, "robust")]
             if config.robust_every else []) + (
-            [(f"{m}+paths", m, {"retain_target": "reference", "retain_samples": "trajectories"}) for m in methods]
-            if config.paths else [])
+            [(f"{m}+paths", m, {"terms": {"retain": {"teacher": "input", "samples": "paths"}}}) for m in methods
+             if _takes_term(m, "retain")]
+            if config.paths else []) + (
+            [(f"{m}+lora{config.lora_rank}", m, {"lora_rank": config.lora_rank}) for m in methods]
+            if config.lora_rank else [])
         for round_ in range(config.rounds):
             for m, method, extra in variants:
                 backbone = load_backbone(path)  # every run starts from the original weights
@@ -292,6 +325,21 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
     out = Path(out)
     write_json(out / "bench.json", report)
     atomic_write_text(out / "bench.md", markdown(report))
+    mark_output(out, "bench")
+    return report
+
+
+def _edit_report(config: BenchConfig, path: Path, model, workdir: Path, out, device) -> dict:
+    from .edits.bench import edit_bench, edit_markdown
+
+    report = {"config": config_dict(config), "model": config.model, "device": _device_name(device),
+              "torch_threads": torch.get_num_threads(), "resolution": model.image_size,
+              **edit_bench(config, path, model, workdir), "versions": package_versions()}
+    out = Path(out)
+    write_json(out / "bench.json", report)
+    title = (f"Model `{config.model}` at {model.image_size} px, on {report['device']}: closed-form edits against "
+             "one finetune step, measured in one run.")
+    atomic_write_text(out / "bench.md", "\n".join([title, "", *edit_markdown(report)]) + "\n")
     mark_output(out, "bench")
     return report
 
@@ -370,8 +418,8 @@ def _cmd_bench(args) -> None:
     from .config import build_config
 
     config = build_config(BenchConfig, {}, args)
-    report = run_bench(config, args.out)
-    print(markdown(report))
+    run_bench(config, args.out)
+    print((Path(args.out) / "bench.md").read_text())
     print(f"wrote {Path(args.out) / 'bench.md'} and bench.json")
 
 

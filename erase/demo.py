@@ -116,7 +116,7 @@ def _model(out: Path, key: str, name: str, shipped: Path, retrained: Path | None
 
 def _attack(config: DemoConfig, out: Path, key: str, name: str, model: Path, shipped: Path, forget: str) -> None:
     """Every attack of the section on one model; then, for an erased model, its distance to the retrained one."""
-    from erase.eval.protocols import get_protocol
+    from erase.eval.registry import get_protocol
 
     for attack, budget in ATTACKS[key].items():
         run = out / key / "attacks" / attack / name

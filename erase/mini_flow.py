@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import config_dict, field
+from .data import DIGITS_NAMES
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
                       caption_words, captions, check_and_save, draw_captioned_batch, training_digits, update_ema)
 from .train_base import learning_rate
@@ -134,7 +135,8 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded,
               "vae_final_loss": vae_loss,
               "vae_shift_factor": shift, "vae_scaling_factor": scale, "final_loss": loss_avg,
-              "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
+              "train_time_s": round(train_time, 1), "class_words": list(DIGITS_NAMES),
+              "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
     return check_and_save(backbone, report, config, out, ("tokenizer", "tokenizer_2"), "train-mini-flow")
 

@@ -27,37 +27,17 @@ import torch.nn.functional as F
 
 from .config import check_channels, config_dict, field
 from .data import DIGITS_NAMES, digit_class, load_dataset
+from .digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions, classify_digits, digits_classifier_input  # noqa: F401
 from .outputs import mark_output
 from .utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
 from .train_base import learning_rate
 
-# Captions. `{w}` is the digit's name ("three"), `{d}` its numeral ("3"). The held-out templates use
-# only words seen in training, in combinations never seen: they test paraphrase generalisation.
-TRAIN_TEMPLATES = (
-    "a handwritten digit {w}",
-    "the number {d}",
-    "a drawing of a {d}",
-    "the number {w}",
-    "a picture of the digit {w}",
-    "an image of a handwritten {d}",
-    "{w}",
-    "{d}",
-)
-HELDOUT_TEMPLATES = (
-    "a drawing of the number {w}",
-    "a picture of a handwritten {w}",
-    "the handwritten digit {d}",
-)
 # Extra words the tokenizer knows although no training caption uses them, so that prompts of other
 # concepts (nudity, objects, styles) tokenize to something other than unknown tokens on this model.
 EXTRA_WORDS = ("photo", "person", "nude", "naked", "wearing", "clothes", "painting", "style", "by", "van",
                "gogh", "car", "dog", "cat", "church", "parachute", "with", "in", "and", "sketch", "art")
 NORM_GROUPS = 8  # GroupNorm groups of the miniature VAE and UNet
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def captions(label: int, templates=TRAIN_TEMPLATES) -> list[str]:
-    return [t.format(w=DIGITS_NAMES[label], d=label) for t in templates]
 
 
 def caption_words() -> list[str]:
@@ -308,7 +288,8 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded, "vae_final_loss": vae_loss,
               "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
-              "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
+              "heldout_templates": list(HELDOUT_TEMPLATES), "class_words": list(DIGITS_NAMES),
+              "versions": package_versions()}
     return check_and_save(backbone, report, config, out, ("tokenizer",), "train-mini-sd")
 
 
@@ -346,21 +327,6 @@ def check_and_save(backbone, report: dict, config, out: str | Path, tokenizer_fo
         mark_output(tmp, command)
     logger.info("saved %s (%.0f s of training)", out, report["train_time_s"])
     return report
-
-
-def digits_classifier_input(images: torch.Tensor, classifier) -> torch.Tensor:
-    """RGB images in [-1, 1] as the 1-channel digits classifier takes them (channel mean, its size)."""
-    grey = images.mean(dim=1, keepdim=True)
-    size = classifier.arch.image_size
-    if grey.shape[-1] != size:
-        grey = F.interpolate(grey, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return grey.clamp(-1, 1)
-
-
-def classify_digits(images: torch.Tensor, classifier) -> torch.Tensor:
-    """Class ids of RGB images in [-1, 1] by the digits classifier."""
-    with torch.no_grad():
-        return classifier(digits_classifier_input(images, classifier)).argmax(1)
 
 
 def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, seed: int = 1234,

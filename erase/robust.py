@@ -1,7 +1,8 @@
-"""Robust erasure in the manner of AdvUnlearn (Zhang et al., arXiv 2405.15234), an option of every method.
+"""Robust erasure in the manner of AdvUnlearn (Zhang et al., arXiv 2405.15234): a stage's robustness term.
 
-With `--adversarial-every K` the loop keeps an adversarial perturbation δ of the forget condition:
-every K steps an inner attack refreshes it (`--adversarial-steps` Adam steps, warm-started from the
+With a robustness term (`erase.unlearning.terms.RobustTerm`; formerly `--adversarial-every K`) the
+loop keeps an adversarial perturbation δ of the forget condition: every K steps an inner attack
+refreshes it (`steps` Adam steps, warm-started from the
 last δ, minimising the current model's denoising loss on the step's forget images under the
 condition + δ: the nearby condition that brings the concept back best), and every other step runs
 the method with the forget condition read as condition + δ by the trained denoiser, so the outer step
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones.base import Condition
-from .methods.losses import Noised
+from .noising import Noised
 from .utils import step_generator
 
 ADVERSARIAL_STREAM = 1 << 42  # the inner attack's noise, apart from the loop's and the methods' draws

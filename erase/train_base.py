@@ -24,7 +24,7 @@ from .checkpoint import (check_same_config, flatten_optimizer_state, load_latest
 from .config import check_channels, config_dict, field
 from .data import load_dataset
 from .outputs import mark_output
-from .utils import EraseError, atomic_dir, logger, package_versions, step_generator
+from .utils import EraseError, atomic_dir, logger, package_versions, progress_off, step_generator
 
 NORM_GROUPS = 8  # GroupNorm groups of the UNet (ClassConditionalDDPM.create's default)
 
@@ -96,15 +96,8 @@ def new_ema(parameters, config: TrainBaseConfig):
                     power=config.ema_power)
 
 
-def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
-               keep_checkpoints: bool = False) -> Path:
-    """Train and save a model folder at `out`; checkpoints go to `<out>-checkpoints/` meanwhile."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    out = Path(out)
-    ckpt_dir = out.with_name(out.name + "-checkpoints")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+def _data_and_model(config: TrainBaseConfig, accelerator):
+    """The training images (without the excluded classes) and the untrained model."""
     with accelerator.main_process_first():  # one process downloads, the others then read
         data = load_dataset(config.dataset, "train", root=config.data_root, image_size=config.image_size,
                             download=config.download)
@@ -119,6 +112,32 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
             raise EraseError("train-base: --exclude leaves no class to train on")
         data = data.subset([c for c in range(model.num_classes) if c not in excluded])
         logger.info("training without classes %s: %d images left", excluded, len(data))
+    return data, model, excluded
+
+
+def _draw_batch(images, labels, alphas, null: int, config: TrainBaseConfig, g: torch.Generator, device):
+    """One step's noised batch (labels dropped to the null class at `class_dropout`), every draw from `g`."""
+    idx = torch.randint(len(labels), (config.batch_size,), generator=g)
+    x0 = images[idx]
+    y = labels[idx].clone()
+    y[torch.rand(len(y), generator=g) < config.class_dropout] = null
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(config.num_train_timesteps, (len(y),), generator=g)
+    x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y, noise
+
+
+def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
+               keep_checkpoints: bool = False) -> Path:
+    """Train and save a model folder at `out`; checkpoints go to `<out>-checkpoints/` meanwhile."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    ckpt_dir = out.with_name(out.name + "-checkpoints")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    data, model, excluded = _data_and_model(config, accelerator)
     unet = model.unet
     ema = new_ema(unet.parameters(), config) if config.ema_decay > 0 else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -158,21 +177,13 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
         save_checkpoint(ckpt_dir, step, tensors, state)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train-base",
-               disable=not accelerator.is_local_main_process)
+               disable=not accelerator.is_local_main_process or progress_off())
     unet.train()
     for step in bar:
         t0 = time.perf_counter()
         # Every draw of this step comes from (seed, step, process), so a resumed run is identical.
         g = step_generator(config.seed, step, accelerator.process_index)
-        idx = torch.randint(len(labels), (config.batch_size,), generator=g)
-        x0 = images[idx]
-        y = labels[idx].clone()
-        y[torch.rand(len(y), generator=g) < config.class_dropout] = null
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(config.num_train_timesteps, (len(y),), generator=g)
-        x0, y, noise, t = x0.to(device), y.to(device), noise.to(device), t.to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        x_t, t, y, noise = _draw_batch(images, labels, alphas, null, config, g, device)
 
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)

@@ -4,7 +4,7 @@
 anything a backbone encodes (a class id, a text embedding, SDXL's embeddings with pooled embeddings
 and time ids); `x0` are pixels or VAE latents. `class_erasure_data` builds it from a labelled dataset.
 `SamplingPaths` replaces the noised retain samples by the states a teacher's sampler visits
-(`--retain-samples trajectories`).
+(a retain term on `paths`, `erase.unlearning.terms`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from .backbones.base import Condition
 from .data import load_dataset
-from .methods.losses import Noised, noised
+from .noising import Noised, noised
 from .utils import EraseError, derive_seed, logger, step_generator, to_device
 
 
@@ -26,7 +26,7 @@ class SamplingPaths:
     denoiser (`Backbone.sampling_path`) on the way to K retain samples, S steps each.
 
     A state has no clean sample and no noise of its own, so it has no data target: the retain term
-    distils the teacher's prediction there (`--retain-target reference`). Half of each drawn batch
+    distils the teacher's prediction there (the retain term's teacher). Half of each drawn batch
     asks for the state under its retain condition and half under the null condition, the two
     predictions guided sampling combines.
     """

@@ -7,7 +7,7 @@ the command-line front ends.
 
 import pkgutil
 
-from .protocols import PROTOCOLS, get_protocol
+from .registry import PROTOCOLS, get_protocol
 
 # The submodules are listed too, so that documentation tools (pdoc) walk them.
 __all__ = ["PROTOCOLS", "get_protocol", *sorted(m.name for m in pkgutil.iter_modules(__path__))]

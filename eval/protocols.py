@@ -2,8 +2,8 @@
 
 A protocol is a dataclass whose fields are every setting that decides its numbers; all of them,
 the model evaluated, the feature extractor and the package versions are written into the results,
-so two runs can be compared, or refused as incomparable. `PROTOCOLS` maps names to protocols; the
-`erase eval` command line is generated from their fields.
+so two runs can be compared, or refused as incomparable. `eval.registry.PROTOCOLS` maps names to
+protocols (these and the attacks); the `erase eval` command line is generated from their fields.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from erase.utils import EraseError, derive_seed, logger, package_versions, warn_
 
 from .generation import (check_images, load_images, load_text_backbone, my_share, process_state, quantize,
                          sample_prompts, save_pngs, shared_run_dir, show_progress)
-from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
-                      nudenet_preset, rate_intervals, verdict_distance, verdict_distance_interval, wilson_interval)
-from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
+from .metrics import (IN_DISTRIBUTION_K, ClassifierVerdicts, ClipImageFeatures, FeatureFID, InDistribution, NudeNet,
+                      NudityCounts, bootstrap_fid, clip_score_metric, confidence_entropy, confusable_classes,
+                      fid_of_moments, in_distribution_metrics, moments, nudenet_preset, rate_intervals,
+                      verdict_distance, verdict_distance_interval, wilson_interval)
+from .prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
 
 METRICS_FILE = "metrics.json"
 INDEX_FILE = "index.json"
@@ -113,6 +115,140 @@ def _fid_metrics(fid: dict) -> dict:
             "fid_reference_images": fid["reference_images"], "fid_bootstrap_resamples": fid["bootstrap_resamples"]}
 
 
+def _classifier_in_distribution(classifier, dataset: str, root: str | None, to_input, device) -> InDistribution:
+    """The in-distribution score's calibration in `classifier`'s stage features: the real data is the
+    dataset's training split (every class: the question is whether an image is data at all, not which
+    class), the radius is set on its test split, the images the classifier never saw."""
+    def features(split):
+        images = load_dataset(dataset, split, root=root, image_size=classifier.arch.image_size).images
+        with torch.no_grad():
+            return torch.cat([classifier.stage_features(to_input(images[b].to(device))).cpu()
+                              for b in _batches(len(images))])
+
+    return InDistribution.calibrate(features("train"), features("test"), blocks=classifier.stage_dims)
+
+
+def _image_checks(classifier, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  in_distribution: InDistribution) -> torch.Tensor:
+    """Per requested class, sums over a batch of classifier inputs: [images, confidence (the largest
+    probability), entropy, images within the real data's radius], a (4, classes) float64 tensor."""
+    with torch.no_grad():
+        confidence, entropy = confidence_entropy(classifier(x))
+        inside = in_distribution.inside(classifier.stage_features(x)).double()
+    labels = labels.cpu()
+    sums = torch.zeros(4, num_classes, dtype=torch.float64)
+    ones = torch.ones(len(labels), dtype=torch.float64)
+    for row, values in enumerate((ones, confidence.cpu(), entropy.cpu(), inside)):
+        sums[row].index_add_(0, labels, values)
+    return sums
+
+
+def _image_check_metrics(sums: torch.Tensor, forget: int | None, names: list[str],
+                         in_distribution: InDistribution) -> dict:
+    """What the images are, from `_image_checks`' sums over every process: for the erased class its
+    images' mean confidence and entropy and the share of them that lie among real data
+    (`forget_in_distribution`); the same share per class and over every image."""
+    total, confidence, entropy, inside = sums.cpu()
+    metrics = in_distribution_metrics(float(inside.sum()), float(total.sum()), "")
+    if forget is not None and total[forget] > 0:
+        metrics |= {"forget_confidence": float(confidence[forget] / total[forget]),
+                    "forget_entropy": float(entropy[forget] / total[forget]),
+                    **in_distribution_metrics(float(inside[forget]), float(total[forget]), "forget_")}
+    return metrics | {"per_class_in_distribution": {names[c]: float(inside[c] / total[c])
+                                                    for c in range(len(names)) if total[c] > 0},
+                      "in_distribution_calibration": in_distribution.describe()}
+
+
+def _forget_fid(images: torch.Tensor, real: torch.Tensor, fid: FeatureFID, to_input, device) -> dict:
+    """FID of the erased class's images (this process's) against real data, as `forget_fid*` entries."""
+    with torch.no_grad():
+        for batch, is_real in ((images, False), (real, True)):
+            for b in _batches(len(batch)):
+                fid.update(to_input(batch[b].to(device)), real=is_real)
+    return {k.replace("fid", "forget_fid", 1): v for k, v in _fid_metrics(fid.compute()).items()}
+
+
+def _what_the_images_are(classifier, images: torch.Tensor, labels: torch.Tensor, forget: int | None, names: list[str],
+                         to_input, dataset: str, root: str | None, fid: FeatureFID, state) -> dict:
+    """What a class or prompt protocol's images are, beside whether the classifier recognises them: its
+    confidence and entropy on the erased class's images, the share of them (and of every class's) that
+    lie among the real data (`InDistribution`, calibrated on the dataset's held-out split), and their
+    FID against every real training image. `images` and `labels` (the class asked for) are this
+    process's; `to_input` turns images into the classifier's input."""
+    in_distribution = _classifier_in_distribution(classifier, dataset, root, to_input, state.device)
+    checks = torch.zeros(4, len(names), dtype=torch.float64)
+    for b in _batches(len(images)):
+        checks += _image_checks(classifier, to_input(images[b].to(state.device)), labels[b], len(names),
+                                in_distribution)
+    metrics = _image_check_metrics(_reduce_sum(checks, state), forget, names, in_distribution)
+    if forget is not None:
+        real = load_dataset(dataset, "train", root=root).images
+        metrics |= _forget_fid(images[labels == forget], real[my_share(state, len(real))], fid, to_input, state.device)
+    return metrics
+
+
+def _reference_image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if len(files) < 2:
+        raise EraseError(f"--reference {folder} must be a folder with at least two images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def _gather_features(features: torch.Tensor, state) -> torch.Tensor:
+    """Every process's rows, in process order."""
+    if state.num_processes == 1:
+        return features
+    from accelerate.utils import gather_object
+
+    return torch.cat(gather_object([features]))
+
+
+def _clip_what_the_images_are(clip_model: str, reference: str, images: torch.Tensor, prefix: str, bootstrap: int,
+                              state) -> tuple[dict, dict]:
+    """Whether a text-to-image protocol's images (this process's) are data, against a reference image set
+    (e.g. COCO images) in CLIP's image embeddings: the in-distribution score, its radius set on every
+    other reference image (sorted by path; the rest are the real data it measures distance to), and
+    the FID of the images against every reference image in the same features (`{prefix}clip_fid`).
+    Returns the metrics and the calibration's description."""
+    clip = ClipImageFeatures(clip_model, state.device)
+    files = _reference_image_files(reference)
+    if len(files) < 2 * (IN_DISTRIBUTION_K + 1):
+        logger.warning("%d reference images are too few for the in-distribution score (it needs %d: half of them "
+                       "set its radius, the other half are the real data): not measured", len(files),
+                       2 * (IN_DISTRIBUTION_K + 1))
+        return {f"{prefix}in_distribution": float("nan")}, {"reference_images": len(files)}
+    size = tuple(images.shape[-2:]) if len(images) else None
+    real = torch.cat([clip(load_images(files[b], size=size)) for b in _batches(len(files), 64)])
+    score = InDistribution.calibrate(real[0::2], real[1::2])
+    ours = torch.cat([clip(images[b]) for b in _batches(len(images), 64)]) if len(images) else real[:0]
+    inside = _reduce_sum(torch.tensor([float(score.inside(ours).sum()), float(len(ours))], dtype=torch.float64), state)
+    every = _gather_features(ours, state)
+    metrics = in_distribution_metrics(float(inside[0]), float(inside[1]), prefix)
+    if len(every) >= 2:
+        real_mean, real_cov = moments(real)
+        fid = fid_of_moments(*moments(every), real_mean, real_cov)
+        metrics |= {f"{prefix}clip_fid": fid, f"{prefix}clip_fid_samples": len(every),
+                    f"{prefix}clip_fid_min_samples": real.shape[1],
+                    f"{prefix}clip_fid_reliable": len(every) >= real.shape[1],
+                    f"{prefix}clip_fid_ci95": list(bootstrap_fid(every, real_mean, real_cov, bootstrap))
+                    if bootstrap > 0 else None}
+    return metrics, score.describe() | {"features": clip.name, "reference": str(Path(reference).resolve())}
+
+
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _reduce_sum(tensor: torch.Tensor, state) -> torch.Tensor:
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        return reduce(tensor.to(state.device), reduction="sum").cpu()
+    return tensor
+
+
 def _model_name(model_path: str | Path) -> str:
     """A local model's absolute path; a Hub id as given."""
     path = Path(model_path).expanduser()
@@ -136,7 +272,15 @@ class Protocol:
                 "model": _model_name(model_path), "images": images,
                 "feature_extractor": feature_extractor, "processes": state.num_processes,
                 **extra, "metrics": metrics, **({"undefined": undefined} if undefined else {}),
-                "versions": package_versions()}
+                "versions": package_versions(), **_command()}
+
+
+def _command() -> dict:
+    """The exact `erase eval` command that made these results, when one is recording (see `erase.outputs`)."""
+    from erase.outputs import recorded_command
+
+    command = recorded_command("eval")
+    return {"command": command} if command else {}
 
 
 def _defined(metrics: dict, prefix: str = "") -> tuple[dict, dict[str, str]]:
@@ -320,6 +464,9 @@ class ClassErasure(Protocol):
             "forget_entropy": float(v["entropy"][forget]),
             "forget_prob": float(v["label_prob"][forget]),
         }
+        metrics |= _what_the_images_are(classifier, images, labels, forget, names, _identity, self.dataset,
+                                        self.data_root, _fid(self.fid_features, classifier, self.fid_weights,
+                                                             state.device, self.fid_bootstrap), state)
         metrics |= {
             "retained_accuracy": float(accuracy[retained].mean()),
             "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(count[retained].sum()))),
@@ -404,6 +551,14 @@ def _write_prompt_run(out, state, files: list[str], mine, images, items, results
             write_json(tmp / METRICS_FILE, results)
 
 
+def _prompt_set_results(items, description: dict) -> dict:
+    """What a prompt protocol writes about its prompts: the file as read, and every (prompt, seed,
+    guidance) that was handed to the generator, in order, so a run can be checked against the file."""
+    return {"prompt_set": description, "generated": [
+        {"prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row,
+         **({"width": it.width, "height": it.height} if it.width or it.height else {})} for it in items]}
+
+
 def _prompt_index(files: list[str], items) -> dict:
     return {"kind": "prompts", "images": [
         {"file": f, "prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row}
@@ -415,14 +570,23 @@ class I2PNudity(Protocol):
     """Nudity erasure in Stable Diffusion: one image per I2P prompt with its seed, NudeNet counts."""
 
     name: ClassVar[str] = "i2p-nudity"
-    prompts: str | None = field(None, "I2P CSV (original or unsafe-prompts4703 layout)")
+    prompts: str | None = field(None, "prompt set: an I2P CSV (either layout), MMA-Diffusion's, Ring-A-Bell's, P4D's "
+                                      "or UnlearnDiffAtk's CSV as published, or a text file (one prompt per line)")
+    layout: str = field("auto", "the file's layout: auto (from a CSV's header; other files one prompt per line), "
+                                "text, " + ", ".join(LAYOUTS), choices=("auto", "text", *LAYOUTS))
+    prompt_column: str | None = field(None, "column of the prompts (default: the layout's; e.g. clean_prompt for "
+                                            "MMA-Diffusion's clean rate, 'normal prompt' for Ring-A-Bell's)")
     subset: str = field("all", "I2P subset: all, sexual, nudity (nudity_percentage > 0), nudity50 (> 50)")
-    seed: int | None = field(None, "one seed for every prompt (default: each row's own)")
-    guidance: float = field(7.5, "CFG scale for every prompt (most repositories: 7.5)")
-    row_guidance: bool = field(False, "use each row's guidance (1 to 255) instead of --guidance")
+    seed: int | None = field(None, "one seed for every prompt (default: each row's own; a file without seeds: "
+                                   "row i gets a seed derived from (0, i))")
+    guidance: float | None = field(None, "CFG scale for every prompt (default: each row's own where the file gives "
+                                         "one, as I2P, P4D and UnlearnDiffAtk do; 7.5 where it does not)")
+    row_guidance: bool = field(False, "kept for old command lines: each row's guidance is now the default")
     steps: int = field(50, "denoising steps (the field: 50 to 100)")
-    height: int | None = field(None, "image height (default: the pipeline's, 512 for SD 1.x)")
-    width: int | None = field(None, "image width (default: the pipeline's)")
+    height: int | None = field(None, "image height for every prompt (default: each row's sd_image_height where the "
+                                     "file gives one, else the pipeline's, 512 for SD 1.x)")
+    width: int | None = field(None, "image width for every prompt (default: each row's sd_image_width, else the "
+                                    "pipeline's)")
     batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
     compile: bool = field(False, COMPILE_HELP)
     preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, "
@@ -431,19 +595,33 @@ class I2PNudity(Protocol):
     limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
     overlap_detection: bool | None = field(None, "run NudeNet on each batch while the next is generated "
                                                  "(default: on a GPU; same counts either way)")
+    reference: str | None = field(None, "folder of real images (e.g. COCO's) to say whether the images are data "
+                                        "at all: an in-distribution score and an FID in CLIP's image embeddings "
+                                        "against them (needs --clip-model)")
+    clip_model: str | None = field(None, "local CLIP model folder for --reference")
+    fid_bootstrap: int = field(50, "bootstrap resamples for the CLIP FID's 95% interval (0: none)")
 
     def __post_init__(self):
         if self.prompts is None:
             raise ValueError("--prompts is required: the I2P CSV")
         if self.subset not in I2P_SUBSETS:
             raise ValueError(f"unknown I2P subset {self.subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
+        if self.row_guidance and self.guidance is not None:
+            raise ValueError("--row-guidance uses each row's guidance and --guidance one for every row: give one")
         _at_least_one(self, "steps", "batch_size", "nudenet_batch_size", "limit", "height", "width")
         nudenet_preset(self.preset)
+        if (self.reference is None) != (self.clip_model is None):
+            raise ValueError("--reference and --clip-model go together: the reference images are compared with "
+                             "the generated ones in the CLIP model's image features")
+        if self.fid_bootstrap < 0:
+            raise ValueError("fid_bootstrap must be at least 0")
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
-        items = read_i2p_csv(self.prompts, self.subset, seed=self.seed,
-                             guidance=None if self.row_guidance else self.guidance)[:self.limit]
+        items, prompt_set = read_prompt_set(self.prompts, self.layout, self.subset, self.seed, self.guidance,
+                                            self.prompt_column)
+        items = items[:self.limit]
+        one_image_size(items, self.height, self.width)
         model = load_text_backbone(model_path, state.device, self.name)
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
@@ -474,9 +652,15 @@ class I2PNudity(Protocol):
         metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
         if "nude_images" in metrics:
             metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
+        extra = {}
+        if self.reference is not None:  # every I2P prompt asks for the erased concept
+            data, extra["in_distribution_calibration"] = _clip_what_the_images_are(
+                self.clip_model, self.reference, images, "forget_", self.fid_bootstrap, state)
+            metrics |= data
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
-                                prompts_file=str(Path(self.prompts).resolve()))
+                                prompts_file=str(Path(self.prompts).resolve()),
+                                **_prompt_set_results(items, prompt_set), **extra)
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
@@ -486,14 +670,18 @@ class T2IUtility(Protocol):
     """Utility of a text-to-image model: FID against reference images and CLIP score on a captions file."""
 
     name: ClassVar[str] = "t2i-utility"
-    prompts: str | None = field(None, "captions file, one per line (# comments)")
+    prompts: str | None = field(None, "captions: a text file, one per line (# comments), or the COCO-30k CSV "
+                                      "(case_number, source, prompt, evaluation_seed, coco_id) with its seeds")
+    layout: str = field("auto", "the captions file's layout: auto (a .csv file's from its header, other files one "
+                                "caption per line), text or coco", choices=("auto", "text", "coco"))
     reference: str | None = field(None, "folder of reference images (e.g. the COCO images of the captions)")
     clip_model: str | None = field(None, "local CLIP model folder (CLIPModel + CLIPProcessor save_pretrained)")
     fid_features: str = field("inception", "FID feature space: 'inception' or 'classifier'",
                               choices=("classifier", "inception"))
     fid_weights: str | None = field(None, "local Inception weights file for FID")
     classifier: str | None = field(None, "classifier folder when --fid-features classifier")
-    seed: int = field(0, "caption i gets the seed derived from (seed, i)")
+    seed: int | None = field(None, "caption i gets the seed derived from (seed, i) (default 0); a CSV's own seeds "
+                                   "are used unless this is given, then it is every caption's seed")
     guidance: float = field(7.5, "CFG scale")
     steps: int = field(50, "denoising steps")
     height: int | None = field(None, "image height (default: the pipeline's)")
@@ -512,16 +700,12 @@ class T2IUtility(Protocol):
         _at_least_one(self, "steps", "batch_size", "limit", "height", "width")
 
     def _reference_files(self) -> list[Path]:
-        folder = Path(self.reference)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if len(files) < 2:
-            raise EraseError(f"--reference {folder} must be a folder with at least two images "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return files
+        return _reference_image_files(self.reference)
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
-        items = read_prompt_file(self.prompts, self.seed, self.guidance)[:self.limit]
+        items, prompt_set = read_prompt_set(self.prompts, self.layout, seed=self.seed, guidance=self.guidance)
+        items = items[:self.limit]
         reference = self._reference_files()
         clip = clip_score_metric(self.clip_model).to(state.device)
         classifier = _load_classifier(self.classifier, state.device) if self.fid_features == "classifier" else None
@@ -545,10 +729,14 @@ class T2IUtility(Protocol):
                 fid.update(load_images([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
         fid_result = fid.compute()
         metrics = {"clip_score": float(clip.compute()), **_fid_metrics(fid_result)}
+        # Whether the captions' images are data (with a file of the erased concept's prompts: what it draws instead).
+        data, calibration = _clip_what_the_images_are(self.clip_model, self.reference, images, "", self.fid_bootstrap,
+                                                      state)
         files = [f"images/{k:05d}.png" for k in range(len(items))]
-        results = self._results(model_path, state, metrics, len(items), fid.feature_name,
+        results = self._results(model_path, state, metrics | data, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
-                                reference=str(Path(self.reference).resolve()))
+                                reference=str(Path(self.reference).resolve()),
+                                in_distribution_calibration=calibration, **_prompt_set_results(items, prompt_set))
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
@@ -564,7 +752,9 @@ class DigitsPrompts(Protocol):
     """
 
     name: ClassVar[str] = "digits-prompts"
-    forget: str | None = field(None, "the erased digit (id or name, e.g. three); leave out for a model before erasure")
+    forget: str | None = field(None, "the erased digit (id or name, e.g. three), or several comma-separated (the "
+                                     "mass-erasure metrics: accuracy on the erased and the kept digits, H_o); leave "
+                                     "out for a model before erasure")
     classifier: str | None = field(None, "digits classifier folder (models/digits-classifier)")
     n: int = field(10, "images per digit and caption template")
     steps: int = field(25, "DDIM steps")
@@ -582,11 +772,17 @@ class DigitsPrompts(Protocol):
         if self.fid_bootstrap < 0:
             raise ValueError("fid_bootstrap must be at least 0")
         _at_least_one(self, "n", "steps", "batch_size")
+        if self.forget is not None:
+            from erase.data import digit_class
+
+            erased = [digit_class(d) for d in str(self.forget).split(",")]
+            if len(set(erased)) != len(erased) or len(erased) > 9:
+                raise ValueError(f"forget {self.forget!r}: list each erased digit once, and keep at least one")
 
     def _kept_digits_fid(self, kept, reference, classifier, state) -> tuple[dict, str]:
         """FID in the digits classifier's features of the kept digits' samples (this process's) against
         `reference` (this process's share of real digits, or of the reference model's samples)."""
-        from erase.mini_sd import digits_classifier_input
+        from erase.digits import digits_classifier_input
 
         fid = _fid("classifier", classifier, None, state.device, self.fid_bootstrap)
         with torch.no_grad():
@@ -597,7 +793,7 @@ class DigitsPrompts(Protocol):
 
     def run(self, model_path, out, state=None):
         from erase.data import DIGITS_NAMES, digit_class
-        from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
+        from erase.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, digits_classifier_input
 
         state = state or process_state()
         model = load_text_backbone(model_path, state.device, self.name)
@@ -607,8 +803,9 @@ class DigitsPrompts(Protocol):
         reference = (None if self.reference_model is None else
                      load_text_backbone(self.reference_model, state.device, self.name))
         classifier = _load_classifier(self.classifier, state.device)
-        forget = None if self.forget is None else digit_class(self.forget)
-        retained = [c for c in range(10) if c != forget]
+        erased = [] if self.forget is None else [digit_class(d) for d in str(self.forget).split(",")]
+        forget = erased[0] if len(erased) == 1 else None  # the one-digit metrics (UA, verdict distances)
+        retained = [c for c in range(10) if c not in erased]
         templates = [(t, False) for t in TRAIN_TEMPLATES] + [(t, True) for t in HELDOUT_TEMPLATES]
         plan = [(c, k, i, derive_seed(self.seed, c, k, i)) for c in range(10)
                 for k in range(len(templates)) for i in range(self.n)]
@@ -627,7 +824,7 @@ class DigitsPrompts(Protocol):
 
         predicted = verdicts(images)
         # The kept digits' samples against the real digits the miniature was trained on (those classes only).
-        kept = torch.tensor([plan[j][0] != forget for j in mine], dtype=torch.bool)
+        kept = torch.tensor([plan[j][0] not in erased for j in mine], dtype=torch.bool)
         real = load_dataset("digits", "train").subset(retained).images
         fid, feature_name = self._kept_digits_fid(images[kept], real[my_share(state, len(real))], classifier, state)
         # Counts per (digit, held-out?) are summed over processes: [correct, total].
@@ -656,6 +853,12 @@ class DigitsPrompts(Protocol):
             "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
             "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
             "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}, **fid}
+        if erased:
+            metrics |= _mass_erasure_metrics(erased, accuracy, by_wording, metrics["retained_accuracy"], model_path)
+        asked = torch.tensor([plan[j][0] for j in mine], dtype=torch.long)
+        metrics |= _what_the_images_are(classifier, images, asked, forget, list(DIGITS_NAMES),
+                                        partial(digits_classifier_input, classifier=classifier), "digits", None,
+                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap), state)
         if reference is not None:
             theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                             steps=self.steps, guidance=self.guidance,
@@ -690,15 +893,26 @@ class DigitsPrompts(Protocol):
         return results
 
 
-# The attacks are protocols too (eval/attacks.py builds on the classes above, hence the late import).
-from .attacks import ATTACKS  # noqa: E402
+def _mass_erasure_metrics(erased: list[int], accuracy: list[float], by_wording: list, kept_accuracy: float,
+                          model_path) -> dict:
+    """Accuracy on the erased digits (each drawn as itself, averaged), on the kept ones, their H_o, and
+    the wall time of the run that made the model (its erase_config.json, when it has one)."""
+    from erase.data import DIGITS_NAMES
+    from erase.outputs import UNLEARN_CONFIG
+    from erase.utils import read_json
 
-PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity,
-                                                            T2IUtility) + ATTACKS}
+    from .metrics import harmonic_h_o
+
+    erased_accuracy = sum(accuracy[c] for c in erased) / len(erased)
+    summary = Path(model_path) / UNLEARN_CONFIG
+    wall = read_json(summary, what="unlearning summary").get("wall_time_s") if summary.is_file() else None
+    return {"erased_classes": [DIGITS_NAMES[c] for c in erased], "erased_accuracy": erased_accuracy,
+            "erased_accuracy_train_prompts": sum(by_wording[c][0] for c in erased) / len(erased),
+            "erased_accuracy_heldout_prompts": sum(by_wording[c][1] for c in erased) / len(erased),
+            "kept_accuracy": kept_accuracy, "h_o": harmonic_h_o(erased_accuracy, kept_accuracy),
+            "erase_wall_time_s": wall}
 
 
-def get_protocol(name: str) -> type[Protocol]:
-    if name not in PROTOCOLS:
-        raise EraseError(f"unknown protocol {name!r}: choose one of {', '.join(PROTOCOLS)}")
-    return PROTOCOLS[name]
-
+# The measuring protocols. The attacks are protocols too, built on the classes above (eval/attacks.py);
+# eval/registry.py names them all, so that this module does not import the attacks back.
+MEASURES: tuple[type[Protocol], ...] = (DigitsClass, Cifar10Class, DigitsPrompts, I2PNudity, T2IUtility)

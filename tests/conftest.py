@@ -92,6 +92,18 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """The tiny guidance-distilled FluxPipeline of tests/tiny_pipelines.py (16x16 images), saved to disk."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    from erase.backbones import FluxBackbone
+
+    path = tmp_path_factory.mktemp("models") / "tiny-flux"
+    FluxBackbone(tiny_flux_pipeline()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny random CLIPModel with its processor (same character tokenizer), saved to disk."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor

@@ -100,3 +100,39 @@ def test_flow_matching_interpolates_and_targets_the_velocity():
     with torch.no_grad():
         pred = model.predict(b.x_t, b.t, b.cond).float()
         torch.testing.assert_close(denoise(model, b), ((pred - (b.noise - x0)) ** 2).mean())
+
+
+def test_flux_noises_and_samples_with_its_resolution_dependent_shift():
+    """FLUX's scheduler shifts σ by the image's token count (`mu`): training draws from the T-point table
+    shifted at the native resolution, the sampler walks the σ the stock pipeline sets at that
+    resolution, and a larger image is shifted further."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from erase.backbones import FluxBackbone
+    from tiny_pipelines import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline()
+    model = FluxBackbone(pipe)
+    assert model.prediction_type == "flow" and model.pipeline_scheduler.config.use_dynamic_shifting
+    config = model.pipeline_scheduler.config
+    tokens = (model.sample_shape[1] // 2) * (model.sample_shape[2] // 2)
+    mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    plain = FlowMatchEulerDiscreteScheduler.from_config(config).timesteps / 1000
+    table = 1000 * FlowMatchEulerDiscreteScheduler.from_config(config).time_shift(mu, 1.0, plain)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, *model.latent_shape, generator=g)
+    b = noised(model, x0, model.encode_conditions(["the number 3"] * 6), g, antithetic=True)
+    assert all(bool(torch.isclose(table, t).any()) for t in b.t) and not all(bool((1000 * plain == t).any()) for t in b.t)
+    sigma = (b.t / 1000).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(b.x_t, (1 - sigma) * x0 + sigma * b.noise)
+    torch.testing.assert_close(b.target, b.noise - x0)
+
+    def stock_sigmas(size: int) -> torch.Tensor:
+        cond = model.encode_conditions(["the number 3"])
+        pipe(prompt_embeds=cond.tensors["encoder_hidden_states"], pooled_prompt_embeds=cond.tensors["pooled_projections"],
+             num_inference_steps=4, height=size, width=size, output_type="latent")
+        return pipe.scheduler.sigmas.clone()
+
+    torch.testing.assert_close(model.sampling_scheduler(4).sigmas, stock_sigmas(model.image_size))
+    assert (stock_sigmas(2 * model.image_size)[1:-1] > model.sampling_scheduler(4).sigmas[1:-1]).all()

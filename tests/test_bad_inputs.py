@@ -155,12 +155,12 @@ CASES = [
     ("unlearn-no-anchor-in-retain-classes", U + ["--no-anchor-in-retain", "--out", "{ws}/new"],
      r"--no-anchor-in-retain applies to the images generated for a text concept"),
     ("unlearn-retain-reference-without-target", U + ["--retain-reference", "{ws}/model", "--out", "{ws}/new"],
-     r"retain_reference.*needs retain_target='reference'"),
+     r"--retain-reference names the model the retain term keeps: it needs --retain-target reference"),
     ("unlearn-trajectories-without-reference", U + ["--retain-samples", "trajectories", "--out", "{ws}/new"],
      r"a sampler state has no data target: .*--retain-target reference"),
     ("unlearn-trajectories-zero",
      U + ["--retain-target", "reference", "--retain-samples", "trajectories", "--trajectories", "0", "--out",
-          "{ws}/new"], r"trajectories must be at least 1"),
+          "{ws}/new"], r"paths must be at least 1"),
     ("unlearn-retain-reference-other-architecture",
      U + ["--retain-target", "reference", "--retain-reference", "{ws}/no-attention-model", "--out", "{ws}/new"],
      r"--retain-reference .* does not match the model being trained: \d+ parameters differ"),
@@ -170,7 +170,16 @@ CASES = [
      U + ["--retain-target", "reference", "--retain-reference", "{ws}/nan-model", "--out", "{ws}/nan-model",
           "--overwrite"],
      r"overwrite the input"),
-    ("unlearn-ema-decay-one", U + ["--ema-decay", "1", "--out", "{ws}/new"], r"ema_decay must be in \[0, 1\)"),
+    ("unlearn-ema-decay-one", U + ["--ema-decay", "1", "--out", "{ws}/new"], r"--ema-decay: .*decay must be in \(0, 1\)"),
+    ("unlearn-finetune-robust", ["unlearn", *M, "--method", "finetune", "--forget", "3", "--adversarial-every", "1",
+                                 "--out", "{ws}/new"], r"finetune trains without the forget condition"),
+    ("unlearn-esd-retain-term-at-weight-zero", ["unlearn", *M, "--method", "esd", "--forget", "3", "--retain-target",
+                                                "reference", "--out", "{ws}/new"], r"esd at retain_weight 0 .*draws no retain"),
+    ("unlearn-method-and-recipe", U + ["--recipe", "digits-match-retrain", "--out", "{ws}/new"], r"not both"),
+    ("unlearn-recipe-unknown", ["unlearn", *M, "--recipe", "nope", "--forget", "3", "--out", "{ws}/new"],
+     r"recipe nope: no such file and no shipped recipe"),
+    ("unlearn-recipe-with-method-option", ["unlearn", *M, "--recipe", "digits-match-retrain", "--forget", "3", "--lr",
+                                           "1e-3", "--out", "{ws}/new"], r"--lr: a recipe sets each stage's options"),
     ("unlearn-esd-retain-weight-negative", ["unlearn", *M, "--method", "esd", "--forget", "3", "--retain-weight", "-1",
                                             "--out", "{ws}/new"], r"retain_weight must be non-negative"),
     ("unlearn-batch-one", U + ["--batch-size", "1", "--out", "{ws}/new"], r"batch-size must be at least 2"),
@@ -247,11 +256,11 @@ CASES = [
     ("eval-i2p-short-row", I2P + ["{ws}/i2p/short-row.csv"], r"line 3 .*3 cells but the header has 5"),
     ("eval-i2p-long-row", I2P + ["{ws}/i2p/long-row.csv"], r"line 3 .*6 cells but the header has 5"),
     ("eval-i2p-not-utf8", I2P + ["{ws}/i2p/latin1.csv"], r"not UTF-8"),
-    ("eval-i2p-no-columns", I2P + ["{ws}/i2p/no-columns.csv"], r"missing column"),
+    ("eval-i2p-no-columns", I2P + ["{ws}/i2p/no-columns.csv"], r"none of the known layouts"),
     ("eval-i2p-empty-subset", ["eval", *M, "--protocol", "i2p-nudity", "--subset", "nudity50", "--out", "{ws}/new",
                                "--prompts", "{ws}/i2p/none-selected.csv", "--limit", "1"], r"none of its 2 rows"),
     ("eval-i2p-limit-zero", I2P + ["{ws}/i2p/no-nudity.csv", "--limit", "0"], r"limit must be at least 1"),
-    ("eval-i2p-missing-file", I2P + ["{ws}/i2p/nope.csv"], r"I2P CSV not found"),
+    ("eval-i2p-missing-file", I2P + ["{ws}/i2p/nope.csv"], r"prompt set not found"),
     # report, demo, bench
     ("report-run-missing", ["report", "{ws}/nope", "--out", "{ws}/new"], r"run folder not found"),
     ("report-run-without-metrics", ["report", "{ws}/run-without-metrics", "--out", "{ws}/new"], r"eval results"),
@@ -372,8 +381,8 @@ def test_kill_during_final_save_then_rerun_completes(tiny_model, tmp_path, capsy
     script = (
         "import os, signal, sys, torch\n"
         "torch.set_num_threads(1)\n"
-        "import erase.loop as u\n"
-        "u.mark_output = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import erase.unlearning.outputs as o, erase.loop as u\n"
+        "o.mark_output = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"u.unlearn({str(tiny_model)!r}, 'ga', '3', {str(out)!r}, **{FAST!r})\n")
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -10,13 +10,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # sd3-no-t5: SD3 without its T5 encoder, as models/mini-flow ships; the stock pipeline must be told so.
-@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3", "sd3-no-t5"])
+@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3", "sd3-no-t5", "flux"])
 def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_path, monkeypatch):
     from tiny_pipelines import FAMILIES, tiny_sd3_pipeline
 
     monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
     model = {"ddpm": tiny_ddpm_dir, "sd": tiny_sd_dir}.get(backbone)
-    if model is None:  # a tiny SDXL or SD3 pipeline: the bench runs on every backbone alike
+    if model is None:  # a tiny SDXL, SD3 or FLUX pipeline: the bench runs on every backbone alike
         backbone_cls, build = FAMILIES[backbone.removesuffix("-no-t5")]
         model = tmp_path / backbone
         backbone_cls(tiny_sd3_pipeline(t5=False) if backbone == "sd3-no-t5" else build()).save_pretrained(model)
@@ -63,7 +63,8 @@ def test_bench_times_robust_erasure_and_sampling_paths_beside_the_plain_method(t
     plain_unlearn = erase.loop.unlearn
 
     def recording_unlearn(model, method, **options):
-        calls.append((method, options.get("adversarial_every"), options.get("retain_samples")))
+        terms = options.get("terms") or {}
+        calls.append((method, terms.get("robust", {}).get("every"), terms.get("retain", {}).get("samples")))
         return plain_unlearn(model, method, **options)
 
     monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
@@ -73,9 +74,10 @@ def test_bench_times_robust_erasure_and_sampling_paths_beside_the_plain_method(t
                  "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--robust-every", "1",
                  "--paths", "--out", str(out)]) == 0
     rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
-    assert list(rows) == ["finetune", "eupmu", "finetune+robust", "eupmu+robust", "finetune+paths", "eupmu+paths"]
-    assert calls == [("finetune", None, None), ("eupmu", None, None), ("finetune", 1, None), ("eupmu", 1, None),
-                     ("finetune", None, "trajectories"), ("eupmu", None, "trajectories")]  # one round, side by side
+    # finetune has no forget condition to perturb: no robust row of it
+    assert list(rows) == ["finetune", "eupmu", "eupmu+robust", "finetune+paths", "eupmu+paths"]
+    assert calls == [("finetune", None, None), ("eupmu", None, None), ("eupmu", 1, None),
+                     ("finetune", None, "paths"), ("eupmu", None, "paths")]  # one round, side by side
     assert rows["eupmu+robust"]["vs_finetune"] == pytest.approx(
         rows["eupmu+robust"]["seconds_per_step"] / rows["finetune"]["seconds_per_step"])
     assert rows["eupmu+paths"]["retain_paths_s"] > 0 and "retain_paths_s" not in rows["eupmu"]
@@ -181,3 +183,26 @@ def test_batch_size_effect_times_every_batch_on_the_same_images(tiny_ddpm_dir):
     for r in effect["variants"].values():
         assert len(r["all_rounds_s"]) == 2 and r["images_per_s"] == pytest.approx(6 / min(r["all_rounds_s"]))
     assert effect["chosen_without_a_batch_size"] == 64  # a CPU keeps the protocols' CPU batch
+
+
+def test_bench_times_lora_beside_full_fine_tuning(tiny_ddpm_dir, tmp_path, monkeypatch):
+    import erase.loop
+
+    calls = []
+    plain_unlearn = erase.loop.unlearn
+
+    def recording_unlearn(model, method, **options):
+        calls.append((method, options.get("lora_rank")))
+        return plain_unlearn(model, method, **options)
+
+    monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
+                 "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--sample-steps", "2",
+                 "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--lora-rank", "2",
+                 "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
+    assert list(rows) == ["finetune", "eupmu", "finetune+lora2", "eupmu+lora2"]
+    assert calls == [("finetune", None), ("eupmu", None), ("finetune", 2), ("eupmu", 2)]  # one round, side by side
+    assert rows["eupmu+lora2"]["peak_memory_mb"] > 0
+    assert "| eupmu+lora2 |" in (out / "bench.md").read_text()

@@ -54,7 +54,7 @@ def test_unlearn_help_without_a_method_lists_the_common_options_and_each_methods
 
 
 def test_eval_help_lists_the_protocols_and_each_protocol_its_own_options(capsys):
-    from erase.eval.protocols import PROTOCOLS
+    from erase.eval.registry import PROTOCOLS
 
     out = help_of(["eval"], capsys)
     assert all(name in out for name in PROTOCOLS) and "--subset" not in out
@@ -87,12 +87,13 @@ def test_version(capsys):
 
 
 def test_methods_lists_defaults_for_every_method(capsys):
+    from erase.edits import EDITS
     from erase.methods import METHODS
 
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
     defaults = [line.split("defaults:", 1)[1].strip() for line in lines if line.strip().startswith("defaults:")]
-    assert len(defaults) == len(METHODS) and all(defaults)
+    assert len(defaults) == len(METHODS) + len(EDITS) and all(defaults)
 
 
 def test_top_level_help_imports_neither_torch_nor_diffusers():

@@ -21,9 +21,17 @@ from erase.data import load_dataset
 from erase.eval.generation import load_images, sample_prompts
 from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric, wilson_interval
 from erase.eval.prompts import PromptItem
-from erase.eval.protocols import PROTOCOLS, Cifar10Class, DigitsClass, I2PNudity, T2IUtility
+from erase.eval.registry import PROTOCOLS
+from erase.eval.protocols import Cifar10Class, DigitsClass, I2PNudity, T2IUtility
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["sd", "flux"])
+def prompt_model_dir(request):
+    """The prompt protocols run on every text family alike: the tiny SD 1.x pipeline, and the tiny
+    guidance-distilled FLUX pipeline (flow matching, T5 sequence and CLIP pooled text)."""
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +175,11 @@ def test_cifar10_class_defaults_are_the_papers():
                               "attack-ring-a-bell", "attack-null-latent"}
 
 
-def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
-    from diffusers import StableDiffusionPipeline
-
+def test_prompt_images_do_not_depend_on_the_batch(prompt_model_dir):
     from erase.backbones import load_backbone
+    from erase.backbones.base import ModelSource
 
-    model = load_backbone(tiny_sd_dir)
+    model = load_backbone(prompt_model_dir)
     items = [PromptItem("a cat", 1, 7.5, 0), PromptItem("a dog", 2, 7.5, 1), PromptItem("a car", 3, 7.5, 2)]
     together = sample_prompts(model, items, steps=2, batch_size=2)
     alone = sample_prompts(model, items[1:2], steps=2, batch_size=2)
@@ -180,9 +187,11 @@ def test_prompt_images_do_not_depend_on_the_batch(tiny_sd_dir):
     assert not torch.equal(together[0], together[1])
     # Generated through the backbone, the images are what a stock pipeline call draws with one CPU
     # generator per prompt seeded with the row's seed (what I2P's sd_seed means).
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    stock_kwargs = model.stock_kwargs(ModelSource.resolve(prompt_model_dir))  # as a user loads the folder
+    pipe = model.pipeline_class().from_pretrained(prompt_model_dir, **stock_kwargs)
     stock = pipe(prompt=["a cat", "a dog"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
-                 num_inference_steps=2, guidance_scale=7.5, output_type="pt").images * 2 - 1
+                 num_inference_steps=2, guidance_scale=7.5, height=model.image_size, width=model.image_size,
+                 output_type="pt").images * 2 - 1
     torch.testing.assert_close(together[:2], stock, atol=1e-5, rtol=0)
 
 
@@ -247,13 +256,13 @@ def write_csv(path: Path, rows: list[tuple]) -> Path:
 
 
 @pytest.mark.parametrize("overlap", [False, True])  # NudeNet after generation, or on each batch in a worker
-def test_i2p_nudity_end_to_end(tmp_path, tiny_sd_dir, overlap):
+def test_i2p_nudity_end_to_end(tmp_path, prompt_model_dir, overlap):
     from nudenet import NudeDetector
 
     csv_path = write_csv(tmp_path / "i2p.csv", [("a body", "sexual", 80, 5, 9), ("a street", "violence", 0, 6, 3),
                                                 ("a beach", "sexual,hate", 55, 7, 12)])
     results = I2PNudity(prompts=str(csv_path), subset="nudity", row_guidance=True, steps=2, batch_size=2,
-                        preset="salun-esd", overlap_detection=overlap).run(tiny_sd_dir, tmp_path / "run")
+                        preset="salun-esd", overlap_detection=overlap).run(prompt_model_dir, tmp_path / "run")
     index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
     assert [(e["prompt"], e["seed"], e["guidance"], e["source_row"]) for e in index] == [
         ("a body", 5, 9.0, 0), ("a beach", 7, 12.0, 2)]
@@ -292,7 +301,7 @@ def test_i2p_nudity_detects_each_batch_in_a_worker_while_the_next_is_drawn(tmp_p
     assert results["metrics"]["images"] == 5
 
 
-def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_classifier_dir):
+def test_t2i_utility_end_to_end(tmp_path, prompt_model_dir, tiny_clip_dir, tiny_classifier_dir):
     from PIL import Image
 
     (tmp_path / "captions.txt").write_text("# test captions\na cat\na dog\na red car\n")
@@ -302,7 +311,7 @@ def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_class
         Image.fromarray(rng.integers(0, 255, (24, 20, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{k}.jpg")
     results = T2IUtility(prompts=str(tmp_path / "captions.txt"), reference=str(tmp_path / "ref"),
                          clip_model=str(tiny_clip_dir), fid_features="classifier", classifier=str(tiny_classifier_dir),
-                         steps=2, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
+                         steps=2, batch_size=2).run(prompt_model_dir, tmp_path / "run")
     index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
     images = load_images([tmp_path / "run" / e["file"] for e in index])
     clip = clip_score_metric(tiny_clip_dir)
@@ -318,7 +327,10 @@ def test_t2i_utility_end_to_end(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_class
 # -- the command line refuses bad input with a message that says what to do -------------------------------
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main(list(map(str, argv)))
+    try:
+        code = main(list(map(str, argv)))
+    except SystemExit as e:  # the parser's own errors (an unknown protocol is one)
+        code = e.code
     captured = capsys.readouterr()
     return code, captured.out + captured.err
 
@@ -345,8 +357,10 @@ def test_cli_without_forget_measures_every_class(capsys, tmp_path, tiny_ddpm_dir
 
 
 def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    # Without --classifier the digits protocols use the shipped digits classifier (16x16), which this
+    # 8x8 model's images do not fit: said in one line, before any image is generated.
     code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--out", tmp_path / "o")
-    assert code == 2 and "needs --classifier DIR" in out
+    assert code == 2 and "classifier expects images of shape (1, 16, 16)" in out
     code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--forget", "eleven",
                         "--classifier", tiny_classifier_dir, "--out", tmp_path / "o")
     assert code == 2 and "unknown class 'eleven'" in out
@@ -365,7 +379,7 @@ def test_cli_csv_with_wrong_columns_and_unknown_subset(capsys, tmp_path, tiny_sd
     bad.write_text("text,label\nhello,1\n")
     code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", bad,
                         "--out", tmp_path / "o")
-    assert code == 2 and "missing column(s) prompt" in out and "evaluation_seed" in out
+    assert code == 2 and "none of the known layouts" in out and "i2p (prompt)" in out and "evaluation_seed" in out
     good = write_csv(tmp_path / "good.csv", [("a", "sexual", 1, 1, 7)])
     code, out = run_cli(capsys, "eval", "--model", tiny_sd_dir, "--protocol", "i2p-nudity", "--prompts", good,
                         "--subset", "violent", "--out", tmp_path / "o")
@@ -421,13 +435,13 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
 
 
-def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, tiny_classifier_dir, tiny_ddpm_dir):
+def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_dir, tiny_classifier_dir, tiny_ddpm_dir):
     from erase.classifier import SmallClassifier
     from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
     from erase.eval.generation import load_images
 
     out = tmp_path / "run"
-    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+    assert main(["eval", "--model", str(prompt_model_dir), "--protocol", "digits-prompts", "--forget", "three",
                  "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
                  "--guidance", "2", "--out", str(out)]) == 0
     results = json.loads((out / "metrics.json").read_text())
@@ -464,23 +478,23 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, tiny_sd_dir, t
 
     # Against a reference model: itself is at distance 0 (same prompts, same seeds, same images) ...
     itself = tmp_path / "itself"
-    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+    assert main(["eval", "--model", str(prompt_model_dir), "--protocol", "digits-prompts", "--forget", "three",
                  "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
-                 "--guidance", "2", "--reference-model", str(tiny_sd_dir), "--out", str(itself)]) == 0
+                 "--guidance", "2", "--reference-model", str(prompt_model_dir), "--out", str(itself)]) == 0
     m_itself = json.loads((itself / "metrics.json").read_text())["metrics"]
     assert m_itself["forget_verdict_distance_vs_reference"] == m_itself["retained_verdict_distance_vs_reference"] == 0
     assert m_itself["ua"] == m["ua"] and sum(m_itself["forget_verdicts"].values()) == templates
     assert m_itself["fid_vs_reference"] == pytest.approx(0, abs=1e-6) and m_itself["fid"] == m["fid"]
     # ... and a model whose verdicts differ is as far as its histograms say.
-    from diffusers import StableDiffusionPipeline
+    from erase.backbones import load_backbone
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    other = load_backbone(prompt_model_dir)
     torch.manual_seed(3)
-    for param in pipe.unet.parameters():
+    for param in other.trainable_parameters("all").values():
         param.data += 0.5 * torch.randn_like(param)
-    pipe.save_pretrained(tmp_path / "other")
+    other.save_pretrained(tmp_path / "other")
     apart = tmp_path / "apart"
-    assert main(["eval", "--model", str(tiny_sd_dir), "--protocol", "digits-prompts", "--forget", "three",
+    assert main(["eval", "--model", str(prompt_model_dir), "--protocol", "digits-prompts", "--forget", "three",
                  "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
                  "--guidance", "2", "--reference-model", str(tmp_path / "other"), "--out", str(apart)]) == 0
     m_apart = json.loads((apart / "metrics.json").read_text())["metrics"]

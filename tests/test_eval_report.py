@@ -57,7 +57,7 @@ def test_report_names_columns_by_method_with_intervals_deltas_and_verdicts(two_r
     assert re.search(r"- \*\*ga\*\*: (meets|misses) the target|- \*\*ga\*\*: undecided", md)
     # The settings table is there although every setting is the same; the commands behind each column.
     assert _table_rows(md, "n ") == "| n | 3 | 3 | " and "Not comparable" not in md
-    assert "`erase unlearn --model " in md and "--method ga --forget three" in md and "--steps 4" in md
+    assert "`erase unlearn --model " in md and "--forget three --method ga" in md and "--steps 4" in md
     assert "erase eval --model " in md and "--protocol digits-class" in md
     assert not ABSOLUTE_PATH.search(md) and not ABSOLUTE_PATH.search(html)
     # Markdown points at figure files; the HTML embeds them, so it stands alone.
@@ -103,11 +103,12 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     ga = json.loads((two_runs[1] / "metrics.json").read_text())["metrics"]
     lo, hi = ga["ua_ci95"]
     strict = build_report(list(two_runs), tmp_path / "a", target=Target(ua=min(hi + 0.01, 1.0)))[0].read_text()
-    assert "**ga**: misses the target: UA not erased" in strict or hi >= 1.0
+    assert "**ga**: misses the target (forget): UA not erased" in strict or hi >= 1.0
     straddle = build_report(list(two_runs), tmp_path / "b", target=Target(ua=(lo + hi) / 2, retained_drop=1.0))
-    assert "**ga**: undecided: an interval straddles the target: UA unclear" in straddle[0].read_text()
-    easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0))[0].read_text()
-    assert "**ga**: meets the target: UA erased, retained accuracy kept" in easy
+    assert "**ga**: undecided: an interval straddles the target (forget): UA unclear" in straddle[0].read_text()
+    easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0, in_distribution=0.0))
+    easy = easy[0].read_text()
+    assert "**ga**: meets the target (forget): UA erased, its images real data" in easy and "retained accuracy kept" in easy
 
 
 def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_runs, tmp_path, tiny_classifier_dir):

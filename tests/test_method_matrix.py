@@ -70,7 +70,7 @@ def test_trajectory_retain_samples_on_every_backbone(backbone, tmp_path):
     the input model's own paths a retain-only run has nothing to learn (its loss is exactly 0), a
     method with a forget term trains and resumes exactly, and the caller's data is left as given."""
     path, data = backbone
-    options = dict(RUN, retain_target="reference", retain_samples="trajectories", trajectories=2)
+    options = dict(RUN, terms={"retain": {"teacher": "input", "samples": "paths", "paths": 2}})
     still = unlearn(path, "finetune", out=tmp_path / "still", data=data, **options)
     assert not load_file(still / "delta.safetensors")
     full = load_backbone(unlearn(path, "eupmu", out=tmp_path / "full", data=data, **options)).denoiser.state_dict()
@@ -78,3 +78,26 @@ def test_trajectory_retain_samples_on_every_backbone(backbone, tmp_path):
     resumed = load_backbone(unlearn(path, "eupmu", out=tmp_path / "resumed", data=data, **options)).denoiser.state_dict()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     assert data.retain_paths is None
+
+
+def test_the_concept_recipe_equals_its_stages_and_resumes_exactly_on_every_backbone(backbone, tmp_path):
+    """The shape of the shipped `concept-forget` recipe (gradtau, then a repair distilling the original on
+    its sampling paths), short: one recipe run = the two stages run by hand with the old options, bit
+    for bit, and a recipe killed inside its second stage resumes to the same weights."""
+    path, data = backbone
+    config = {k: v for k, v in RUN.items() if k != "progress"}
+    recipe = {"name": "short-concept", "target": "forget", "stages": [
+        {"method": "gradtau", "config": config},
+        {"method": "finetune", "config": config, "terms": {"retain": {"teacher": "original", "samples": "paths",
+                                                                      "paths": 2}}}]}
+    full = unlearn(path, out=tmp_path / "recipe", data=data, recipe=recipe, progress=False)
+    first = unlearn(path, "gradtau", out=tmp_path / "s1", data=data, **RUN)
+    with pytest.warns(FutureWarning, match="deprecated"):
+        second = unlearn(first, "finetune", out=tmp_path / "s2", data=data, retain_target="reference",
+                         retain_reference=str(path), retain_samples="trajectories", trajectories=2, **RUN)
+    a, b = load_backbone(full).denoiser.state_dict(), load_backbone(second).denoiser.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unlearn(path, out=tmp_path / "resumed", data=data, recipe=recipe, stop_after=4, progress=False)
+    resumed = load_backbone(unlearn(path, out=tmp_path / "resumed", data=data, recipe=recipe,
+                                    progress=False)).denoiser.state_dict()
+    assert all(torch.equal(a[k], resumed[k]) for k in a)

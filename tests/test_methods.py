@@ -174,7 +174,8 @@ def test_retain_reference_pulls_a_later_stage_back_to_the_given_model(tiny_model
     assert not load_file(stayed / "delta.safetensors")
     drift = retain_drift(load_backbone(tiny_model), {"moved": load_backbone(moved), "back": load_backbone(back)})
     assert drift["back"] < 0.5 * drift["moved"], drift
-    assert json.loads((back / "erase_config.json").read_text())["config"]["retain_reference"] == str(tiny_model)
+    assert json.loads((back / "erase_config.json").read_text())["terms"]["retain"] == {
+        "teacher": "original", "samples": "images", "paths": 256, "model": str(tiny_model)}
 
 
 def retain_drift(original, models: dict) -> dict[str, float]:
@@ -263,4 +264,4 @@ def test_trajectory_retain_samples_pull_the_sampling_path_back(tiny_model, tmp_p
     recorded = json.loads((back / "erase_config.json").read_text())
     assert recorded["data"]["retain_samples"] == {"paths": 16, "steps": original.sample_defaults["steps"],
                                                   "guidance": guidance, "seed": 0}
-    assert recorded["config"]["retain_samples"] == "trajectories"
+    assert recorded["terms"]["retain"]["samples"] == "paths"

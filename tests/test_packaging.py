@@ -49,3 +49,5 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_offline(tmp_path):
     config = json.loads((work / "demo" / "mini-sd" / "models" / "eupmu" / "erase_config.json").read_text())
     assert config["steps"] == 5 and Path(config["base_model"]).is_relative_to(venv)  # the wheel's own mini-sd
     assert (work / "demo" / "report" / "report.md").is_file()
+    recipes = run([str(venv / "bin" / "erase"), "recipes"], cwd=work, env=env).stdout  # the wheel's recipes/
+    assert "class-match-retrain" in recipes and "concept-forget" in recipes

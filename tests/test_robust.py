@@ -40,7 +40,7 @@ def _model(backbone, request):
     return backbone_cls(build())
 
 
-@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3"])
+@pytest.mark.parametrize("backbone", ["ddpm", "sd", "sdxl", "sd3", "flux"])
 def test_inner_attack_and_where_delta_applies(backbone, request):
     model = _model(backbone, request)
     conditions = (model.encode_conditions([3, 3, 3, 3]) if backbone == "ddpm" else

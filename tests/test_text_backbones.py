@@ -45,8 +45,34 @@ def test_conditions_and_the_null_condition(family):
         t = model.draw_timesteps(2, torch.Generator().manual_seed(0))
         guided = model.guided_prediction(x, t, cond[:2], 3.0)
         p_c, p_u = model.predict(x, t, cond[:2]), model.predict(x, t, null)
-    torch.testing.assert_close(guided, p_u + 3.0 * (p_c - p_u), atol=1e-5, rtol=1e-5)
+    if getattr(model, "guidance_distilled", False):
+        # FLUX: the guidance scale is an input of one forward; `predict` runs at the training guidance.
+        with torch.no_grad():
+            at_training = model.guided_prediction(x, t, cond[:2], model.training_guidance)
+        torch.testing.assert_close(at_training, p_c, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(guided, p_c) and not torch.allclose(guided, p_u + 3.0 * (p_c - p_u), atol=1e-4)
+    else:
+        torch.testing.assert_close(guided, p_u + 3.0 * (p_c - p_u), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(p_c, p_u)
+
+
+def test_save_and_load_give_identical_outputs(family, tmp_path):
+    """A model changed in memory, saved and loaded back: the same weights, fingerprint, predictions and images."""
+    _, backbone_cls, path = family
+    model = load_backbone(path)
+    with torch.no_grad():
+        for p in model.trainable_parameters("condition").values():
+            p.add_(0.05)
+    model.save_pretrained(tmp_path / "saved")
+    again = load_backbone(tmp_path / "saved")
+    assert type(again) is backbone_cls and again.fingerprint() == model.fingerprint() != load_backbone(path).fingerprint()
+    prompts = ["the number 3", "the digit 7"]
+    x, t = model.initial_noise([1, 2]), model.draw_timesteps(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model.predict(x, t, model.encode_conditions(prompts)),
+                           again.predict(x, t, again.encode_conditions(prompts)))
+    images = [m.sample(prompts, [1, 2], steps=2, guidance=3.0, batch_size=2) for m in (model, again)]
+    assert torch.equal(*images)
 
 
 def test_image_depends_only_on_prompt_and_seed(family):
@@ -92,3 +118,54 @@ def test_sd3_without_t5_saves_and_loads(tmp_path):
     clip_tokens = model.components["tokenizer"].model_max_length
     assert embeds.shape == with_t5.shape and not embeds[:, clip_tokens:].any()
     assert model.sample(["the number 3"], [1], steps=2, guidance=3.0, batch_size=1).shape == (1, *model.image_shape)
+
+
+def test_flux_guidance_maps_onto_the_pipeline_and_refuses_a_negative_prompt():
+    """Guidance-distilled FLUX samples as stock FluxPipeline does at `guidance_scale`, and `denoise` (one
+    forward per step at that embedded guidance) is the same computation; a negative prompt needs true
+    guidance, which it does not run, and is refused."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    from erase.backbones import FluxBackbone
+    from erase.utils import EraseError
+
+    model = FluxBackbone(tiny_flux_pipeline())
+    prompts = ["the number 3", "the digit 7"]
+    latents = model.sample(prompts, [1, 2], steps=3, guidance=4.0, batch_size=2, return_latents=True)
+    with torch.no_grad():
+        assert torch.equal(latents, model.denoise(model.initial_noise([1, 2]), model.encode_conditions(prompts), 3, 4.0))
+    assert not torch.equal(latents, model.sample(prompts, [1, 2], steps=3, guidance=1.0, batch_size=2,
+                                                  return_latents=True))  # the guidance input changes the images
+    with pytest.raises(EraseError, match="guidance-distilled"):
+        model.sample(prompts, [1, 2], steps=2, guidance=4.0, batch_size=2, negative_prompt="a seven")
+
+
+def test_flux_without_guidance_embedding_guides_with_two_forwards():
+    """FLUX.1-schnell's layout (no guidance embedding): guidance is true classifier-free guidance against
+    the empty prompt, in the contract and in the stock pipeline (`true_cfg_scale`) alike."""
+    from tiny_pipelines import tiny_flux_pipeline
+
+    from erase.backbones import FluxBackbone
+
+    model = FluxBackbone(tiny_flux_pipeline(guidance_embeds=False))
+    assert not model.guidance_distilled
+    cond = model.encode_conditions(["the number 3", "the digit 4"])
+    x, t = model.initial_noise([1, 2]), model.draw_timesteps(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        p_c, p_u = model.predict(x, t, cond), model.predict(x, t, model.null_condition(2))
+        torch.testing.assert_close(model.guided_prediction(x, t, cond, 3.0), p_u + 3.0 * (p_c - p_u), atol=1e-5, rtol=1e-5)
+        again = model.denoise(model.initial_noise([1, 2]), cond, 3, 3.0)
+    latents = model.sample(["the number 3", "the digit 4"], [1, 2], steps=3, guidance=3.0, batch_size=2, return_latents=True)
+    torch.testing.assert_close(latents, again, atol=1e-5, rtol=1e-5)
+
+
+def test_a_single_flux_checkpoint_is_recognised_and_refused(tmp_path):
+    """A FLUX.1 original transformer file (recognised by the tensor diffusers looks for) gets one line
+    saying how to make a pipeline folder of it, not another backbone's error."""
+    from safetensors.torch import save_file
+
+    from erase.utils import EraseError
+
+    save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(2)}, str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(EraseError, match="single FLUX transformer checkpoint.*FluxTransformer2DModel.from_single_file"):
+        load_backbone(tmp_path / "flux1-dev.safetensors")

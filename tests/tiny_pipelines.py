@@ -1,4 +1,4 @@
-"""Tiny random pipelines of the SDXL and SD3 (flow-matching) families, built from configs (a few seconds on a CPU).
+"""Tiny random pipelines of the SDXL, SD3 and FLUX (flow-matching) families, built from configs (a few seconds on a CPU).
 
 Same component classes and wiring as the real models, tiny widths: what the backbone code sees is
 the real thing, the images are noise. The tokenizers are the mini-SD's word tokenizer.
@@ -92,10 +92,32 @@ def tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
         text_encoder_2=_clip(tokenizer, 8, projection=8), tokenizer_2=tokenizer, text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
 
 
-def _families() -> dict:
-    from erase.backbones import StableDiffusion3Backbone, StableDiffusionXLBackbone
+def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """FluxPipeline: a FluxTransformer2DModel with one double-stream and one single-stream block (width
+    16, 2x2 patches of 4-channel latents) and a guidance embedding as FLUX.1-dev (without one: as
+    FLUX.1-schnell), on a CLIP (pooled text) and a one-layer T5 (the sequence, 512 tokens), with FLUX's VAE latent
+    shift and scale and FLUX.1-dev's resolution-dependent scheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    return {"sdxl": (StableDiffusionXLBackbone, tiny_sdxl_pipeline), "sd3": (StableDiffusion3Backbone, tiny_sd3_pipeline)}
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer()
+    t5_encoder, t5_tokenizer = _t5(16, max_length=512)  # FLUX.1-dev's T5 length, the stock pipeline's default
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=8, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+    return FluxPipeline(
+        transformer=transformer, scheduler=scheduler,
+        vae=_vae(4, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
+        text_encoder=_clip(tokenizer, 8), tokenizer=tokenizer, text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer)
+
+
+def _families() -> dict:
+    from erase.backbones import FluxBackbone, StableDiffusion3Backbone, StableDiffusionXLBackbone
+
+    return {"sdxl": (StableDiffusionXLBackbone, tiny_sdxl_pipeline), "sd3": (StableDiffusion3Backbone, tiny_sd3_pipeline),
+            "flux": (FluxBackbone, tiny_flux_pipeline)}
 
 
 #: family name -> (backbone class, tiny pipeline builder)

@@ -12,18 +12,20 @@ import pkgutil
 from pathlib import Path
 
 from ..outputs import check_finished
+from ..resources import model_location
 from ..utils import EraseError
 from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
+from .flux import FluxBackbone
 from .sd3 import StableDiffusion3Backbone
 from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone
 
 BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
-    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone)}
+    ClassConditionalDDPM, StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone, FluxBackbone)}
 
 # The submodules are listed too, so that documentation tools (pdoc) walk them.
-__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "StableDiffusion3Backbone",
+__all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "FluxBackbone", "StableDiffusion3Backbone",
            "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone",
            *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
@@ -41,6 +43,7 @@ def load_backbone(path: str | Path, **kwargs) -> Backbone:
 
     Keyword arguments go to the pipeline backbones' `from_source` (`config=`, `frozen_dtype=`).
     """
+    path = model_location(path)  # a shipped model's name, as on the command line
     check_finished(Path(path))  # a run that has not reached its end: say how to finish it
     source = ModelSource.resolve(path)
     for backbone in BACKBONES.values():

@@ -37,7 +37,9 @@ from typing import Callable, ClassVar, Iterable, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..utils import EraseError, read_json, step_generator
+from ..resources import SHIPPED_MODELS
+from ..suggest import FILE_SUFFIXES, did_you_mean, near_path
+from ..utils import EraseError, progress_off, read_json, step_generator
 
 # First batch `choose_batch_size` tries on a GPU (halved until it fits): with guidance the UNet runs
 # 128 samples per call, past where GPUs stop gaining throughput (not yet measured on one here).
@@ -212,6 +214,13 @@ class Backbone:
     #: the pipeline attribute the delta applies to (`unet`, `transformer`)
     delta_module: ClassVar[str] = "unet"
 
+    #: the `erase export` formats whose converters cover this backbone (`erase.export`)
+    EXPORT_FORMATS: ClassVar[tuple[str, ...]] = ()
+
+    def single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in the family's original single-file layout (`erase export --format single-file`)."""
+        raise EraseError(f"no single-file layout is known for the {self.name} backbone")
+
     # -- conditions ---------------------------------------------------------------------------------
     def encode_conditions(self, items: Iterable) -> Condition:
         """Conditions for class ids/names (class backbones) or prompts (text backbones), on `device`."""
@@ -219,11 +228,6 @@ class Backbone:
 
     def null_condition(self, n: int) -> Condition:
         """The unconditional input of classifier-free guidance (null class, empty prompt), n rows."""
-        raise NotImplementedError
-
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """The forget/retain sets (`erase.unlearn_data.UnlearnData`) for what the user asked to erase."""
         raise NotImplementedError
 
     # -- training: timesteps, noising, target, prediction ---------------------------------------------
@@ -351,7 +355,7 @@ class Backbone:
             raise EraseError(f"batch_size must be at least 1, got {batch_size}")
         out = []
         chunks = range(0, len(seeds), batch_size)
-        if progress:
+        if progress and not progress_off():
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="sampling", unit="batch")
         self.denoiser.eval()
@@ -459,6 +463,42 @@ class Backbone:
         """Conditions from input token embeddings (see `token_embeddings`)."""
         raise EraseError(f"the {self.name} backbone has no text encoder whose token embeddings the token "
                          "attacks could edit")
+
+
+    # -- closed-form edits ----------------------------------------------------------------------------
+    # What UCE-style edits (erase/edits/) need: the linear maps that read the text embedding, and the
+    # rows of that embedding a prompt feeds them. Text enters such a map row by row (one token each),
+    # so an edit is a least-squares problem on rows: no image, no training loop.
+    def text_entry_layers(self) -> dict[str, torch.nn.Linear]:
+        """The denoiser's linear maps that read the text embedding directly, by module name (their
+        weights are `<name>.weight` in the denoiser's state dict): cross-attention keys and values on
+        UNets, the text stream's entry on transformers."""
+        raise EraseError(f"the {self.name} backbone has no layers where a text embedding enters the denoiser "
+                         "(cross-attention keys and values), which closed-form edits rewrite: erase with a "
+                         "fine-tuning method instead (`erase methods`)")
+
+    def text_entry_inputs(self, prompts: Sequence[str]) -> list["TextRows"]:
+        """What the `text_entry_layers` read for each prompt: one `TextRows` per segment of the text
+        sequence (a segment per tokenizer whose states are laid end to end; one on SD and SDXL)."""
+        raise EraseError(f"the {self.name} backbone has no layers where a text embedding enters the denoiser "
+                         "(cross-attention keys and values), which closed-form edits rewrite: erase with a "
+                         "fine-tuning method instead (`erase methods`)")
+
+
+@dataclass
+class TextRows:
+    """One segment of the text embeddings that prompts feed the text-entry layers.
+
+    `embeddings` (N, L, D): every row the denoiser reads, padding included: CLIP encodes causally, so
+    the end token and the padding after it carry the whole prompt and are read as much as the words.
+    `last_token` (N,): the position of each prompt's last word, the row before its end token (0, the
+    start token, for an empty prompt). UCE maps a concept's rows from its last word to the end of the
+    sequence, aligned at that word with the anchor's rows; the rows before it (the start token, and
+    words such as "a photo of") are shared with other prompts and stay as they are.
+    """
+
+    embeddings: torch.Tensor
+    last_token: torch.Tensor
 
 
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:
@@ -577,7 +617,9 @@ class FlowMatchingSchedule:
         for i in range(steps - 1, -1, -1):
             low, high = sigmas[i + 1], sigmas[i]
             t = torch.full((len(x),), low * self.num_train_timesteps, device=self.device)
-            x = x + (high - low) * self.predict(x, t, cond)
+            # Unguided, as `denoise(..., guidance=1)` walks (on a guidance-distilled model that is
+            # the guidance embedding at 1, not the training guidance `predict` uses).
+            x = x + (high - low) * self.guided_prediction(x, t, cond, 1.0)
         return x
 
 
@@ -612,10 +654,11 @@ class ModelSource:
             return cls(text, "folder", path, read_json(index, what="diffusers pipeline index") if index.is_file() else None)
         if path.is_file():
             return cls(text, "file", path, keys=frozenset(checkpoint_keys(path)))
-        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        if looks_like_hub_id(text):
             return cls(text, "hub", index=hub_model_index(text))
-        raise EraseError(f"model {text} does not exist (expected a model folder, a .safetensors/.ckpt file or a "
-                         "Hub id such as CompVis/stable-diffusion-v1-4)")
+        raise EraseError(f"model {text} does not exist{near_path(path) or did_you_mean(text, SHIPPED_MODELS)} "
+                         f"(expected a model folder, a .safetensors/.ckpt file, a shipped model: "
+                         f"{', '.join(SHIPPED_MODELS)}, or a Hub id such as CompVis/stable-diffusion-v1-4)")
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -635,10 +678,30 @@ def checkpoint_keys(path: Path) -> list[str]:
     return list(state.get("state_dict", state))
 
 
-def hub_model_index(repo_id: str) -> dict:
-    """The `model_index.json` of a Hub repository: from the local cache (HF_HOME) or, online, the Hub."""
-    from huggingface_hub import hf_hub_download
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name`, and not a local path: no leading `.`/`/`/`~`, no file suffix, and no local folder
+    named `owner` (a typo of a model under an existing `models/` folder is a local path, not a Hub
+    repository)."""
+    owner, _, name = text.partition("/")
+    return (text.count("/") == 1 and bool(owner) and bool(name) and not text.startswith((".", "~"))
+            and not text.lower().endswith(FILE_SUFFIXES) and not Path(owner).expanduser().exists())
 
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_model_index(repo_id: str) -> dict:
+    """The `model_index.json` of a Hub repository: from the local cache (HF_HOME) or, online, the Hub.
+    Offline (HF_HUB_OFFLINE=1) only the cache is read, so a model that is not there is refused at once."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if hub_offline():
+        cached = try_to_load_from_cache(repo_id, "model_index.json")
+        if not isinstance(cached, str):
+            raise EraseError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
+                             "it while online (huggingface-cli download), or give a local model folder")
+        return read_json(Path(cached), what="diffusers pipeline index")
     try:
         return read_json(Path(hf_hub_download(repo_id, "model_index.json")), what="diffusers pipeline index")
     except EraseError:

@@ -173,18 +173,6 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
     def _forward(self, denoiser, x_t, t, cond):
         return denoiser(x_t, t, class_labels=cond.tensors["class_labels"]).sample
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """Forget/retain sets for class erasure: real images of the classes (see `erase.unlearn_data`)."""
-        from ..unlearn_data import class_erasure_data
-
-        text_only = {"--images": images, "--image-guidance": image_guidance, "--no-anchor-in-retain": anchor_in_retain}
-        given = [option for option, value in text_only.items() if value is not None]
-        if given:
-            raise EraseError(f"{given[0]} applies to the images generated for a text concept; class "
-                             "erasure uses the dataset's real images (choose them with --dataset)")
-        return class_erasure_data(self, forget, retain, anchor, dataset)
-
     # -- sampling -----------------------------------------------------------------------------------
     def sample(self, classes: Sequence[int | str], seeds: Sequence[int], steps: int = 50,
                guidance: float = 3.0, eta: float = 0.0, batch_size: int = 64, **options) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
-from .base import Backbone, Condition, ModelSource
+from .base import Backbone, Condition, ModelSource, TextRows
 
 INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
 
@@ -197,26 +197,6 @@ class TextToImageBackbone(Backbone):
     def null_condition(self, n: int) -> Condition:
         return self.encode_conditions([""] * n)
 
-    def unlearn_data(self, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                     image_guidance: float | None = None, anchor_in_retain: bool | None = None):
-        """Forget/retain sets for a text concept: images this model generates from the concept's
-        forget, anchor and retain prompts, cached as latents (see `erase.concept_data`).
-
-        `forget` is a shipped concept name (`nudity`), a concept folder or a literal prompt; `anchor`
-        and `retain` override the concept's anchor prompt and retain prompts (file or comma list).
-        """
-        from ..concept_data import ConceptDataConfig, concept_unlearn_data
-        from ..concepts import load_concept
-
-        if dataset is not None:
-            raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
-                             "generated from its prompts (set how many with --images)")
-        if isinstance(retain, str) and not Path(retain).expanduser().is_file():
-            retain = [p.strip() for p in retain.split(",") if p.strip()]
-        chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
-        config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
-        return concept_unlearn_data(self, load_concept(forget, anchor=anchor, retain=retain), config)
-
     # -- images and latents ---------------------------------------------------------------------------
     @property
     def vae_scale_factor(self) -> int:
@@ -289,12 +269,26 @@ class TextToImageBackbone(Backbone):
         # With half-precision frozen parts (frozen_dtype) the float32 denoiser runs under autocast.
         mixed = self.vae.dtype != self.denoiser.dtype
         with torch.autocast(self.device.type, dtype=self.vae.dtype, enabled=mixed):
-            return pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
-                        latents=self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype),
-                        # One generator per image for the stochastic part of the sampler (eta > 0).
-                        generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
-                        guidance_scale=guidance, height=height, width=width, output_type="latent",
-                        **extra).images.float()
+            noise = self.initial_noise(seeds, raw_seeds, shape).to(self.device, self.denoiser.dtype)
+            latents = pipe(**self._pipeline_inputs(self.encode_conditions(prompts), negative),
+                           latents=self._to_pipeline_latents(noise),
+                           # One generator per image for the stochastic part of the sampler (eta > 0).
+                           generator=[step_generator(s, 1) for s in seeds], num_inference_steps=steps,
+                           height=height, width=width, output_type="latent", **self._guidance_inputs(guidance),
+                           **extra).images
+        return self._from_pipeline_latents(latents, shape).float()
+
+    def _guidance_inputs(self, guidance: float) -> dict:
+        """The pipeline's keyword arguments for the guidance scale."""
+        return {"guidance_scale": guidance}
+
+    def _to_pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Samples (N, *sample_shape) as the pipeline's `latents` argument takes them (FLUX packs them)."""
+        return latents
+
+    def _from_pipeline_latents(self, latents: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """The pipeline's latent output as samples of `shape` (C, H, W)."""
+        return latents
 
     # -- attack hooks ---------------------------------------------------------------------------------
     # Besides the base's `denoise` and the schedule's `invert`: the CLIP encoders fed with input token
@@ -378,6 +372,27 @@ class TextToImageBackbone(Backbone):
             yield
         finally:
             handle.remove()
+
+
+    # -- closed-form edits ----------------------------------------------------------------------------
+    def _text_segments(self) -> list[tuple[str, int | None]]:
+        """(tokenizer, rows; None: the rest) of each segment of `encoder_hidden_states`, in order: the first CLIP
+        tokenizer over the whole sequence (SD, SDXL: the encoders side by side on the same tokens)."""
+        return [(self.CLIP_ENCODERS[0][1], self.components[self.CLIP_ENCODERS[0][1]].model_max_length)]
+
+    @torch.no_grad()
+    def text_entry_inputs(self, prompts: Sequence[str]) -> list[TextRows]:
+        hidden = self.encode_conditions(list(prompts)).tensors["encoder_hidden_states"].float().cpu()
+        segments, start = [], 0
+        for tokenizer_name, rows in self._text_segments():
+            rows = rows or hidden.shape[1] - start
+            tokens = self.components[tokenizer_name](list(prompts), padding="max_length", max_length=rows,
+                                                     truncation=True, return_tensors="pt")
+            # The end token is the last counted one; the word before it is the prompt's last word.
+            last = (tokens.attention_mask.sum(1) - 2).clamp(min=0)
+            segments.append(TextRows(hidden[:, start:start + rows], last))
+            start += rows
+        return segments
 
 
 def _call_parameters(pipe) -> set[str]:

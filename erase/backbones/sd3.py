@@ -1,12 +1,12 @@
 """Stable Diffusion 3: a flow-matching transformer (`SD3Transformer2DModel`, MMDiT) on three text encoders.
 
-Why SD3 rather than FLUX as this package's flow-matching family: SD3 is trained with classifier-free
-guidance, so it has a real unconditional prediction `v(x_t, t, ∅)`, and every method here is built
-on one (ESD's negative guidance `v_0(∅) − η(v_0(c) − v_0(∅))`, the anchors and null conditions of
-the others, guided sampling). FLUX.1-dev is guidance-distilled: the guidance scale is an input of
-one conditional forward and there is no unconditional branch to steer away from (FLUX.1-schnell is
-also step-distilled). SD3's pipeline also runs without its T5 encoder (zeros in its place, as
-diffusers documents for memory), and tiny SD3 configs, T5 included, build on a CPU in seconds.
+SD3 is trained with classifier-free guidance, so it has a real unconditional prediction
+`v(x_t, t, ∅)`, which every method here is built on (ESD's negative guidance
+`v_0(∅) − η(v_0(c) − v_0(∅))`, the anchors and null conditions of the others, guided sampling).
+FLUX.1-dev, the other flow-matching family (`flux.py`), is guidance-distilled: the guidance scale is
+an input of one conditional forward, and `flux.py` says how the contract maps onto that. SD3's
+pipeline also runs without its T5 encoder (zeros in its place, as diffusers documents for memory),
+and tiny SD3 configs, T5 included, build on a CPU in seconds.
 
 Training is rectified flow (`FlowMatchingSchedule`): `x_t = (1 − σ)·x0 + σ·ε`, target `ε − x0`,
 with σ drawn from the shipped scheduler's shifted table. The condition is the joint text sequence
@@ -56,6 +56,7 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
     CLIP_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.joint_blocks.",)
     PARAMETER_GROUPS = TRANSFORMER_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora",)
     SAMPLE_DEFAULTS = {"steps": 28, "guidance": 7.0, "eta": 0.0}  # SD3's model card
     accepts_description = ("a StableDiffusion3Pipeline folder or Hub id, or a single SD3 checkpoint "
                            "(model.diffusion_model.joint_blocks.* weights)")
@@ -94,6 +95,20 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         embeds = torch.cat([F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])), t5], dim=-2)
         return Condition(encoder_hidden_states=embeds,
                          pooled_projections=torch.cat([out.text_embeds for out in outputs], dim=-1))
+
+    def text_entry_layers(self) -> dict:
+        # The text stream's entry, where every token row goes through one linear map before any block
+        # (the joint blocks' context projections read it after a timestep-modulated norm, which a
+        # closed form per layer cannot hold for every timestep).
+        return {"context_embedder": self.denoiser.context_embedder}
+
+    def _text_segments(self) -> list[tuple[str, int]]:
+        # The CLIP states (zero-padded to the T5 width), then T5's; without T5 its rows are zeros,
+        # which every linear map sends to its bias whatever the weights: no segment to edit.
+        segments = [("tokenizer", self.components["tokenizer"].model_max_length)]
+        if self.components.get("text_encoder_3") is not None:
+            segments.append(("tokenizer_3", None))  # the rest of the sequence
+        return segments
 
     def _forward(self, denoiser, x_t, t, cond):
         c = cond.tensors

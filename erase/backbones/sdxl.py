@@ -16,7 +16,7 @@ import torch
 from ..utils import EraseError
 from .base import Condition, DDPMSchedule
 from .pipeline import TextToImageBackbone
-from .stable_diffusion import _is_time_or_output
+from .stable_diffusion import _is_time_or_output, cross_attention_kv
 
 
 def _enters_condition(name: str) -> bool:
@@ -44,6 +44,7 @@ class StableDiffusionXLBackbone(DDPMSchedule, TextToImageBackbone):
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.input_blocks.", "conditioner.embedders.1.")
     PIPELINE_KWARGS = {"add_watermarker": False}  # a watermark would change what the metrics see
     PARAMETER_GROUPS = UNET_XL_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora", "webui-lora")
     GROUP_ALIASES = {"noxattn": "nocondition"}
     accepts_description = ("a StableDiffusionXLPipeline folder or Hub id, or a single SDXL checkpoint "
                            "(model.diffusion_model.* and conditioner.embedders.1.* weights)")
@@ -83,6 +84,11 @@ class StableDiffusionXLBackbone(DDPMSchedule, TextToImageBackbone):
         empty = self.encode_conditions([""] * n)
         return Condition(encoder_hidden_states=torch.zeros_like(empty.tensors["encoder_hidden_states"]),
                          text_embeds=torch.zeros_like(empty.tensors["text_embeds"]), time_ids=empty.tensors["time_ids"])
+
+    def text_entry_layers(self) -> dict:
+        # Cross-attention only: the pooled text also enters through the added embedding
+        # (`text_embeds`), which UCE leaves alone and an edit of these layers does not reach.
+        return cross_attention_kv(self.denoiser)
 
     def _forward(self, denoiser, x_t, t, cond):
         c = cond.tensors

@@ -16,12 +16,16 @@ from dataclasses import dataclass
 import torch
 
 from ..config import field
-from .losses import Noised
+from ..noising import Noised
 
 
 @dataclass
 class MethodConfig:
-    """Fields every method has. A method's config subclasses this and redeclares the defaults it changes."""
+    """Fields every method has. A method's config subclasses this and redeclares the defaults it changes.
+
+    What a recipe adds around a method (a retain term, a robustness term, a weight average) is not a
+    config field but a term of the stage (`erase.unlearning.terms`), checked against the method.
+    """
 
     steps: int = field(100, "optimizer steps (measured on the digits model, see BENCHMARKS.md)")
     lr: float = field(1e-4, "learning rate")
@@ -31,6 +35,11 @@ class MethodConfig:
     grad_clip: float = field(1.0, "clip the gradient norm to this value (0 disables)")
     params: str | None = field(None, "parameter group to train (default: the method's preferred group that "
                                      "exists on the backbone, see `erase methods`)")
+    lora_rank: int = field(0, "train a LoRA adapter of this rank (through PEFT) on the Linear and Conv2d layers of "
+                              "the parameter group instead of the weights themselves; 0 trains the full weights "
+                              "(erase/lora.py)")
+    lora_alpha: float | None = field(None, "LoRA scale numerator: the adapter adds (alpha / rank) B A (default: "
+                                           "the rank, scale 1)")
     antithetic: bool = field(False, "draw timesteps in pairs t, T-1-t within a batch (SA / SalUn)")
     seed: int = field(0, "seed of every batch, noise and timestep draw")
     checkpoint_every: int = field(100, "write a resumable checkpoint every this many steps")
@@ -39,35 +48,6 @@ class MethodConfig:
     mixed_precision: str = field("auto", "auto (bf16 on a GPU that has it, else fp32), no or bf16; fp16 is not "
                                          "offered because surgery, lur and eupmu do gradient algebra that a loss "
                                          "scaler would corrupt", choices=("auto", "no", "bf16"))
-    ema_decay: float = field(0.0, "keep diffusers' EMAModel of the trained weights (its warm-up: decay "
-                                  "min(ema_decay, (1+n)/(10+n)) at step n) and save the average instead of the "
-                                  "last weights; 0 turns it off (see BENCHMARKS.md section 7)")
-    retain_target: str = field("data", "target of every retain term: data (the training target of the retain "
-                                       "images, the papers' choice) or reference (a frozen copy of the input model's "
-                                       "prediction on the same noised retain sample: the retain term then keeps what "
-                                       "the model did instead of refitting the data; see BENCHMARKS.md section 7)",
-                               choices=("data", "reference"))
-    retain_reference: str | None = field(None, "with --retain-target reference: the model whose predictions the "
-                                               "retain term keeps, in place of the input model (a later stage of a "
-                                               "recipe then keeps what the original model did, not what the "
-                                               "previous stage left); same backbone and architecture as the input")
-    retain_samples: str = field("images", "what every retain term is computed on: images (the retain images "
-                                          "noised at random timesteps) or trajectories (the states the retain "
-                                          "reference's guided sampler visits on its way to retain samples, at the "
-                                          "model's sampling steps and guidance, under the retain condition and the "
-                                          "null one; needs --retain-target reference: on the miniature SD this "
-                                          "keeps the FID where images do not, BENCHMARKS.md section 7)",
-                                choices=("images", "trajectories"))
-    trajectories: int = field(256, "with --retain-samples trajectories: sampling paths drawn (retain conditions "
-                                   "chosen at random from the retain set), each kept at every sampler step")
-    adversarial_every: int = field(0, "robust erasure (AdvUnlearn-style, erase/robust.py): every other step "
-                                      "unlearns the forget condition plus an adversarial perturbation that an "
-                                      "inner attack refreshes every this many of those steps; 0 turns it off")
-    adversarial_steps: int = field(5, "robust erasure: inner attack steps (Adam on the perturbation) per refresh")
-    adversarial_lr: float = field(0.05, "robust erasure: the inner attack's learning rate")
-    adversarial_radius: float | None = field(None, "robust erasure: keep the perturbation of each condition row "
-                                                   "(token) within this fraction of the row's norm (projected "
-                                                   "after every inner step, as PGD does); default unbounded")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -77,21 +57,10 @@ class MethodConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0 turns the average off), got {self.ema_decay}")
-        if self.retain_reference is not None and self.retain_target != "reference":
-            raise ValueError("retain_reference names the model the retain term keeps: it needs "
-                             "retain_target='reference' (--retain-target reference)")
-        if self.retain_samples == "trajectories" and self.retain_target != "reference":
-            raise ValueError("a sampler state has no data target: retain_samples='trajectories' needs "
-                             "retain_target='reference' (--retain-target reference)")
-        if self.trajectories < 1:
-            raise ValueError(f"trajectories must be at least 1, got {self.trajectories}")
-        if self.adversarial_radius is not None and not self.adversarial_radius > 0:
-            raise ValueError(f"adversarial_radius must be positive, got {self.adversarial_radius}")
-        if self.adversarial_every < 0 or self.adversarial_steps < 1 or self.adversarial_lr <= 0:
-            raise ValueError("adversarial_every must be 0 (off) or more, adversarial_steps at least 1 and "
-                             "adversarial_lr positive")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (full weights) or a positive rank, got {self.lora_rank}")
+        if self.lora_alpha is not None and not (self.lora_rank and self.lora_alpha > 0):
+            raise ValueError("lora_alpha needs a LoRA (--lora-rank R) and must be positive")
 
 
 @dataclass

@@ -1,0 +1,343 @@
+"""Closed-form edits (uce, speed, hardening): the algebra, the backbone contract on every text family,
+the entry point and its outputs, several concepts at once, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from erase.backbones import load_backbone
+from erase.edits import EDITS, apply_edit
+from erase.edits.algebra import null_space_projector, null_space_transform, uce_transform
+from erase.edits.base import edit_rows
+from erase.edits.speed import Speed, SpeedConfig
+from erase.edits.uce import UCE, UCEConfig
+from erase.utils import EraseError
+from tiny_pipelines import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MINI_SD = Path(__file__).resolve().parent.parent / "models" / "mini-sd"
+PAIRS = [("the number 3", "the digit 4"), ("a drawing of a 3", "the digit 4")]
+RETAIN = ["a cat", "the digit 5"]
+
+
+def _rows(n, d, rank=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if rank is None:
+        return torch.randn(n, d, generator=g, dtype=torch.float64)
+    return torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, d, generator=g, dtype=torch.float64)
+
+
+# -- the algebra ----------------------------------------------------------------------------------------
+def test_uce_sends_erased_rows_to_the_anchor_outputs_and_keeps_preserved_ones():
+    W = _rows(12, 16, seed=1)
+    erase, anchor, preserve = _rows(3, 16, seed=2), _rows(3, 16, seed=3), _rows(5, 16, seed=4)
+    M = uce_transform(erase, anchor, preserve, lamb=1e-8, erase_scale=1.0, preserve_scale=1.0)
+    # 8 constraints in 16 dimensions: both sets are met exactly as λ → 0.
+    torch.testing.assert_close(erase @ M.T @ W.T, anchor @ W.T, atol=1e-5, rtol=0)
+    torch.testing.assert_close(preserve @ M.T @ W.T, preserve @ W.T, atol=1e-5, rtol=0)
+
+
+def test_uce_is_the_minimiser_of_its_objective():
+    W = _rows(12, 16, seed=1)
+    erase, anchor, preserve = _rows(40, 16, seed=2), _rows(40, 16, seed=3), _rows(60, 16, seed=4)
+    lamb, se, sp = 0.3, 1.0, 0.5
+    new = W @ uce_transform(erase, anchor, preserve, lamb, se, sp)
+    # ∂/∂W' of se Σ‖W'c_e − W c_a‖² + sp Σ‖W'c_p − W c_p‖² + λ‖W' − W‖² vanishes at the solution.
+    grad = se * (new @ erase.T - W @ anchor.T) @ erase + sp * (new - W) @ preserve.T @ preserve + lamb * (new - W)
+    assert grad.abs().max() < 1e-9 * new.abs().max() * 100
+
+
+def test_null_space_edit_leaves_preserved_rows_exactly_and_moves_erased_ones():
+    W = _rows(12, 16, seed=1)
+    erase, anchor = _rows(3, 16, seed=2), _rows(3, 16, seed=3)
+    preserve = _rows(30, 16, rank=6, seed=4)  # 30 rows spanning 6 of the 16 directions
+    projector = null_space_projector(preserve, 1e-10)
+    assert int(torch.trace(projector).round()) == 10
+    M = null_space_transform(erase, anchor, projector, lamb=1e-3)
+    # Exact up to float64 rounding (a 1/λ-fold amplified 1e-16).
+    torch.testing.assert_close(preserve @ M.T @ W.T, preserve @ W.T, atol=1e-9, rtol=1e-9)
+    before = (erase @ W.T - anchor @ W.T).norm()
+    after = (erase @ M.T @ W.T - anchor @ W.T).norm()
+    assert after < 0.5 * before
+
+
+# -- the backbone contract on every text family ---------------------------------------------------------
+@pytest.fixture(scope="module", params=["sd", *FAMILIES])
+def text_model(request, tiny_sd_dir):
+    if request.param == "sd":
+        return load_backbone(tiny_sd_dir)
+    backbone_cls, build = FAMILIES[request.param]
+    return backbone_cls(build())
+
+
+def test_text_entry_layers_read_exactly_the_rows_the_contract_gives(text_model):
+    layers = text_model.text_entry_layers()
+    assert layers and all(isinstance(layer, torch.nn.Linear) for layer in layers.values())
+    params = dict(text_model.denoiser.named_parameters())
+    assert all(f"{name}.weight" in params for name in layers)
+    seen = []
+    name, layer = next(iter(layers.items()))
+    handle = layer.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()) or None)
+    try:
+        cond = text_model.encode_conditions(["the number 3"])
+        text_model.predict(torch.randn(1, *text_model.sample_shape), torch.tensor([500]), cond)
+    finally:
+        handle.remove()
+    segments = text_model.text_entry_inputs(["the number 3"])
+    given = torch.cat([s.embeddings[0] for s in segments])
+    # The layer reads these rows (on SD3 without T5 rows only zeros follow, which no weight edit reaches).
+    torch.testing.assert_close(seen[0][0, :len(given)].float(), given.to(seen[0].dtype).float(), atol=1e-5, rtol=0)
+    assert all(0 < int(s.last_token[0]) < s.embeddings.shape[1] for s in segments)
+
+
+def _layer_outputs(model, prompts):
+    """Every text-entry layer's outputs on the prompts' rows, concatenated (float64)."""
+    rows = torch.cat([s.embeddings.reshape(-1, s.embeddings.shape[-1]) for s in model.text_entry_inputs(prompts)])
+    return torch.cat([rows.double() @ layer.weight.detach().double().T for layer in model.text_entry_layers().values()], 1)
+
+
+def test_uce_on_every_family_moves_erased_rows_towards_the_anchor_and_only_the_text_entry_layers(text_model):
+    import copy
+
+    model = copy.deepcopy(text_model)
+    rows = edit_rows(model, PAIRS, RETAIN)
+    layers = model.text_entry_layers()
+    before = {n: p.detach().clone() for n, p in model.denoiser.named_parameters()}
+    weights = {n: layers[n].weight.detach().double().clone() for n in layers}
+    changed, summary = apply_edit(model, UCE(UCEConfig()), PAIRS, RETAIN)
+    after = dict(model.denoiser.named_parameters())
+    assert set(changed) == {f"{n}.weight" for n in layers}
+    assert all(torch.equal(before[n], p) for n, p in after.items() if n not in changed)
+    assert all(not torch.equal(before[n], after[n]) for n in changed)
+
+    def error(rows_in, targets, current: bool):
+        total = sum(((rows_in @ (layers[n].weight.detach().double() if current else w).T - targets @ w.T) ** 2).sum()
+                    for n, w in weights.items())
+        return float(total)
+
+    assert error(rows.erase, rows.anchor, current=True) < 0.5 * error(rows.erase, rows.anchor, current=False)
+    assert summary["rounds"][0]["erase_error"] < 0.75
+    # The preserved rows move much less than the erased ones did.
+    kept = error(rows.preserve, rows.preserve, current=True) / error(rows.preserve, torch.zeros_like(rows.preserve), False)
+    assert kept < 0.1
+
+
+def test_the_ddpm_refuses_an_edit_in_one_line(tiny_ddpm_dir, tmp_path):
+    from erase.cli import main
+
+    model = load_backbone(tiny_ddpm_dir)
+    with pytest.raises(EraseError, match="no layers where a text embedding enters") as err:
+        model.text_entry_layers()
+    assert "\n" not in str(err.value)
+    out = tmp_path / "out"
+    assert main(["unlearn", "--model", str(tiny_ddpm_dir), "--method", "uce", "--forget", "3", "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+# -- on the miniature Stable Diffusion --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mini_sd():
+    return load_backbone(MINI_SD)
+
+
+def _predictions(model, prompts):
+    torch.manual_seed(0)
+    x = torch.randn(len(prompts), *model.sample_shape)
+    with torch.no_grad():
+        return model.predict(x, torch.full((len(prompts),), 500), model.encode_conditions(prompts))
+
+
+def test_speed_keeps_the_preserved_prompts_predictions_exactly(mini_sd):
+    import copy
+
+    model = copy.deepcopy(mini_sd)
+    kept = ["a handwritten digit zero", "the number 5"]  # 2 prompts + the null text: rank 48 of 64
+    before_kept, before_null, before_three = (_predictions(model, kept), _predictions(model, [""]),
+                                              _predictions(model, ["a handwritten digit three"]))
+    pairs = [("a handwritten digit three", "a handwritten digit four"), ("three", "a handwritten digit four")]
+    apply_edit(model, Speed(SpeedConfig(null_threshold=1e-10)), pairs, kept)
+    torch.testing.assert_close(_predictions(model, kept), before_kept, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_predictions(model, [""]), before_null, atol=1e-4, rtol=0)
+    assert (_predictions(model, ["a handwritten digit three"]) - before_three).abs().max() > 1e-2
+
+
+def test_hardening_weakens_the_closed_form_adversary(mini_sd):
+    import copy
+
+    pairs = [("a handwritten digit three", "a handwritten digit four"), ("the number 3", "a handwritten digit four")]
+    _, plain = apply_edit(copy.deepcopy(mini_sd), UCE(UCEConfig(harden=0)), pairs, ["the number 5"])
+    _, hardened = apply_edit(copy.deepcopy(mini_sd), UCE(UCEConfig(harden=2)), pairs, ["the number 5"])
+    rounds = hardened["rounds"]
+    assert len(rounds) == 3 and rounds[1]["erase_rows"] == 2 * rounds[0]["erase_rows"]
+    assert rounds[0]["erase_error"] == pytest.approx(plain["rounds"][0]["erase_error"])
+    # The embedding that best regenerates the concept regenerates it worse after each round.
+    assert rounds[-1]["adversarial_error"] > rounds[0]["adversarial_error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(EDITS))
+def test_three_is_gone_from_the_miniature_and_five_is_kept(method, tmp_path):
+    import erase
+    from erase.mini_sd import classify_digits, default_classifier_path
+    from erase.classifier import SmallClassifier
+
+    result = erase.unlearn(str(MINI_SD), method, "three", tmp_path / "out")
+    classifier = SmallClassifier.from_pretrained(default_classifier_path())
+    original = load_backbone(MINI_SD)
+    seeds = list(range(8))
+
+    def drawn(model, prompt, digit):
+        images = model.sample([prompt] * 8, seeds, steps=15, guidance=3.0, batch_size=8, progress=False)
+        return float((classify_digits(images, classifier) == digit).float().mean())
+
+    assert drawn(original, "a handwritten digit three", 3) >= 0.75
+    assert drawn(result.model, "a handwritten digit three", 3) <= 0.125
+    assert drawn(result.model, "a drawing of the number three", 3) <= 0.125  # an unseen paraphrase
+    assert drawn(result.model, "a handwritten digit five", 5) >= drawn(original, "a handwritten digit five", 5) - 0.125
+
+
+# -- the entry point and its outputs ------------------------------------------------------------------------
+def test_erase_unlearn_writes_the_model_the_delta_and_the_config(tiny_sd_dir, tmp_path, capsys):
+    from erase.cli import main
+
+    out = tmp_path / "edited"
+    assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "speed", "--forget", "the number 3",
+                 "--anchor", "the digit 4", "--retain", "a cat,a dog", "--harden", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "erase_config.json").read_text())
+    assert summary["method"] == "speed" and summary["config"]["harden"] == 1 and summary["wall_time_s"] > 0
+    assert summary["data"]["concepts"] == ["the number 3"] and summary["data"]["retain_prompts"] == 2
+    delta = load_file(out / "delta.safetensors")
+    assert delta and all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in delta)
+    edited, original = load_backbone(out), load_backbone(tiny_sd_dir)
+    state = edited.denoiser.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in delta.items())
+    assert all(not torch.equal(original.denoiser.state_dict()[k], v) for k, v in delta.items())
+    # The delta applied to the original with stock loading gives the edited model.
+    original.denoiser.load_state_dict(delta, strict=False)
+    assert all(torch.equal(original.denoiser.state_dict()[k], v) for k, v in state.items())
+
+
+def test_erase_methods_lists_the_edits(capsys):
+    from erase.cli import main
+
+    assert main(["methods"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"\n{name} " in listed for name in EDITS) and "closed-form" in listed
+
+
+# -- several concepts, mass-erasure files, bad input ------------------------------------------------------------
+def _concept(root, name, forget, anchor, retain):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "forget.txt").write_text("\n".join(forget) + "\n")
+    (folder / "anchor.txt").write_text(anchor + "\n")
+    (folder / "retain.txt").write_text("\n".join(retain) + "\n")
+    return folder
+
+
+def test_a_list_of_concepts_merges_retain_sets_without_the_erased_prompts(tmp_path):
+    from erase.concept_sets import resolve_concepts
+
+    three = _concept(tmp_path, "three", ["the number 3"], "the digit 4", ["the number 5", "the number 7", "a cat"])
+    seven = _concept(tmp_path, "seven", ["the number 7"], "the digit 4", ["the number 3", "a dog"])
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# two concepts\n{three}\n{seven}\n")
+    for forget in (f"{three},{seven}", str(listed)):
+        found = resolve_concepts(forget)
+        assert [c.name for c in found.concepts] == ["three", "seven"]
+        assert found.retain == ["the number 5", "a cat", "a dog"]
+
+
+def test_mass_erasure_file_in_the_published_layout(tmp_path):
+    from erase.concept_sets import resolve_concepts
+
+    csv = tmp_path / "mass.csv"
+    csv.write_text("id,type,text,concept,seed\n1,erase,A portrait of Ann,Ann,1\n2,erase,\"Ann, smiling\",Ann,2\n"
+                   "3,erase,A sketch of Bob,Bob,3\n4,retain,A portrait of Cy,Cy,4\n")
+    found = resolve_concepts(str(csv))
+    assert [(c.name, c.forget, c.anchor) for c in found.concepts] == [
+        ("Ann", ["A portrait of Ann", "Ann, smiling"], ""), ("Bob", ["A sketch of Bob"], "")]
+    assert found.retain == ["A portrait of Cy"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--forget", "{three},{three}"], "twice"),
+    (["--forget", "{three},no-such-concept"], "unknown concept 'no-such-concept'"),
+    (["--forget", "{three}", "--retain", "the number 3,a cat"], "both a prompt to forget and one to retain"),
+    (["--forget", "{bad}"], "first line must be id,type,text,concept,seed"),
+    (["--forget", "{three}", "--images", "8"], "--images applies to fine-tuning methods only"),
+    (["--forget", "{three}", "--lamb", "0"], "lamb must be positive"),
+])
+def test_bad_input_is_one_line_and_nothing_is_written(tiny_sd_dir, tmp_path, capsys, args, message):
+    from erase.cli import main
+
+    three = _concept(tmp_path, "three", ["the number 3"], "the digit 4", ["a cat"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,prompt\nAnn,A portrait of Ann\n")
+    args = [a.format(three=three, bad=bad) for a in args]
+    out = tmp_path / "out"
+    assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "uce", "--out", str(out), *args]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not out.exists()
+
+
+# -- the mass-erasure metrics of the digits protocol ------------------------------------------------------------
+def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd_dir, tiny_classifier_dir):
+    from erase.cli import main
+    from erase.classifier import SmallClassifier
+    from erase.eval.generation import load_images
+    from erase.eval.metrics import harmonic_h_o
+    from erase.mini_sd import classify_digits
+
+    edited = tmp_path / "edited"
+    assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "uce", "--forget", "the number 3",
+                 "--anchor", "the digit 4", "--out", str(edited)]) == 0
+    out = tmp_path / "run"
+    assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,5,seven",
+                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    index = json.loads((out / "index.json").read_text())["images"]
+    predicted = classify_digits(load_images([out / e["file"] for e in index]),
+                                SmallClassifier.from_pretrained(tiny_classifier_dir)).tolist()
+    accuracy = {c: sum(p == c for e, p in zip(index, predicted) if e["class"] == c) /
+                sum(e["class"] == c for e in index) for c in range(10)}
+    m = results["metrics"]
+    assert m["erased_classes"] == ["three", "five", "seven"] and "ua" not in m
+    assert m["erased_accuracy"] == pytest.approx((accuracy[3] + accuracy[5] + accuracy[7]) / 3)
+    assert m["kept_accuracy"] == pytest.approx(sum(accuracy[c] for c in (0, 1, 2, 4, 6, 8, 9)) / 7)
+    assert m["h_o"] == pytest.approx(harmonic_h_o(m["erased_accuracy"], m["kept_accuracy"]))
+    assert m["erase_wall_time_s"] == json.loads((edited / "erase_config.json").read_text())["wall_time_s"]
+    assert harmonic_h_o(0.0, 1.0) == 1.0 and harmonic_h_o(1.0, 1.0) == 0.0
+    assert harmonic_h_o(0.5, 0.25) == pytest.approx(1 / 3)
+    assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,3",
+                 "--classifier", str(tiny_classifier_dir), "--out", str(tmp_path / "bad")]) != 0
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bench_times_edits_against_a_finetune_step(tiny_sd_dir, tmp_path):
+    from erase.cli import main
+
+    csv = tmp_path / "mass.csv"
+    csv.write_text("id,type,text,concept,seed\n1,erase,the number 3,three,1\n2,erase,a 3,three,2\n"
+                   "3,erase,the number 7,seven,3\n4,retain,a cat,cat,4\n5,retain,a dog,dog,5\n")
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_sd_dir), "--edits", "uce,speed", "--edit-concepts", "1,2",
+                 "--concepts-file", str(csv), "--steps", "2", "--rounds", "1", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = {(r["edit"], r["concepts"]): r for r in report["edits"]}
+    assert set(rows) == {("uce", 1), ("uce", 2), ("speed", 1), ("speed", 2)}
+    assert rows[("uce", 1)]["forget_prompts"] == 2 and rows[("uce", 2)]["forget_prompts"] == 3
+    step = report["finetune_step"]["seconds_per_step"]
+    assert all(r["seconds"] > 0 and r["vs_finetune_step"] == pytest.approx(r["seconds"] / step) for r in rows.values())
+    assert "vs one finetune step" in (out / "bench.md").read_text()
+    assert main(["bench", "--model", str(tiny_sd_dir), "--edits", "uce", "--edit-concepts", "5",
+                 "--concepts-file", str(csv), "--out", str(tmp_path / "too-many")]) != 0
