@@ -103,11 +103,43 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     ga = json.loads((two_runs[1] / "metrics.json").read_text())["metrics"]
     lo, hi = ga["ua_ci95"]
     strict = build_report(list(two_runs), tmp_path / "a", target=Target(ua=min(hi + 0.01, 1.0)))[0].read_text()
-    assert "**ga**: misses the target: UA not erased" in strict or hi >= 1.0
+    assert "**ga**: misses the target (forget): UA not erased" in strict or hi >= 1.0
     straddle = build_report(list(two_runs), tmp_path / "b", target=Target(ua=(lo + hi) / 2, retained_drop=1.0))
-    assert "**ga**: undecided: an interval straddles the target: UA unclear" in straddle[0].read_text()
+    assert "**ga**: undecided: an interval straddles the target (forget): UA unclear" in straddle[0].read_text()
     easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0))[0].read_text()
-    assert "**ga**: meets the target: UA erased, retained accuracy kept" in easy
+    assert "**ga**: meets the target (forget): UA erased, retained accuracy kept" in easy
+
+
+def test_each_run_is_judged_against_its_recipes_target():
+    """forget: erased and kept, attacks no higher than the retrained model's; match-retrain: where the
+    retrained model is, so over-erasing misses it (decided on the intervals)."""
+    from erase.eval.report import Run, _verdict
+
+    def run(ua, ci, target=None, model="m", attack=None, post=None):
+        metrics = {"ua": ua, "ua_ci95": ci, "retained_accuracy": 0.95, "retained_accuracy_ci95": [0.93, 0.97]}
+        results = {"metrics": metrics if attack is None else {"post_attack_success": post}, "model": model}
+        if attack:
+            results["attack"] = attack
+        unlearning = None if target is None else {"method": "r", "target": target}
+        return Run(Path(model), results, {"images": []}, unlearning)
+
+    original, retrained = run(0.02, [0.0, 0.05]), run(0.60, [0.55, 0.65], model="retrained")
+    original.unlearning = retrained.unlearning = None
+    retrained.derived["attacks"] = [run(None, None, model="retrained", attack="attack-class-inversion", post=0.45)]
+    deep = run(1.0, [0.98, 1.0], "match-retrain")
+    assert _verdict(deep, original, Target(), retrained).startswith(
+        "misses the target (match-retrain): UA 1.00 vs the retrained model's 0.60: not matched")
+    deep.unlearning["target"] = "forget"
+    assert _verdict(deep, original, Target(), retrained).startswith("meets the target (forget)")
+    level = run(0.61, [0.58, 0.64], "match-retrain")
+    assert _verdict(level, original, Target(), retrained).startswith("meets the target (match-retrain)")
+    assert _verdict(level, original, Target(), None).startswith("undecided: a match-retrain target needs")
+    single = run(1.0, [0.98, 1.0])  # a single method declares no target: judged as forget
+    single.unlearning = {"method": "ga"}
+    for post, forget_head, match_head in ((0.9, "misses", "misses"), (0.2, "meets", "misses"), (0.47, "meets", "meets")):
+        attack = [run(None, None, attack="attack-class-inversion", post=post)]
+        assert _verdict(single, original, Target(), retrained, attack).startswith(forget_head), post
+        assert _verdict(level, original, Target(), retrained, attack).startswith(match_head), post
 
 
 def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_runs, tmp_path, tiny_classifier_dir):

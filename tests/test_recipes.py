@@ -118,6 +118,11 @@ def test_a_killed_recipe_resumes_where_it_stopped_bit_for_bit(stop_after, tiny_m
     assert stopped.exists() and not out.exists()
     done = sorted(p.name for p in (tmp_path / "resumed-checkpoints").iterdir())
     assert done[0] == "stage-1-eupmu" and len(done) == 1 + (stop_after - 1) // 3  # the stages begun
+    if stop_after > 3:  # a finished stage is reused only under the settings it ran with
+        changed = json.loads(json.dumps(CHAIN))
+        changed["stages"][0]["config"]["lr"] = 2e-3
+        with pytest.raises(EraseError, match="cannot resume .*stage-1-eupmu.*settings differ"):
+            unlearn(tiny_model, forget="3", out=out, recipe=changed, progress=False)
     unlearn(tiny_model, forget="3", out=out, recipe=CHAIN, progress=False)
     assert same(weights(out), weights(full))
     a, b = (json.loads((p / "erase_config.json").read_text()) for p in (full, out))
