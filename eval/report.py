@@ -239,11 +239,11 @@ class Run:
         u = self.unlearning
         data = u.get("data", {})
         forget = data.get("forget") or [data.get("concept", {}).get("name", "?")]
-        args = ["erase", "unlearn", "--model", relative(u["base_model"]), "--forget", ",".join(map(str, forget))]
+        what = ["--recipe", u["recipe"]["name"]] if "recipe" in u else ["--method", u["method"]]
+        args = ["erase", "unlearn", "--model", relative(u["base_model"]), *what,
+                "--forget", ",".join(map(str, forget)), "--out", relative(self.results["model"])]
         if "recipe" in u:
-            return shlex.join(args + ["--recipe", u["recipe"]["name"], "--seed", str(u.get("seed", 0)),
-                                      "--out", relative(self.results["model"])])
-        args += ["--method", u["method"], "--out", relative(self.results["model"])]
+            return shlex.join(args + ["--seed", str(u.get("seed", 0))])
         args += _changed_options(get_method(u["method"]).Config, u.get("config", {}))
         return shlex.join(args)
 

@@ -110,6 +110,19 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     assert "**ga**: meets the target (forget): UA erased, retained accuracy kept" in easy
 
 
+def test_a_recipe_run_is_named_by_its_recipe_stages_and_target(two_runs, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    recipe = {"name": "two-step", "target": "match-retrain", "stages": [
+        {"method": "ga", "config": {"steps": 1, "batch_size": 4}}, {"method": "finetune", "config": {"steps": 1,
+                                                                                                  "batch_size": 4}}]}
+    model = unlearn(tiny_ddpm_dir, forget="3", out=tmp_path / "models" / "two-step", recipe=recipe, progress=False)
+    DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
+                fid_bootstrap=20).run(model, tmp_path / "two-step")
+    md = build_report([two_runs[0], tmp_path / "two-step"], tmp_path / "report")[0].read_text()
+    assert "recipe two-step (ga → finetune; target match-retrain)" in md
+    assert "--recipe two-step --forget three" in md
+    assert "**two-step**: undecided: a match-retrain target needs the retrained model's run" in md
+
+
 def test_each_run_is_judged_against_its_recipes_target():
     """forget: erased and kept, attacks no higher than the retrained model's; match-retrain: where the
     retrained model is, so over-erasing misses it (decided on the intervals)."""
