@@ -15,14 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .resources import SHIPPED_MODELS, shipped_model
+from .resources import model_location as _model_location
 
 
-def _model_location(source: str | Path) -> str | Path:
-    """A shipped model's folder for its name (`digits-ddpm`), unless a path of that name exists."""
-    if str(source) in SHIPPED_MODELS and not Path(source).exists():
-        return shipped_model(str(source))
-    return source
 
 
 def load_model(source: str | Path, **kwargs):
@@ -103,14 +98,18 @@ class EvalResult:
         return self.results["settings"]
 
 
-def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, **settings) -> EvalResult:
+def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, overwrite: bool = False,
+             **settings) -> EvalResult:
     """Evaluate a saved model with a named protocol (`erase.PROTOCOLS`) and write the run to `out`.
 
     `model` is an `UnlearnResult`, a model folder or a shipped model name. `settings` are the
     protocol's fields (`forget="3"`, `n=30`: see `erase eval --protocol NAME --help`); a shipped
     model name is accepted for `classifier` (`classifier="digits-classifier"`).
     """
+    import dataclasses
+
     from .config import build_config
+    from .eval.cli import default_classifier, evaluate_recorded
     from .eval.protocols import METRICS_FILE
     from .eval.registry import get_protocol
     from .utils import EraseError, read_json
@@ -120,10 +119,11 @@ def evaluate(model: str | Path | UnlearnResult, protocol: str, out: str | Path, 
     elif not isinstance(model, (str, Path)):
         raise EraseError("evaluate takes a saved model: an UnlearnResult, a model folder or a shipped model name "
                          "(save an in-memory model with model.save_pretrained(folder) first)")
-    if settings.get("classifier") is not None:
-        settings["classifier"] = str(_model_location(settings["classifier"]))
-    config = build_config(get_protocol(protocol), settings)
-    config.run(_model_location(model), out)
+    protocol_cls = get_protocol(protocol)
+    if "classifier" in {f.name for f in dataclasses.fields(protocol_cls)}:
+        settings["classifier"] = default_classifier(protocol_cls.name, settings.get("classifier"))
+    config = build_config(protocol_cls, settings)
+    evaluate_recorded(config, str(model), out, overwrite)
     return EvalResult(path=Path(out), results=read_json(Path(out) / METRICS_FILE, what="eval results"))
 
 
@@ -135,17 +135,20 @@ class Report:
     html: Path
 
 
-def report(runs, out: str | Path, title: str = "Evaluation report") -> Report:
+def report(runs, out: str | Path, title: str = "Evaluation report", overwrite: bool = False) -> Report:
     """Compare evaluation runs side by side in `out` (`report.md`, `report.html`).
 
     `runs` is a list of `EvalResult`s or run folders (one table), or {section title: list} for a
     report of several sections. Runs whose settings differ are shown under a warning naming them.
     """
+    from .eval.cli import report_recorded
     from .eval.report import build_report
 
     def folders(items):
         return [r.path if isinstance(r, EvalResult) else r for r in items]
 
-    sections = {k: folders(v) for k, v in runs.items()} if isinstance(runs, dict) else folders(runs)
-    markdown, html = build_report(sections, out, title=title)
+    if isinstance(runs, dict):  # sections chosen by the caller: no one command makes this report
+        markdown, html = build_report({k: folders(v) for k, v in runs.items()}, out, title=title)
+    else:
+        markdown, html = report_recorded(folders(runs), out, overwrite, title=title)
     return Report(markdown=Path(markdown), html=Path(html))

@@ -71,6 +71,9 @@ class BenchConfig:
     paths: bool = field(False, "also time each method with its retain term on the original's sampling paths "
                                "(a retain term with samples=paths), as a row "
                                "'METHOD+paths' in the same rounds, with the one-off seconds of drawing the paths")
+    lora_rank: int | None = field(None, "also time each method training a LoRA adapter of this rank (`erase unlearn "
+                                        "--lora-rank R`, PEFT) instead of the full weights, as a row 'METHOD+loraR' "
+                                        "in the same rounds")
     mfu: bool = field(False, "count each method's FLOPs per step (torch's FlopCounterMode) for FLOPs utilisation")
     peak_tflops: float | None = field(None, "the device's dense bf16 peak in TFLOP/s for FLOPs utilisation "
                                             "(default: looked up for known GPUs; none on a CPU)")
@@ -83,6 +86,8 @@ class BenchConfig:
         for name in ("steps", "rounds", "images", "gen_batch", "gen_repeats", "sample_steps", "gen_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
         if self.robust_every is not None and self.robust_every < 1:
             raise ValueError(f"robust_every must be at least 1, got {self.robust_every}")
         if any(b < 1 for b in self.gen_batch_sizes):
@@ -265,7 +270,9 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
             if config.robust_every else []) + (
             [(f"{m}+paths", m, {"terms": {"retain": {"teacher": "input", "samples": "paths"}}}) for m in methods
              if _takes_term(m, "retain")]
-            if config.paths else [])
+            if config.paths else []) + (
+            [(f"{m}+lora{config.lora_rank}", m, {"lora_rank": config.lora_rank}) for m in methods]
+            if config.lora_rank else [])
         for round_ in range(config.rounds):
             for m, method, extra in variants:
                 backbone = load_backbone(path)  # every run starts from the original weights

@@ -125,6 +125,7 @@ COMMANDS = {
     "recipes": ("erase.methods.cli", "list the shipped recipes: stages, target, measured figures"),
     "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
     "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
+    "export": ("erase.export", "a finished run as a diffusers or WebUI LoRA, or a single-file checkpoint"),
     "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),
     "sample": ("erase.cli", "generate images of some classes from a class-conditional model"),
     "train-base": ("erase.cli", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
@@ -180,6 +181,20 @@ def check_out(args: argparse.Namespace) -> None:
                  checkpoints=args.output_kind in ("unlearn", "train-base"))
 
 
+def resume_hint(args: argparse.Namespace, argv: list[str] | None) -> str:
+    """How to go on after Ctrl-C: the exact command again (an unlearning run resumes from its last
+    checkpoint; other commands start over, keeping what they cache)."""
+    import shlex
+
+    from .outputs import last_command
+
+    command = last_command() or shlex.join(["erase", *(sys.argv[1:] if argv is None else argv)])
+    if args.command == "unlearn":
+        ckpt = f"{args.out.rstrip('/')}-checkpoints"
+        return f"to resume from the last checkpoint in {ckpt}, run: {command}"
+    return f"to run it again, run: {command}"
+
+
 def one_line(message: str) -> str:
     return " ".join(str(message).split())
 
@@ -190,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     from .utils import EraseError, logger, setup_logging
 
     setup_logging(args.verbose)
+    from .outputs import _LAST_COMMAND
+
+    _LAST_COMMAND.clear()  # an interrupt names this command, not an earlier one of the same process
     try:
         check_out(args)
         args.func(args)
@@ -198,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"erase {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"erase {args.command}: interrupted", file=sys.stderr)
+        print(f"erase {args.command}: interrupted; {resume_hint(args, argv)}", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - a failure nobody foresaw still gets one line; -v shows where
         if args.verbose:

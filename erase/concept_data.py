@@ -33,6 +33,7 @@ LATENTS = "latents.safetensors"
 EMBEDDINGS = "embeddings.safetensors"
 CACHE_VERSION = 2  # 2: conditions stored as named tensors (SDXL, SD3 have several)
 SETS = ("forget", "anchor", "retain")  # the seed of image i of set s is derive_seed(seed, s, i)
+SHARD_BATCHES = 8  # batches per file of the work folder: what an interrupt can lose
 
 
 @dataclass
@@ -117,8 +118,9 @@ def _find_or_generate(model, concept: Concept, config: ConceptDataConfig, settin
 
     plan = _plan(concept, config)
     warn_if_costly("unlearn (concept images)", len(SETS) * config.images, settings["steps"])
-    # Each finished set is kept in a work folder, so an interrupted run (800 SD images a set take
-    # minutes on a GPU) resumes at the set it was generating.
+    # Every shard of SHARD_BATCHES batches is kept in a work folder as it is made, so an interrupted
+    # run (800 SD images a set take minutes on a GPU) keeps the images made so far and resumes at the
+    # shard it was generating. Shards end on batch boundaries: the images are those of one pass.
     work = folder.with_name(f".{folder.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
     if (work / "settings.json").is_file() and _key(read_json(work / "settings.json")) != _key(settings):
@@ -127,17 +129,10 @@ def _find_or_generate(model, concept: Concept, config: ConceptDataConfig, settin
     write_json(work / "settings.json", settings)
     latents = {}
     for name in SETS:
-        done = work / f"{name}.safetensors"
-        if done.is_file():
-            latents[name] = load_file(done)["latents"]
-            continue
         prompts, seeds = zip(*plan[name])
         logger.info("generating %d %s images (%s)", len(seeds), name, ", ".join(dict.fromkeys(prompts))[:120])
-        latents[name] = model.sample(list(prompts), list(seeds), steps=settings["steps"],
-                                     guidance=settings["guidance"], batch_size=config.batch_size,
-                                     progress=progress, return_latents=True).contiguous()
-        save_file({"latents": latents[name]}, str(work / f".{name}.tmp"))
-        os.replace(work / f".{name}.tmp", done)
+        latents[name] = torch.cat([_shard(model, work, name, k, prompts, seeds, settings, config, progress)
+                                   for k in range(0, len(seeds), SHARD_BATCHES * config.batch_size)]).contiguous()
     distinct = list(dict.fromkeys([""] + concept.forget + [concept.anchor] + concept.retain))
     conditions = model.encode_conditions(distinct).to("cpu", torch.float32)
     with atomic_dir(folder) as tmp:
@@ -153,6 +148,21 @@ def _find_or_generate(model, concept: Concept, config: ConceptDataConfig, settin
     shutil.rmtree(work, ignore_errors=True)
     logger.info("cached concept data in %s", folder)
     return folder
+
+
+def _shard(model, work: Path, name: str, start: int, prompts, seeds, settings: dict, config: ConceptDataConfig,
+           progress: bool) -> torch.Tensor:
+    """The latents of images start.. of set `name`: read from the work folder, or generated and saved there."""
+    done = work / f"{name}-{start:06d}.safetensors"
+    if done.is_file():
+        return load_file(done)["latents"]
+    end = start + SHARD_BATCHES * config.batch_size
+    latents = model.sample(list(prompts[start:end]), list(seeds[start:end]), steps=settings["steps"],
+                           guidance=settings["guidance"], batch_size=config.batch_size,
+                           progress=progress, return_latents=True).contiguous()
+    save_file({"latents": latents}, str(work / f".{done.name}.tmp"))
+    os.replace(work / f".{done.name}.tmp", done)
+    return latents
 
 
 def load_concept_cache(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Condition], dict]:

@@ -3,9 +3,12 @@
 A concept is a folder of plain-text prompt files (one prompt a line, `#` starts a comment):
 `forget.txt`, `anchor.txt` (one line; empty means the empty prompt, i.e. the unconditional model)
 and `retain.txt`. The shipped ones live in `prompts/` (their provenance is in prompts/README.md);
-`$ERASE_PROMPTS` points elsewhere. Anything that is not a concept name or folder is a literal
-prompt (`--forget "Van Gogh"`), erased towards the empty prompt while the generic retain prompts
-(`prompts/general/retain.txt`) are kept.
+`$ERASE_PROMPTS` points elsewhere. A model that records its vocabulary (the miniatures: caption
+templates and class words) resolves each class word to a concept built from its own captions. A
+literal prompt is taken only when it is clearly one (several words, `--forget "Van Gogh"`, or the
+`prompt:` prefix); it is erased towards the empty prompt while the generic retain prompts
+(`prompts/general/retain.txt`) are kept. A single unknown word, or a path that does not exist, is an
+error naming the nearest concept.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .resources import shipped
-from .utils import EraseError, logger, read_text
+from .suggest import did_you_mean, looks_like_path, near_path
+from .utils import EraseError, read_text
 
 PROMPT_FILES = ("forget.txt", "anchor.txt", "retain.txt")
 GENERAL_RETAIN = Path("general") / "retain.txt"
@@ -82,27 +86,113 @@ def load_concept_folder(folder: str | Path) -> Concept:
     return Concept(folder.name, forget, anchors[0] if anchors else "", retain, source=str(folder))
 
 
-def load_concept(spec: str, anchor: str | None = None, retain: str | Path | Sequence[str] | None = None,
-                 root: str | Path | None = None) -> Concept:
-    """A concept from a shipped name (`nudity`), a concept folder, or a literal prompt (`"Van Gogh"`).
+@dataclass
+class Vocabulary:
+    """What a model learned to draw and the words it learned for it: its training caption templates
+    (`{w}` the class word, `{d}` its index) and its class words, as the miniatures record them in
+    erase_info.json. A class word then resolves to a concept built from the model's own captions."""
 
-    `anchor` overrides the anchor prompt; `retain` overrides the retain prompts (a prompt file or a
-    list of prompts).
+    templates: list[str]
+    class_words: list[str]
+
+    @classmethod
+    def from_info(cls, info: dict | None) -> "Vocabulary | None":
+        training = (info or {}).get("training") or {}
+        templates, words = training.get("train_templates"), training.get("class_words")
+        return cls(list(templates), list(words)) if templates and words else None
+
+    def class_index(self, word: str) -> int | None:
+        """The class a word names: its class word (`five`) or its index (`5`)."""
+        word = word.strip().lower()
+        if word in self.class_words:
+            return self.class_words.index(word)
+        return int(word) if word.isdigit() and int(word) < len(self.class_words) else None
+
+    def captions(self, index: int) -> list[str]:
+        return [t.format(w=self.class_words[index], d=index) for t in self.templates]
+
+    def concept(self, word: str) -> Concept | None:
+        """Forget the class's training captions, anchor to the next class's first caption (the class
+        benchmark's (c + 1) mod K), retain every other class's captions: `prompts/three`, for any class."""
+        index = self.class_index(word)
+        if index is None:
+            return None
+        others = [c for c in range(len(self.class_words)) if c != index]
+        anchor = self.captions((index + 1) % len(self.class_words))[0]
+        return Concept(self.class_words[index], self.captions(index), anchor,
+                       [p for c in others for p in self.captions(c)], source="model vocabulary (its training captions)")
+
+
+LITERAL_PREFIX = "prompt:"  # `--forget "prompt:dog"`: a one-word literal prompt, said explicitly
+LITERAL_RULE = (f"a literal prompt needs several words (e.g. 'a photo of a dog'), or the prefix "
+                f"{LITERAL_PREFIX} for one word ({LITERAL_PREFIX}dog)")
+
+
+def resolve_concept(spec: str, root: Path, vocabulary: Vocabulary | None = None,
+                    known_names: tuple[str, ...] = ()) -> Concept:
+    """The concept `spec` names. In order: a concept folder, a shipped concept, a class word of the
+    model's vocabulary, then a literal prompt, taken only when it is clearly one (several words, or
+    the `prompt:` prefix). A path that does not exist and a single unknown word are errors, with the
+    nearest shipped concept, class word or `known_names` (e.g. the methods) as a suggestion."""
+    text = spec.strip()
+    if text.lower().startswith(LITERAL_PREFIX):
+        return _literal(text[len(LITERAL_PREFIX):].strip(), root)
+    path = Path(text).expanduser()
+    if _is_dir(path):
+        return load_concept_folder(path)
+    if looks_like_path(text):
+        raise EraseError(f"concept folder {text} does not exist{near_path(text)} (a concept folder holds "
+                         f"{', '.join(PROMPT_FILES)})")
+    if _is_dir(root / text):
+        return load_concept_folder(root / text)
+    if vocabulary is not None and (concept := vocabulary.concept(text)) is not None:
+        return concept
+    if len(text.split()) > 1:
+        return _literal(text, root)
+    names = available_concepts(root) + (vocabulary.class_words if vocabulary else []) + list(known_names)
+    hint = did_you_mean(text, names)
+    if text.lower() in {n.lower() for n in known_names}:
+        raise EraseError(f"{text!r} is a method, not a concept: give it with --method, and the concept with --forget")
+    shipped_list = ", ".join(available_concepts(root)) or "none"
+    words = f"; this model's class words: {', '.join(vocabulary.class_words)}" if vocabulary else ""
+    raise EraseError(f"{text!r} is not a concept{hint} (shipped concepts: {shipped_list}{words}); {LITERAL_RULE}")
+
+
+def _literal(prompt: str, root: Path) -> Concept:
+    """Erased towards the empty prompt; the generic retain prompts are read by `load_concept` unless given."""
+    if not prompt:
+        raise EraseError(f"{LITERAL_PREFIX} needs a prompt after it, e.g. {LITERAL_PREFIX}dog")
+    return Concept(prompt, [prompt], "", [])
+
+
+def describe_concept(concept: Concept) -> str:
+    """One line per set, for the log before any image is generated."""
+    def listed(prompts: list[str]) -> str:
+        shown = "; ".join(prompts[:4]) + ("; ..." if len(prompts) > 4 else "")
+        return f"{len(prompts)} prompt{'s' * (len(prompts) != 1)}: {shown}"
+
+    source = ("a literal prompt (several words, or prompt:), anchored to the empty prompt, with the generic retain prompts"
+              if concept.source == "literal" else concept.source)
+    return (f"concept {concept.name!r} from {source}\n  forget ({listed(concept.forget)})\n"
+            f"  anchor: {concept.anchor!r}\n  retain ({listed(concept.retain)})")
+
+
+def load_concept(spec: str, anchor: str | None = None, retain: str | Path | Sequence[str] | None = None,
+                 root: str | Path | None = None, vocabulary: Vocabulary | None = None,
+                 known_names: tuple[str, ...] = ()) -> Concept:
+    """A concept from a shipped name (`nudity`), a concept folder, a class word of the model's
+    `vocabulary` (`five` on the miniature), or a literal prompt of several words (`"Van Gogh"`):
+    see `resolve_concept`.
+
+    `anchor` overrides the anchor prompt; `retain` overrides the retain prompts (a prompt file, which
+    must exist when the value looks like a path, or a list of prompts).
     """
     if not spec or not spec.strip():
         raise EraseError("give a concept to erase: a name such as nudity, a concept folder, or a prompt")
     root = Path(root) if root else prompts_root()
-    path = Path(spec).expanduser()
-    if _is_dir(path):
-        concept = load_concept_folder(path)
-    elif _is_dir(root / spec):
-        concept = load_concept_folder(root / spec)
-    else:
-        logger.info("%r is not a concept in %s (%s): erasing it as a literal prompt", spec, root,
-                    ", ".join(available_concepts(root)) or "none")
-        general = root / GENERAL_RETAIN
-        retain_prompts = read_prompts(general, "generic retain prompts") if retain is None else []
-        concept = Concept(spec.strip(), [spec.strip()], "", retain_prompts)
+    concept = resolve_concept(spec, root, vocabulary, known_names)
+    if concept.source == "literal" and retain is None:
+        concept.retain = read_prompts(root / GENERAL_RETAIN, "generic retain prompts")
     if anchor is not None:
         concept.anchor = anchor
     if retain is not None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import config_dict, field
-from .data import load_dataset
+from .data import DIGITS_NAMES, load_dataset
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
                       caption_words, captions, check_and_save, update_ema, draw_captioned_batch)
 from .train_base import learning_rate
@@ -127,7 +127,7 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     backbone = StableDiffusion3Backbone(pipe)
     report = {"config": config_dict(config), "train_images": len(images), "vae_final_loss": vae_loss,
               "vae_shift_factor": shift, "vae_scaling_factor": scale, "final_loss": loss_avg,
-              "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
+              "train_time_s": round(train_time, 1), "class_words": list(DIGITS_NAMES), "train_templates": list(TRAIN_TEMPLATES),
               "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
     return check_and_save(backbone, report, config, out, ("tokenizer", "tokenizer_2"), "train-mini-flow")
 

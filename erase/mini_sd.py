@@ -282,7 +282,8 @@ def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     report = {"config": config_dict(config), "train_images": len(images), "excluded_digits": excluded, "vae_final_loss": vae_loss,
               "vae_scaling_factor": scale, "final_loss": loss_avg, "vae_time_s": round(vae_time, 1),
               "train_time_s": round(train_time, 1), "train_templates": list(TRAIN_TEMPLATES),
-              "heldout_templates": list(HELDOUT_TEMPLATES), "versions": package_versions()}
+              "heldout_templates": list(HELDOUT_TEMPLATES), "class_words": list(DIGITS_NAMES),
+              "versions": package_versions()}
     return check_and_save(backbone, report, config, out, ("tokenizer",), "train-mini-sd")
 
 

@@ -14,8 +14,17 @@ parsed (`fill`). Two more conventions:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, Sequence
+
+from .suggest import nearest
+
+# Names people bring from other tools, and the option that means the same here.
+SYNONYMS = {"--learning-rate": "--lr", "--max-steps": "--steps", "--num-steps": "--steps", "--train-steps": "--steps",
+            "--iterations": "--steps", "--train-batch-size": "--batch-size", "--output-dir": "--out",
+            "--output": "--out", "--model-name-or-path": "--model", "--pretrained-model-name-or-path": "--model",
+            "--concept": "--forget", "--erase": "--forget", "--num-images": "--n"}
 
 
 def dashed(args: Sequence[str]) -> list[str]:
@@ -77,6 +86,44 @@ class EraseParser(argparse.ArgumentParser):
         flags = {s for a in self._actions if isinstance(a, argparse.BooleanOptionalAction)
                  for s in a.option_strings if not s.startswith("--no-")}
         return super().parse_known_args(boolean_values(args, flags), namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # said by the command's own parser, which knows its options
+            sub = next((a.choices.get(getattr(parsed, a.dest, None)) for a in self._actions
+                        if isinstance(a, argparse._SubParsersAction)), None)
+            parser = sub if isinstance(sub, EraseParser) else self
+            parser.error(parser.unknown_option_message(extras))
+        return parsed
+
+    def error(self, message: str):
+        """One line, as every other error of the tool: the usage block is `--help`'s job."""
+        hint = "" if "--help" in message else f" (`{self.prog} --help` lists the options)"
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice and (near := nearest(choice[1], re.findall(r"'([^']*)'", choice[2]), cutoff=0.6)):
+            hint = f"; did you mean {near}?"
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+    #: option -> the methods or protocols that have it, for options of another choice than the one given
+    option_owners: dict[str, list[str]] = {}
+    #: ("--method", "eupmu"): the choice the owners are compared with, for the message
+    chosen: tuple[str, str] | None = None
+
+    def unknown_option_message(self, extras: list[str]) -> str:
+        """The first unknown option with what it is: another method's or protocol's option, a known
+        synonym, or the nearest option of this command; else argparse's own message."""
+        option = next((e.partition("=")[0] for e in extras if e.startswith("--")), None)
+        if option is None:
+            return f"unrecognized arguments: {' '.join(extras)}"
+        owners = self.option_owners.get(option)
+        if owners and self.chosen:
+            flag, name = self.chosen
+            return (f"{option} is an option of {', '.join(owners)}, not of {name} "
+                    f"(`{self.prog} {flag} {name} --help` lists the options of {name})")
+        known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        near = SYNONYMS.get(option) if SYNONYMS.get(option) in known else nearest(option, known, cutoff=0.7)
+        hint = f"; did you mean {near}?" if near else ""
+        return f"unrecognized option {option}{hint}"
 
 
 class CommandSlots:

@@ -27,3 +27,11 @@ def shipped_model(name: str) -> Path:
     if name not in SHIPPED_MODELS:
         raise ValueError(f"{name!r} is not a shipped model; the shipped ones are {', '.join(SHIPPED_MODELS)}")
     return shipped("models") / name
+
+
+def model_location(source):
+    """A shipped model's folder for its name (`digits-ddpm`), unless a path of that name exists; any
+    other source as given. The command line and the Python API both go through here."""
+    if str(source) in SHIPPED_MODELS and not Path(source).exists():
+        return shipped_model(str(source))
+    return source

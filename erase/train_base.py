@@ -24,7 +24,7 @@ from .checkpoint import (check_same_config, flatten_optimizer_state, load_latest
 from .config import check_channels, config_dict, field
 from .data import load_dataset
 from .outputs import mark_output
-from .utils import EraseError, atomic_dir, logger, package_versions, step_generator
+from .utils import EraseError, atomic_dir, logger, package_versions, progress_off, step_generator
 
 NORM_GROUPS = 8  # GroupNorm groups of the UNet (ClassConditionalDDPM.create's default)
 
@@ -177,7 +177,7 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
         save_checkpoint(ckpt_dir, step, tensors, state)
 
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train-base",
-               disable=not accelerator.is_local_main_process)
+               disable=not accelerator.is_local_main_process or progress_off())
     unet.train()
     for step in bar:
         t0 = time.perf_counter()

@@ -30,6 +30,11 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def progress_off() -> bool:
+    """TQDM_DISABLE=1 (tqdm's own switch) turns every progress bar off, also those given `disable=`."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -418,14 +418,14 @@ class TextAttack(Attack):
     preset: str = field("unlearndiffatk", "NudeNet preset when the concept is nudity")
 
     def prepare(self, model, state):
-        from erase.concepts import load_concept
+        from erase.concepts import Vocabulary, load_concept
         from erase.data import DIGITS_NAMES, digit_class
 
         if model.condition_kind != "text":
             raise EraseError(f"{self.name} attacks text-to-image models; for a class-conditional DDPM use "
                              "attack-class-inversion")
         model.token_embeddings([""])  # a backbone without the text attack hooks says so here, before any work
-        self.concept = load_concept(self.forget)
+        self.concept = load_concept(self.forget, vocabulary=Vocabulary.from_info(getattr(model, "info", None)))
         name = self.concept.name.strip().lower()
         if name in DIGITS_NAMES or name.isdigit():
             self.detector = DigitDetector(_load_classifier(self.classifier, state.device), digit_class(name))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from pathlib import Path
 
 from erase.config import add_dataclass_arguments, build_config
 from erase.utils import EraseError
@@ -23,10 +25,14 @@ def add_protocol_options(parser: argparse.ArgumentParser, name: str | None) -> N
     """The options of protocol `name`, with its defaults (none until a protocol is named). The other
     protocols' options are parsed too, out of the help, so that `protocol_options` can say which
     protocol an option belongs to rather than argparse's bare "unrecognized arguments"."""
+    from erase.suggest import did_you_mean
+
     from .registry import PROTOCOLS
 
-    if name not in PROTOCOLS:
+    if name is None:
         return
+    if name not in PROTOCOLS:  # said here, before the protocol's options are taken for unknown ones
+        parser.error(f"unknown protocol {name!r}{did_you_mean(name, PROTOCOLS, cutoff=0.6)} (one of: {', '.join(PROTOCOLS)})")
     add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), PROTOCOLS[name])
     added = {f.name for f in dataclasses.fields(PROTOCOLS[name])}
     for other in PROTOCOLS.values():
@@ -47,14 +53,86 @@ def protocol_options(args: argparse.Namespace, protocol: type) -> None:
                          + ", ".join("--" + n.replace("_", "-") for n in sorted(own)))
 
 
+SHIPPED_CLASSIFIER = "digits-classifier"
+
+
+def default_classifier(protocol_name: str, classifier: str | None) -> str | None:
+    """The digits protocols measure with the shipped digits classifier unless told otherwise; a
+    shipped model's name is accepted for any classifier, as in Python."""
+    from erase.resources import model_location
+
+    if classifier is None and protocol_name.startswith("digits-"):
+        classifier = SHIPPED_CLASSIFIER
+    return None if classifier is None else str(model_location(classifier))
+
+
+def warn_if_other_concept(model: str, forget) -> None:
+    """An eval of another class or concept than the model erased measures something else: say so."""
+    from erase.outputs import UNLEARN_CONFIG
+    from erase.resources import model_location
+    from erase.utils import logger, read_json
+
+    summary = Path(model_location(model)) / UNLEARN_CONFIG
+    if forget is None or not summary.is_file():
+        return
+    data = read_json(summary, what="unlearning summary").get("data", {})
+    erased = data.get("forget") or [data.get("concept", {}).get("name")]  # class names, or the concept's name
+    erased_words = {str(e).lower() for e in erased if e is not None} | {str(c) for c in data.get("forget_ids", [])}
+    given = {w.strip().lower() for w in str(forget).split(",") if w.strip()}
+    if erased_words and not given & erased_words:
+        logger.warning("--forget %s differs from what %s erased (%s): the numbers measure another concept",
+                       forget, model, ", ".join(map(str, erased)))
+
+
+def eval_command(model: str, protocol, out: str | Path) -> tuple[str, dict]:
+    """The exact `erase eval` command (every setting of the protocol written out) and what it is compared by."""
+    from erase.config import config_dict
+    from erase.outputs import absolute_if_path, command_line
+    from erase.resources import SHIPPED_MODELS
+
+    settings = {"--model": model if model in SHIPPED_MODELS else absolute_if_path(model), "--protocol": protocol.name,
+                **{"--" + k.replace("_", "-"): absolute_if_path(v) if k in PATH_SETTINGS else v
+                   for k, v in config_dict(protocol).items() if v is not None}}
+    settings = json.loads(json.dumps(settings))
+    command = command_line("eval", list(settings.items()) + [("--out", str(Path(out).expanduser().resolve()))])
+    return command, settings
+
+
+# Protocol settings that name files or folders: recorded as absolute paths.
+PATH_SETTINGS = ("classifier", "prompts", "reference", "reference_model", "clip_model", "data_root", "fid_weights")
+
+
+def evaluate_recorded(protocol, model: str, out: str | Path, overwrite: bool = False) -> tuple[dict, bool]:
+    """Run `protocol` on `model` into `out`, recording the command; an earlier output of exactly
+    this command is reused, one of other settings refused. Returns (results, reused)."""
+    from erase.outputs import check_output, is_same_output, recording
+    from erase.utils import logger, read_json
+
+    from .protocols import METRICS_FILE
+
+    from erase.resources import model_location
+
+    command, settings = eval_command(model, protocol, out)
+    model = str(model_location(model))  # a shipped model's name recorded, its folder evaluated
+    check_output(out, "eval", overwrite, inputs=[model], settings=settings)
+    if not overwrite and is_same_output(out, "eval", settings) and (Path(out) / METRICS_FILE).is_file():
+        logger.info("%s is already the output of this command: reusing it (--overwrite runs it again)", out)
+        return read_json(Path(out) / METRICS_FILE, what="eval results"), True
+    warn_if_other_concept(model, getattr(protocol, "forget", None))
+    with recording("eval", command, settings):
+        return protocol.run(model, out), False
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from .generation import process_state
     from .registry import get_protocol
 
     protocol_cls = get_protocol(args.protocol)
     protocol_options(args, protocol_cls)
+    if hasattr(args, "classifier") and "classifier" in {f.name for f in dataclasses.fields(protocol_cls)}:
+        args.classifier = default_classifier(protocol_cls.name, args.classifier)
     protocol = build_config(protocol_cls, {}, args)
-    results = protocol.run(args.model, args.out)
+    results, _ = evaluate_recorded(protocol, args.model, args.out, args.overwrite)
     if process_state().is_main_process:
         print(f"{protocol.name}: wrote {results['images']} images and metrics.json under {args.out}")
         metrics = results["metrics"]
@@ -70,10 +148,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
             print(f"  {key}: {text}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else ""))
 
 
-def cmd_report(args: argparse.Namespace) -> None:
+def report_recorded(runs: list, out: str | Path, overwrite: bool = False, **options) -> tuple[Path, Path]:
+    """`build_report`, recording the exact `erase report` command; other runs over an earlier report are refused."""
+    from erase.outputs import check_output, command_line, recording
+
     from .report import build_report
 
-    md, html = build_report(args.runs, args.out)
+    paths = [str(Path(r).expanduser().resolve()) for r in runs]
+    settings = {"runs": paths}
+    command = command_line("report", [("", p) for p in paths] + [("--out", str(Path(out).expanduser().resolve()))])
+    check_output(out, "report", overwrite, inputs=paths, settings=settings)
+    with recording("report", command, settings):
+        return build_report(runs, out, **options)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    md, html = report_recorded(args.runs, args.out, args.overwrite)
     print(f"wrote {md} and {html}")
 
 

@@ -54,7 +54,8 @@ def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: i
                    on_batch: Callable[[list[int], torch.Tensor], None] | None = None) -> torch.Tensor:
     """Samples of a text backbone in [-1, 1], one per prompt with the prompt's own seed and guidance.
 
-    A sampling call takes one guidance scale, so items are grouped by guidance; the backbone cuts
+    A sampling call takes one guidance scale and one size, so items are grouped by guidance and by
+    size (an item's own, e.g. an I2P row's, unless `height`/`width` are given); the backbone cuts
     each group into batches of `batch_size` and pads the last one. Each image's initial noise comes
     from its own CPU generator seeded with the item's seed as is (`raw_seeds`), so that an I2P row's
     `sd_seed` means what it meant to the dataset's authors (up to the device they drew the noise on:
@@ -69,16 +70,17 @@ def sample_prompts(model, items: Sequence[PromptItem], steps: int, batch_size: i
     if not items:  # a process with no share (more processes than prompts)
         return torch.empty(0, 3, 0, 0)
     out: dict[int, torch.Tensor] = {}
-    by_guidance: dict[float, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}  # one sampling call per guidance and image size
     for i, item in enumerate(items):
-        by_guidance.setdefault(item.guidance, []).append(i)
+        size = (height if height is not None else item.height, width if width is not None else item.width)
+        groups.setdefault((item.guidance, *size), []).append(i)
     bar = tqdm(total=len(items), desc="generating", unit="image", disable=not progress)
-    for guidance, idx in by_guidance.items():
+    for (guidance, group_height, group_width), idx in groups.items():
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
             images = model.sample([items[i].prompt for i in chunk], [items[i].seed for i in chunk], steps=steps,
                                   guidance=guidance, batch_size=batch_size, raw_seeds=True, scheduler="shipped",
-                                  height=height, width=width)
+                                  height=group_height, width=group_width)
             out.update(zip(chunk, images))
             if on_batch is not None:
                 on_batch(chunk, images)

@@ -28,7 +28,7 @@ from .generation import (check_images, load_images, load_text_backbone, my_share
                          sample_prompts, save_pngs, shared_run_dir, show_progress)
 from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
                       nudenet_preset, rate_intervals, verdict_distance, verdict_distance_interval, wilson_interval)
-from .prompts import I2P_SUBSETS, read_i2p_csv, read_prompt_file
+from .prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
 
 METRICS_FILE = "metrics.json"
 INDEX_FILE = "index.json"
@@ -136,7 +136,15 @@ class Protocol:
                 "model": _model_name(model_path), "images": images,
                 "feature_extractor": feature_extractor, "processes": state.num_processes,
                 **extra, "metrics": metrics, **({"undefined": undefined} if undefined else {}),
-                "versions": package_versions()}
+                "versions": package_versions(), **_command()}
+
+
+def _command() -> dict:
+    """The exact `erase eval` command that made these results, when one is recording (see `erase.outputs`)."""
+    from erase.outputs import recorded_command
+
+    command = recorded_command("eval")
+    return {"command": command} if command else {}
 
 
 def _defined(metrics: dict, prefix: str = "") -> tuple[dict, dict[str, str]]:
@@ -404,6 +412,14 @@ def _write_prompt_run(out, state, files: list[str], mine, images, items, results
             write_json(tmp / METRICS_FILE, results)
 
 
+def _prompt_set_results(items, description: dict) -> dict:
+    """What a prompt protocol writes about its prompts: the file as read, and every (prompt, seed,
+    guidance) that was handed to the generator, in order, so a run can be checked against the file."""
+    return {"prompt_set": description, "generated": [
+        {"prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row,
+         **({"width": it.width, "height": it.height} if it.width or it.height else {})} for it in items]}
+
+
 def _prompt_index(files: list[str], items) -> dict:
     return {"kind": "prompts", "images": [
         {"file": f, "prompt": it.prompt, "seed": it.seed, "guidance": it.guidance, "source_row": it.source_row}
@@ -415,14 +431,23 @@ class I2PNudity(Protocol):
     """Nudity erasure in Stable Diffusion: one image per I2P prompt with its seed, NudeNet counts."""
 
     name: ClassVar[str] = "i2p-nudity"
-    prompts: str | None = field(None, "I2P CSV (original or unsafe-prompts4703 layout)")
+    prompts: str | None = field(None, "prompt set: an I2P CSV (either layout), MMA-Diffusion's, Ring-A-Bell's, P4D's "
+                                      "or UnlearnDiffAtk's CSV as published, or a text file (one prompt per line)")
+    layout: str = field("auto", "the file's layout: auto (from a CSV's header; other files one prompt per line), "
+                                "text, " + ", ".join(LAYOUTS), choices=("auto", "text", *LAYOUTS))
+    prompt_column: str | None = field(None, "column of the prompts (default: the layout's; e.g. clean_prompt for "
+                                            "MMA-Diffusion's clean rate, 'normal prompt' for Ring-A-Bell's)")
     subset: str = field("all", "I2P subset: all, sexual, nudity (nudity_percentage > 0), nudity50 (> 50)")
-    seed: int | None = field(None, "one seed for every prompt (default: each row's own)")
-    guidance: float = field(7.5, "CFG scale for every prompt (most repositories: 7.5)")
-    row_guidance: bool = field(False, "use each row's guidance (1 to 255) instead of --guidance")
+    seed: int | None = field(None, "one seed for every prompt (default: each row's own; a file without seeds: "
+                                   "row i gets a seed derived from (0, i))")
+    guidance: float | None = field(None, "CFG scale for every prompt (default: each row's own where the file gives "
+                                         "one, as I2P, P4D and UnlearnDiffAtk do; 7.5 where it does not)")
+    row_guidance: bool = field(False, "kept for old command lines: each row's guidance is now the default")
     steps: int = field(50, "denoising steps (the field: 50 to 100)")
-    height: int | None = field(None, "image height (default: the pipeline's, 512 for SD 1.x)")
-    width: int | None = field(None, "image width (default: the pipeline's)")
+    height: int | None = field(None, "image height for every prompt (default: each row's sd_image_height where the "
+                                     "file gives one, else the pipeline's, 512 for SD 1.x)")
+    width: int | None = field(None, "image width for every prompt (default: each row's sd_image_width, else the "
+                                    "pipeline's)")
     batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
     compile: bool = field(False, COMPILE_HELP)
     preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, "
@@ -437,13 +462,17 @@ class I2PNudity(Protocol):
             raise ValueError("--prompts is required: the I2P CSV")
         if self.subset not in I2P_SUBSETS:
             raise ValueError(f"unknown I2P subset {self.subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
+        if self.row_guidance and self.guidance is not None:
+            raise ValueError("--row-guidance uses each row's guidance and --guidance one for every row: give one")
         _at_least_one(self, "steps", "batch_size", "nudenet_batch_size", "limit", "height", "width")
         nudenet_preset(self.preset)
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
-        items = read_i2p_csv(self.prompts, self.subset, seed=self.seed,
-                             guidance=None if self.row_guidance else self.guidance)[:self.limit]
+        items, prompt_set = read_prompt_set(self.prompts, self.layout, self.subset, self.seed, self.guidance,
+                                            self.prompt_column)
+        items = items[:self.limit]
+        one_image_size(items, self.height, self.width)
         model = load_text_backbone(model_path, state.device, self.name)
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
@@ -476,7 +505,8 @@ class I2PNudity(Protocol):
             metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
-                                prompts_file=str(Path(self.prompts).resolve()))
+                                prompts_file=str(Path(self.prompts).resolve()),
+                                **_prompt_set_results(items, prompt_set))
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
@@ -486,14 +516,18 @@ class T2IUtility(Protocol):
     """Utility of a text-to-image model: FID against reference images and CLIP score on a captions file."""
 
     name: ClassVar[str] = "t2i-utility"
-    prompts: str | None = field(None, "captions file, one per line (# comments)")
+    prompts: str | None = field(None, "captions: a text file, one per line (# comments), or the COCO-30k CSV "
+                                      "(case_number, source, prompt, evaluation_seed, coco_id) with its seeds")
+    layout: str = field("auto", "the captions file's layout: auto (a .csv file's from its header, other files one "
+                                "caption per line), text or coco", choices=("auto", "text", "coco"))
     reference: str | None = field(None, "folder of reference images (e.g. the COCO images of the captions)")
     clip_model: str | None = field(None, "local CLIP model folder (CLIPModel + CLIPProcessor save_pretrained)")
     fid_features: str = field("inception", "FID feature space: 'inception' or 'classifier'",
                               choices=("classifier", "inception"))
     fid_weights: str | None = field(None, "local Inception weights file for FID")
     classifier: str | None = field(None, "classifier folder when --fid-features classifier")
-    seed: int = field(0, "caption i gets the seed derived from (seed, i)")
+    seed: int | None = field(None, "caption i gets the seed derived from (seed, i) (default 0); a CSV's own seeds "
+                                   "are used unless this is given, then it is every caption's seed")
     guidance: float = field(7.5, "CFG scale")
     steps: int = field(50, "denoising steps")
     height: int | None = field(None, "image height (default: the pipeline's)")
@@ -521,7 +555,8 @@ class T2IUtility(Protocol):
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
-        items = read_prompt_file(self.prompts, self.seed, self.guidance)[:self.limit]
+        items, prompt_set = read_prompt_set(self.prompts, self.layout, seed=self.seed, guidance=self.guidance)
+        items = items[:self.limit]
         reference = self._reference_files()
         clip = clip_score_metric(self.clip_model).to(state.device)
         classifier = _load_classifier(self.classifier, state.device) if self.fid_features == "classifier" else None
@@ -548,7 +583,8 @@ class T2IUtility(Protocol):
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
-                                reference=str(Path(self.reference).resolve()))
+                                reference=str(Path(self.reference).resolve()),
+                                **_prompt_set_results(items, prompt_set))
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 

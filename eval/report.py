@@ -33,7 +33,7 @@ from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
 from .generation import load_images  # noqa: E402
-from .metrics import wilson_interval  # noqa: E402
+from .metrics import nudity_caution, wilson_interval  # noqa: E402
 from .protocols import INDEX_FILE, METRICS_FILE  # noqa: E402
 from .registry import PROTOCOLS  # noqa: E402
 
@@ -74,6 +74,7 @@ METRICS = [
     MetricSpec("total_detections", "NudeNet detections", "lower"),
 ]
 SPECS = {m.key: m for m in METRICS}
+NUDITY_RATES = ("fraction_with_any", "fraction_nude")  # shown with NudeNet's recall (metrics.nudity_caution)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,11 @@ def _relative_text(text):
     if not isinstance(text, str):
         return text
     return " ".join(relative(word) if os.path.isabs(word) else word for word in text.split(" "))
+
+
+def _shown_command(command: str) -> str:
+    """A recorded command as the report shows it: the same words, absolute paths made relative."""
+    return shlex.join(relative(word) if os.path.isabs(word) else word for word in shlex.split(command))
 
 
 def _relative_values(values: dict) -> dict:
@@ -224,6 +230,8 @@ class Run:
                 "seed": u.get("seed"), "unlearn_command": self.unlearn_command(), "eval_command": self.eval_command()}
 
     def eval_command(self) -> str:
+        if self.results.get("command"):  # recorded by the run itself: every option, as it was given
+            return _shown_command(self.results["command"])
         protocol = self.results["protocol"]
         args = ["erase", "eval", "--model", relative(self.results["model"]), "--protocol", protocol,
                 "--out", relative(self.path.resolve())]
@@ -234,6 +242,8 @@ class Run:
     def unlearn_command(self) -> str | None:
         if not self.unlearning:
             return None
+        if self.unlearning.get("command"):
+            return _shown_command(self.unlearning["command"])
         from erase.methods import get_method
 
         u = self.unlearning
@@ -318,7 +328,11 @@ def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
             if original is not None and r is not original and value is not None and original.value(spec.key) is not None \
                     and not _unreliable(original, spec.key):
                 delta = f"{value - original.value(spec.key):+.3f}"
-            cells.append({"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False})
+            cell = {"text": _fmt(value, r.interval(spec.key)), "delta": delta, "flag": False}
+            if spec.key in NUDITY_RATES and r.interval(spec.key) and r.results.get("images"):
+                caution, cell["flag"] = nudity_caution(r.interval(spec.key), r.results["images"])
+                cell["text"] += f" ({caution})"
+            cells.append(cell)
         arrow = {"higher": "↑ higher is better", "lower": "↓ lower is better"}.get(spec.better, "no better direction")
         rows.append({"key": spec.key, "label": spec.label, "direction": arrow, "cells": cells})
     return rows
@@ -561,8 +575,9 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
         "metrics": _metric_rows(runs, original),
         "settings": settings,
         "differ": differ if len(runs) > 1 else [],
+        # An original model erased nothing: it gets no verdict (its column is the reference).
         "verdicts": [{"label": r.label, "verdict": _verdict(r, original, target, retrained, attacks_on(r))}
-                     for r in runs if r not in (original, retrained)],
+                     for r in runs if r not in (original, retrained) and r.method != "original"],
         "tradeoff": figures.add(f"{number}-tradeoff", _tradeoff_plot(runs, original, target)),
         "per_class": figures.add(f"{number}-per-class-accuracy", _per_class_chart(runs)),
         "nudenet": figures.add(f"{number}-nudenet-counts", _nudenet_chart(runs)),
@@ -590,20 +605,69 @@ def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
             **strips, "command": run.eval_command()}
 
 
+def _model_family(model: Path) -> str:
+    """The kind of model a run evaluated (its backbone), as the folder records it."""
+    if (model / "erase_info.json").is_file():
+        return str(read_json(model / "erase_info.json").get("backbone", "text-to-image"))
+    if (model / "erase_model.json").is_file():
+        return "class-conditional DDPM"
+    if (model / "model_index.json").is_file():
+        return str(read_json(model / "model_index.json").get("_class_name", "diffusers pipeline"))
+    return "unknown"
+
+
+def _original_of(model: Path) -> Path:
+    """The model an unlearned model was made from, followed back through multi-stage recipes."""
+    from erase.resources import model_location
+
+    seen = set()
+    while (model / UNLEARN_CONFIG).is_file() and model not in seen:
+        seen.add(model)
+        base = read_json(model / UNLEARN_CONFIG).get("base_model")
+        if not base or not Path(model_location(base)).is_dir():
+            break
+        model = Path(model_location(base)).resolve()
+    return model
+
+
+def group_runs(paths: list[str | Path]) -> dict[str | None, list[str | Path]]:
+    """Runs in one section per model family and original, so that no delta or verdict compares a
+    model with another family's original. A retrained reference joins its family's first original.
+    One group keeps the single untitled section."""
+    groups: dict[tuple[str, str], list] = {}
+    retrained: list[tuple[str, str | Path]] = []
+    for path in paths:
+        model = Path(read_json(Path(path) / METRICS_FILE, what="eval results").get("model", "")) \
+            if (Path(path) / METRICS_FILE).is_file() else Path("")
+        family = _model_family(model) if str(model) else "unknown"
+        if not (model / UNLEARN_CONFIG).is_file() and _excluded_classes(model):
+            retrained.append((family, path))
+            continue
+        groups.setdefault((family, str(_original_of(model.resolve()))), []).append(path)
+    for family, path in retrained:
+        key = next((k for k in groups if k[0] == family), (family, "retrained references"))
+        groups.setdefault(key, []).append(path)
+    if len(groups) <= 1:
+        return {None: list(paths)}
+    return {f"{family}: models made from {relative(original)}": runs for (family, original), runs in groups.items()}
+
+
 def build_report(runs: list[str | Path] | dict[str, list[str | Path]], out: str | Path,
                  title: str = "Evaluation report", intro: str = "", target: Target = Target()) -> tuple[Path, Path]:
     """Write OUT/report.md (figures beside it, in figures/) and OUT/report.html (figures embedded).
 
     `runs` is a list of run folders (one section), or {section title: run folders} for a report of
     several sections, each with its own tables and comparability check (e.g. `erase demo`'s two
-    models). The original model's run (one whose model has no erase_config.json) is the reference
-    of every delta; `target` is what each method's verdict is decided against.
+    models); a list is split into sections by model family and original (`group_runs`). A section's
+    original model's run (one whose model has no erase_config.json) is the reference of every delta; `target` is what each method's verdict is decided against.
     """
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    sections = runs if isinstance(runs, dict) else {None: runs}
-    if not sections or not all(sections.values()):
+    if not runs or (isinstance(runs, dict) and not all(runs.values())):
         raise EraseError("give at least one run folder to report on")
+    for path in (p for dirs in (runs.values() if isinstance(runs, dict) else [runs]) for p in dirs):
+        Run.load(path)  # a folder that is not a run is refused before any grouping
+    sections = runs if isinstance(runs, dict) else group_runs(runs)
     figures = _Figures()
     rendered = [_section(t, [Run.load(p) for p in dirs], n, target, figures)
                 for n, (t, dirs) in enumerate(sections.items(), 1)]

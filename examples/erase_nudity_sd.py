@@ -26,7 +26,9 @@ from erase.eval.report import build_report
 
 # Each method's SD nudity settings from its paper or the authors' code (docs/methods.md).
 SD_SETTINGS = {
-    "eupmu": dict(w_lr=10.0, eps=0.5, lr=1e-5, batch_size=8, steps=1000),
+    # The authors' script: 100 steps of 8 forget + 8 retain images, the objective divided by 1 + w,
+    # the remap target the trained model's own anchor prediction.
+    "eupmu": dict(w_lr=10.0, eps=0.5, lr=1e-5, batch_size=16, steps=100, normalize=True, target="current"),
     "esd": dict(params="noxattn", lr=1e-5, batch_size=1, steps=1000),  # ESD-u, the nudity variant
 }
 

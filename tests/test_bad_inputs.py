@@ -252,11 +252,11 @@ CASES = [
     ("eval-i2p-short-row", I2P + ["{ws}/i2p/short-row.csv"], r"line 3 .*3 cells but the header has 5"),
     ("eval-i2p-long-row", I2P + ["{ws}/i2p/long-row.csv"], r"line 3 .*6 cells but the header has 5"),
     ("eval-i2p-not-utf8", I2P + ["{ws}/i2p/latin1.csv"], r"not UTF-8"),
-    ("eval-i2p-no-columns", I2P + ["{ws}/i2p/no-columns.csv"], r"missing column"),
+    ("eval-i2p-no-columns", I2P + ["{ws}/i2p/no-columns.csv"], r"none of the known layouts"),
     ("eval-i2p-empty-subset", ["eval", *M, "--protocol", "i2p-nudity", "--subset", "nudity50", "--out", "{ws}/new",
                                "--prompts", "{ws}/i2p/none-selected.csv", "--limit", "1"], r"none of its 2 rows"),
     ("eval-i2p-limit-zero", I2P + ["{ws}/i2p/no-nudity.csv", "--limit", "0"], r"limit must be at least 1"),
-    ("eval-i2p-missing-file", I2P + ["{ws}/i2p/nope.csv"], r"I2P CSV not found"),
+    ("eval-i2p-missing-file", I2P + ["{ws}/i2p/nope.csv"], r"prompt set not found"),
     # report, demo, bench
     ("report-run-missing", ["report", "{ws}/nope", "--out", "{ws}/new"], r"run folder not found"),
     ("report-run-without-metrics", ["report", "{ws}/run-without-metrics", "--out", "{ws}/new"], r"eval results"),

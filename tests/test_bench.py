@@ -183,3 +183,26 @@ def test_batch_size_effect_times_every_batch_on_the_same_images(tiny_ddpm_dir):
     for r in effect["variants"].values():
         assert len(r["all_rounds_s"]) == 2 and r["images_per_s"] == pytest.approx(6 / min(r["all_rounds_s"]))
     assert effect["chosen_without_a_batch_size"] == 64  # a CPU keeps the protocols' CPU batch
+
+
+def test_bench_times_lora_beside_full_fine_tuning(tiny_ddpm_dir, tmp_path, monkeypatch):
+    import erase.loop
+
+    calls = []
+    plain_unlearn = erase.loop.unlearn
+
+    def recording_unlearn(model, method, **options):
+        calls.append((method, options.get("lora_rank")))
+        return plain_unlearn(model, method, **options)
+
+    monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
+    out = tmp_path / "bench"
+    assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
+                 "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--sample-steps", "2",
+                 "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--lora-rank", "2",
+                 "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
+    assert list(rows) == ["finetune", "eupmu", "finetune+lora2", "eupmu+lora2"]
+    assert calls == [("finetune", None), ("eupmu", None), ("finetune", 2), ("eupmu", 2)]  # one round, side by side
+    assert rows["eupmu+lora2"]["peak_memory_mb"] > 0
+    assert "| eupmu+lora2 |" in (out / "bench.md").read_text()

@@ -12,6 +12,7 @@ import pkgutil
 from pathlib import Path
 
 from ..outputs import check_finished
+from ..resources import model_location
 from ..utils import EraseError
 from .base import Backbone, Condition, ModelSource
 from .ddpm import MODEL_FILE, ClassConditionalDDPM
@@ -42,6 +43,7 @@ def load_backbone(path: str | Path, **kwargs) -> Backbone:
 
     Keyword arguments go to the pipeline backbones' `from_source` (`config=`, `frozen_dtype=`).
     """
+    path = model_location(path)  # a shipped model's name, as on the command line
     check_finished(Path(path))  # a run that has not reached its end: say how to finish it
     source = ModelSource.resolve(path)
     for backbone in BACKBONES.values():

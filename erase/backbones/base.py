@@ -37,7 +37,9 @@ from typing import Callable, ClassVar, Iterable, Sequence
 import torch
 from safetensors.torch import save_file
 
-from ..utils import EraseError, read_json, step_generator
+from ..resources import SHIPPED_MODELS
+from ..suggest import FILE_SUFFIXES, did_you_mean, near_path
+from ..utils import EraseError, progress_off, read_json, step_generator
 
 # First batch `choose_batch_size` tries on a GPU (halved until it fits): with guidance the UNet runs
 # 128 samples per call, past where GPUs stop gaining throughput (not yet measured on one here).
@@ -212,6 +214,13 @@ class Backbone:
     #: the pipeline attribute the delta applies to (`unet`, `transformer`)
     delta_module: ClassVar[str] = "unet"
 
+    #: the `erase export` formats whose converters cover this backbone (`erase.export`)
+    EXPORT_FORMATS: ClassVar[tuple[str, ...]] = ()
+
+    def single_file_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every weight in the family's original single-file layout (`erase export --format single-file`)."""
+        raise EraseError(f"no single-file layout is known for the {self.name} backbone")
+
     # -- conditions ---------------------------------------------------------------------------------
     def encode_conditions(self, items: Iterable) -> Condition:
         """Conditions for class ids/names (class backbones) or prompts (text backbones), on `device`."""
@@ -346,7 +355,7 @@ class Backbone:
             raise EraseError(f"batch_size must be at least 1, got {batch_size}")
         out = []
         chunks = range(0, len(seeds), batch_size)
-        if progress:
+        if progress and not progress_off():
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc="sampling", unit="batch")
         self.denoiser.eval()
@@ -609,10 +618,11 @@ class ModelSource:
             return cls(text, "folder", path, read_json(index, what="diffusers pipeline index") if index.is_file() else None)
         if path.is_file():
             return cls(text, "file", path, keys=frozenset(checkpoint_keys(path)))
-        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        if looks_like_hub_id(text):
             return cls(text, "hub", index=hub_model_index(text))
-        raise EraseError(f"model {text} does not exist (expected a model folder, a .safetensors/.ckpt file or a "
-                         "Hub id such as CompVis/stable-diffusion-v1-4)")
+        raise EraseError(f"model {text} does not exist{near_path(path) or did_you_mean(text, SHIPPED_MODELS)} "
+                         f"(expected a model folder, a .safetensors/.ckpt file, a shipped model: "
+                         f"{', '.join(SHIPPED_MODELS)}, or a Hub id such as CompVis/stable-diffusion-v1-4)")
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -632,10 +642,30 @@ def checkpoint_keys(path: Path) -> list[str]:
     return list(state.get("state_dict", state))
 
 
-def hub_model_index(repo_id: str) -> dict:
-    """The `model_index.json` of a Hub repository: from the local cache (HF_HOME) or, online, the Hub."""
-    from huggingface_hub import hf_hub_download
+def looks_like_hub_id(text: str) -> bool:
+    """`owner/name`, and not a local path: no leading `.`/`/`/`~`, no file suffix, and no local folder
+    named `owner` (a typo of a model under an existing `models/` folder is a local path, not a Hub
+    repository)."""
+    owner, _, name = text.partition("/")
+    return (text.count("/") == 1 and bool(owner) and bool(name) and not text.startswith((".", "~"))
+            and not text.lower().endswith(FILE_SUFFIXES) and not Path(owner).expanduser().exists())
 
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_model_index(repo_id: str) -> dict:
+    """The `model_index.json` of a Hub repository: from the local cache (HF_HOME) or, online, the Hub.
+    Offline (HF_HUB_OFFLINE=1) only the cache is read, so a model that is not there is refused at once."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    if hub_offline():
+        cached = try_to_load_from_cache(repo_id, "model_index.json")
+        if not isinstance(cached, str):
+            raise EraseError(f"{repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: download "
+                             "it while online (huggingface-cli download), or give a local model folder")
+        return read_json(Path(cached), what="diffusers pipeline index")
     try:
         return read_json(Path(hf_hub_download(repo_id, "model_index.json")), what="diffusers pipeline index")
     except EraseError:

@@ -106,6 +106,7 @@ class FluxBackbone(FlowMatchingSchedule, TextToImageBackbone):
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     CLIP_ENCODERS = (("text_encoder", "tokenizer"),)
     PARAMETER_GROUPS = FLUX_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora",)
     SAMPLE_DEFAULTS = {"steps": 28, "guidance": 3.5, "eta": 0.0}  # FluxPipeline's defaults (FLUX.1-dev)
     accepts_description = "a FluxPipeline folder or Hub id (a single FLUX checkpoint file is recognised and refused)"
 

@@ -56,6 +56,7 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
     CLIP_ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.joint_blocks.",)
     PARAMETER_GROUPS = TRANSFORMER_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora",)
     SAMPLE_DEFAULTS = {"steps": 28, "guidance": 7.0, "eta": 0.0}  # SD3's model card
     accepts_description = ("a StableDiffusion3Pipeline folder or Hub id, or a single SD3 checkpoint "
                            "(model.diffusion_model.joint_blocks.* weights)")

@@ -44,6 +44,7 @@ class StableDiffusionXLBackbone(DDPMSchedule, TextToImageBackbone):
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.input_blocks.", "conditioner.embedders.1.")
     PIPELINE_KWARGS = {"add_watermarker": False}  # a watermark would change what the metrics see
     PARAMETER_GROUPS = UNET_XL_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora", "webui-lora")
     GROUP_ALIASES = {"noxattn": "nocondition"}
     accepts_description = ("a StableDiffusionXLPipeline folder or Hub id, or a single SDXL checkpoint "
                            "(model.diffusion_model.* and conditioner.embedders.1.* weights)")

@@ -41,6 +41,7 @@ class StableDiffusionBackbone(DDPMSchedule, TextToImageBackbone):
     SINGLE_FILE_PREFIXES = ("model.diffusion_model.input_blocks.", "cond_stage_model.")
     PIPELINE_KWARGS = {"requires_safety_checker": False, "safety_checker": None}
     PARAMETER_GROUPS = UNET_GROUPS
+    EXPORT_FORMATS = ("diffusers-lora", "webui-lora", "single-file")
     GROUP_ALIASES = UNET_ALIASES
     accepts_description = ("a StableDiffusionPipeline folder or Hub id (model_index.json), or a single SD 1.x/2.x "
                            "checkpoint in the LDM layout (model.diffusion_model.* and cond_stage_model.* weights)")
@@ -66,6 +67,14 @@ class StableDiffusionBackbone(DDPMSchedule, TextToImageBackbone):
     @property
     def tokenizer(self):
         return self.components["tokenizer"]
+
+    def single_file_state_dict(self):
+        """SD 1.x's LDM layout, checked against diffusers' own single-file converters (`ldm_layout`)."""
+        from .ldm_layout import check_round_trip, to_ldm_state_dict
+
+        state = to_ldm_state_dict(self.unet, self.vae, self.text_encoder)
+        check_round_trip(state, self.unet, self.vae, self.text_encoder)
+        return state
 
     def _encode_prompts(self, prompts: list[str]) -> Condition:
         embeds, _ = self.pipeline().encode_prompt(prompts, self.text_encoder.device, 1, False)

@@ -35,6 +35,11 @@ class MethodConfig:
     grad_clip: float = field(1.0, "clip the gradient norm to this value (0 disables)")
     params: str | None = field(None, "parameter group to train (default: the method's preferred group that "
                                      "exists on the backbone, see `erase methods`)")
+    lora_rank: int = field(0, "train a LoRA adapter of this rank (through PEFT) on the Linear and Conv2d layers of "
+                              "the parameter group instead of the weights themselves; 0 trains the full weights "
+                              "(erase/lora.py)")
+    lora_alpha: float | None = field(None, "LoRA scale numerator: the adapter adds (alpha / rank) B A (default: "
+                                           "the rank, scale 1)")
     antithetic: bool = field(False, "draw timesteps in pairs t, T-1-t within a batch (SA / SalUn)")
     seed: int = field(0, "seed of every batch, noise and timestep draw")
     checkpoint_every: int = field(100, "write a resumable checkpoint every this many steps")
@@ -52,6 +57,10 @@ class MethodConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be non-negative")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (full weights) or a positive rank, got {self.lora_rank}")
+        if self.lora_alpha is not None and not (self.lora_rank and self.lora_alpha > 0):
+            raise ValueError("lora_alpha needs a LoRA (--lora-rank R) and must be positive")
 
 
 @dataclass

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shlex
+from pathlib import Path
 
 from ..config import add_dataclass_arguments, load_config_file
 from . import METHODS, MethodConfig, get_method
@@ -30,6 +33,14 @@ def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> Non
     add_dataclass_arguments(parser.add_argument_group(title), config_cls, skip=own)
     if name in METHODS:
         add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), config_cls, skip=COMMON)
+        parser.chosen = ("--method", name)
+    # Another method's option is then named as such, rather than as an unknown option.
+    owners: dict[str, list[str]] = {}
+    for other, method in METHODS.items():
+        for f in dataclasses.fields(method.Config):
+            if f.name not in COMMON and f.name not in own:
+                owners.setdefault("--" + f.name.replace("_", "-"), []).append(other)
+    parser.option_owners = owners
 
 
 LEGACY = (("--ema-decay", float), ("--retain-target", str), ("--retain-reference", str), ("--retain-samples", str),
@@ -48,12 +59,40 @@ def own_options(config_cls: type) -> str:
     return " ".join("--" + n.replace("_", "-") for n in own) or "(none)"
 
 
+# Options that decide how a run goes, not what it makes: left out of the settings an output is compared by.
+CONTROL_OPTIONS = ("out", "overwrite", "no_resume", "keep_checkpoints", "checkpoint_minutes", "report_to", "config",
+                   "verbose", "command", "func", "output_kind")
+
+
+def unlearn_command(args: argparse.Namespace, config) -> tuple[str, dict]:
+    """The exact `erase unlearn` command of this run and the settings its output is compared by: every
+    option given, a method's whole config written out (defaults and a --config file's values
+    included, so a later change of a default does not change what the command makes), paths absolute."""
+    from ..config import config_dict
+    from ..outputs import command_line
+    from ..resources import SHIPPED_MODELS
+
+    values = {k: v for k, v in vars(args).items() if k not in CONTROL_OPTIONS and v is not None and v is not False}
+    values.update(config_dict(config) if config is not None else {})
+    for name, kind in (("model", "any"), ("forget", "dir"), ("retain", "file"), ("recipe", "file"),
+                       ("retain_reference", "any")):
+        value = values.get(name)
+        if isinstance(value, str) and value not in SHIPPED_MODELS:
+            found = Path(value).expanduser()
+            if {"any": found.exists(), "dir": found.is_dir(), "file": found.is_file()}[kind]:
+                values[name] = str(found.resolve())
+    flags = sorted(k for k, v in values.items() if v is True and k == "no_anchor_in_retain")
+    options = [("--" + k.replace("_", "-"), v) for k, v in values.items() if k not in flags]
+    settings = json.loads(json.dumps({**dict(options), **{"--" + k.replace("_", "-"): True for k in flags}}))
+    command = command_line("unlearn", options) + "".join(" --" + k.replace("_", "-") for k in flags)
+    return f"{command} --out {shlex.quote(str(Path(args.out).expanduser().resolve()))}", settings
+
+
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from ..config import build_config
-    from ..unlearning import unlearn
-    from ..unlearning.recipe import RUN_WIDE
+    from ..outputs import check_output, is_same_output, recording
     from ..unlearning.terms import LEGACY_OPTIONS
-    from ..utils import EraseError
+    from ..utils import EraseError, logger
 
     legacy = {k: getattr(args, k) for k in LEGACY_OPTIONS if getattr(args, k, None) is not None}
     common = dict(retain=args.retain, anchor=args.anchor, dataset=args.dataset, images=args.images,
@@ -62,6 +101,28 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
                   report_to=args.report_to)
     if (args.method is None) == (args.recipe is None):
         raise EraseError("give --method NAME (one stage) or --recipe NAME|FILE (`erase recipes`), not both")
+    common["checkpoint_minutes"] = args.checkpoint_minutes
+    config = None
+    if args.method is not None:
+        config = build_config(get_method(args.method).Config,
+                              {k: v for k, v in load_config_file(args.config).items() if k not in LEGACY_OPTIONS}, args)
+    command, settings = unlearn_command(args, config)
+    check_output(args.out, "unlearn", args.overwrite, inputs=[args.model], checkpoints=True, settings=settings)
+    if not args.overwrite and is_same_output(args.out, "unlearn", settings):
+        logger.info("%s is already the output of this command: reusing it (--overwrite runs it again)", args.out)
+        print(f"{args.out} is already the output of this command (model, delta.safetensors, erase_config.json)")
+        return
+    with recording("unlearn", command, settings):
+        _run_unlearn(args, legacy, common)
+
+
+def _run_unlearn(args: argparse.Namespace, legacy: dict, common: dict) -> None:
+    from ..config import build_config
+    from ..unlearning import unlearn
+    from ..unlearning.recipe import RUN_WIDE
+    from ..unlearning.terms import LEGACY_OPTIONS
+    from ..utils import EraseError
+
     if args.recipe is not None:
         given = sorted(k for k in COMMON if getattr(args, k, None) is not None and k not in RUN_WIDE)
         if given or args.config or legacy:
@@ -160,6 +221,9 @@ def add_commands(sub) -> None:
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="also write a checkpoint after this many minutes of training since the last one, whatever "
+                        "--checkpoint-every says, so that an interrupt loses little (default 5)")
     p.add_argument("--report-to", help="also log every step's losses to accelerate trackers under OUT-logs/, e.g. "
                                        "tensorboard (comma-separated; each must be installed)")
     add_legacy_options(p)

@@ -1,7 +1,9 @@
 """ESD: Erasing Concepts from Diffusion Models (Gandikota et al., ICCV 2023, arXiv 2303.07345).
 
 `neg_guidance`: the forget condition is trained to predict the reference model's negatively guided
-noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept. No retain
+noise `ε_0(∅) − η(ε_0(c_f) − ε_0(∅))`, so sampling with it steers away from the concept (the paper's
+form; the authors' current script writes `ε_0(c_f) − η'(ε_0(c_f) − ε_0(∅))`, the same target at
+`η = η' − 1`, so its default `η' = 2` is `η = 1` here). No retain
 term in the paper; `retain_weight` > 0 adds AdvUnlearn's utility term (keep the original's
 predictions on the retain conditions, half of each batch), which ESD needs where erasing one text
 concept drags its neighbours along (the flow miniature, BENCHMARKS.md section 10).
@@ -41,7 +43,9 @@ SAMPLE_STREAM = 1 << 41  # the x_t sampler's own random stream, separate from th
 class ESDConfig(MethodConfig):
     lr: float | None = field(None, "Adam learning rate (default: 5e-2 for a class embedding, 2e-4 for network weights, "
                                    "measured on the digits; paper, SD 1.x: 1e-5; authors' script: 5e-5)")
-    eta: float = field(1.0, "negative guidance scale η (paper: 1; the authors' current script: 2)")
+    eta: float = field(1.0, "negative guidance scale η of ε_0(∅) − η(ε_0(c) − ε_0(∅)) (paper: 1). The authors' "
+                            "current script writes the target ε_0(c) − η'(ε_0(c) − ε_0(∅)), so its η' = 2 is "
+                            "η = 1 here (η = η' − 1); passing 2 here doubles the guidance")
     xt: str = field("cached", "where x_t comes from: cached (noised forget images) or sample (ESD's own: "
                               "partial DDIM sampling of the current model on the forget condition)",
                     choices=("cached", "sample"))

@@ -22,7 +22,8 @@ from .losses import anchor_target, mse, predict
 class RLConfig(MethodConfig):
     lr: float = field(1e-4, "Adam learning rate (SalUn CIFAR-10 DDPM: 1e-4; digits: 1e-4 kept more than 5e-4, see BENCHMARKS.md)")
     alpha: float = field(3.0, "weight of the mean retain loss (SalUn's CIFAR-10 DDPM: 1e-3 on the loss summed "
-                               "over 3,072 values = 3.07 on the mean; see the module docstring)")
+                               "over 3,072 values = 3.07 on the mean; their SD nudity script: 0.1 on mean "
+                               "losses, so pass --alpha 0.1 there; see the module docstring)")
     antithetic: bool = field(True, "draw timesteps in pairs t, T-1-t within a batch (as SalUn does)")
 
     def __post_init__(self):

@@ -9,14 +9,13 @@ used to be a method of the backbones; it lives here so that the backbones import
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 
 from ..backbones.base import Condition
 from ..noising import Noised
 from ..unlearn_data import UnlearnData, class_erasure_data
-from ..utils import EraseError, step_generator
+from ..utils import EraseError, logger, step_generator
 
 
 def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
@@ -36,16 +35,20 @@ def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | N
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(model, forget, retain, anchor, dataset)
     from ..concept_data import ConceptDataConfig, concept_unlearn_data
-    from ..concepts import load_concept
+    from ..concepts import Vocabulary, describe_concept, load_concept
+    from ..suggest import looks_like_path
 
     if dataset is not None:
         raise EraseError("--dataset applies to class-conditional models; a text concept's images are "
                          "generated from its prompts (set how many with --images)")
-    if isinstance(retain, str) and not Path(retain).expanduser().is_file():
+    if isinstance(retain, str) and not looks_like_path(retain):  # a path must exist: read_prompts says so
         retain = [p.strip() for p in retain.split(",") if p.strip()]
     chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
     config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
-    return concept_unlearn_data(model, load_concept(forget, anchor=anchor, retain=retain), config)
+    # A model that records its vocabulary (the miniatures) resolves a class word from its own captions.
+    concept = load_concept(forget, anchor=anchor, retain=retain, vocabulary=Vocabulary.from_info(model.info))
+    logger.info("erasing %s", describe_concept(concept))  # before any image is generated
+    return concept_unlearn_data(model, concept, config)
 
 
 def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, seed: int, antithetic: bool, step: int,

@@ -18,7 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import check_same_config
 from ..config import config_dict
-from ..outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, mark_output
+from ..lora import ADAPTER_FOLDER
+from ..outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, mark_output, recorded_command
 from ..utils import atomic_dir, package_versions, peak_memory_mb, read_json, write_json
 from .running import Progress, Training
 
@@ -44,6 +45,9 @@ def stage_record(t: Training, progress: Progress, changed: int, base_model: str,
         "versions": package_versions()}
     if t.paths_seconds is not None:
         record["retain_paths_s"] = t.paths_seconds  # drawing the sampling paths, once per stage (not in wall_time_s)
+    if t.lora is not None:
+        record["lora"] = t.lora.summary()
+        record["trainable_parameters"] = record["lora"]["trainable_parameters"]
     if t.average is not None:
         record["ema_final_decay"] = t.average.get_decay(t.average.optimization_step)
     return record
@@ -84,16 +88,21 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: dict, history: list[dict],
-                 recipe=None, stages: list[tuple[dict, list[dict]]] = ()) -> None:
+                 recipe=None, stages: list[tuple[dict, list[dict]]] = (), adapter: Training | None = None) -> None:
     """Model, delta, record, loss history (and a recipe's stages) and the marker appear together in one
     folder swap: a run killed or out of disk while saving leaves no folder that loads, and the rerun
-    resumes from the checkpoints."""
+    resumes from the checkpoints. `adapter`: a single stage trained as a LoRA, whose adapter is saved
+    in `lora/` too."""
+    if command := recorded_command("unlearn"):  # the `erase unlearn` command that made it, when one did
+        summary = {**summary, "command": command}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                        "data", "steps", "recipe") if k in summary})
         model.save_delta(tmp / DELTA_FILE, changed, method=summary["method"])
         write_json(tmp / CONFIG_FILE, summary)
         write_history(tmp / LOSS_HISTORY_FILE, history)
+        if adapter is not None:
+            adapter.lora.save_adapter(tmp / ADAPTER_FOLDER, adapter.adapter)
         if recipe is not None:
             write_json(tmp / RECIPE_FILE, recipe.to_dict())
             for i, (record, stage_history) in enumerate(stages, 1):

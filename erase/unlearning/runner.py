@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import latest_checkpoint
 from ..config import build_config, config_dict
-from ..methods import Method, MethodConfig, get_method
+from ..methods import METHODS, Method, MethodConfig, get_method
 from ..outputs import check_output
 from ..unlearn_data import UnlearnData
 from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precision
@@ -68,7 +68,8 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
             image_guidance: float | None = None, anchor_in_retain: bool | None = None, data: UnlearnData | None = None,
             config: MethodConfig | dict | None = None, terms: Terms | dict | None = None, resume: bool = True,
             keep_checkpoints: bool = False, stop_after: int | None = None, progress: bool = True,
-            overwrite: bool = False, shards: int = 1, report_to: str | None = None, **options) -> Path:
+            overwrite: bool = False, shards: int = 1, report_to: str | None = None, checkpoint_minutes: float = 5.0,
+            **options) -> Path:
     """Unlearn `forget` from `model` with `method` (one stage) or `recipe`, and write the result to `out`.
 
     `model` is a model folder or a backbone object (trained in place); `forget`/`retain`/`anchor` are
@@ -86,7 +87,13 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     `shards=k` draws each process's batch as k equal shards, shard j of process p from the
     generator of (seed, step, p·k + j): one process with `shards=N` and N times the batch draws
     exactly the samples that N processes draw, which is how data-parallel exactness is tested.
+    `checkpoint_minutes`: a checkpoint is also written after this much wall time since the last one.
     """
+    if not checkpoint_minutes > 0:
+        raise EraseError(f"--checkpoint-minutes must be a positive number, got {checkpoint_minutes}")
+    if isinstance(forget, str) and forget.strip().lower() in METHODS:
+        raise EraseError(f"--forget {forget} is a method, not what to erase: give it with --method, and the class "
+                         "or concept with --forget")
     old_terms, teacher_path = terms_from_options(options)  # --ema-decay, --retain-target, ... (deprecated)
     if (method is None) == (recipe is None):
         raise EraseError("give a method (--method) or a recipe (--recipe), not both")
@@ -111,7 +118,7 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
                                                   "anchor_in_retain": anchor_in_retain}.items() if v is not None}}
     return run_recipe(model, recipe, out, request, overrides=options, teacher_path=teacher_path, resume=resume,
                       keep_checkpoints=keep_checkpoints, stop_after=stop_after, progress=progress,
-                      overwrite=overwrite, shards=shards, report_to=report_to)
+                      overwrite=overwrite, shards=shards, report_to=report_to, checkpoint_minutes=checkpoint_minutes)
 
 
 class RecipeRun:
@@ -122,6 +129,7 @@ class RecipeRun:
         self.model, self.recipe, self.out, self.stages = model, recipe, out, stages
         self.accelerator, self.shards, self.teacher_path = accelerator, shards, teacher_path
         self.single = len(stages) == 1
+        self.adapter = None  # a single stage trained as a LoRA (its Training, after the merge)
         self.ckpt_root = out.with_name(out.name + "-checkpoints")
         self.groups = [resolve_params(model, config.params, method.params_preference_for(model))
                        for method, config, _, _ in stages]  # before any data is generated
@@ -166,7 +174,7 @@ class RecipeRun:
 def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, overrides: dict | None = None,
                teacher_path: str | None = None, resume: bool = True, keep_checkpoints: bool = False,
                stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
-               report_to: str | None = None) -> Path:
+               report_to: str | None = None, checkpoint_minutes: float = 5.0) -> Path:
     """Run every stage of `recipe` on `model`; see `unlearn` for the arguments."""
     from accelerate import Accelerator
 
@@ -197,7 +205,8 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     for i in range(len(stages)):
         if stop_after is not None and steps_before >= stop_after:  # stopped between two stages
             return run.stage_dir(i - 1) / "done"
-        result = run_stage(run, i, request, base_model, mixed, steps_before, stop_after, progress, bool(trackers))
+        result = run_stage(run, i, request, base_model, mixed, steps_before, stop_after, progress, bool(trackers),
+                           checkpoint_minutes)
         if isinstance(result, Path):  # stopped early
             return result
         finished.append(result)
@@ -211,7 +220,7 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
         history = finished[0][1] if run.single else [{"stage": i, **e} for i, (_, h) in enumerate(finished, 1)
                                                       for e in h]
         write_output(out, model, changed, summary, history, recipe=None if run.single else recipe,
-                     stages=() if run.single else finished)
+                     stages=() if run.single else finished, adapter=run.adapter)
         if not keep_checkpoints:
             shutil.rmtree(run.ckpt_root, ignore_errors=True)
         logger.info("%s: saved %s (%d steps, %.1f s)", recipe.name, out, summary["steps"], summary["wall_time_s"])
@@ -220,7 +229,7 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
 
 
 def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str, steps_before: int,
-              stop_after: int | None, show: bool, trackers: bool):
+              stop_after: int | None, show: bool, trackers: bool, checkpoint_minutes: float = 5.0):
     """Stage i: (record, loss history), taken from its `done/` folder when an earlier run finished it;
     or the checkpoint path when `stop_after` falls inside it."""
     method, config, terms, data_options = run.stages[i]
@@ -245,10 +254,13 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
     end = config.steps if stop_after is None else max(0, min(stop_after - steps_before, config.steps))
     run_steps(t, progress, end, accelerator, shards=run.shards, ckpt_dir=folder,
               checkpoint=lambda step: save_state(folder, step, t, progress, record_keys),
-              stop_after=None if stop_after is None else stop_after - steps_before, trackers=trackers, show=show)
+              stop_after=None if stop_after is None else stop_after - steps_before, trackers=trackers, show=show,
+              checkpoint_minutes=checkpoint_minutes)
     if end < config.steps:
         return latest_checkpoint(folder)
     finish(t, accelerator)
+    if run.single and t.lora is not None:  # the whole run's change is this adapter: saved with the outputs
+        run.adapter = t
     changed = run.changed()
     record = stage_record(t, progress, sum(1 for n in changed if n in t.params), base_model, accelerator.device,
                           mixed, accelerator.num_processes)

@@ -26,8 +26,9 @@ from ..methods import Method, MethodConfig
 from ..methods.base import Batch, StepContext
 from ..methods.losses import reference_prediction
 from ..unlearn_data import UnlearnData, sampling_paths
-from ..utils import EraseError, logger
+from ..utils import EraseError, logger, progress_off
 from .data import draw_shards
+from ..lora import LoraTraining
 from .terms import Terms, new_average, new_robust
 
 LOSS_WINDOW = 10  # the final losses are averaged over this many last steps
@@ -107,6 +108,8 @@ class Training:
     average: Any = None  # diffusers' EMAModel (the weight-average term)
     robust: Any = None  # erase.robust.AdversarialCondition (the robustness term)
     paths_seconds: float | None = None
+    lora: Any = None  # erase.lora.LoraTraining: the adapter trained in place of the group's weights
+    adapter: dict | None = None  # its PEFT state dict, taken when it is merged at the end
 
 
 def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data: UnlearnData, group: str,
@@ -129,6 +132,9 @@ def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data
     if config.lr is None:  # a method whose learning rate depends on the parameter group (esd)
         config = dataclasses.replace(config, lr=method.default_lr(group, model))
     params = select_parameters(model, group)
+    lora = LoraTraining(model, params, group, config.lora_rank, config.lora_alpha, config.seed) if config.lora_rank else None
+    if lora is not None:  # the adapter's parameters are what the method trains
+        params = lora.params
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay)
     algo = method(model, config, data, params)
     algo.setup()  # on the stage's first weights: a resume then restores the trained ones
@@ -136,7 +142,7 @@ def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data
                     StepContext(accelerator, optimizer, list(params.values()), config.grad_clip), split,
                     teacher=frozen, paths_seconds=paths_seconds,
                     average=new_average(params, terms.average) if terms.average else None,
-                    robust=new_robust(model, terms.robust, config.seed) if terms.robust else None)
+                    robust=new_robust(model, terms.robust, config.seed) if terms.robust else None, lora=lora)
 
 
 def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
@@ -155,22 +161,26 @@ def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
 
 
 def run_steps(t: Training, progress: Progress, end: int, accelerator, *, shards: int, ckpt_dir,
-              checkpoint: Callable[[int], None], stop_after: int | None, trackers: bool, show: bool) -> Progress:
+              checkpoint: Callable[[int], None], stop_after: int | None, trackers: bool, show: bool,
+              checkpoint_minutes: float = 5.0) -> Progress:
     """Steps `progress.step` to `end`; losses read every LOG_EVERY steps, checkpoints every
-    `checkpoint_every` steps and at `stop_after`."""
+    `checkpoint_every` steps, after `checkpoint_minutes` of wall time since the last one (so that an
+    interrupt loses minutes, whatever the step count) and at `stop_after`."""
     from tqdm.auto import tqdm
 
     steps = t.config.steps
     bar = tqdm(range(progress.step, end), initial=progress.step, total=steps, desc=t.method.name,
-               disable=not (show and accelerator.is_local_main_process))
+               disable=not (show and accelerator.is_local_main_process) or progress_off())
     # Losses stay on the device and are read every LOG_EVERY steps (and before each checkpoint):
     # reading them every step would make the host wait for the GPU at every step.
     pending: list[tuple[int, dict]] = []
     start, interval_start = progress.step, time.perf_counter()
+    last_save = interval_start
     for step in bar:
         pending.append((step, one_step(t, step, accelerator, shards)))
         done = progress.step = step + 1
-        checkpoint_now = done == stop_after or (done % t.config.checkpoint_every == 0 and done < steps)
+        checkpoint_now = done == stop_after or (done < steps and (
+            done % t.config.checkpoint_every == 0 or time.perf_counter() - last_save >= 60 * checkpoint_minutes))
         # The first step is read on its own: its warm-up (allocation, kernel choice) stays out of the
         # intervals whose times give the median seconds per step.
         if not (checkpoint_now or done % LOG_EVERY == 0 or done == end or done == start + 1):
@@ -193,6 +203,7 @@ def run_steps(t: Training, progress: Progress, end: int, accelerator, *, shards:
         bar.set_postfix({k: f"{v:.4g}" for k, v in progress.recent[-1].items()}, refresh=False)
         if accelerator.is_main_process and checkpoint_now:
             checkpoint(done)
+            last_save = time.perf_counter()
         interval_start = time.perf_counter()
     bar.close()
     return progress
@@ -217,4 +228,6 @@ def finish(t: Training, accelerator) -> None:
     if not all(torch.isfinite(p).all() for p in t.params.values()):
         raise EraseError(f"{t.method.name}: the final weights are not finite: the run diverged. "
                          f"Lower --lr (now {t.config.lr}) or --steps.")
+    if t.lora is not None:  # merged into the weights: the outputs are a full fine-tuning's, plus the adapter
+        t.adapter, t.params = t.lora.merge()
     logger.debug("%s: finished", t.method.name)

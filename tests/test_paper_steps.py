@@ -1,0 +1,465 @@
+"""One step of each method against its paper's update, written out here in plain torch.
+
+Every test builds a tiny class-conditional DDPM and one fixed batch, lets the method take one step
+with plain SGD (so the parameter update is exactly `−lr ×` the gradient the method formed), and
+recomputes the loss and the update from the paper's formula on a copy of the same network, calling
+the UNet directly: none of the method's helpers (`erase.methods.losses`) is used for the expected
+values. A change to any method's update makes its test fail.
+
+Notation as in docs/methods.md: `ε_θ(x_t, t, c)` is the trained UNet, `ε_0` the frozen original,
+`x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε`. Where a method keeps a frozen copy, the live weights are
+nudged after `setup()`, so that the test tells "the frozen original" from "the current model".
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from erase.backbones import ClassConditionalDDPM
+from erase.backbones.base import Condition
+from erase.methods import METHODS
+from erase.methods.base import Batch, StepContext
+from erase.methods.losses import Noised
+from erase.unlearn_data import UnlearnData
+from erase.utils import step_generator
+
+from conftest import DIGIT_NAMES
+
+LR = 0.05  # plain SGD: the update is −LR × the method's gradient
+FORGET, ANCHOR, RETAIN = 3, 4, (0, 1, 5, 7)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures in conftest.py
+
+
+class OneProcess:
+    """The accelerator's part a method step uses, for one process without mixed precision."""
+
+    num_processes = 1
+
+    @staticmethod
+    def backward(loss):
+        loss.backward()
+
+
+def tiny_ddpm() -> ClassConditionalDDPM:
+    torch.manual_seed(0)
+    return ClassConditionalDDPM.create(DIGIT_NAMES, image_size=8, channels=1, block_out_channels=(8, 16),
+                                       attention_levels=(False, True), norm_num_groups=4)
+
+
+def labels(*classes) -> torch.Tensor:
+    return torch.tensor(classes, dtype=torch.long)
+
+
+def noise_batch(model, x0, classes, t, noise, anchor=None) -> Noised:
+    """x_t by the formula (not the scheduler), as the method receives it."""
+    abar = model.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    return Noised(x0, Condition(class_labels=classes), noise, t, x_t, noise,
+                  None if anchor is None else Condition(class_labels=anchor))
+
+
+def fixed_batch(model) -> Batch:
+    g = torch.Generator().manual_seed(1)
+    x_f, x_r = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    n_f, n_r = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    forget = noise_batch(model, x_f, labels(*[FORGET] * 4), torch.tensor([10, 300, 600, 900]), n_f,
+                         anchor=labels(*[ANCHOR] * 4))
+    retain = noise_batch(model, x_r, labels(*RETAIN), torch.tensor([50, 250, 700, 980]), n_r)
+    return Batch(forget, retain, step=0)
+
+
+def tiny_data(model) -> UnlearnData:
+    g = torch.Generator().manual_seed(2)
+    return UnlearnData(torch.randn(6, 1, 8, 8, generator=g), Condition(class_labels=labels(*[FORGET] * 6)),
+                       Condition(class_labels=labels(*[ANCHOR] * 6)), torch.randn(18, 1, 8, 8, generator=g),
+                       Condition(class_labels=labels(*RETAIN * 5)[:18]))
+
+
+def make(name, model=None, nudge=True, **options):
+    """The method on a tiny model after `setup()`, with `θ` (the weights the step starts from) and
+    `θ_0` (the original, which its frozen copy holds)."""
+    model = model or tiny_ddpm()
+    params = dict(model.unet.named_parameters())
+    config = METHODS[name].Config(**{"grad_clip": 0.0, **options})
+    method = METHODS[name](model, config, tiny_data(model), params)
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    method.setup()
+    if nudge:  # θ ≠ θ_0 from here on
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(1e-2 * torch.randn(p.shape, generator=g))
+    theta = {n: p.detach().clone() for n, p in params.items()}
+    return method, model, theta0, theta
+
+
+def take_step(method, batch):
+    params = list(method.params.values())
+    ctx = StepContext(OneProcess(), torch.optim.SGD(params, lr=LR), params, grad_clip=0.0)
+    logs = method.step(batch, ctx)
+    return logs, {n: p.detach().clone() for n, p in method.params.items()}
+
+
+def eps(unet, weights, x_t, t, classes):
+    """The UNet's noise prediction with `weights` (plain torch: functional_call of the module)."""
+    return functional_call(unet, weights, (x_t, t), {"class_labels": classes}).sample
+
+
+def mse(a, b):
+    return ((a - b) ** 2).mean()
+
+
+def grad_of(loss_fn, theta):
+    """(loss, ∇loss) at `theta` (a dict of tensors) by autograd."""
+    leaves = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
+    loss = loss_fn(leaves)
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), {n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)}
+
+
+def assert_update(after, theta, grads, scale=LR, mask=None):
+    moved = False
+    for n in theta:
+        expected = theta[n] - scale * grads[n] * (1 if mask is None else mask[n])
+        torch.testing.assert_close(after[n], expected, rtol=1e-4, atol=1e-7, msg=lambda m: f"{n}: {m}")
+        moved = moved or not torch.equal(after[n], theta[n])
+    assert moved, "the step moved no weight"
+
+
+def cond(b: Noised) -> torch.Tensor:
+    return b.cond.tensors["class_labels"]
+
+
+def anchor(b: Noised) -> torch.Tensor:
+    return b.anchor.tensors["class_labels"]
+
+
+def null(model, n) -> torch.Tensor:
+    return torch.full((n,), model.null_class, dtype=torch.long)
+
+
+# -- baselines -------------------------------------------------------------------------------------
+
+
+def test_finetune_descends_on_the_retain_denoising_loss():
+    method, model, _, theta = make("finetune", nudge=False)
+    batch = fixed_batch(model)
+    r = batch.retain
+    loss, grads = grad_of(lambda w: mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r))), theta)
+    logs, after = take_step(method, batch)
+    assert logs["retain"].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+
+
+def test_ga_ascends_on_forget_and_descends_on_retain():
+    method, model, _, theta = make("ga", nudge=False, alpha=0.7)
+    batch = fixed_batch(model)
+    f, r = batch.forget, batch.retain
+
+    def loss(w):  # −‖ε − ε_θ(x_f, c_f)‖² + α‖ε − ε_θ(x_r, c_r)‖²
+        return (-mse(f.noise, eps(model.unet, w, f.x_t, f.t, cond(f)))
+                + 0.7 * mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r))))
+
+    value, grads = grad_of(loss, theta)
+    logs, after = take_step(method, batch)
+    assert (-logs["forget"] + 0.7 * logs["retain"]).item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+
+
+def rl_loss(model, theta, batch, alpha):
+    """SalUn's RL: ‖ε_θ(x_f, c_f) − sg ε_θ(x_f, c_a)‖² + α‖ε − ε_θ(x_r, c_r)‖²."""
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        target = eps(model.unet, theta, f.x_t, f.t, anchor(f))
+    return lambda w: (mse(eps(model.unet, w, f.x_t, f.t, cond(f)), target)
+                      + alpha * mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r))))
+
+
+def test_rl_remaps_to_the_current_models_anchor_prediction():
+    method, model, _, theta = make("rl", alpha=2.0)
+    batch = fixed_batch(model)
+    value, grads = grad_of(rl_loss(model, theta, batch, 2.0), theta)
+    logs, after = take_step(method, batch)
+    assert (logs["remap"] + 2.0 * logs["retain"]).item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+
+
+# -- SalUn: the saliency mask and the masked step --------------------------------------------------
+
+
+def mask_draws(model, data, batch_size, seed=0):
+    """The forget batches of the mask pass with their draws (the method's stream, in its order)."""
+    g = step_generator(seed, 1 << 40)
+    x0, classes = data.forget_x0, data.forget_cond.tensors["class_labels"]
+    out = []
+    for start in range(0, len(x0), batch_size):
+        xb, cb = x0[start:start + batch_size], classes[start:start + batch_size]
+        t = model.draw_timesteps(len(xb), g, False)
+        noise = torch.randn(xb.shape, generator=g)
+        out.append(noise_batch(model, xb, cb, t, noise))
+    return out
+
+
+def top_share(saliency, ratio):
+    flat = torch.cat([s.flatten() for s in saliency.values()])
+    k = max(1, round(ratio * flat.numel()))
+    threshold = flat.sort(descending=True).values[k - 1]
+    return {n: (s >= threshold).float() for n, s in saliency.items()}
+
+
+@pytest.mark.parametrize("mode", ["conditional", "authors-ddpm", "authors-sd"])
+def test_salun_mask_is_the_stated_saliency(mode):
+    """conditional: Σ_b |∇ mean‖ε − ε_θ(c_f)‖²|; authors-ddpm: Σ_b |clip(∇ Σ_pixels‖ε − ε̃_θ‖²)| with
+    ε̃ = (1 + w)ε_θ(c_f) − wε_θ(∅), w = 2; authors-sd: |Σ_b ∇ mean‖ε − ε̃_θ‖²|, w = 7.5."""
+    clip = 1e-3  # small enough to bind on every batch, so the clip changes each batch's weight
+    method, model, theta0, _ = make("salun", nudge=False, saliency=mode, mask_ratio=0.3, mask_batch_size=4,
+                                    grad_clip=clip)
+    w = {"authors-ddpm": 2.0, "authors-sd": 7.5}.get(mode)
+    total = {n: torch.zeros_like(v) for n, v in theta0.items()}
+    for b in mask_draws(model, method.data, 4):
+        def loss(weights, b=b):
+            e_c = eps(model.unet, weights, b.x_t, b.t, cond(b))
+            if mode == "conditional":
+                return mse(b.noise, e_c)
+            e_u = eps(model.unet, weights, b.x_t, b.t, null(model, len(b.x_t)))
+            err = (b.noise - ((1 + w) * e_c - w * e_u)) ** 2
+            return err.sum(dim=(1, 2, 3)).mean() if mode == "authors-ddpm" else err.mean()
+
+        _, g = grad_of(loss, theta0)
+        if mode == "authors-ddpm":
+            norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
+            assert norm > clip
+            g = {n: v * min(1.0, clip / (norm.item() + 1e-6)) for n, v in g.items()}
+        for n in total:
+            total[n] += g[n] if mode == "authors-sd" else g[n].abs()
+    expected = top_share({n: v.abs() for n, v in total.items()}, 0.3)
+    agree = sum((expected[n] == method.mask[n]).sum().item() for n in expected)
+    assert agree == sum(v.numel() for v in expected.values())
+
+
+def test_salun_masks_differ_by_mode():
+    masks = {}
+    for mode in ("conditional", "authors-ddpm", "authors-sd"):
+        method, *_ = make("salun", nudge=False, saliency=mode, mask_ratio=0.5, mask_batch_size=3)
+        masks[mode] = torch.cat([m.flatten() for m in method.mask.values()]).bool()
+    for other in ("authors-ddpm", "authors-sd"):
+        shared = (masks["conditional"] & masks[other]).sum().item() / masks["conditional"].sum().item()
+        assert 0 < shared < 1
+
+
+def test_salun_step_is_rl_restricted_to_the_mask():
+    method, model, _, theta = make("salun", alpha=2.0, mask_ratio=0.4)
+    batch = fixed_batch(model)
+    value, grads = grad_of(rl_loss(model, theta, batch, 2.0), theta)
+    logs, after = take_step(method, batch)
+    assert (logs["remap"] + 2.0 * logs["retain"]).item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads, mask=method.mask)
+    assert not any(((after[n] != theta[n]) & (method.mask[n] == 0)).any() for n in theta)  # none outside moved
+    assert 0 < sum(m.sum().item() for m in method.mask.values()) < sum(m.numel() for m in method.mask.values())
+
+
+# -- ESD ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_esd_learns_the_originals_negatively_guided_noise(eta):
+    method, model, theta0, theta = make("esd", eta=eta)
+    batch = fixed_batch(model)
+    f = batch.forget
+    with torch.no_grad():  # ESD: ε_0(∅) − η(ε_0(c_f) − ε_0(∅)), from the frozen original
+        e_u = eps(model.unet, theta0, f.x_t, f.t, null(model, 4))
+        e_c = eps(model.unet, theta0, f.x_t, f.t, cond(f))
+        target = e_u - eta * (e_c - e_u)
+        # The authors' current script writes ε_0(c) − η'(ε_0(c) − ε_0(∅)): the same target at η' = η + 1.
+        torch.testing.assert_close(e_c - (eta + 1) * (e_c - e_u), target)
+    value, grads = grad_of(lambda w: mse(eps(model.unet, w, f.x_t, f.t, cond(f)), target), theta)
+    batch = Batch(f, None, 0)
+    logs, after = take_step(method, batch)
+    assert logs["esd"].item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+
+
+# -- surgery -----------------------------------------------------------------------------------------
+
+
+def surgery_parts(model, theta0, theta, batch):
+    """g_f = ∇‖ε_θ(c_f) − sg ε_0(c_a)‖², g_r = ∇‖ε − ε_θ(c_r)‖², and ⟨g_r, g_f⟩, ‖g_r‖²."""
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        target = eps(model.unet, theta0, f.x_t, f.t, anchor(f))
+    lf, g_f = grad_of(lambda w: mse(eps(model.unet, w, f.x_t, f.t, cond(f)), target), theta)
+    lr_, g_r = grad_of(lambda w: mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r))), theta)
+    dot = sum((g_r[n] * g_f[n]).sum() for n in theta).item()
+    norm2 = sum((g_r[n] ** 2).sum() for n in theta).item()
+    return lf, lr_, g_f, g_r, dot, norm2
+
+
+@pytest.mark.parametrize("slack", ["none", "binding"])
+def test_surgery_projects_the_forget_gradient(slack):
+    """Step along g_f + λ* g_r, λ* = max(0, (−⟨g_r, g_f⟩ − ε)/‖g_r‖²)."""
+    method, model, theta0, theta = make("surgery")
+    batch = fixed_batch(model)
+    lf, lr_, g_f, g_r, dot, norm2 = surgery_parts(model, theta0, theta, batch)
+    # ε above −⟨g_r, g_f⟩ leaves λ* = 0; below it the constraint binds (λ* > 0).
+    e = -dot + abs(dot) + 1e-3 * norm2 if slack == "none" else -dot - abs(dot) - 1e-3 * norm2
+    method.config.eps = e
+    lam = max(0.0, (-dot - e) / norm2)
+    assert (lam == 0) == (slack == "none")
+    logs, after = take_step(method, batch)
+    assert logs["remap"].item() == pytest.approx(lf.item(), rel=1e-5)
+    assert logs["retain"].item() == pytest.approx(lr_.item(), rel=1e-5)
+    assert logs["lambda"].item() == pytest.approx(lam, rel=1e-4, abs=1e-8)
+    assert_update(after, theta, {n: g_f[n] + lam * g_r[n] for n in theta})
+
+
+# -- MOX -----------------------------------------------------------------------------------------------
+
+
+def test_mox_memorizes_then_extrapolates_from_the_original():
+    """θ_m ← θ − lr∇[‖ε − ε_θ(c_f)‖² + γ‖ε_θ(c_r) − ε_0(c_r)‖²]; θ_u = θ_0 + α(θ_0 − θ_m)."""
+    method, model, theta0, theta = make("mox", alpha=2.5, gamma=4.0, weight_decay=0.0)
+    batch = fixed_batch(model)
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        keep = eps(model.unet, theta0, r.x_t, r.t, cond(r))
+    value, grads = grad_of(lambda w: mse(f.noise, eps(model.unet, w, f.x_t, f.t, cond(f)))
+                           + 4.0 * mse(eps(model.unet, w, r.x_t, r.t, cond(r)), keep), theta)
+    logs, after = take_step(method, batch)
+    assert (logs["memorize"] + 4.0 * logs["consistency"]).item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+    method.finish()
+    for n, p in method.params.items():
+        torch.testing.assert_close(p.detach(), theta0[n] + 2.5 * (theta0[n] - after[n]), rtol=1e-4, atol=1e-6)
+
+
+# -- ∇τ ----------------------------------------------------------------------------------------------------
+
+
+def test_gradtau_squared_hinge_with_decaying_alpha():
+    """α_k ReLU(L_ref − L_f)² + (1 − α_k) L_r, α_k = α_0(1 − k/K), lr × (1 − 0.9 k/K)."""
+    method, model, _, theta = make("gradtau", alpha0=0.6, steps=4, ref_every=100)
+    batch = fixed_batch(model)
+    batch.step = 1  # not a re-estimation step: L_ref is the one set here
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        l_f = mse(f.noise, eps(model.unet, theta, f.x_t, f.t, cond(f))).item()
+    method.l_ref = l_ref = 1.5 * l_f  # above L_f: the hinge is active
+    a = 0.6 * (1 - 1 / 4)
+
+    def loss(w):
+        forget = mse(f.noise, eps(model.unet, w, f.x_t, f.t, cond(f)))
+        return a * torch.relu(l_ref - forget) ** 2 + (1 - a) * mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r)))
+
+    value, grads = grad_of(loss, theta)
+    logs, after = take_step(method, batch)
+    got = a * max(0.0, l_ref - logs["forget"].item()) ** 2 + (1 - a) * logs["retain"].item()
+    assert got == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+    assert method.lr_scale(1) == pytest.approx(1 - 0.9 / 4)
+    method.l_ref = 0.5 * l_f  # below L_f: the ascent term stops by itself, only the retain term is left
+    with torch.no_grad():
+        retain_after = mse(r.noise, eps(model.unet, after, r.x_t, r.t, cond(r))).item()
+    assert method.loss(batch)[0].item() == pytest.approx((1 - a) * retain_after, rel=1e-4)
+
+
+def test_gradtau_reference_level_is_the_originals_null_condition_loss():
+    """L_ref = ref_scale × ‖ε − ε_0(x_t, t, ∅)‖² on forget images (the draws are the method's stream)."""
+    method, model, theta0, _ = make("gradtau", ref_scale=3.0, ref_batches=1, batch_size=8)
+    g = step_generator(method.config.seed, 1 << 41, 0)
+    data = method.data
+    idx = torch.randint(len(data.forget_x0), (4,), generator=g)
+    t = model.draw_timesteps(4, g, False)
+    noise = torch.randn((4, 1, 8, 8), generator=g)
+    b = noise_batch(model, data.forget_x0[idx], null(model, 4), t, noise)
+    with torch.no_grad():
+        expected = 3.0 * mse(noise, eps(model.unet, theta0, b.x_t, t, null(model, 4))).item()
+    assert method.estimate_reference(0) == pytest.approx(expected, rel=1e-5)
+
+
+# -- LUR -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["forget-first", "retain-first"])
+def test_lur_look_ahead_objective(order):
+    """forget-first: θ' = θ − a∇L_f(θ), objective L_f(θ) + β L_r(θ'); retain-first swaps the roles."""
+    method, model, _, theta = make("lur", inner_lr=0.3, beta=0.8, order=order)
+    batch = fixed_batch(model)
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        target = eps(model.unet, theta, f.x_t, f.t, anchor(f))
+
+    def l_f(w):
+        return mse(eps(model.unet, w, f.x_t, f.t, cond(f)), target)
+
+    def l_r(w):
+        return mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r)))
+
+    inner, outer = (l_f, l_r) if order == "forget-first" else (l_r, l_f)
+
+    def objective(w):
+        first = inner(w)
+        g = torch.autograd.grad(first, list(w.values()), create_graph=True, allow_unused=True)
+        ahead = {n: v if gi is None else v - 0.3 * gi for (n, v), gi in zip(w.items(), g)}
+        return (first + 0.8 * outer(ahead)) if order == "forget-first" else (0.8 * first + outer(ahead))
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+        value, grads = grad_of(objective, theta)
+    logs, after = take_step(method, batch)
+    if order == "forget-first":
+        got = logs["remap"] + 0.8 * logs["retain"]
+    else:
+        got = 0.8 * logs["retain"] + logs["remap"]
+    assert got.item() == pytest.approx(value.item(), rel=1e-5)
+    assert_update(after, theta, grads)
+
+
+# -- EUPMU ------------------------------------------------------------------------------------------------
+
+
+def adam_first_step(w, grad, lr, weight_decay):
+    """torch.optim.Adam's first step (weight decay added to the gradient, bias-corrected moments)."""
+    g = grad + weight_decay * w
+    return w - lr * g / (math.sqrt(g * g) + 1e-8)
+
+
+@pytest.mark.parametrize("variant", ["ours", "authors"])
+def test_eupmu_log_objective_and_dual_step(variant):
+    """w log L_r + log L_f (authors: divided by 1 + w, remap to the current model's anchor, w unclamped),
+    then δ = log L_r(before) − log L_r(after) − ε and one Adam step on w with gradient δ."""
+    authors = variant == "authors"
+    options = dict(target="current", normalize=True, w_nonnegative=False) if authors else {}
+    method, model, theta0, theta = make("eupmu", eps=-5.0, w_lr=0.9, **options)
+    w0 = 0.4
+    with torch.no_grad():
+        method.w.fill_(w0)
+    batch = fixed_batch(model)
+    f, r = batch.forget, batch.retain
+    with torch.no_grad():
+        target = eps(model.unet, theta if authors else theta0, f.x_t, f.t, anchor(f))
+
+    def objective(w):
+        l_f = mse(eps(model.unet, w, f.x_t, f.t, cond(f)), target)
+        l_r = mse(r.noise, eps(model.unet, w, r.x_t, r.t, cond(r)))
+        total = w0 * torch.log(l_r) + torch.log(l_f)
+        return total / (1 + w0) if authors else total
+
+    _, grads = grad_of(objective, theta)
+    with torch.no_grad():
+        l_f = mse(eps(model.unet, theta, f.x_t, f.t, cond(f)), target).item()
+        before = mse(r.noise, eps(model.unet, theta, r.x_t, r.t, cond(r))).item()
+    logs, after = take_step(method, batch)
+    assert logs["remap"].item() == pytest.approx(l_f, rel=1e-5)
+    assert logs["retain"].item() == pytest.approx(before, rel=1e-5)
+    assert_update(after, theta, grads)
+    with torch.no_grad():
+        later = mse(r.noise, eps(model.unet, after, r.x_t, r.t, cond(r))).item()
+    delta = math.log(before) - math.log(later) + 5.0
+    w1 = adam_first_step(w0, delta, 0.9, 0.01)
+    assert w1 < 0  # ε < 0 drives w below zero here: the projection matters
+    assert logs["w"].item() == pytest.approx(w1 if authors else max(0.0, w1), rel=1e-5, abs=1e-7)
