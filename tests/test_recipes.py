@@ -155,7 +155,7 @@ def test_method_config_holds_no_term():
     assert not {f.name for f in fields(MethodConfig)} & set(LEGACY_OPTIONS)
 
 
-def test_unlearn_help_lists_at_most_29_options_and_hides_the_deprecated_ones(capsys):
+def test_unlearn_help_lists_at_most_28_options_and_hides_the_deprecated_ones(capsys):
     import argparse
 
     from erase.cli import build_parser
@@ -166,7 +166,7 @@ def test_unlearn_help_lists_at_most_29_options_and_hides_the_deprecated_ones(cap
     text = capsys.readouterr().out
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["unlearn"]
     shown = [a for a in sub._actions if a.help != argparse.SUPPRESS]
-    assert len(shown) <= 29, [a.option_strings for a in shown]  # 28, and --checkpoint-minutes
+    assert len(shown) <= 28, [a.option_strings for a in shown]
     assert "--recipe" in text and "--ema-decay" not in text and "--adversarial-every" not in text
     hidden = [a for a in sub._actions if a.help == argparse.SUPPRESS]
     assert {s for a in hidden for s in a.option_strings} >= {"--ema-decay", "--retain-target", "--adversarial-radius"}
