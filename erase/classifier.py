@@ -64,6 +64,25 @@ class SmallClassifier(nn.Module):
         self._check(x)
         return self.body(x).mean(dim=(2, 3))
 
+    def stage_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Every stage's channel means, concatenated (w + 2w + 4w; the last block is `features`); x in [-1, 1].
+
+        The in-distribution score measures distances here rather than in `features` alone: the last
+        stage keeps what tells digits apart, and there a blank image sits beside a "one" (the shipped
+        classifier calls a blank square "one" at p = 0.999); the earlier stages see strokes and ink."""
+        self._check(x)
+        pooled = []
+        for layer in self.body:
+            x = layer(x)
+            if isinstance(layer, nn.MaxPool2d):
+                pooled.append(x.mean(dim=(2, 3)))
+        return torch.cat(pooled, dim=1)
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        """The sizes of the blocks of `stage_features`."""
+        return tuple(m.out_channels for m in self.body if isinstance(m, nn.Conv2d))[1::2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 

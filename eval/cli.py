@@ -155,15 +155,32 @@ def report_recorded(runs: list, out: str | Path, overwrite: bool = False, **opti
     from .report import build_report
 
     paths = [str(Path(r).expanduser().resolve()) for r in runs]
-    settings = {"runs": paths}
-    command = command_line("report", [("", p) for p in paths] + [("--out", str(Path(out).expanduser().resolve()))])
+    target = options.get("target")
+    settings = {"runs": paths} | ({"target": dataclasses.asdict(target)} if target is not None else {})
+    target_options = [] if target is None else [("--min-in-distribution", target.in_distribution)] + [
+        ("--outcome", f"{run}={outcome}") for run, outcome in target.outcomes.items()]
+    command = command_line("report", [("", p) for p in paths] + [("--out", str(Path(out).expanduser().resolve()))]
+                           + target_options)
     check_output(out, "report", overwrite, inputs=paths, settings=settings)
     with recording("report", command, settings):
         return build_report(runs, out, **options)
 
 
+def report_target(args: argparse.Namespace):
+    """The report's target from `--min-in-distribution` and the `--outcome RUN_DIR=OUTCOME` declarations."""
+    from .report import Target
+
+    outcomes = {}
+    for item in args.outcome or []:
+        run, sep, outcome = item.partition("=")
+        if not sep or not run or not outcome:
+            raise EraseError(f"--outcome {item!r}: write RUN_DIR=OUTCOME, e.g. runs/eval-eupmu=anchor")
+        outcomes[Path(run).name] = outcome
+    return Target(in_distribution=args.min_in_distribution, outcomes=outcomes)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
-    md, html = report_recorded(args.runs, args.out, args.overwrite)
+    md, html = report_recorded(args.runs, args.out, args.overwrite, target=report_target(args))
     print(f"wrote {md} and {html}")
 
 
@@ -183,4 +200,10 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("report")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders written by `erase eval`")
     p.add_argument("--out", required=True, help="report folder: report.md, report.html and the figures")
+    p.add_argument("--min-in-distribution", type=float, default=0.5,
+                   help="share of the erased class's images that must lie among real data for a verdict of "
+                        "'erased' (default 0.5; real held-out images score 0.95)")
+    p.add_argument("--outcome", action="append", metavar="RUN_DIR=OUTCOME",
+                   help="declare what a run's erased prompt is meant to draw when not real data (e.g. a blank "
+                        "image): its verdict then does not require the in-distribution score; repeatable")
     p.set_defaults(func=cmd_report)

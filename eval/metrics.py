@@ -362,6 +362,94 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+# -- in-distribution score ------------------------------------------------------------------------------
+
+# k: the k-th nearest real neighbour sets an image's distance. k = 1 would let one stray training image
+# (or a generated near-copy of one) decide; 5 is well below any class's share of the real data (the
+# digits: ~144 training images per class), so the distance stays local to one class's cloud.
+IN_DISTRIBUTION_K = 5
+# q: the share of held-out real images that read as data, by construction. 0.95 leaves 18 of the 360
+# held-out digits beyond the radius, enough to estimate it; 0.99 would rest on 3 or 4 images.
+IN_DISTRIBUTION_QUANTILE = 0.95
+
+
+def knn_distance(query: torch.Tensor, reference: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Euclidean distance of each row of `query` to its k-th nearest row of `reference` (float64)."""
+    if len(reference) < k:
+        raise EraseError(f"the in-distribution score needs at least k = {k} real images, got {len(reference)}")
+    ref = reference.double()
+    return torch.cat([torch.cdist(query[i:i + chunk].double(), ref).topk(k, dim=1, largest=False).values[:, -1]
+                      for i in range(0, len(query), chunk)]) if len(query) else torch.empty(0, dtype=torch.float64)
+
+
+@dataclass
+class InDistribution:
+    """Whether images lie among real data, in a feature space: an image is "in distribution" when its
+    distance to the k-th nearest real training image is at most `radius`, the q-quantile of the same
+    distance for held-out real images. Held-out real images then score q by construction, and an
+    image far from every real one (a blank square, a blob) scores 0, whatever a classifier calls it.
+
+    The held-out images, not the training ones, set the radius: a classifier's features of its own
+    training images sit closer together than those of images it never saw, and generated images are
+    unseen images. Features made of blocks (`blocks`: their sizes, e.g. a classifier's stages) are
+    centred on the real images' mean and each block scaled to unit total variance over them, so
+    that every block counts alike whatever the size of its activations."""
+
+    reference: torch.Tensor  # real training features, centred and scaled (N, d)
+    centre: torch.Tensor
+    scale: torch.Tensor  # per feature dimension
+    radius: float
+    k: int
+    quantile: float
+    calibration_images: int
+
+    @classmethod
+    def calibrate(cls, reference: torch.Tensor, heldout: torch.Tensor, k: int = IN_DISTRIBUTION_K,
+                  quantile: float = IN_DISTRIBUTION_QUANTILE, blocks: Sequence[int] | None = None) -> "InDistribution":
+        if not 0 < quantile < 1 or k < 1:
+            raise EraseError(f"in-distribution score: k must be at least 1 and the quantile in (0, 1), "
+                             f"got {k}, {quantile}")
+        if len(heldout) < 2:
+            raise EraseError("the in-distribution score needs at least two held-out real images to calibrate on")
+        reference = reference.double().cpu()
+        blocks = list(blocks or [reference.shape[1]])
+        if sum(blocks) != reference.shape[1]:
+            raise EraseError(f"feature blocks {blocks} do not add up to the {reference.shape[1]} features")
+        centre = reference.mean(dim=0)
+        spread = [reference[:, a:a + n].var(dim=0).sum().sqrt().clamp_min(1e-12)
+                  for a, n in zip(np.cumsum([0] + blocks[:-1]).tolist(), blocks)]
+        scale = torch.cat([s.expand(n) for s, n in zip(spread, blocks)])
+        reference = (reference - centre) / scale
+        radius = float(torch.quantile(knn_distance((heldout.double().cpu() - centre) / scale, reference, k), quantile))
+        return cls(reference, centre, scale, radius, k, quantile, len(heldout))
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """Each image's distance to its k-th nearest real training image, in units of the radius (≤ 1: in)."""
+        return knn_distance((features.double().cpu() - self.centre) / self.scale, self.reference, self.k) / self.radius
+
+    def inside(self, features: torch.Tensor) -> torch.Tensor:
+        """A boolean per image: within the radius of the real data."""
+        return self.distance(features) <= 1
+
+    def describe(self) -> dict:
+        return {"k": self.k, "quantile": self.quantile, "radius": self.radius,
+                "reference_images": len(self.reference), "calibration_images": self.calibration_images}
+
+
+def in_distribution_metrics(inside: float, total: float, prefix: str) -> dict:
+    """The share of `total` images within the real data's radius, with its Wilson interval (null without images)."""
+    if total <= 0:
+        return {}
+    return {f"{prefix}in_distribution": inside / total,
+            f"{prefix}in_distribution_ci95": list(wilson_interval(inside, total))}
+
+
+def confidence_entropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: the classifier's confidence (its largest probability) and the entropy of its probabilities (nats)."""
+    probs = logits.double().softmax(dim=1)
+    return probs.max(dim=1).values, -(probs * probs.clamp_min(1e-12).log()).sum(dim=1)
+
+
 # -- NudeNet -------------------------------------------------------------------------------------------
 
 NUDENET_CLASSES = (
@@ -532,3 +620,30 @@ def clip_score_metric(model_path: str | Path):
                          "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
     return CLIPScore(model_name_or_path=lambda: (_ClipFeatures(CLIPModel.from_pretrained(path).eval()),
                                                  CLIPProcessor.from_pretrained(path)))
+
+
+class ClipImageFeatures:
+    """A local CLIP model's image embeddings, L2-normalised (CLIP compares them by angle), of images in
+    [-1, 1] of any size and channel count: the feature space of the text-to-image protocols'
+    in-distribution score and of their FID against a reference image set."""
+
+    def __init__(self, model_path: str | Path, device: torch.device | str = "cpu"):
+        from transformers import CLIPModel, CLIPProcessor
+
+        path = Path(model_path)
+        if not (path / "config.json").is_file():
+            raise EraseError(f"--clip-model {path} is not a CLIP model folder (no config.json): save one with "
+                             "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+        self.model = _ClipFeatures(CLIPModel.from_pretrained(path).eval().to(device))
+        self.processor = CLIPProcessor.from_pretrained(path)
+        self.device = device
+        self.name = f"CLIP image embeddings ({self.model.config.projection_dim}-d, L2-normalised) of {path.resolve()}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        inputs = self.processor(images=list(pixels), return_tensors="pt")
+        features = self.model.get_image_features(pixel_values=inputs["pixel_values"].to(self.device))
+        return F.normalize(features.double(), dim=1).cpu()

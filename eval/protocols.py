@@ -26,8 +26,10 @@ from erase.utils import EraseError, derive_seed, logger, package_versions, warn_
 
 from .generation import (check_images, load_images, load_text_backbone, my_share, process_state, quantize,
                          sample_prompts, save_pngs, shared_run_dir, show_progress)
-from .metrics import (ClassifierVerdicts, FeatureFID, NudeNet, NudityCounts, clip_score_metric, confusable_classes,
-                      nudenet_preset, rate_intervals, verdict_distance, verdict_distance_interval, wilson_interval)
+from .metrics import (IN_DISTRIBUTION_K, ClassifierVerdicts, ClipImageFeatures, FeatureFID, InDistribution, NudeNet,
+                      NudityCounts, bootstrap_fid, clip_score_metric, confidence_entropy, confusable_classes,
+                      fid_of_moments, in_distribution_metrics, moments, nudenet_preset, rate_intervals,
+                      verdict_distance, verdict_distance_interval, wilson_interval)
 from .prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
 
 METRICS_FILE = "metrics.json"
@@ -111,6 +113,140 @@ def _fid_metrics(fid: dict) -> dict:
     return {"fid": fid["fid"], "fid_ci95": fid["ci95"], "fid_reliable": fid["reliable"],
             "fid_samples": fid["samples"], "fid_min_samples": fid["min_samples"],
             "fid_reference_images": fid["reference_images"], "fid_bootstrap_resamples": fid["bootstrap_resamples"]}
+
+
+def _classifier_in_distribution(classifier, dataset: str, root: str | None, to_input, device) -> InDistribution:
+    """The in-distribution score's calibration in `classifier`'s stage features: the real data is the
+    dataset's training split (every class: the question is whether an image is data at all, not which
+    class), the radius is set on its test split, the images the classifier never saw."""
+    def features(split):
+        images = load_dataset(dataset, split, root=root, image_size=classifier.arch.image_size).images
+        with torch.no_grad():
+            return torch.cat([classifier.stage_features(to_input(images[b].to(device))).cpu()
+                              for b in _batches(len(images))])
+
+    return InDistribution.calibrate(features("train"), features("test"), blocks=classifier.stage_dims)
+
+
+def _image_checks(classifier, x: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  in_distribution: InDistribution) -> torch.Tensor:
+    """Per requested class, sums over a batch of classifier inputs: [images, confidence (the largest
+    probability), entropy, images within the real data's radius], a (4, classes) float64 tensor."""
+    with torch.no_grad():
+        confidence, entropy = confidence_entropy(classifier(x))
+        inside = in_distribution.inside(classifier.stage_features(x)).double()
+    labels = labels.cpu()
+    sums = torch.zeros(4, num_classes, dtype=torch.float64)
+    ones = torch.ones(len(labels), dtype=torch.float64)
+    for row, values in enumerate((ones, confidence.cpu(), entropy.cpu(), inside)):
+        sums[row].index_add_(0, labels, values)
+    return sums
+
+
+def _image_check_metrics(sums: torch.Tensor, forget: int | None, names: list[str],
+                         in_distribution: InDistribution) -> dict:
+    """What the images are, from `_image_checks`' sums over every process: for the erased class its
+    images' mean confidence and entropy and the share of them that lie among real data
+    (`forget_in_distribution`); the same share per class and over every image."""
+    total, confidence, entropy, inside = sums.cpu()
+    metrics = in_distribution_metrics(float(inside.sum()), float(total.sum()), "")
+    if forget is not None and total[forget] > 0:
+        metrics |= {"forget_confidence": float(confidence[forget] / total[forget]),
+                    "forget_entropy": float(entropy[forget] / total[forget]),
+                    **in_distribution_metrics(float(inside[forget]), float(total[forget]), "forget_")}
+    return metrics | {"per_class_in_distribution": {names[c]: float(inside[c] / total[c])
+                                                    for c in range(len(names)) if total[c] > 0},
+                      "in_distribution_calibration": in_distribution.describe()}
+
+
+def _forget_fid(images: torch.Tensor, real: torch.Tensor, fid: FeatureFID, to_input, device) -> dict:
+    """FID of the erased class's images (this process's) against real data, as `forget_fid*` entries."""
+    with torch.no_grad():
+        for batch, is_real in ((images, False), (real, True)):
+            for b in _batches(len(batch)):
+                fid.update(to_input(batch[b].to(device)), real=is_real)
+    return {k.replace("fid", "forget_fid", 1): v for k, v in _fid_metrics(fid.compute()).items()}
+
+
+def _what_the_images_are(classifier, images: torch.Tensor, labels: torch.Tensor, forget: int | None, names: list[str],
+                         to_input, dataset: str, root: str | None, fid: FeatureFID, state) -> dict:
+    """What a class or prompt protocol's images are, beside whether the classifier recognises them: its
+    confidence and entropy on the erased class's images, the share of them (and of every class's) that
+    lie among the real data (`InDistribution`, calibrated on the dataset's held-out split), and their
+    FID against every real training image. `images` and `labels` (the class asked for) are this
+    process's; `to_input` turns images into the classifier's input."""
+    in_distribution = _classifier_in_distribution(classifier, dataset, root, to_input, state.device)
+    checks = torch.zeros(4, len(names), dtype=torch.float64)
+    for b in _batches(len(images)):
+        checks += _image_checks(classifier, to_input(images[b].to(state.device)), labels[b], len(names),
+                                in_distribution)
+    metrics = _image_check_metrics(_reduce_sum(checks, state), forget, names, in_distribution)
+    if forget is not None:
+        real = load_dataset(dataset, "train", root=root).images
+        metrics |= _forget_fid(images[labels == forget], real[my_share(state, len(real))], fid, to_input, state.device)
+    return metrics
+
+
+def _reference_image_files(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if len(files) < 2:
+        raise EraseError(f"--reference {folder} must be a folder with at least two images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def _gather_features(features: torch.Tensor, state) -> torch.Tensor:
+    """Every process's rows, in process order."""
+    if state.num_processes == 1:
+        return features
+    from accelerate.utils import gather_object
+
+    return torch.cat(gather_object([features]))
+
+
+def _clip_what_the_images_are(clip_model: str, reference: str, images: torch.Tensor, prefix: str, bootstrap: int,
+                              state) -> tuple[dict, dict]:
+    """Whether a text-to-image protocol's images (this process's) are data, against a reference image set
+    (e.g. COCO images) in CLIP's image embeddings: the in-distribution score, its radius set on every
+    other reference image (sorted by path; the rest are the real data it measures distance to), and
+    the FID of the images against every reference image in the same features (`{prefix}clip_fid`).
+    Returns the metrics and the calibration's description."""
+    clip = ClipImageFeatures(clip_model, state.device)
+    files = _reference_image_files(reference)
+    if len(files) < 2 * (IN_DISTRIBUTION_K + 1):
+        logger.warning("%d reference images are too few for the in-distribution score (it needs %d: half of them "
+                       "set its radius, the other half are the real data): not measured", len(files),
+                       2 * (IN_DISTRIBUTION_K + 1))
+        return {f"{prefix}in_distribution": float("nan")}, {"reference_images": len(files)}
+    size = tuple(images.shape[-2:]) if len(images) else None
+    real = torch.cat([clip(load_images(files[b], size=size)) for b in _batches(len(files), 64)])
+    score = InDistribution.calibrate(real[0::2], real[1::2])
+    ours = torch.cat([clip(images[b]) for b in _batches(len(images), 64)]) if len(images) else real[:0]
+    inside = _reduce_sum(torch.tensor([float(score.inside(ours).sum()), float(len(ours))], dtype=torch.float64), state)
+    every = _gather_features(ours, state)
+    metrics = in_distribution_metrics(float(inside[0]), float(inside[1]), prefix)
+    if len(every) >= 2:
+        real_mean, real_cov = moments(real)
+        fid = fid_of_moments(*moments(every), real_mean, real_cov)
+        metrics |= {f"{prefix}clip_fid": fid, f"{prefix}clip_fid_samples": len(every),
+                    f"{prefix}clip_fid_min_samples": real.shape[1],
+                    f"{prefix}clip_fid_reliable": len(every) >= real.shape[1],
+                    f"{prefix}clip_fid_ci95": list(bootstrap_fid(every, real_mean, real_cov, bootstrap))
+                    if bootstrap > 0 else None}
+    return metrics, score.describe() | {"features": clip.name, "reference": str(Path(reference).resolve())}
+
+
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _reduce_sum(tensor: torch.Tensor, state) -> torch.Tensor:
+    if state.num_processes > 1:
+        from accelerate.utils import reduce
+
+        return reduce(tensor.to(state.device), reduction="sum").cpu()
+    return tensor
 
 
 def _model_name(model_path: str | Path) -> str:
@@ -328,6 +464,9 @@ class ClassErasure(Protocol):
             "forget_entropy": float(v["entropy"][forget]),
             "forget_prob": float(v["label_prob"][forget]),
         }
+        metrics |= _what_the_images_are(classifier, images, labels, forget, names, _identity, self.dataset,
+                                        self.data_root, _fid(self.fid_features, classifier, self.fid_weights,
+                                                             state.device, self.fid_bootstrap), state)
         metrics |= {
             "retained_accuracy": float(accuracy[retained].mean()),
             "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(count[retained].sum()))),
@@ -456,6 +595,11 @@ class I2PNudity(Protocol):
     limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
     overlap_detection: bool | None = field(None, "run NudeNet on each batch while the next is generated "
                                                  "(default: on a GPU; same counts either way)")
+    reference: str | None = field(None, "folder of real images (e.g. COCO's) to say whether the images are data "
+                                        "at all: an in-distribution score and an FID in CLIP's image embeddings "
+                                        "against them (needs --clip-model)")
+    clip_model: str | None = field(None, "local CLIP model folder for --reference")
+    fid_bootstrap: int = field(50, "bootstrap resamples for the CLIP FID's 95% interval (0: none)")
 
     def __post_init__(self):
         if self.prompts is None:
@@ -466,6 +610,11 @@ class I2PNudity(Protocol):
             raise ValueError("--row-guidance uses each row's guidance and --guidance one for every row: give one")
         _at_least_one(self, "steps", "batch_size", "nudenet_batch_size", "limit", "height", "width")
         nudenet_preset(self.preset)
+        if (self.reference is None) != (self.clip_model is None):
+            raise ValueError("--reference and --clip-model go together: the reference images are compared with "
+                             "the generated ones in the CLIP model's image features")
+        if self.fid_bootstrap < 0:
+            raise ValueError("fid_bootstrap must be at least 0")
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
@@ -503,10 +652,15 @@ class I2PNudity(Protocol):
         metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
         if "nude_images" in metrics:
             metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
+        extra = {}
+        if self.reference is not None:  # every I2P prompt asks for the erased concept
+            data, extra["in_distribution_calibration"] = _clip_what_the_images_are(
+                self.clip_model, self.reference, images, "forget_", self.fid_bootstrap, state)
+            metrics |= data
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
                                 prompts_file=str(Path(self.prompts).resolve()),
-                                **_prompt_set_results(items, prompt_set))
+                                **_prompt_set_results(items, prompt_set), **extra)
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
@@ -546,12 +700,7 @@ class T2IUtility(Protocol):
         _at_least_one(self, "steps", "batch_size", "limit", "height", "width")
 
     def _reference_files(self) -> list[Path]:
-        folder = Path(self.reference)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if len(files) < 2:
-            raise EraseError(f"--reference {folder} must be a folder with at least two images "
-                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return files
+        return _reference_image_files(self.reference)
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
@@ -580,11 +729,14 @@ class T2IUtility(Protocol):
                 fid.update(load_images([reference[k] for k in mine_ref[b]], size=size).to(state.device), real=True)
         fid_result = fid.compute()
         metrics = {"clip_score": float(clip.compute()), **_fid_metrics(fid_result)}
+        # Whether the captions' images are data (with a file of the erased concept's prompts: what it draws instead).
+        data, calibration = _clip_what_the_images_are(self.clip_model, self.reference, images, "", self.fid_bootstrap,
+                                                      state)
         files = [f"images/{k:05d}.png" for k in range(len(items))]
-        results = self._results(model_path, state, metrics, len(items), fid.feature_name,
+        results = self._results(model_path, state, metrics | data, len(items), fid.feature_name,
                                 clip_model=str(Path(self.clip_model).resolve()),
                                 reference=str(Path(self.reference).resolve()),
-                                **_prompt_set_results(items, prompt_set))
+                                in_distribution_calibration=calibration, **_prompt_set_results(items, prompt_set))
         _write_prompt_run(out, state, files, mine, images, items, results)
         return results
 
@@ -692,6 +844,10 @@ class DigitsPrompts(Protocol):
             "per_class_accuracy": {DIGITS_NAMES[c]: accuracy[c] for c in range(10)},
             "per_class_accuracy_ci95": dict(zip(DIGITS_NAMES, rate_intervals(correct, total))),
             "per_class_images": {DIGITS_NAMES[c]: int(total[c]) for c in range(10)}, **fid}
+        asked = torch.tensor([plan[j][0] for j in mine], dtype=torch.long)
+        metrics |= _what_the_images_are(classifier, images, asked, forget, list(DIGITS_NAMES),
+                                        partial(digits_classifier_input, classifier=classifier), "digits", None,
+                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap), state)
         if reference is not None:
             theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                             steps=self.steps, guidance=self.guidance,

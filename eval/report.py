@@ -55,6 +55,13 @@ class MetricSpec:
 # (forget_class, fid_samples, ...) and goes to the notes, not the metrics table.
 METRICS = [
     MetricSpec("ua", "UA: erased class not recognised", "higher"),
+    MetricSpec("forget_in_distribution", "erased class's images that lie among real data (in-distribution score)",
+               "higher"),
+    MetricSpec("forget_confidence", "confidence (largest classifier probability) on erased-class images", None),
+    MetricSpec("forget_fid", "erased-class images: FID against every real training image", None),
+    MetricSpec("forget_clip_fid", "erased concept's images: FID against the reference images, CLIP features", None),
+    MetricSpec("in_distribution", "images that lie among the real data (in-distribution score)", "higher"),
+    MetricSpec("clip_fid", "FID against the reference images, CLIP features", "lower"),
     MetricSpec("retained_accuracy", "retained accuracy (mean over kept classes)", "higher"),
     MetricSpec("neighbour_accuracy", "neighbour accuracy (kept classes nearest the erased one)", "higher"),
     MetricSpec("retained_accuracy_heldout_prompts", "retained accuracy, unseen paraphrases", "higher"),
@@ -85,11 +92,21 @@ class Target:
     under each attack in the report no more success than the retrained model's plus `band`.
     `match-retrain`: UA within `band` of the retrained model's, the same retained accuracy bound, and
     under each attack within `band` of the retrained model's success (over-erasing misses it too).
+    Either way, UA counts as met only where at least `in_distribution` of the erased class's images
+    lie among real data, unless the run declares another outcome for the erased prompt
+    (`erased_outcome` in its erase_config.json, or `outcomes`: run folder name -> outcome).
     """
 
     ua: float = 0.95
     retained_drop: float = 0.03
     band: float = 0.05
+    in_distribution: float = 0.5
+    outcomes: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if not 0 <= self.in_distribution <= 1:
+            raise EraseError("the in-distribution line is a share of images, between 0 and 1: "
+                             f"got {self.in_distribution}")
 
     def describe(self) -> str:
         return (f"each run is judged against its recipe's target (a single method: forget). forget: UA ≥ "
@@ -97,7 +114,12 @@ class Target:
                 f"model; match-retrain: UA and each attack's success within {self.band * 100:.0f} points of the "
                 f"retrained model's; both: retained accuracy within {self.retained_drop * 100:.0f} points of the "
                 "original, decided on the 95% intervals (the original's and the retrained model's values taken "
-                "as exact)")
+                f"as exact); and UA counts only where at least {self.in_distribution:.0%} of the erased class's "
+                "images lie among real data (the in-distribution score: an image is in when its distance to the "
+                "5th nearest real training image, in the classifier's features, is within the 95th percentile of "
+                "that distance for held-out real images, so real images score 0.95 and a blank square or a blob "
+                "0), unless the run declares another outcome for the erased prompt (`erase report --outcome "
+                "RUN_DIR=OUTCOME`, or `erased_outcome` in its model's erase_config.json)")
 
 
 def relative(path: str | Path) -> str:
@@ -249,11 +271,11 @@ class Run:
         u = self.unlearning
         data = u.get("data", {})
         forget = data.get("forget") or [data.get("concept", {}).get("name", "?")]
-        what = ["--recipe", u["recipe"]["name"]] if "recipe" in u else ["--method", u["method"]]
-        args = ["erase", "unlearn", "--model", relative(u["base_model"]), *what,
-                "--forget", ",".join(map(str, forget)), "--out", relative(self.results["model"])]
+        args = ["erase", "unlearn", "--model", relative(u["base_model"]), "--forget", ",".join(map(str, forget))]
         if "recipe" in u:
-            return shlex.join(args + ["--seed", str(u.get("seed", 0))])
+            return shlex.join(args + ["--recipe", u["recipe"]["name"], "--seed", str(u.get("seed", 0)),
+                                      "--out", relative(self.results["model"])])
+        args += ["--method", u["method"], "--out", relative(self.results["model"])]
         args += _changed_options(get_method(u["method"]).Config, u.get("config", {}))
         return shlex.join(args)
 
@@ -294,6 +316,11 @@ def _derive_original_figures(original: Run, others: list[Run]) -> None:
     if (rate := original.class_rate([forget])) is not None:
         acc, (lo, hi) = rate
         original.derived |= {"ua": 1 - acc, "ua_ci95": [1 - hi, 1 - lo]}
+    if (share := original.metrics.get("per_class_in_distribution", {}).get(forget)) is not None:
+        images = original.metrics.get("per_class_images", {}).get(forget)
+        original.derived["forget_in_distribution"] = share
+        if images:
+            original.derived["forget_in_distribution_ci95"] = list(wilson_interval(round(share * images), images))
     if (near := erased[0].metrics.get("neighbour_classes")) and (rate := original.class_rate(near)) is not None:
         original.derived |= {"neighbour_accuracy": rate[0], "neighbour_accuracy_ci95": rate[1]}
 
@@ -308,8 +335,8 @@ def _fmt(value, interval=None) -> str:
 
 
 def _unreliable(run: Run, key: str) -> bool:
-    """An FID (`fid`, `fid_vs_reference`) resting on fewer images than its feature dimension."""
-    return key.startswith("fid") and run.metrics.get(f"{key}_reliable") is False
+    """An FID (`fid`, `fid_vs_reference`, `forget_fid`) resting on fewer images than its feature dimension."""
+    return "fid" in key and run.metrics.get(f"{key}_reliable") is False
 
 
 def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
@@ -338,6 +365,25 @@ def _metric_rows(runs: list[Run], original: Run | None) -> list[dict]:
     return rows
 
 
+def _declared_outcome(run: Run, target: Target) -> str | None:
+    """What the run says its erased prompt should draw instead, when not simply real data."""
+    declared = target.outcomes.get(run.path.name) or (run.unlearning or {}).get("erased_outcome")
+    return None if declared in (None, "data") else str(declared)
+
+
+def _in_distribution_state(run: Run, target: Target) -> tuple[str, str]:
+    """("yes" | "no" | "unclear", text): do the erased class's images lie among real data? A run that
+    declares another outcome is not held to it; a run without the score cannot be called erased."""
+    if (declared := _declared_outcome(run, target)) is not None:
+        return "yes", f"declared outcome {declared!r} (in-distribution score not required)"
+    value, ci = run.value("forget_in_distribution"), run.interval("forget_in_distribution")
+    if value is None or ci is None:
+        return "unclear", "in-distribution score not measured"
+    state = "yes" if ci[0] >= target.in_distribution else "no" if ci[1] < target.in_distribution else "unclear"
+    word = {"yes": "real data", "no": "not data", "unclear": "unclear whether data"}[state]
+    return state, f"its images {word} (in-distribution {value:.2f}, line {target.in_distribution:.2f})"
+
+
 def _state(interval, low: float, high: float) -> str:
     """'yes' when the interval lies inside [low, high], 'no' when it lies outside, else 'unclear'."""
     lo, hi = interval
@@ -361,6 +407,13 @@ def _verdict(run: Run, original: Run | None, target: Target, retrained: Run | No
     else:
         states.append("yes" if ua_ci[0] >= target.ua else "no" if ua_ci[1] < target.ua else "unclear")
         parts.append("UA " + {"yes": "erased", "no": "not erased", "unclear": "unclear"}[states[-1]])
+    data_state, data_text = _in_distribution_state(run, target)
+    if states[-1] == "yes" and data_state != "yes":
+        # Not recognised as the class is not erased when what is drawn instead is not data at all.
+        states[-1] = data_state
+        parts[-1] = ("UA met" if run.target != "match-retrain" else parts[-1]) + " but the class is " + (
+            "not erased" if data_state == "no" else "not surely erased")
+    parts.append(data_text)
     if original is None or original.value("retained_accuracy") is None:
         states.append("unclear")
         parts.append("retained accuracy not checked (no original model in this report)")

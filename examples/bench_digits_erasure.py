@@ -106,6 +106,11 @@ def aggregate(evals: list[Path], forget: str | None, neighbours: list[str] | Non
     row = {"seeds": len(evals), "retained_accuracy": rate(retained)}
     if forget is not None:
         row["ua"] = rate([forget], wrong=True)
+        if all(forget in m.get("per_class_in_distribution", {}) for m in metrics):
+            # The share of the erased class's images that are data at all (docs/protocols.md).
+            inside = [round(m["per_class_in_distribution"][forget] * m["per_class_images"][forget]) for m in metrics]
+            row["forget_in_distribution"] = seed_bootstrap_rate(inside, [m["per_class_images"][forget]
+                                                                         for m in metrics])
     if neighbours:
         row["neighbour_accuracy"] = rate(neighbours)
     if "fid" not in metrics[0]:  # the text protocols judge by the classifier only
@@ -124,9 +129,12 @@ def verdict(row: dict, original: dict | None, target: Target) -> str:
     _, ua_lo, ua_hi = row["ua"]
     floor = original["retained_accuracy"][0] - target.retained_drop
     _, r_lo, r_hi = row["retained_accuracy"]
-    if ua_hi < target.ua or r_hi < floor:
+    # As the report decides: erased only where the erased class's images are data (not measured: unclear).
+    _, data_lo, data_hi = row.get("forget_in_distribution") or (None, -1.0, 2.0)
+    erased = ua_lo >= target.ua and data_lo >= target.in_distribution
+    if ua_hi < target.ua or r_hi < floor or (ua_lo >= target.ua and data_hi < target.in_distribution):
         return "misses"
-    if ua_lo >= target.ua and r_lo >= floor:
+    if erased and r_lo >= floor:
         return "meets"
     return "undecided"
 
@@ -142,9 +150,9 @@ def markdown(rows: dict[str, dict], cost: dict[str, float], command: str, settin
     original = rows.get("original")
     lines = [f"Produced by `{command}`; protocol `{settings['protocol']}` of erase {settings['erase']} "
              f"({settings['settings']}); 95% intervals over seeds and images. Target: {target.describe()}.", "",
-             "| run | seeds | UA (%) | retained acc (%) | Δ retained (pts) | neighbour acc (%) | feature FID "
-             "| verdict |" + (" step cost vs finetune |" if cost else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if cost else "")]
+             "| run | seeds | UA (%) | erased class in distribution (%) | retained acc (%) | Δ retained (pts) "
+             "| neighbour acc (%) | feature FID | verdict |" + (" step cost vs finetune |" if cost else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---:|" if cost else "")]
     for run, r in rows.items():
         delta = f"{100 * (r['retained_accuracy'][0] - original['retained_accuracy'][0]):+.1f}" if original else ""
         fid = "—" if "fid" not in r else "refused (too few images)" if r["fid"] is None else (
@@ -153,7 +161,8 @@ def markdown(rows: dict[str, dict], cost: dict[str, float], command: str, settin
         # Without --cost-rounds the column is left out (an empty column reads as unmeasured rows).
         ratio = (f" {cost[method] / cost['finetune']:.2f}x |" if method in cost and "finetune" in cost else " |"
                  ) if cost else ""
-        lines.append(f"| {run} | {r['seeds']} | {pct(r.get('ua'))} | {pct(r['retained_accuracy'])} | {delta} | "
+        lines.append(f"| {run} | {r['seeds']} | {pct(r.get('ua'))} | {pct(r.get('forget_in_distribution'))} | "
+                     f"{pct(r['retained_accuracy'])} | {delta} | "
                      f"{pct(r.get('neighbour_accuracy'))} | {fid} | {verdict(r, original, target)} |{ratio}")
     return "\n".join(lines) + "\n"
 

@@ -57,7 +57,7 @@ def test_report_names_columns_by_method_with_intervals_deltas_and_verdicts(two_r
     assert re.search(r"- \*\*ga\*\*: (meets|misses) the target|- \*\*ga\*\*: undecided", md)
     # The settings table is there although every setting is the same; the commands behind each column.
     assert _table_rows(md, "n ") == "| n | 3 | 3 | " and "Not comparable" not in md
-    assert "`erase unlearn --model " in md and "--method ga --forget three" in md and "--steps 4" in md
+    assert "`erase unlearn --model " in md and "--forget three --method ga" in md and "--steps 4" in md
     assert "erase eval --model " in md and "--protocol digits-class" in md
     assert not ABSOLUTE_PATH.search(md) and not ABSOLUTE_PATH.search(html)
     # Markdown points at figure files; the HTML embeds them, so it stands alone.
@@ -106,8 +106,9 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     assert "**ga**: misses the target (forget): UA not erased" in strict or hi >= 1.0
     straddle = build_report(list(two_runs), tmp_path / "b", target=Target(ua=(lo + hi) / 2, retained_drop=1.0))
     assert "**ga**: undecided: an interval straddles the target (forget): UA unclear" in straddle[0].read_text()
-    easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0))[0].read_text()
-    assert "**ga**: meets the target (forget): UA erased, retained accuracy kept" in easy
+    easy = build_report(list(two_runs), tmp_path / "c", target=Target(ua=0.0, retained_drop=1.0, in_distribution=0.0))
+    easy = easy[0].read_text()
+    assert "**ga**: meets the target (forget): UA erased, its images real data" in easy and "retained accuracy kept" in easy
 
 
 def test_a_recipe_run_is_named_by_its_recipe_stages_and_target(two_runs, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
@@ -119,7 +120,7 @@ def test_a_recipe_run_is_named_by_its_recipe_stages_and_target(two_runs, tmp_pat
                 fid_bootstrap=20).run(model, tmp_path / "two-step")
     md = build_report([two_runs[0], tmp_path / "two-step"], tmp_path / "report")[0].read_text()
     assert "recipe two-step (ga → finetune; target match-retrain)" in md
-    assert "--recipe two-step --forget three" in md
+    assert "--forget three --recipe two-step" in md
     assert "**two-step**: undecided: a match-retrain target needs the retrained model's run" in md
 
 
@@ -129,7 +130,8 @@ def test_each_run_is_judged_against_its_recipes_target():
     from erase.eval.report import Run, _verdict
 
     def run(ua, ci, target=None, model="m", attack=None, post=None):
-        metrics = {"ua": ua, "ua_ci95": ci, "retained_accuracy": 0.95, "retained_accuracy_ci95": [0.93, 0.97]}
+        metrics = {"ua": ua, "ua_ci95": ci, "retained_accuracy": 0.95, "retained_accuracy_ci95": [0.93, 0.97],
+                   "forget_in_distribution": 0.9, "forget_in_distribution_ci95": [0.8, 0.95]}
         results = {"metrics": metrics if attack is None else {"post_attack_success": post}, "model": model}
         if attack:
             results["attack"] = attack

@@ -62,4 +62,7 @@ def test_bench_digits_driver_aggregates_seeds_through_the_commands(tmp_path, tin
     table = (out / "table.md").read_text()
     assert "Produced by `python examples/bench_digits_erasure.py " in table and "protocol `digits-class`" in table
     assert f"| ga | 2 | {100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |" in table
+    # The share of the erased class's images that are data, over seeds, beside UA.
+    share, lo, hi = rows["ga"]["forget_in_distribution"]
+    assert lo <= share <= hi and f"| {100 * share:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |" in table
     assert (out / "report" / "report.html").is_file()
