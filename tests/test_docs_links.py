@@ -8,9 +8,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {".git", "build", "runs", "out", ".venv", "__pycache__", ".pytest_cache", "site", "erase.egg-info"}
 # Paths that exist only inside an installed wheel (pyproject.toml maps prompts/ and models/ there).
-WHEEL_ONLY = {"erase/prompts", "erase/models"}
+WHEEL_ONLY = {"erase/prompts", "erase/models", "erase/recipes"}
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-REPO_PATH = re.compile(r"(?<![\w./~-])((?:erase|eval|docs|models|prompts|tests|examples|\.ci)/[\w.*/-]*[\w*/])")
+REPO_PATH = re.compile(r"(?<![\w./~-])((?:erase|eval|docs|models|prompts|recipes|tests|examples|\.ci)/[\w.*/-]*[\w*/])")
 MD_NAME = re.compile(r"(?<![\w./-])([A-Z][A-Z_]+\.md)\b")
 
 

@@ -111,6 +111,52 @@ def test_verdicts_are_decided_on_the_intervals(two_runs, tmp_path):
     assert "**ga**: meets the target (forget): UA erased, its images real data" in easy and "retained accuracy kept" in easy
 
 
+def test_a_recipe_run_is_named_by_its_recipe_stages_and_target(two_runs, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
+    recipe = {"name": "two-step", "target": "match-retrain", "stages": [
+        {"method": "ga", "config": {"steps": 1, "batch_size": 4}}, {"method": "finetune", "config": {"steps": 1,
+                                                                                                  "batch_size": 4}}]}
+    model = unlearn(tiny_ddpm_dir, forget="3", out=tmp_path / "models" / "two-step", recipe=recipe, progress=False)
+    DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
+                fid_bootstrap=20).run(model, tmp_path / "two-step")
+    md = build_report([two_runs[0], tmp_path / "two-step"], tmp_path / "report")[0].read_text()
+    assert "recipe two-step (ga → finetune; target match-retrain)" in md
+    assert "--forget three --recipe two-step" in md
+    assert "**two-step**: undecided: a match-retrain target needs the retrained model's run" in md
+
+
+def test_each_run_is_judged_against_its_recipes_target():
+    """forget: erased and kept, attacks no higher than the retrained model's; match-retrain: where the
+    retrained model is, so over-erasing misses it (decided on the intervals)."""
+    from erase.eval.report import Run, _verdict
+
+    def run(ua, ci, target=None, model="m", attack=None, post=None):
+        metrics = {"ua": ua, "ua_ci95": ci, "retained_accuracy": 0.95, "retained_accuracy_ci95": [0.93, 0.97],
+                   "forget_in_distribution": 0.9, "forget_in_distribution_ci95": [0.8, 0.95]}
+        results = {"metrics": metrics if attack is None else {"post_attack_success": post}, "model": model}
+        if attack:
+            results["attack"] = attack
+        unlearning = None if target is None else {"method": "r", "target": target}
+        return Run(Path(model), results, {"images": []}, unlearning)
+
+    original, retrained = run(0.02, [0.0, 0.05]), run(0.60, [0.55, 0.65], model="retrained")
+    original.unlearning = retrained.unlearning = None
+    retrained.derived["attacks"] = [run(None, None, model="retrained", attack="attack-class-inversion", post=0.45)]
+    deep = run(1.0, [0.98, 1.0], "match-retrain")
+    assert _verdict(deep, original, Target(), retrained).startswith(
+        "misses the target (match-retrain): UA 1.00 vs the retrained model's 0.60: not matched")
+    deep.unlearning["target"] = "forget"
+    assert _verdict(deep, original, Target(), retrained).startswith("meets the target (forget)")
+    level = run(0.61, [0.58, 0.64], "match-retrain")
+    assert _verdict(level, original, Target(), retrained).startswith("meets the target (match-retrain)")
+    assert _verdict(level, original, Target(), None).startswith("undecided: a match-retrain target needs")
+    single = run(1.0, [0.98, 1.0])  # a single method declares no target: judged as forget
+    single.unlearning = {"method": "ga"}
+    for post, forget_head, match_head in ((0.9, "misses", "misses"), (0.2, "meets", "misses"), (0.47, "meets", "meets")):
+        attack = [run(None, None, attack="attack-class-inversion", post=post)]
+        assert _verdict(single, original, Target(), retrained, attack).startswith(forget_head), post
+        assert _verdict(level, original, Target(), retrained, attack).startswith(match_head), post
+
+
 def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_runs, tmp_path, tiny_classifier_dir):
     from erase.eval.attacks import ClassInversion
 

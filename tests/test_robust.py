@@ -77,7 +77,7 @@ def test_robust_option_changes_what_the_method_learns(tiny_model, tmp_path):
                       lr=1e-3, progress=False, **options)
         return {n: p.detach() for n, p in load_backbone(out).trainable_parameters().items()}
 
-    plain, robust = trained(), trained(adversarial_every=1, adversarial_steps=2)
+    plain, robust = trained(), trained(terms={"robust": {"every": 1, "steps": 2}})
     assert any(not torch.equal(plain[n], robust[n]) for n in plain)
 
 

@@ -24,6 +24,8 @@ from . import METHODS, MethodConfig, get_method
 
 
 COMMON = tuple(f.name for f in dataclasses.fields(MethodConfig))
+# Training options left out of the method-less `erase unlearn --help` (listed with `--method NAME --help`).
+OVERVIEW_HIDDEN = ("weight_decay", "grad_clip", "antithetic")
 
 
 def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> None:
@@ -36,7 +38,12 @@ def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> Non
     config_cls = METHODS[name].Config if name in METHODS else MethodConfig
     own = tuple(f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON)
     title = f"options of every method (defaults of {name})" if name in METHODS else "options of every method"
-    add_dataclass_arguments(parser.add_argument_group(title), config_cls, skip=own)
+    # Without a method, the overview leaves the finer training options to `--method NAME --help` (they
+    # are parsed all the same), so that `erase unlearn --help` stays short.
+    finer = () if name in METHODS else OVERVIEW_HIDDEN
+    add_dataclass_arguments(parser.add_argument_group(title), config_cls, skip=own + finer)
+    if finer:
+        add_dataclass_arguments(parser, config_cls, skip=tuple(n for n in COMMON if n not in finer) + own, hidden=True)
     if name in METHODS:
         add_dataclass_arguments(parser.add_argument_group(f"options of {name}"), config_cls, skip=COMMON)
         parser.chosen = ("--method", name)
@@ -206,7 +213,8 @@ def add_commands(sub) -> None:
     methods = "\n".join(f"  {name:9s} {own_options(m.Config)}" for name, m in {**METHODS, **EDITS}.items())
     p = sub.add_parser("unlearn", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Erase classes or text concepts from a model. `erase unlearn --method NAME --help` "
-                                   "shows the options\nwith that method's defaults, and its own options.",
+                                   "shows every option\n(--weight-decay, --grad-clip, --antithetic too) with that "
+                                   "method's defaults, and its own options.",
                        epilog=f"each method's own options (`erase methods` lists the methods and defaults):\n{methods}")
     p.options_depend_on("--method", add_method_options)
     p.add_argument("--model", required=True, help="model folder (from `erase train-base` or `erase unlearn`), a "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import check_same_config
 from ..config import config_dict
 from ..lora import ADAPTER_FOLDER
 from ..outputs import UNLEARN_CONFIG as CONFIG_FILE, UNLEARN_DELTA as DELTA_FILE, mark_output, recorded_command
@@ -63,18 +64,22 @@ def recipe_record(recipe, records: list[dict], changed: int, base_model: str) ->
             "versions": package_versions()}
 
 
-def save_stage_done(folder: Path, changed: dict[str, torch.Tensor], record: dict, history: list[dict]) -> None:
-    """A finished stage of a recipe: its weights (what differs from the original), record and losses."""
+def save_stage_done(folder: Path, changed: dict[str, torch.Tensor], record: dict, history: list[dict],
+                    settings: dict) -> None:
+    """A finished stage of a recipe: its weights (what differs from the original), record, losses, and
+    the settings it ran with (a resume under other settings is refused)."""
     with atomic_dir(folder / DONE_DIR) as tmp:
         save_file({n: t.detach().cpu().contiguous() for n, t in changed.items()}, tmp / DELTA_FILE)
-        write_json(tmp / CONFIG_FILE, {"record": record, "history": history})
+        write_json(tmp / CONFIG_FILE, {"record": record, "history": history, "settings": settings})
 
 
-def load_stage_done(folder: Path) -> tuple[dict[str, torch.Tensor], dict, list[dict]] | None:
+def load_stage_done(folder: Path, settings: dict) -> tuple[dict[str, torch.Tensor], dict, list[dict]] | None:
+    """A finished stage's (delta, record, history), if an earlier run of the same settings finished it."""
     done = folder / DONE_DIR
     if not (done / CONFIG_FILE).is_file():
         return None
     saved = read_json(done / CONFIG_FILE, what="finished stage")
+    check_same_config(saved["settings"], settings, f"from {done}")
     return load_file(done / DELTA_FILE), saved["record"], saved["history"]
 
 

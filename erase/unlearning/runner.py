@@ -244,7 +244,9 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
     or the checkpoint path when `stop_after` falls inside it."""
     method, config, terms, data_options = run.stages[i]
     folder = run.stage_dir(i)
-    if not run.single and (done := load_stage_done(folder)) is not None:
+    settings = {"method": method.name, "config": config_dict(config), "terms": run.terms_record(terms),
+                "base_model": base_model, "data": {**data_options, **request["data_options"]}}
+    if not run.single and (done := load_stage_done(folder, settings)) is not None:
         delta, record, history = done
         run.apply_done(delta)
         return record, history
@@ -274,5 +276,5 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
                           mixed, accelerator.num_processes)
     record["terms"] = record_keys["terms"]
     if not run.single and accelerator.is_main_process:
-        save_stage_done(folder, changed, record, progress.history)
+        save_stage_done(folder, changed, record, progress.history, settings)
     return record, progress.history
