@@ -159,8 +159,13 @@ def _image_check_metrics(sums: torch.Tensor, forget: int | None, names: list[str
                       "in_distribution_calibration": in_distribution.describe()}
 
 
-def _forget_fid(images: torch.Tensor, real: torch.Tensor, fid: FeatureFID, to_input, device) -> dict:
-    """FID of the erased class's images (this process's) against real data, as `forget_fid*` entries."""
+def _forget_fid(images: torch.Tensor, real: torch.Tensor, fid: FeatureFID, to_input, device, state) -> dict:
+    """FID of the erased class's images (every process's) against real data, as `forget_fid*` entries.
+    Every process computes it whole, from the gathered images and without the metric's own
+    synchronisation: a process may hold none of the class's images, and a metric synchronised from a
+    process that was never updated does not match the others' collective."""
+    images = _gather_features(images, state)
+    fid.sync_on_compute = False
     with torch.no_grad():
         for batch, is_real in ((images, False), (real, True)):
             for b in _batches(len(batch)):
@@ -183,7 +188,7 @@ def _what_the_images_are(classifier, images: torch.Tensor, labels: torch.Tensor,
     metrics = _image_check_metrics(_reduce_sum(checks, state), forget, names, in_distribution)
     if forget is not None:
         real = load_dataset(dataset, "train", root=root).images
-        metrics |= _forget_fid(images[labels == forget], real[my_share(state, len(real))], fid, to_input, state.device)
+        metrics |= _forget_fid(images[labels == forget], real, fid, to_input, state.device, state)
     return metrics
 
 
