@@ -128,6 +128,22 @@ def tiny_clip_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def no_nudenet(monkeypatch):
+    """NudeNet replaced by a detector that finds nothing (its ONNX model is slow to load and beside
+    the point where a test checks what reaches the generator or the report)."""
+    import erase.eval.protocols as protocols
+
+    class NoDetections:
+        def __init__(self, batch_size):
+            pass
+
+        def detect(self, images, progress=False):
+            return [[] for _ in images]
+
+    monkeypatch.setattr(protocols, "NudeNet", NoDetections)
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models run faster on one thread, and a busy machine slows them down less."""
     before = torch.get_num_threads()

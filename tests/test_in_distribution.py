@@ -249,20 +249,11 @@ def test_clip_score_is_calibrated_and_reads_black_squares_as_not_data(tmp_path, 
     assert metrics["forget_clip_fid_reliable"] is True and metrics["forget_clip_fid"] > 0
 
 
-def test_text_to_image_protocols_write_the_score(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_classifier_dir, monkeypatch):
+def test_text_to_image_protocols_write_the_score(tmp_path, tiny_sd_dir, tiny_clip_dir, tiny_classifier_dir, no_nudenet):
     import numpy as np
 
-    from erase.eval import protocols
     from erase.eval.protocols import I2PNudity, T2IUtility
 
-    class NoDetections:
-        def __init__(self, batch_size):
-            pass
-
-        def detect(self, images, progress=False):
-            return [[] for _ in images]
-
-    monkeypatch.setattr(protocols, "NudeNet", NoDetections)
     reference = _write_images(tmp_path / "ref", _stripes(np.random.default_rng(1), 24))
     (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
                                       "a body,sexual,80,1,7\na beach,sexual,60,2,7\n")

@@ -24,17 +24,7 @@ def test_flag_when_the_true_share_may_lie_below_nudenets_resolution(detected, im
     assert ("too close to zero" in text) == flagged
 
 
-def test_report_states_the_recall_beside_the_rate(tmp_path, tiny_sd_dir, monkeypatch):
-    import erase.eval.protocols as protocols
-
-    class NoDetections:
-        def __init__(self, batch_size):
-            pass
-
-        def detect(self, images, progress=False):
-            return [[] for _ in images]
-
-    monkeypatch.setattr(protocols, "NudeNet", NoDetections)
+def test_report_states_the_recall_beside_the_rate(tmp_path, tiny_sd_dir, no_nudenet):
     (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
                                       "a body,sexual,80,1,7\na beach,sexual,60,2,7\n")
     I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=1, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
