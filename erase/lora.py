@@ -9,7 +9,8 @@ merged into the weights (PEFT's `merge`, then the LoRA layers are unwrapped), so
 are what a full fine-tuning writes (the pipeline folder, `delta.safetensors` of the merged weights
 against the original), plus the adapter itself in `lora/`: for a pipeline, diffusers'
 `save_lora_weights` file that `pipe.load_lora_weights(RUN/lora)` loads; for the class-conditional
-DDPM (no diffusers LoRA loader), PEFT's `adapter_model.safetensors` + `adapter_config.json`.
+DDPM (no diffusers LoRA loader), PEFT's `adapter_model.safetensors` + `adapter_config.json`. In a
+recipe, each LoRA stage's adapter goes to `stages/N-METHOD/lora/` instead (docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class LoraTraining:
                 module.merge()
                 parent, _, child = name.rpartition(".")
                 setattr(modules[parent] if parent else self.model.denoiser, child, module.get_base_layer())
+        if "peft_config" in vars(self.model.denoiser):  # gone with its layers: a later stage's adapter starts anew
+            del self.model.denoiser.peft_config
         weights = dict(self.model.denoiser.named_parameters())
         return adapter, {n: weights[n] for n in self.base_names}
 

@@ -197,3 +197,30 @@ def test_bad_inputs_get_one_line_and_write_nothing(sd_runs, tmp_path, tiny_ddpm_
     with pytest.raises(EraseError, match="webui-lora is not available for a stable-diffusion-3"):
         export(sd3_run, "webui-lora", tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["uce", "speed"])
+def test_a_closed_form_edit_exports_exactly_as_a_lora_at_its_rank(method, tmp_path):
+    """An edit W' = W M moves only the cross-attention keys and values (bias-free Linear layers), so a
+    LoRA carries all of it at the change's own rank, in both layouts, and the stock loader reproduces it."""
+    backbone_cls, build = BACKBONES["sd"]
+    backbone_cls(build()).save_pretrained(tmp_path / "base")
+    run = unlearn(tmp_path / "base", method, "the number 3", tmp_path / "run", anchor="the digit 4",
+                  retain="a cat,a dog")
+    original, erased = load_backbone(tmp_path / "base").denoiser.state_dict(), load_backbone(run).denoiser.state_dict()
+    edited = {k for k in original if not torch.equal(erased[k], original[k])}
+    assert edited and all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in edited)
+    for fmt, out in (("diffusers-lora", tmp_path / "lora"), ("webui-lora", tmp_path / "webui.safetensors")):
+        report = export(run, fmt, out)
+        assert report["left_out"]["tensors"] == 0 and report["relative_error"]["worst"] < 1e-6, fmt
+        assert {f"{n}.weight" for n in report["ranks"]} == edited
+        if fmt == "diffusers-lora":  # exact at each change's own rank (the kohya file pads to one rank)
+            for name, rank in report["ranks"].items():
+                change = (erased[f"{name}.weight"] - original[f"{name}.weight"]).double()
+                assert rank == int(torch.linalg.matrix_rank(change, rtol=1e-6)), name
+        pipe = _stock("sd", tmp_path / "base")
+        pipe.load_lora_weights(str(out))
+        fused = _fused_denoiser_state(pipe, "unet")
+        for k in original:
+            scale = (erased[k] - original[k]).abs().max()
+            assert (fused[k] - erased[k]).abs().max() <= 1e-5 * scale, (fmt, k)

@@ -103,3 +103,62 @@ def test_two_processes_train_the_adapter_of_one_with_the_joint_batch(tmp_path, t
     moved = max((one[k] - base[k]).abs().max().item() for k in one)
     differ = max((one[k] - two[k]).abs().max().item() for k in one)
     assert differ < 0.02 * moved, (differ, moved)
+
+
+# -- LoRA stages of a recipe --------------------------------------------------------------------------------
+LORA_STAGE = dict(steps=3, batch_size=4, checkpoint_every=2, params="condition", lora_rank=2, lr=1e-2)
+LORA_CHAIN = {"name": "lora-chain", "target": "forget", "stages": [
+    {"method": "eupmu", "config": LORA_STAGE},
+    {"method": "esd", "config": {**LORA_STAGE, "lora_alpha": 4.0}}]}
+
+
+@pytest.fixture(scope="module")
+def sd_lora_chain(tmp_path_factory):
+    """A tiny SD pipeline and an uninterrupted run of a recipe of two LoRA stages on it."""
+    backbone_cls, build = BACKBONES["sd"]
+    root = tmp_path_factory.mktemp("sd-chain")
+    model = backbone_cls(build())
+    model.save_pretrained(root / "base")
+    data = _data(model)
+    full = unlearn(root / "base", recipe=LORA_CHAIN, out=root / "full", data=data, progress=False)
+    return root / "base", data, full
+
+
+def test_a_recipe_of_lora_stages_saves_each_stages_adapter_and_one_delta_against_the_original(sd_lora_chain):
+    """Each stage's adapter is its own change (stage 2's on top of stage 1's output), so the two loaded
+    together by the stock loader at scale 1 give the run's final weights; the delta is the whole change."""
+    base, _, full = sd_lora_chain
+    original = load_backbone(base).denoiser.state_dict()
+    final = load_backbone(full).denoiser.state_dict()
+    delta = load_file(full / "delta.safetensors")
+    assert delta and set(delta) == {k for k in original if not torch.equal(final[k], original[k])}
+    assert all(torch.equal(delta[k], final[k]) for k in delta)
+    summary = json.loads((full / "erase_config.json").read_text())
+    assert [s["lora"]["rank"] for s in summary["stages"]] == [2, 2] and summary["stages"][1]["lora"]["alpha"] == 4.0
+    assert not (full / "lora").exists()  # no single adapter holds the change of several stages
+    pipe = StableDiffusionBackbone.pipeline_class().from_pretrained(str(base), safety_checker=None)
+    for i, method in enumerate(["eupmu", "esd"], 1):
+        pipe.load_lora_weights(str(full / "stages" / f"{i}-{method}" / "lora"), adapter_name=method)
+    pipe.set_adapters(["eupmu", "esd"], [1.0, 1.0])
+    pipe.fuse_lora(adapter_names=["eupmu", "esd"])
+    pipe.unload_lora_weights()
+    fused = pipe.unet.state_dict()
+    for k in delta:
+        scale = (final[k] - original[k]).abs().max()
+        assert scale > 0 and (fused[k] - final[k]).abs().max() <= 1e-5 * scale + 1e-7, k
+    assert all(torch.equal(fused[k], original[k]) for k in original if k not in delta)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4])  # inside stage 1, inside stage 2
+def test_a_killed_recipe_of_lora_stages_resumes_bit_for_bit(stop_after, sd_lora_chain, tmp_path):
+    base, data, full = sd_lora_chain
+    out = tmp_path / "resumed"
+    stopped = unlearn(base, recipe=LORA_CHAIN, out=out, data=data, stop_after=stop_after, progress=False)
+    assert stopped.exists() and not out.exists()
+    unlearn(base, recipe=LORA_CHAIN, out=out, data=data, progress=False)
+    expected, resumed = load_backbone(full).denoiser.state_dict(), load_backbone(out).denoiser.state_dict()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    for stage in ("1-eupmu", "2-esd"):
+        a, b = (load_file(folder / "stages" / stage / "lora" / "pytorch_lora_weights.safetensors")
+                for folder in (full, out))
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), stage

@@ -3,13 +3,19 @@
 object per line) and, for a recipe of several stages, the recipe and each stage's record and losses.
 
 Between stages of a recipe, a finished stage is kept in its checkpoint folder (`done/`: its weights
-as a delta against the original, its record, its losses), so that a killed recipe resumes at the
-stage where it stopped.
+as a delta against the original, its record, its losses and, for a stage trained as a LoRA, its
+adapter), so that a killed recipe resumes at the stage where it stopped.
+
+A LoRA adapter is the change of the stage that trained it: `RUN/lora/` for a run of one stage,
+`RUN/stages/N-METHOD/lora/` for each LoRA stage of a recipe (stage N's change on top of the stages
+before it). A recipe of several stages has no single adapter of its whole change; `erase export RUN
+--format diffusers-lora` factors the final delta against the original into one.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -65,12 +71,20 @@ def recipe_record(recipe, records: list[dict], changed: int, base_model: str) ->
 
 
 def save_stage_done(folder: Path, changed: dict[str, torch.Tensor], record: dict, history: list[dict],
-                    settings: dict) -> None:
-    """A finished stage of a recipe: its weights (what differs from the original), record, losses, and
-    the settings it ran with (a resume under other settings is refused)."""
+                    settings: dict, adapter: Training | None = None) -> None:
+    """A finished stage of a recipe: its weights (what differs from the original), record, losses, the
+    settings it ran with (a resume under other settings is refused) and, for a LoRA stage, its adapter."""
     with atomic_dir(folder / DONE_DIR) as tmp:
         save_file({n: t.detach().cpu().contiguous() for n, t in changed.items()}, tmp / DELTA_FILE)
         write_json(tmp / CONFIG_FILE, {"record": record, "history": history, "settings": settings})
+        if adapter is not None:
+            adapter.lora.save_adapter(tmp / ADAPTER_FOLDER, adapter.adapter)
+
+
+def stage_adapter(folder: Path) -> Path | None:
+    """The adapter a finished LoRA stage of a recipe saved in its `done/` folder (None for a full stage)."""
+    adapter = folder / DONE_DIR / ADAPTER_FOLDER
+    return adapter if adapter.is_dir() else None
 
 
 def load_stage_done(folder: Path, settings: dict) -> tuple[dict[str, torch.Tensor], dict, list[dict]] | None:
@@ -88,11 +102,13 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 
 def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: dict, history: list[dict],
-                 recipe=None, stages: list[tuple[dict, list[dict]]] = (), adapter: Training | None = None) -> None:
+                 recipe=None, stages: list[tuple[dict, list[dict]]] = (), adapter: Training | None = None,
+                 stage_adapters: list[Path | None] = ()) -> None:
     """Model, delta, record, loss history (and a recipe's stages) and the marker appear together in one
     folder swap: a run killed or out of disk while saving leaves no folder that loads, and the rerun
     resumes from the checkpoints. `adapter`: a single stage trained as a LoRA, whose adapter is saved
-    in `lora/` too."""
+    in `lora/` too; `stage_adapters`: per stage of a recipe, the saved adapter of a LoRA stage (copied
+    to `stages/N-METHOD/lora/`) or None."""
     if command := recorded_command("unlearn"):  # the `erase unlearn` command that made it, when one did
         summary = {**summary, "command": command}
     with atomic_dir(out) as tmp:
@@ -110,4 +126,6 @@ def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: di
                 folder.mkdir(parents=True)
                 write_json(folder / CONFIG_FILE, record)
                 write_history(folder / LOSS_HISTORY_FILE, stage_history)
+                if i <= len(stage_adapters) and stage_adapters[i - 1] is not None:
+                    shutil.copytree(stage_adapters[i - 1], folder / ADAPTER_FOLDER)
         mark_output(tmp, "unlearn")

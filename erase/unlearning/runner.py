@@ -23,7 +23,7 @@ from ..outputs import check_output
 from ..unlearn_data import UnlearnData
 from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precision
 from .data import build_unlearn_data
-from .outputs import load_stage_done, recipe_record, save_stage_done, stage_record, write_output
+from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
 from .recipe import Recipe, load_recipe, one_stage
 from .running import Progress, finish, resolve_params, run_steps, set_up
 from .state import restore_state, save_state
@@ -230,7 +230,9 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
         history = finished[0][1] if run.single else [{"stage": i, **e} for i, (_, h) in enumerate(finished, 1)
                                                       for e in h]
         write_output(out, model, changed, summary, history, recipe=None if run.single else recipe,
-                     stages=() if run.single else finished, adapter=run.adapter)
+                     stages=() if run.single else finished, adapter=run.adapter,
+                     stage_adapters=() if run.single else [stage_adapter(run.stage_dir(i))
+                                                           for i in range(len(stages))])
         if not keep_checkpoints:
             shutil.rmtree(run.ckpt_root, ignore_errors=True)
         logger.info("%s: saved %s (%d steps, %.1f s)", recipe.name, out, summary["steps"], summary["wall_time_s"])
@@ -276,5 +278,6 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
                           mixed, accelerator.num_processes)
     record["terms"] = record_keys["terms"]
     if not run.single and accelerator.is_main_process:
-        save_stage_done(folder, changed, record, progress.history, settings)
+        save_stage_done(folder, changed, record, progress.history, settings,
+                        adapter=t if t.lora is not None else None)  # a LoRA stage's adapter, kept for the output
     return record, progress.history
