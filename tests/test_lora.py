@@ -162,3 +162,16 @@ def test_a_killed_recipe_of_lora_stages_resumes_bit_for_bit(stop_after, sd_lora_
         a, b = (load_file(folder / "stages" / stage / "lora" / "pytorch_lora_weights.safetensors")
                 for folder in (full, out))
         assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a), stage
+
+
+def test_a_recipe_mixing_a_lora_stage_and_a_full_stage_keeps_only_the_lora_stages_adapter(sd_lora_chain, tmp_path):
+    base, data, _ = sd_lora_chain
+    full_stage = {k: v for k, v in LORA_STAGE.items() if k != "lora_rank"}
+    recipe = {**LORA_CHAIN, "stages": [LORA_CHAIN["stages"][0], {"method": "esd", "config": full_stage}]}
+    out = unlearn(base, recipe=recipe, out=tmp_path / "mixed", data=data, progress=False)
+    assert (out / "stages" / "1-eupmu" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (out / "stages" / "2-esd" / "lora").exists() and not (out / "lora").exists()
+    original, final = load_backbone(base).denoiser.state_dict(), load_backbone(out).denoiser.state_dict()
+    delta = load_file(out / "delta.safetensors")
+    assert delta and set(delta) == {k for k in original if not torch.equal(final[k], original[k])}
+    assert any(_matrix_rank(final[k] - original[k]) > 2 for k in delta)  # the full stage's change is not rank 2
