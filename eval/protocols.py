@@ -101,11 +101,13 @@ def _load_classifier(path: str | None, device: torch.device):
     return classifier
 
 
-def _fid(features: str, classifier, weights: str | None, device: torch.device, bootstrap: int) -> FeatureFID:
-    """FID in Inception's feature space or in `classifier`'s (a loaded SmallClassifier)."""
+def _fid(features: str, classifier, weights: str | None, device: torch.device, bootstrap: int,
+         sync: bool = True) -> FeatureFID:
+    """FID in Inception's feature space or in `classifier`'s (a loaded SmallClassifier). `sync=False`:
+    the metric is not summed over processes when computed (each process was given every image)."""
     if features == "classifier":
-        return FeatureFID(classifier, bootstrap=bootstrap).to(device)
-    return FeatureFID("inception", weights_path=weights, bootstrap=bootstrap).to(device)
+        return FeatureFID(classifier, bootstrap=bootstrap, sync_on_compute=sync).to(device)
+    return FeatureFID("inception", weights_path=weights, bootstrap=bootstrap, sync_on_compute=sync).to(device)
 
 
 def _fid_metrics(fid: dict) -> dict:
@@ -165,7 +167,6 @@ def _forget_fid(images: torch.Tensor, real: torch.Tensor, fid: FeatureFID, to_in
     synchronisation: a process may hold none of the class's images, and a metric synchronised from a
     process that was never updated does not match the others' collective."""
     images = _gather_features(images, state)
-    fid.sync_on_compute = False
     with torch.no_grad():
         for batch, is_real in ((images, False), (real, True)):
             for b in _batches(len(batch)):
@@ -179,7 +180,7 @@ def _what_the_images_are(classifier, images: torch.Tensor, labels: torch.Tensor,
     confidence and entropy on the erased class's images, the share of them (and of every class's) that
     lie among the real data (`InDistribution`, calibrated on the dataset's held-out split), and their
     FID against every real training image. `images` and `labels` (the class asked for) are this
-    process's; `to_input` turns images into the classifier's input."""
+    process's; `to_input` turns images into the classifier's input; `fid` is built with `sync=False`."""
     in_distribution = _classifier_in_distribution(classifier, dataset, root, to_input, state.device)
     checks = torch.zeros(4, len(names), dtype=torch.float64)
     for b in _batches(len(images)):
@@ -471,7 +472,7 @@ class ClassErasure(Protocol):
         }
         metrics |= _what_the_images_are(classifier, images, labels, forget, names, _identity, self.dataset,
                                         self.data_root, _fid(self.fid_features, classifier, self.fid_weights,
-                                                             state.device, self.fid_bootstrap), state)
+                                                             state.device, self.fid_bootstrap, sync=False), state)
         metrics |= {
             "retained_accuracy": float(accuracy[retained].mean()),
             "retained_accuracy_ci95": list(wilson_interval(float(correct[retained].sum()), float(count[retained].sum()))),
@@ -863,7 +864,8 @@ class DigitsPrompts(Protocol):
         asked = torch.tensor([plan[j][0] for j in mine], dtype=torch.long)
         metrics |= _what_the_images_are(classifier, images, asked, forget, list(DIGITS_NAMES),
                                         partial(digits_classifier_input, classifier=classifier), "digits", None,
-                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap), state)
+                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap,
+                                             sync=False), state)
         if reference is not None:
             theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                             steps=self.steps, guidance=self.guidance,
