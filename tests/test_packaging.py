@@ -51,3 +51,17 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_offline(tmp_path):
     assert (work / "demo" / "report" / "report.md").is_file()
     recipes = run([str(venv / "bin" / "erase"), "recipes"], cwd=work, env=env).stdout  # the wheel's recipes/
     assert "class-match-retrain" in recipes and "concept-forget" in recipes
+
+
+def test_every_python_package_of_the_source_is_in_the_wheel():
+    """A subpackage missing from pyproject's list imports in a checkout but not from the wheel (as
+    `erase.edits` once did): every folder of erase/ and eval/ with an __init__.py is listed."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(project["packages"])
+    folders = {"erase." + ".".join(p.parent.relative_to(REPO / "erase").parts) if p.parent != REPO / "erase"
+               else "erase" for p in (REPO / "erase").rglob("__init__.py")}
+    folders |= {"erase.eval" + "".join("." + part for part in p.parent.relative_to(REPO / "eval").parts)
+                for p in (REPO / "eval").rglob("__init__.py")}
+    assert folders <= listed, sorted(folders - listed)
