@@ -864,8 +864,7 @@ class DigitsPrompts(Protocol):
         asked = torch.tensor([plan[j][0] for j in mine], dtype=torch.long)
         metrics |= _what_the_images_are(classifier, images, asked, forget, list(DIGITS_NAMES),
                                         partial(digits_classifier_input, classifier=classifier), "digits", None,
-                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap,
-                                             sync=False), state)
+                                        _fid("classifier", classifier, None, state.device, self.fid_bootstrap, False), state)
         if reference is not None:
             theirs = quantize(check_images(reference.sample([prompts[j] for j in mine], [plan[j][3] for j in mine],
                                                             steps=self.steps, guidance=self.guidance,
