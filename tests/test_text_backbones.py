@@ -169,3 +169,21 @@ def test_a_single_flux_checkpoint_is_recognised_and_refused(tmp_path):
     save_file({"double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(2)}, str(tmp_path / "flux1-dev.safetensors"))
     with pytest.raises(EraseError, match="single FLUX transformer checkpoint.*FluxTransformer2DModel.from_single_file"):
         load_backbone(tmp_path / "flux1-dev.safetensors")
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_joint_transformer_groups_split_where_the_text_enters(name):
+    """SD3 and FLUX share one group layout: `condition` is where the text enters (the text stream's
+    attention, the context and pooled-text embedders), `nocondition` the rest but the timestep (and
+    FLUX's guidance) embedding and the output layers, which neither group trains."""
+    backbone_cls, build = FAMILIES[name]
+    names = [n for n, _ in build().transformer.named_parameters()]
+    groups = {g: {n for n in names if keep(n)} for g, keep in backbone_cls.PARAMETER_GROUPS.items()}
+    assert groups["all"] == set(names) and not groups["condition"] & groups["nocondition"]
+    frozen = ("time_text_embed.timestep_embedder.", "norm_out.", "proj_out.")
+    frozen += ("time_text_embed.guidance_embedder.",) if name == "flux" else ()
+    assert set(names) - groups["condition"] - groups["nocondition"] == {n for n in names if n.startswith(frozen)}
+    assert {n for n in names if n.startswith(("context_embedder.", "time_text_embed.text_embedder."))} <= groups["condition"]
+    assert groups["text-kv"] and groups["text-kv"] <= groups["condition"] & groups["attn"]
+    if name == "flux":  # the single-stream blocks share their weights between text and image tokens
+        assert {n for n in names if n.startswith("single_transformer_blocks.")} <= groups["nocondition"]

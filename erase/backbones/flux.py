@@ -69,12 +69,8 @@ import torch
 
 from ..utils import EraseError
 from .base import Condition, FlowMatchingSchedule, uniform_indices
-from .pipeline import TextToImageBackbone
+from .pipeline import TextToImageBackbone, joint_transformer_groups
 
-_TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.",
-                   ".attn.norm_added_q.", ".attn.norm_added_k.")
-_CONDITION_INPUTS = ("context_embedder.", "time_text_embed.text_embedder.")
-_TIME_OR_OUTPUT = ("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder.", "norm_out.", "proj_out.")
 #: the T5 length FluxPipeline reads at most
 MAX_T5_LENGTH = 512
 #: a tensor of every FLUX.1 original checkpoint (bare, or under ComfyUI's prefix), as diffusers detects one
@@ -82,17 +78,12 @@ SINGLE_FILE_KEYS = frozenset({"double_blocks.0.img_attn.norm.key_norm.scale",
                               "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"})
 
 
-def _enters_condition(name: str) -> bool:
-    return name.startswith(_CONDITION_INPUTS) or any(part in name for part in _TEXT_ATTENTION)
-
-
-FLUX_GROUPS = {
-    "all": lambda name: True,
-    "condition": _enters_condition,
-    "nocondition": lambda name: not _enters_condition(name) and not name.startswith(_TIME_OR_OUTPUT),
-    "attn": lambda name: ".attn." in name,  # joint attention of both block kinds
-    "text-kv": lambda name: ".attn.add_k_proj." in name or ".attn.add_v_proj." in name,  # UCE's analogue
-}
+# The guidance embedder is frozen with the timestep embedder beside it; `attn` is the joint attention
+# of both block kinds (the single-stream blocks' `attn` too).
+FLUX_GROUPS = joint_transformer_groups(
+    time_or_output=("time_text_embed.timestep_embedder.", "time_text_embed.guidance_embedder.", "norm_out.",
+                    "proj_out."),
+    attention=(".attn.",))
 
 
 class FluxBackbone(FlowMatchingSchedule, TextToImageBackbone):

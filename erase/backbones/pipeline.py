@@ -27,6 +27,34 @@ from .base import Backbone, Condition, ModelSource, TextRows
 
 INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
 
+# Where the text enters a joint-attention transformer (diffusers' MMDiT layout, SD3 and FLUX alike):
+# the text stream's attention projections and norms, the context embedder (the text sequence) and
+# the pooled-text embedder beside the timestep embedding.
+_JOINT_TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.",
+                         ".attn.norm_added_q.", ".attn.norm_added_k.")
+_JOINT_CONDITION_INPUTS = ("context_embedder.", "time_text_embed.text_embedder.")
+
+
+def _enters_joint_condition(name: str) -> bool:
+    return name.startswith(_JOINT_CONDITION_INPUTS) or any(part in name for part in _JOINT_TEXT_ATTENTION)
+
+
+def joint_transformer_groups(time_or_output: tuple[str, ...], attention: tuple[str, ...]) -> dict:
+    """The parameter groups of a joint-attention transformer (SD3's and FLUX's share the layout).
+
+    `condition` is where the text enters (above); `nocondition` is the rest without the parameters
+    named by the prefixes `time_or_output` (the timestep embedding and the output layers), which stay
+    frozen as on the UNets; `attn` is every parameter whose name holds one of `attention`; `text-kv`
+    the text keys and values of the joint blocks (UCE's analogue of cross-attention keys and values).
+    """
+    return {
+        "all": lambda name: True,
+        "condition": _enters_joint_condition,
+        "nocondition": lambda name: not _enters_joint_condition(name) and not name.startswith(time_or_output),
+        "attn": lambda name: any(part in name for part in attention),
+        "text-kv": lambda name: ".attn.add_k_proj." in name or ".attn.add_v_proj." in name,
+    }
+
 
 class TextToImageBackbone(Backbone):
     """A diffusers text-to-image pipeline behind the backbone contract. Subclasses set the class

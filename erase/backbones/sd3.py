@@ -23,25 +23,13 @@ import torch.nn.functional as F
 
 from ..utils import EraseError
 from .base import Condition, FlowMatchingSchedule
-from .pipeline import TextToImageBackbone
+from .pipeline import TextToImageBackbone, joint_transformer_groups
 
-_TEXT_ATTENTION = (".attn.add_q_proj.", ".attn.add_k_proj.", ".attn.add_v_proj.", ".attn.to_add_out.",
-                   ".attn.norm_added_q.", ".attn.norm_added_k.")
-_CONDITION_INPUTS = ("context_embedder.", "time_text_embed.text_embedder.")
-_TIME_OR_OUTPUT = ("time_text_embed.timestep_embedder.", "norm_out.", "proj_out.")
-
-
-def _enters_condition(name: str) -> bool:
-    return name.startswith(_CONDITION_INPUTS) or any(part in name for part in _TEXT_ATTENTION)
-
-
-TRANSFORMER_GROUPS = {
-    "all": lambda name: True,
-    "condition": _enters_condition,
-    "nocondition": lambda name: not _enters_condition(name) and not name.startswith(_TIME_OR_OUTPUT),
-    "attn": lambda name: ".attn." in name or ".attn2." in name,  # joint attention, both streams
-    "text-kv": lambda name: ".attn.add_k_proj." in name or ".attn.add_v_proj." in name,  # UCE's analogue
-}
+# The timestep embedding and output layers stay out of `nocondition`; `attn` takes both attention
+# streams (the joint `attn` and SD3.5's image-only `attn2`).
+TRANSFORMER_GROUPS = joint_transformer_groups(
+    time_or_output=("time_text_embed.timestep_embedder.", "norm_out.", "proj_out."),
+    attention=(".attn.", ".attn2."))
 
 
 class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
