@@ -161,6 +161,19 @@ def build_config(cls: type, file_values: dict, args: argparse.Namespace | None =
         raise EraseError(f"invalid {cls.__name__}: {e}") from None
 
 
+def make_config(owner: type, config: Any = None, **options) -> Any:
+    """`owner.Config` (a method's or an edit's) from an instance, a dict (e.g. a JSON file) and keyword
+    overrides; an instance of another config class is refused."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        if not isinstance(config, owner.Config):
+            raise EraseError(f"{type(config).__name__} is not the config of {owner.name} ({owner.Config.__name__})")
+        values = config_dict(config)
+    else:
+        values = dict(config or {})
+    # Options go through the same check as a config file, so a misspelt one is refused, not ignored.
+    return build_config(owner.Config, {**values, **options})
+
+
 def check_channels(name: str, channels: tuple[int, ...], groups: int) -> None:
     """GroupNorm splits a layer's channels into `groups`: refuse channel counts it cannot divide."""
     if not channels:

@@ -4,6 +4,8 @@ the entry point and its outputs, several concepts at once, and bad input."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,8 @@ def test_erase_unlearn_writes_the_model_the_delta_and_the_config(tiny_sd_dir, tm
     summary = json.loads((out / "erase_config.json").read_text())
     assert summary["method"] == "speed" and summary["config"]["harden"] == 1 and summary["wall_time_s"] > 0
     assert summary["data"]["concepts"] == ["the number 3"] and summary["data"]["retain_prompts"] == 2
+    assert shlex.split(summary["command"])[:2] == ["erase", "unlearn"] and "--harden" in summary["command"]
+    assert not (out / "loss_history.jsonl").exists()  # an edit has no steps, so no losses
     delta = load_file(out / "delta.safetensors")
     assert delta and all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in delta)
     edited, original = load_backbone(out), load_backbone(tiny_sd_dir)
@@ -266,6 +270,23 @@ def test_mass_erasure_file_in_the_published_layout(tmp_path):
     assert found.retain == ["A portrait of Cy"]
 
 
+def test_a_config_of_another_method_or_edit_is_refused_before_any_work(tiny_sd_dir, tmp_path):
+    """Methods and edits build their config the same way (`erase.config.make_config`): an instance of
+    their own Config class or a dict, with keyword overrides; another class's config is one clear line."""
+    from erase.config import make_config
+    from erase.loop import unlearn
+    from erase.methods import get_method
+    from erase.methods.esd import ESDConfig
+
+    assert make_config(UCE, UCEConfig(lamb=0.5), preserve_scale=2.0) == UCEConfig(lamb=0.5, preserve_scale=2.0)
+    assert make_config(get_method("esd"), {"steps": 7}, lr=1e-3) == ESDConfig(steps=7, lr=1e-3)
+    for method, config, wrong in (("uce", ESDConfig(), "ESDConfig is not the config of uce (UCEConfig)"),
+                                  ("esd", UCEConfig(), "UCEConfig is not the config of esd (ESDConfig)")):
+        with pytest.raises(EraseError, match=re.escape(wrong)):
+            unlearn(tiny_sd_dir, method, "the number 3", tmp_path / method, config=config)
+        assert not (tmp_path / method).exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--forget", "{three},{three}"], "twice"),
     (["--forget", "{three},no-such-concept"], "unknown concept 'no-such-concept'"),
@@ -315,6 +336,8 @@ def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd
     assert m["kept_accuracy"] == pytest.approx(sum(accuracy[c] for c in (0, 1, 2, 4, 6, 8, 9)) / 7)
     assert m["h_o"] == pytest.approx(harmonic_h_o(m["erased_accuracy"], m["kept_accuracy"]))
     assert m["erase_wall_time_s"] == json.loads((edited / "erase_config.json").read_text())["wall_time_s"]
+    # The report shows the command the edit recorded (it cannot rebuild one from a fine-tuning method).
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
     assert harmonic_h_o(0.0, 1.0) == 1.0 and harmonic_h_o(1.0, 1.0) == 0.0
     assert harmonic_h_o(0.5, 0.25) == pytest.approx(1 / 3)
     assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,3",

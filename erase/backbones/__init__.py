@@ -26,7 +26,7 @@ BACKBONES: dict[str, type[Backbone]] = {b.name: b for b in (
 
 # The submodules are listed too, so that documentation tools (pdoc) walk them.
 __all__ = ["BACKBONES", "Backbone", "ClassConditionalDDPM", "Condition", "FluxBackbone", "StableDiffusion3Backbone",
-           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone",
+           "StableDiffusionBackbone", "StableDiffusionXLBackbone", "get_backbone", "load_backbone", "run_model",
            *sorted(m.name for m in pkgutil.iter_modules(__path__))]
 
 
@@ -57,3 +57,11 @@ def load_backbone(path: str | Path, **kwargs) -> Backbone:
         found = f"a folder with no {MODEL_FILE} nor model_index.json"
     tried = "; ".join(f"{b.name}: {b.accepts_description}" for b in BACKBONES.values())
     raise EraseError(f"{path} is not a model any backbone loads: it is {found}. Tried {tried}")
+
+
+def run_model(model: str | Path | Backbone) -> tuple[Backbone, str]:
+    """The model a run trains or edits: loaded when given as a folder, file or Hub id (a backbone object
+    is used as it is), and the base model the run's records name (what was given, or the object's source)."""
+    if isinstance(model, (str, Path)):
+        return load_backbone(model), str(model)
+    return model, model.info.get("source", "in-memory model")

@@ -101,14 +101,15 @@ def write_history(path: Path, history: list[dict]) -> None:
     path.write_text("".join(json.dumps(entry) + "\n" for entry in history))
 
 
-def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: dict, history: list[dict],
+def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: dict, history: list[dict] | None,
                  recipe=None, stages: list[tuple[dict, list[dict]]] = (), adapter: Training | None = None,
                  stage_adapters: list[Path | None] = ()) -> None:
     """Model, delta, record, loss history (and a recipe's stages) and the marker appear together in one
     folder swap: a run killed or out of disk while saving leaves no folder that loads, and the rerun
     resumes from the checkpoints. `adapter`: a single stage trained as a LoRA, whose adapter is saved
     in `lora/` too; `stage_adapters`: per stage of a recipe, the saved adapter of a LoRA stage (copied
-    to `stages/N-METHOD/lora/`) or None."""
+    to `stages/N-METHOD/lora/`) or None. A closed-form edit (`erase.edits.run`) has no losses: `history`
+    None writes no loss history."""
     if command := recorded_command("unlearn"):  # the `erase unlearn` command that made it, when one did
         summary = {**summary, "command": command}
     with atomic_dir(out) as tmp:
@@ -116,7 +117,8 @@ def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: di
                                                                        "data", "steps", "recipe") if k in summary})
         model.save_delta(tmp / DELTA_FILE, changed, method=summary["method"])
         write_json(tmp / CONFIG_FILE, summary)
-        write_history(tmp / LOSS_HISTORY_FILE, history)
+        if history is not None:
+            write_history(tmp / LOSS_HISTORY_FILE, history)
         if adapter is not None:
             adapter.lora.save_adapter(tmp / ADAPTER_FOLDER, adapter.adapter)
         if recipe is not None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import latest_checkpoint
-from ..config import build_config, config_dict
-from ..methods import METHODS, Method, MethodConfig, get_method
+from ..config import config_dict, make_config
+from ..methods import METHODS, MethodConfig, get_method
 from ..outputs import check_output
 from ..unlearn_data import UnlearnData
 from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precision
@@ -28,18 +28,6 @@ from .recipe import Recipe, load_recipe, one_stage
 from .running import Progress, finish, resolve_params, run_steps, set_up
 from .state import restore_state, save_state
 from .terms import Terms, frozen_teacher, terms_from_options
-
-
-def make_config(method: type[Method], config: MethodConfig | dict | None, **options) -> MethodConfig:
-    """The method's config from an instance, a dict (e.g. a JSON file) and keyword overrides."""
-    if isinstance(config, MethodConfig):
-        if not isinstance(config, method.Config):
-            raise EraseError(f"{type(config).__name__} is not the config of {method.name} ({method.Config.__name__})")
-        values = config_dict(config)
-    else:
-        values = dict(config or {})
-    # Options go through the same check as a config file, so a misspelt one is refused, not ignored.
-    return build_config(method.Config, {**values, **options})
 
 
 def tracker_names(report_to: str | None) -> list[str]:
@@ -188,16 +176,14 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     """Run every stage of `recipe` on `model`; see `unlearn` for the arguments."""
     from accelerate import Accelerator
 
-    from ..backbones import load_backbone
+    from ..backbones import run_model
 
     if out is None:
         raise EraseError("give an output folder (--out)")
     stages = recipe.built(overrides)  # every stage checked before any work
     inputs = [model] if isinstance(model, (str, Path)) else []
     check_output(out, "unlearn", overwrite, inputs=inputs + [teacher_path], checkpoints=True)
-    base_model = str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model")
-    if isinstance(model, (str, Path)):
-        model = load_backbone(model)
+    model, base_model = run_model(model)
     out = Path(out)
     trackers = tracker_names(report_to)
     mixed = resolve_mixed_precision(stages[0][1].mixed_precision)
