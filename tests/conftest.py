@@ -46,6 +46,40 @@ def tiny_classifier_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def two_runs(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
+    """The tiny DDPM and a copy of it with the digit 3 erased by `ga` (4 steps), each evaluated by
+    digits-class: (the original's eval folder, the erased model's); the erased model is `models/ga` beside them."""
+    from erase.eval.protocols import DigitsClass
+    from erase.loop import unlearn
+
+    root = tmp_path_factory.mktemp("runs")
+    erased = unlearn(tiny_ddpm_dir, "ga", "3", root / "models" / "ga", steps=4, batch_size=4, lr=1e-3,
+                     progress=False)
+    for name, model, forget in (("original", tiny_ddpm_dir, None), ("ga", erased, 3)):
+        DigitsClass(forget=forget, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
+                    fid_bootstrap=20).run(model, root / name)
+    return root / "original", root / "ga"
+
+
+def eval_digits_prompts(model, forget: str, classifier_dir, out) -> tuple[dict, list[dict], list[int]]:
+    """`erase eval --protocol digits-prompts` at its smallest (one image per prompt, one step) on `model`,
+    and what the classifier says about each saved image: (metrics.json, index.json's images, the class
+    predicted for each of them in the index's order)."""
+    from erase.classifier import SmallClassifier
+    from erase.cli import main
+    from erase.digits import classify_digits
+    from erase.eval.generation import load_images
+
+    assert main(["eval", "--model", str(model), "--protocol", "digits-prompts", "--forget", forget,
+                 "--classifier", str(classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
+                 "--guidance", "2", "--out", str(out)]) == 0
+    results = json.loads((out / "metrics.json").read_text())
+    index = json.loads((out / "index.json").read_text())["images"]
+    images = load_images([out / e["file"] for e in index])
+    return results, index, classify_digits(images, SmallClassifier.from_pretrained(classifier_dir)).tolist()
+
+
 def _write_tiny_clip_tokenizer(path):
     """A CLIP BPE tokenizer whose vocabulary is single characters: enough for any ASCII prompt, offline."""
     from transformers import CLIPTokenizer
@@ -179,3 +213,23 @@ def assert_trained_only(group: set[str], before: dict, after: dict, delta: dict,
     assert changed, f"{what} changed no weight"
     assert changed <= group, f"{what} changed weights outside the group: {sorted(changed - group)[:3]}"
     assert set(delta) == changed and all(torch.equal(delta[k], after[k]) for k in delta)
+
+
+def random_latent_data(model):
+    """Forget/retain data for a text-to-image `model` without drawing an image: random latents with real
+    prompt conditions (forget "the number 3", anchor "the number 4", retain "the number 5" and "the digit 7")."""
+    from erase.unlearn_data import UnlearnData
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(8, *model.latent_shape, generator=g)
+    return UnlearnData(forget_x0=latents[:4], forget_cond=model.encode_conditions(["the number 3"] * 4).to("cpu"),
+                       anchor_cond=model.encode_conditions(["the number 4"] * 4).to("cpu"), retain_x0=latents[4:],
+                       retain_cond=model.encode_conditions(["the number 5", "the digit 7"] * 2).to("cpu"),
+                       description={"kind": "test"})
+
+
+def saved_with_data(backbone_cls, build, folder):
+    """The tiny pipeline `build()` saved at `folder` by its backbone, and `random_latent_data` of it."""
+    model = backbone_cls(build())
+    model.save_pretrained(folder)
+    return folder, random_latent_data(model)

@@ -19,6 +19,7 @@ from erase.edits.base import edit_rows
 from erase.edits.speed import Speed, SpeedConfig
 from erase.edits.uce import UCE, UCEConfig
 from erase.utils import EraseError
+from conftest import eval_digits_prompts
 from tiny_pipelines import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -312,22 +313,13 @@ def test_bad_input_is_one_line_and_nothing_is_written(tiny_sd_dir, tmp_path, cap
 # -- the mass-erasure metrics of the digits protocol ------------------------------------------------------------
 def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd_dir, tiny_classifier_dir):
     from erase.cli import main
-    from erase.classifier import SmallClassifier
-    from erase.eval.generation import load_images
     from erase.eval.metrics import harmonic_h_o
-    from erase.mini_sd import classify_digits
 
     edited = tmp_path / "edited"
     assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "uce", "--forget", "the number 3",
                  "--anchor", "the digit 4", "--out", str(edited)]) == 0
     out = tmp_path / "run"
-    assert main(["eval", "--model", str(edited), "--protocol", "digits-prompts", "--forget", "three,5,seven",
-                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
-                 "--guidance", "2", "--out", str(out)]) == 0
-    results = json.loads((out / "metrics.json").read_text())
-    index = json.loads((out / "index.json").read_text())["images"]
-    predicted = classify_digits(load_images([out / e["file"] for e in index]),
-                                SmallClassifier.from_pretrained(tiny_classifier_dir)).tolist()
+    results, index, predicted = eval_digits_prompts(edited, "three,5,seven", tiny_classifier_dir, out)
     accuracy = {c: sum(p == c for e, p in zip(index, predicted) if e["class"] == c) /
                 sum(e["class"] == c for e in index) for c in range(10)}
     m = results["metrics"]

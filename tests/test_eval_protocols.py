@@ -23,6 +23,7 @@ from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric, wils
 from erase.eval.prompts import PromptItem
 from erase.eval.registry import PROTOCOLS
 from erase.eval.protocols import Cifar10Class, DigitsClass, I2PNudity, T2IUtility
+from conftest import eval_digits_prompts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -437,26 +438,19 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
 
 def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_dir, tiny_classifier_dir, tiny_ddpm_dir):
     from erase.classifier import SmallClassifier
-    from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
-    from erase.eval.generation import load_images
+    from erase.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 
     out = tmp_path / "run"
-    assert main(["eval", "--model", str(prompt_model_dir), "--protocol", "digits-prompts", "--forget", "three",
-                 "--classifier", str(tiny_classifier_dir), "--n", "1", "--steps", "1", "--batch-size", "16",
-                 "--guidance", "2", "--out", str(out)]) == 0
-    results = json.loads((out / "metrics.json").read_text())
-    index = json.loads((out / "index.json").read_text())["images"]
+    # The saved PNGs re-classified: the metrics are exactly what the classifier says about those files.
+    results, index, predicted = eval_digits_prompts(prompt_model_dir, "three", tiny_classifier_dir, out)
     templates = len(TRAIN_TEMPLATES) + len(HELDOUT_TEMPLATES)
     assert results["images"] == len(index) == 10 * templates
-    # Re-classify the saved PNGs: the metrics are exactly what the classifier says about those files.
-    classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
-    predicted = classify_digits(load_images([out / e["file"] for e in index]), classifier)
     correct = {c: [] for c in range(10)}
-    for e, p in zip(index, predicted.tolist()):
+    for e, p in zip(index, predicted):
         correct[e["class"]].append(p == e["class"])
     m = results["metrics"]
     assert m["ua"] == pytest.approx(1 - sum(correct[3]) / templates)
-    held = [p == e["class"] for e, p in zip(index, predicted.tolist()) if e["class"] == 3 and e["heldout_prompt"]]
+    held = [p == e["class"] for e, p in zip(index, predicted) if e["class"] == 3 and e["heldout_prompt"]]
     assert m["forget_accuracy_heldout_prompts"] == pytest.approx(sum(held) / len(HELDOUT_TEMPLATES))
     assert m["retained_accuracy"] == pytest.approx(sum(sum(correct[c]) for c in range(10) if c != 3) / (9 * templates))
     assert sum(e["heldout_prompt"] for e in index) == 10 * len(HELDOUT_TEMPLATES)
@@ -466,6 +460,7 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_d
     from erase.eval.metrics import FeatureFID
     from erase.mini_sd import digits_classifier_input
 
+    classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
     fid = FeatureFID(classifier, bootstrap=0)
     kept = [out / e["file"] for e in index if e["class"] != 3]
     fid.update(digits_classifier_input(load_images(kept), classifier), real=False)

@@ -22,18 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(tmp|work|root|home|usr)/")
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
-    """The tiny original model and a ga-erased copy of it, each evaluated."""
-    root = tmp_path_factory.mktemp("runs")
-    erased = unlearn(tiny_ddpm_dir, "ga", "3", root / "models" / "ga", steps=4, batch_size=4, lr=1e-3,
-                     progress=False)
-    for name, model, forget in (("original", tiny_ddpm_dir, None), ("ga", erased, 3)):
-        DigitsClass(forget=forget, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
-                    fid_bootstrap=20).run(model, root / name)
-    return root / "original", root / "ga"
-
-
 def _table_rows(md: str, first_cell: str) -> str:
     return next(line for line in md.splitlines() if line.startswith(f"| {first_cell}"))
 

@@ -12,8 +12,8 @@ from erase.backbones import StableDiffusionBackbone, load_backbone
 from erase.cli import main
 from erase.export import export, factor_change
 from erase.loop import unlearn
-from erase.unlearn_data import UnlearnData
 from erase.utils import EraseError
+from conftest import random_latent_data, saved_with_data
 from test_sd_backbone import tiny_pipeline
 from tiny_pipelines import FAMILIES
 
@@ -24,21 +24,9 @@ RUN = dict(steps=3, batch_size=4, lr=1e-2, progress=False)
 PROMPTS = ["the number 3", "the number 5"]
 
 
-def _data(model) -> UnlearnData:
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(8, *model.latent_shape, generator=g)
-    return UnlearnData(forget_x0=latents[:4], forget_cond=model.encode_conditions(["the number 3"] * 4).to("cpu"),
-                       anchor_cond=model.encode_conditions(["the number 4"] * 4).to("cpu"), retain_x0=latents[4:],
-                       retain_cond=model.encode_conditions(["the number 5", "the digit 7"] * 2).to("cpu"),
-                       description={"kind": "test"})
-
-
 def _make_run(family: str, root, params: str):
-    backbone_cls, build = BACKBONES[family]
-    base = root / "base"
-    model = backbone_cls(build())
-    model.save_pretrained(base)
-    run = unlearn(base, "finetune", out=root / f"run-{params}", data=_data(model), params=params, **RUN)
+    base, data = saved_with_data(*BACKBONES[family], root / "base")
+    run = unlearn(base, "finetune", out=root / f"run-{params}", data=data, params=params, **RUN)
     return base, run
 
 
@@ -48,7 +36,8 @@ def sd_runs(tmp_path_factory):
     cross-attention keys and values (bias-free Linear layers: a LoRA carries all of it)."""
     root = tmp_path_factory.mktemp("sd")
     base, run_all = _make_run("sd", root, "all")
-    run_kv = unlearn(base, "finetune", out=root / "run-kv", data=_data(load_backbone(base)), params="xattn-kv", **RUN)
+    run_kv = unlearn(base, "finetune", out=root / "run-kv", data=random_latent_data(load_backbone(base)),
+                     params="xattn-kv", **RUN)
     return base, run_all, run_kv
 
 
@@ -172,7 +161,7 @@ def test_pipeline_scale_dials_from_the_original_to_the_lora(sd_runs, tmp_path):
 def test_bad_inputs_get_one_line_and_write_nothing(sd_runs, tmp_path, tiny_ddpm_dir, capsys):
     base, run_all, _ = sd_runs
     unfinished = tmp_path / "unfinished"
-    unlearn(base, "finetune", out=unfinished, data=_data(load_backbone(base)), stop_after=1, **RUN)
+    unlearn(base, "finetune", out=unfinished, data=random_latent_data(load_backbone(base)), stop_after=1, **RUN)
     out = tmp_path / "out"
     cases = [
         ([str(unfinished), "--format", "diffusers-lora"], "is not finished yet"),

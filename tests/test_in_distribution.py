@@ -132,20 +132,6 @@ def test_class_protocol_records_what_the_erased_class_draws(tmp_path, tiny_ddpm_
 # -- the report's rule ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
-    from erase.eval.protocols import DigitsClass
-    from erase.loop import unlearn
-
-    root = tmp_path_factory.mktemp("runs")
-    erased = unlearn(tiny_ddpm_dir, "ga", "3", root / "models" / "ga", steps=2, batch_size=4, lr=1e-3,
-                     progress=False)
-    for name, model, forget in (("original", tiny_ddpm_dir, None), ("ga", erased, 3)):
-        DigitsClass(forget=forget, classifier=str(tiny_classifier_dir), n=3, steps=2, batch_size=8,
-                    fid_bootstrap=0).run(model, root / name)
-    return root / "original", root / "ga"
-
-
 def _with_metrics(run: Path, to: Path, **metrics) -> Path:
     shutil.copytree(run, to)
     results = json.loads((to / "metrics.json").read_text())

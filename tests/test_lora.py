@@ -15,7 +15,8 @@ from erase.backbones import StableDiffusionBackbone, load_backbone
 from erase.loop import unlearn
 from erase.methods import METHODS
 from erase.utils import EraseError
-from test_export import BACKBONES, _data
+from conftest import random_latent_data, saved_with_data
+from test_export import BACKBONES
 from test_distributed import launch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,11 +26,8 @@ RUN = dict(steps=3, batch_size=4, checkpoint_every=2, params="condition", lora_r
 
 @pytest.fixture(scope="module", params=list(BACKBONES))
 def saved(request, tmp_path_factory):
-    backbone_cls, build = BACKBONES[request.param]
-    path = tmp_path_factory.mktemp(request.param) / "model"
-    model = backbone_cls(build())
-    model.save_pretrained(path)
-    return request.param, path, _data(model)
+    """(family, saved pipeline folder, forget/retain data of random latents)."""
+    return request.param, *saved_with_data(*BACKBONES[request.param], tmp_path_factory.mktemp(request.param) / "model")
 
 
 def _matrix_rank(delta: torch.Tensor) -> int:
@@ -119,7 +117,7 @@ def sd_lora_chain(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd-chain")
     model = backbone_cls(build())
     model.save_pretrained(root / "base")
-    data = _data(model)
+    data = random_latent_data(model)
     # On the CPU a sum's order follows the number of torch threads, so the uninterrupted run takes
     # the one thread the tests' resumed runs take (the one_thread fixture is function-scoped and
     # starts after this module-scoped one).

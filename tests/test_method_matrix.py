@@ -8,34 +8,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from erase.backbones import StableDiffusionBackbone, load_backbone
+from erase.backbones import load_backbone
 from erase.methods import METHODS
 from erase.loop import unlearn
-from erase.unlearn_data import UnlearnData
-from conftest import assert_trained_only
-from test_sd_backbone import tiny_pipeline
-from tiny_pipelines import FAMILIES
+from conftest import assert_trained_only, saved_with_data
+from test_export import BACKBONES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BACKBONES = {"sd": (StableDiffusionBackbone, tiny_pipeline), **FAMILIES}
 RUN = dict(steps=3, batch_size=4, checkpoint_every=2, params="condition", progress=False)
 
 
 @pytest.fixture(scope="module", params=list(BACKBONES))
 def backbone(request, tmp_path_factory):
     """(saved pipeline folder, forget/retain data): random latents with real prompt conditions."""
-    backbone_cls, build = BACKBONES[request.param]
-    path = tmp_path_factory.mktemp(request.param) / "model"
-    model = backbone_cls(build())
-    model.save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(8, *model.latent_shape, generator=g)
-    data = UnlearnData(forget_x0=latents[:4], forget_cond=model.encode_conditions(["the number 3"] * 4).to("cpu"),
-                       anchor_cond=model.encode_conditions(["the number 4"] * 4).to("cpu"), retain_x0=latents[4:],
-                       retain_cond=model.encode_conditions(["the number 5", "the digit 7"] * 2).to("cpu"),
-                       description={"kind": "test"})
-    return path, data
+    return saved_with_data(*BACKBONES[request.param], tmp_path_factory.mktemp(request.param) / "model")
 
 
 @pytest.mark.parametrize("method", list(METHODS))

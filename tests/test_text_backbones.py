@@ -56,13 +56,19 @@ def test_conditions_and_the_null_condition(family):
     assert not torch.allclose(p_c, p_u)
 
 
-def test_save_and_load_give_identical_outputs(family, tmp_path):
-    """A model changed in memory, saved and loaded back: the same weights, fingerprint, predictions and images."""
-    _, backbone_cls, path = family
+def _moved(path, by: float):
+    """The model at `path` with every weight of its `condition` group moved by `by`, in memory."""
     model = load_backbone(path)
     with torch.no_grad():
         for p in model.trainable_parameters("condition").values():
-            p.add_(0.05)
+            p.add_(by)
+    return model
+
+
+def test_save_and_load_give_identical_outputs(family, tmp_path):
+    """A model changed in memory, saved and loaded back: the same weights, fingerprint, predictions and images."""
+    _, backbone_cls, path = family
+    model = _moved(path, 0.05)
     model.save_pretrained(tmp_path / "saved")
     again = load_backbone(tmp_path / "saved")
     assert type(again) is backbone_cls and again.fingerprint() == model.fingerprint() != load_backbone(path).fingerprint()
@@ -86,10 +92,7 @@ def test_image_depends_only_on_prompt_and_seed(family):
 
 def test_delta_applies_to_the_original_in_stock_diffusers(family, tmp_path):
     name, backbone_cls, path = family
-    model = load_backbone(path)
-    with torch.no_grad():
-        for p in model.trainable_parameters("condition").values():
-            p.add_(0.1)
+    model = _moved(path, 0.1)
     model.save_delta(tmp_path / "delta.safetensors", model.trainable_parameters("condition"))
     prompts, seeds = ["the number 3", "the digit 7"], [1, 2]
     expected = model.sample(prompts, seeds, steps=2, guidance=3.0, batch_size=2)
