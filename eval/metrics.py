@@ -614,6 +614,15 @@ class _ClipFeatures(torch.nn.Module):
         return self._tensor(self.model.get_text_features(*args, **kwargs))
 
 
+def _clip_folder(model_path: str | Path) -> Path:
+    """`--clip-model`, refused in one line unless it is a folder a CLIP model was saved to."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise EraseError(f"--clip-model {path} is not a CLIP model folder (no config.json): save one with "
+                         "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    return path
+
+
 def clip_score_metric(model_path: str | Path):
     """torchmetrics' CLIPScore with a CLIP model and processor loaded from a local folder.
 
@@ -623,10 +632,7 @@ def clip_score_metric(model_path: str | Path):
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import CLIPModel, CLIPProcessor
 
-    path = Path(model_path)
-    if not (path / "config.json").is_file():
-        raise EraseError(f"--clip-model {path} is not a CLIP model folder (no config.json): save one with "
-                         "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+    path = _clip_folder(model_path)
     return CLIPScore(model_name_or_path=lambda: (_ClipFeatures(CLIPModel.from_pretrained(path).eval()),
                                                  CLIPProcessor.from_pretrained(path)))
 
@@ -639,10 +645,7 @@ class ClipImageFeatures:
     def __init__(self, model_path: str | Path, device: torch.device | str = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
-        path = Path(model_path)
-        if not (path / "config.json").is_file():
-            raise EraseError(f"--clip-model {path} is not a CLIP model folder (no config.json): save one with "
-                             "CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+        path = _clip_folder(model_path)
         self.model = _ClipFeatures(CLIPModel.from_pretrained(path).eval().to(device))
         self.processor = CLIPProcessor.from_pretrained(path)
         self.device = device

@@ -352,9 +352,12 @@ def test_clip_score_matches_direct_computation(tiny_clip_dir):
     assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-4, abs=1e-4)
 
 
-def test_clip_score_needs_a_model_folder(tmp_path):
-    with pytest.raises(EraseError, match="not a CLIP model folder"):
-        clip_score_metric(tmp_path)
+def test_clip_score_and_clip_image_features_need_a_model_folder(tmp_path):
+    from erase.eval.metrics import ClipImageFeatures
+
+    for load in (clip_score_metric, ClipImageFeatures):
+        with pytest.raises(EraseError, match="not a CLIP model folder"):
+            load(tmp_path)
 
 
 def test_verdict_distance_is_total_variation_and_its_interval_holds_it():
