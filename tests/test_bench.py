@@ -56,24 +56,32 @@ def test_bench_writes_the_ratio_table(backbone, tiny_ddpm_dir, tiny_sd_dir, tmp_
     assert set(report["batch_sizes"]["variants"]) == {"batch 1", "batch 2"} and "| batch | images/s |" in md
 
 
-def test_bench_times_robust_erasure_and_sampling_paths_beside_the_plain_method(tiny_ddpm_dir, tmp_path, monkeypatch):
+def _one_round_recording(monkeypatch, model, out, options: list[str], recorded) -> tuple[dict, list]:
+    """A one-round bench of eupmu on `model` with `options`: its rows by method, and `recorded(method,
+    options)` of every unlearning run it started, in order."""
     import erase.loop
 
     calls = []
     plain_unlearn = erase.loop.unlearn
 
     def recording_unlearn(model, method, **options):
-        terms = options.get("terms") or {}
-        calls.append((method, terms.get("robust", {}).get("every"), terms.get("retain", {}).get("samples")))
+        calls.append(recorded(method, options))
         return plain_unlearn(model, method, **options)
 
     monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
-    out = tmp_path / "bench"
-    assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
+    assert main(["bench", "--model", str(model), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
                  "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--sample-steps", "2",
-                 "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--robust-every", "1",
-                 "--paths", "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
+                 "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", *options, "--out", str(out)]) == 0
+    return {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}, calls
+
+
+def test_bench_times_robust_erasure_and_sampling_paths_beside_the_plain_method(tiny_ddpm_dir, tmp_path, monkeypatch):
+    def recorded(method, options):
+        terms = options.get("terms") or {}
+        return method, terms.get("robust", {}).get("every"), terms.get("retain", {}).get("samples")
+
+    out = tmp_path / "bench"
+    rows, calls = _one_round_recording(monkeypatch, tiny_ddpm_dir, out, ["--robust-every", "1", "--paths"], recorded)
     # finetune has no forget condition to perturb: no robust row of it
     assert list(rows) == ["finetune", "eupmu", "eupmu+robust", "finetune+paths", "eupmu+paths"]
     assert calls == [("finetune", None, None), ("eupmu", None, None), ("eupmu", 1, None),
@@ -186,22 +194,9 @@ def test_batch_size_effect_times_every_batch_on_the_same_images(tiny_ddpm_dir):
 
 
 def test_bench_times_lora_beside_full_fine_tuning(tiny_ddpm_dir, tmp_path, monkeypatch):
-    import erase.loop
-
-    calls = []
-    plain_unlearn = erase.loop.unlearn
-
-    def recording_unlearn(model, method, **options):
-        calls.append((method, options.get("lora_rank")))
-        return plain_unlearn(model, method, **options)
-
-    monkeypatch.setattr(erase.loop, "unlearn", recording_unlearn)
     out = tmp_path / "bench"
-    assert main(["bench", "--model", str(tiny_ddpm_dir), "--methods", "eupmu", "--steps", "2", "--rounds", "1",
-                 "--batch-size", "4", "--gen-batch", "2", "--gen-repeats", "1", "--sample-steps", "2",
-                 "--gen-images", "2", "--nudenet-images", "0", "--no-channels-last", "--lora-rank", "2",
-                 "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in json.loads((out / "bench.json").read_text())["methods"]}
+    rows, calls = _one_round_recording(monkeypatch, tiny_ddpm_dir, out, ["--lora-rank", "2"],
+                                       lambda method, options: (method, options.get("lora_rank")))
     assert list(rows) == ["finetune", "eupmu", "finetune+lora2", "eupmu+lora2"]
     assert calls == [("finetune", None), ("eupmu", None), ("finetune", 2), ("eupmu", 2)]  # one round, side by side
     assert rows["eupmu+lora2"]["peak_memory_mb"] > 0
