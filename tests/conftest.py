@@ -49,7 +49,7 @@ def tiny_classifier_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def two_runs(tmp_path_factory, tiny_ddpm_dir, tiny_classifier_dir):
     """The tiny DDPM and a copy of it with the digit 3 erased by `ga` (4 steps), each evaluated by
-    digits-class: (the original's eval folder, the erased model's); the erased model is `models/ga` beside them."""
+    digits-class: (the original's eval folder, the erased model's); the erased model is saved beside them."""
     from erase.eval.protocols import DigitsClass
     from erase.loop import unlearn
 
