@@ -111,7 +111,7 @@ def sd15_random_pipeline(resolution: int = 512):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .mini_sd import build_tokenizer, caption_words
+    from .training.mini_sd import build_tokenizer, caption_words
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(caption_words(), max_length=77)

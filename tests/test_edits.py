@@ -184,7 +184,7 @@ def test_hardening_weakens_the_closed_form_adversary(mini_sd):
 @pytest.mark.parametrize("method", list(EDITS))
 def test_three_is_gone_from_the_miniature_and_five_is_kept(method, tmp_path):
     import erase
-    from erase.mini_sd import classify_digits, default_classifier_path
+    from erase.digits import classify_digits, default_classifier_path
     from erase.classifier import SmallClassifier
 
     result = erase.unlearn(str(MINI_SD), method, "three", tmp_path / "out")
@@ -294,7 +294,7 @@ def test_digits_prompts_with_several_erased_digits_reports_h_o(tmp_path, tiny_sd
     from erase.classifier import SmallClassifier
     from erase.eval.generation import load_images
     from erase.eval.metrics import harmonic_h_o
-    from erase.mini_sd import classify_digits
+    from erase.digits import classify_digits
 
     edited = tmp_path / "edited"
     assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "uce", "--forget", "the number 3",

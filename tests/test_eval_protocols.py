@@ -437,7 +437,7 @@ def test_two_processes_match_one(tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
 
 def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_dir, tiny_classifier_dir, tiny_ddpm_dir):
     from erase.classifier import SmallClassifier
-    from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
+    from erase.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, classify_digits
     from erase.eval.generation import load_images
 
     out = tmp_path / "run"
@@ -464,7 +464,7 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_d
     # classifier's features, as recomputed from the files.
     from erase.data import load_dataset
     from erase.eval.metrics import FeatureFID
-    from erase.mini_sd import digits_classifier_input
+    from erase.digits import digits_classifier_input
 
     fid = FeatureFID(classifier, bootstrap=0)
     kept = [out / e["file"] for e in index if e["class"] != 3]
