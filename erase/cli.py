@@ -92,7 +92,7 @@ COMMANDS = {
     "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
     "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
     "export": ("erase.export", "a finished run as a diffusers or WebUI LoRA, or a single-file checkpoint"),
-    "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),
+    "bench": ("erase.bench.run", "per-method step cost vs finetune, peak memory, generation throughput"),
     "sample": ("erase.cli", "generate images of some classes from a class-conditional model"),
     "train-base": ("erase.training.train_base", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
     "train-classifier": ("erase.training.classifier", "train the classifier used for unlearning accuracy and feature FID"),

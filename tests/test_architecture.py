@@ -21,8 +21,7 @@ FORBIDDEN = {
     "erase.noising": ("erase.methods", "erase.unlearning", "erase.unlearn_data", "erase.concept_data"),
     "erase.methods": ("erase.unlearning.runner", "erase.unlearning.running", "erase.loop", "erase.eval", "erase.training"),
     # the evaluation imports no trainer of the shipped models (what it needs of the digits is erase.digits)
-    "erase.eval": ("erase.training", "erase.bench", "erase.bench_models",
-                   "erase.bench_generation", "erase.demo", "erase.methods", "erase.unlearning", "erase.loop"),
+    "erase.eval": ("erase.training", "erase.bench", "erase.demo", "erase.methods", "erase.unlearning", "erase.loop"),
     "erase.digits": ("erase.training",),
     # the model the evaluation loads is apart from its trainer
     "erase.classifier": ("erase.training",),
