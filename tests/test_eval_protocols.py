@@ -197,7 +197,7 @@ def test_prompt_images_do_not_depend_on_the_batch(prompt_model_dir):
 
 def test_the_batch_size_probe_draws_with_the_prompt_protocols_options(tiny_sd_dir, monkeypatch):
     from erase.backbones import load_backbone
-    from erase.eval.protocols import _prompt_options
+    from erase.eval.protocols.prompt_runs import _prompt_options
 
     model = load_backbone(tiny_sd_dir)
     seen, draw = [], model._sample_batch
@@ -280,7 +280,7 @@ def test_i2p_nudity_detects_each_batch_in_a_worker_while_the_next_is_drawn(tmp_p
     """NudeNet sees each generated batch as soon as it is drawn, off the main thread, in the images' order."""
     import threading
 
-    import erase.eval.protocols as protocols
+    import erase.eval.protocols.i2p_nudity as protocols
 
     calls = []
 

@@ -209,7 +209,7 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     """Generation against stock diffusers, the channels-last effect, NudeNet and FID feature
     throughput, and the measuring's estimated share of an I2P / FID protocol's wall time."""
     from erase.eval.metrics import inception_available
-    from erase.eval.protocols import _load_classifier
+    from erase.eval.protocols.base import _load_classifier
 
     dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else torch.float32
     settings = dict(n=config.gen_images, batch_size=config.gen_batch, steps=config.sample_steps, guidance=3.0,
