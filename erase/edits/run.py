@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 from ..config import build_config, config_dict
-from ..outputs import UNLEARN_CONFIG, UNLEARN_DELTA, check_output, mark_output
+from ..outputs import UNLEARN_CONFIG, UNLEARN_DELTA, check_output, mark_output, recorded_command
+from ..unlearning.command import equivalent_command
 from ..utils import EraseError, atomic_dir, logger, package_versions, write_json
 from . import get_edit
 from .base import EditConfig, apply_edit
@@ -62,6 +63,11 @@ def run_edit(model, method: str, forget, out: str | Path | None, *, retain=None,
                "changed_tensors": len(changed), "base_model": base_model, "data": data, "seed": None, "steps": 0,
                "wall_time_s": round(elapsed, 3), "seconds_per_step": None, "edit": details,
                "device": str(model.device), "versions": package_versions()}
+    # The `erase unlearn` command that made it, as given on the command line, else its equivalent.
+    if command := recorded_command("unlearn") or equivalent_command(
+            base_model, out, forget, {"retain": retain, "anchor": anchor}, method=edit_cls.name,
+            config=summary["config"]):
+        summary["command"] = command
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",
                                                                        "data", "steps")})
