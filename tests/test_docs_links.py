@@ -60,3 +60,10 @@ def test_no_path_of_a_development_machine():
              if re.search(r"/work/|\.\./shared/|/home/\w+/|/root/", p.read_text(encoding="utf-8", errors="replace"))
              and p.name != Path(__file__).name]
     assert not found, found
+
+
+def test_no_file_holds_a_merge_conflict_marker():
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", flags=re.M)
+    marked = [str(path.relative_to(REPO)) for path in repo_files(".md", ".py", ".json", ".toml", ".txt", ".j2")
+              if marker.search(path.read_text(encoding="utf-8", errors="replace"))]
+    assert not marked, f"merge conflict markers left in {marked}"
