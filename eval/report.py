@@ -272,8 +272,8 @@ class Run:
         data = u.get("data", {})
         forget = data.get("forget") or [data.get("concept", {}).get("name", "?")]
         what = f"recipe {u['recipe']['name']}" if "recipe" in u else f"method {u['method']}"
-        return (f"{what} on {relative(u['base_model'])}, forget {','.join(map(str, forget))}, seed {u.get('seed')} "
-                "(no command recorded)")
+        return (f"{what} on {relative(u.get('base_model', '?'))}, forget {','.join(map(str, forget))}, "
+                f"seed {u.get('seed')} (no command recorded)")
 
     def rows(self) -> dict[str, list[str]]:
         """Image files by grid row: one row per class, or per prompt (the first GRID_PROMPTS)."""
