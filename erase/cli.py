@@ -16,22 +16,6 @@ INPUT_OPTIONS = ("model", "classifier", "prompts", "reference", "clip_model", "c
                  "dataset", "data_root", "fid_weights")
 
 
-def cmd_train_base(args: argparse.Namespace) -> None:
-    from .config import build_config, load_config_file
-    from .train_base import TrainBaseConfig, train_base
-
-    config = build_config(TrainBaseConfig, load_config_file(args.config), args)
-    train_base(config, args.out, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints)
-
-
-def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from .classifier import TrainClassifierConfig, train_classifier
-    from .config import build_config, load_config_file
-
-    config = build_config(TrainClassifierConfig, load_config_file(args.config), args)
-    train_classifier(config, args.out)
-
-
 def parse_classes(text: str) -> list[str]:
     from .utils import EraseError
 
@@ -83,25 +67,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """The commands defined in this module: train-base, train-classifier, sample."""
-    from .classifier import TrainClassifierConfig
-    from .config import add_dataclass_arguments
-    from .train_base import TrainBaseConfig
-
-    p = subparsers.add_parser("train-base")
-    p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--config", help="JSON file of options (command-line options override it)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
-    add_dataclass_arguments(p, TrainBaseConfig)
-    p.set_defaults(func=cmd_train_base)
-
-    p = subparsers.add_parser("train-classifier")
-    p.add_argument("--out", required=True, help="classifier folder to write")
-    p.add_argument("--config", help="JSON file of options")
-    add_dataclass_arguments(p, TrainClassifierConfig)
-    p.set_defaults(func=cmd_train_classifier)
-
+    """The command defined in this module: sample."""
     p = subparsers.add_parser("sample")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--classes", help="comma-separated class ids or names (default: all)")
@@ -126,12 +92,12 @@ COMMANDS = {
     "eval": ("erase.eval.cli", "evaluate a model with a named protocol (writes OUT/metrics.json)"),
     "report": ("erase.eval.cli", "compare eval runs side by side (Markdown + self-contained HTML)"),
     "export": ("erase.export", "a finished run as a diffusers or WebUI LoRA, or a single-file checkpoint"),
-    "bench": ("erase.bench", "per-method step cost vs finetune, peak memory, generation throughput"),
+    "bench": ("erase.bench.run", "per-method step cost vs finetune, peak memory, generation throughput"),
     "sample": ("erase.cli", "generate images of some classes from a class-conditional model"),
-    "train-base": ("erase.cli", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
-    "train-classifier": ("erase.cli", "train the classifier used for unlearning accuracy and feature FID"),
-    "train-mini-sd": ("erase.mini_sd", "train the miniature Stable Diffusion on captioned digits"),
-    "train-mini-flow": ("erase.mini_flow", "train the miniature SD3 (flow matching) on captioned digits"),
+    "train-base": ("erase.training.train_base", "train a class-conditional DDPM (digits, cifar10, folder:PATH)"),
+    "train-classifier": ("erase.training.classifier", "train the classifier used for unlearning accuracy and feature FID"),
+    "train-mini-sd": ("erase.training.mini_sd", "train the miniature Stable Diffusion on captioned digits"),
+    "train-mini-flow": ("erase.training.mini_flow", "train the miniature SD3 (flow matching) on captioned digits"),
 }
 
 

@@ -1,6 +1,6 @@
 """What the evaluation and the trainers share about the digits: captions, class words, the classifier's input.
 
-The miniature text-to-image models (`erase.mini_sd`, `erase.mini_flow`) are trained on these
+The miniature text-to-image models (`erase.training.mini_sd`, `erase.training.mini_flow`) are trained on these
 captions and evaluated with the held-out ones; `erase.eval` reads them here, so that the evaluation
 imports no trainer.
 """
@@ -48,3 +48,10 @@ def classify_digits(images: torch.Tensor, classifier) -> torch.Tensor:
     """Class ids of RGB images in [-1, 1] by the digits classifier."""
     with torch.no_grad():
         return classifier(digits_classifier_input(images, classifier)).argmax(1)
+
+
+def default_classifier_path():
+    """The shipped digits classifier's folder (from the checkout or the installed wheel)."""
+    from .resources import shipped_model
+
+    return shipped_model("digits-classifier")

@@ -262,22 +262,18 @@ class Run:
         return shlex.join(args)
 
     def unlearn_command(self) -> str | None:
+        """The `erase unlearn` command the run's record holds (the command line as given, or the equivalent
+        of a run started from Python); a plain description for a record that holds none."""
         if not self.unlearning:
             return None
-        if self.unlearning.get("command"):
-            return _shown_command(self.unlearning["command"])
-        from erase.methods import get_method
-
         u = self.unlearning
+        if u.get("command"):
+            return _shown_command(u["command"])
         data = u.get("data", {})
         forget = data.get("forget") or [data.get("concept", {}).get("name", "?")]
-        args = ["erase", "unlearn", "--model", relative(u["base_model"]), "--forget", ",".join(map(str, forget))]
-        if "recipe" in u:
-            return shlex.join(args + ["--recipe", u["recipe"]["name"], "--seed", str(u.get("seed", 0)),
-                                      "--out", relative(self.results["model"])])
-        args += ["--method", u["method"], "--out", relative(self.results["model"])]
-        args += _changed_options(get_method(u["method"]).Config, u.get("config", {}))
-        return shlex.join(args)
+        what = f"recipe {u['recipe']['name']}" if "recipe" in u else f"method {u['method']}"
+        return (f"{what} on {relative(u.get('base_model', '?'))}, forget {','.join(map(str, forget))}, "
+                f"seed {u.get('seed')} (no command recorded)")
 
     def rows(self) -> dict[str, list[str]]:
         """Image files by grid row: one row per class, or per prompt (the first GRID_PROMPTS)."""

@@ -18,7 +18,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from erase.classifier import SmallClassifier
-from erase.mini_sd import TRAIN_TEMPLATES, classify_digits, default_classifier_path
+from erase.digits import TRAIN_TEMPLATES, classify_digits, default_classifier_path
 from erase.data import DIGITS_NAMES
 
 

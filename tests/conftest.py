@@ -165,7 +165,7 @@ def tiny_clip_dir(tmp_path_factory):
 def no_nudenet(monkeypatch):
     """NudeNet replaced by a detector that finds nothing (its ONNX model is slow to load and beside
     the point where a test checks what reaches the generator or the report)."""
-    import erase.eval.protocols as protocols
+    import erase.eval.protocols.i2p_nudity as protocols
 
     class NoDetections:
         def __init__(self, batch_size):

@@ -1,4 +1,4 @@
-"""Attacks (eval/attacks.py): each on tiny models in seconds, replay bit for bit, and on the shipped models (slow)."""
+"""Attacks (eval/attacks/): each on tiny models in seconds, replay bit for bit, and on the shipped models (slow)."""
 
 from __future__ import annotations
 

@@ -356,7 +356,7 @@ def test_outputs_follow_the_umask(umask, file_mode, dir_mode, tiny_model, tmp_pa
 # -- numbers ----------------------------------------------------------------------------------------
 
 def test_json_never_holds_nan():
-    from erase.eval.protocols import _defined
+    from erase.eval.protocols.base import _defined
     from erase.utils import write_json
 
     with pytest.raises(EraseError, match=r"metrics\.fid is not a finite number"):

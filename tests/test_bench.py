@@ -98,7 +98,7 @@ def test_stock_ddim_loop_draws_what_the_ddpm_sampler_draws(tiny_ddpm_dir):
     import torch
 
     from erase.backbones import load_backbone
-    from erase.bench_generation import stock_ddim_sample
+    from erase.bench.generation import stock_ddim_sample
 
     model = load_backbone(tiny_ddpm_dir)
     labels, seeds = [3, 5, 7, 3], [0, 1, 2, 3]
@@ -129,7 +129,7 @@ def test_mfu_counts_the_flops_of_one_step(tiny_ddpm_dir, tmp_path):
 def test_device_peaks_are_looked_up_by_name(monkeypatch):
     import torch
 
-    from erase.bench_generation import device_peak_tflops
+    from erase.bench.generation import device_peak_tflops
 
     assert device_peak_tflops(torch.device("cpu")) is None
     for name, peak in (("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H200", 989.4),
@@ -150,7 +150,7 @@ def test_random_architectures_have_the_published_sizes():
     and SD3 medium's transformer), built with empty weights so that the check takes no memory."""
     from accelerate import init_empty_weights
 
-    from erase.bench_models import sd3_random_pipeline, sdxl_random_pipeline
+    from erase.bench.models import sd3_random_pipeline, sdxl_random_pipeline
 
     with init_empty_weights():
         sdxl, sd3 = sdxl_random_pipeline(), sd3_random_pipeline()
@@ -165,7 +165,7 @@ def test_compile_effect_times_compiled_against_eager_and_restores_eager(tiny_ddp
     import torch
 
     from erase.backbones import load_backbone
-    from erase.bench_generation import compile_effect
+    from erase.bench.generation import compile_effect
 
     model = load_backbone(tiny_ddpm_dir)
     before = model.sample([3, 5], [0, 1], steps=2, guidance=3.0, batch_size=2)
@@ -181,7 +181,7 @@ def test_batch_size_effect_times_every_batch_on_the_same_images(tiny_ddpm_dir):
     import torch
 
     from erase.backbones import load_backbone
-    from erase.bench_generation import batch_size_effect
+    from erase.bench.generation import batch_size_effect
 
     effect = batch_size_effect(load_backbone(tiny_ddpm_dir), n=5, batch_sizes=(2, 3), steps=2, guidance=3.0,
                                rounds=2, device=torch.device("cpu"))

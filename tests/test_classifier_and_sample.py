@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from erase.backbones import ClassConditionalDDPM
-from erase.classifier import SmallClassifier, TrainClassifierConfig, accuracy, train_classifier
+from erase.classifier import SmallClassifier
+from erase.training.classifier import TrainClassifierConfig, accuracy, train_classifier
 from erase.cli import main
 from erase.data import load_dataset
 from erase.utils import EraseError

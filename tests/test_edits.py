@@ -187,7 +187,7 @@ def test_hardening_weakens_the_closed_form_adversary(mini_sd):
 @pytest.mark.parametrize("method", list(EDITS))
 def test_three_is_gone_from_the_miniature_and_five_is_kept(method, tmp_path):
     import erase
-    from erase.mini_sd import classify_digits, default_classifier_path
+    from erase.digits import classify_digits, default_classifier_path
     from erase.classifier import SmallClassifier
 
     result = erase.unlearn(str(MINI_SD), method, "three", tmp_path / "out")

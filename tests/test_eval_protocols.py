@@ -198,7 +198,7 @@ def test_prompt_images_do_not_depend_on_the_batch(prompt_model_dir):
 
 def test_the_batch_size_probe_draws_with_the_prompt_protocols_options(tiny_sd_dir, monkeypatch):
     from erase.backbones import load_backbone
-    from erase.eval.protocols import _prompt_options
+    from erase.eval.protocols.prompt_runs import _prompt_options
 
     model = load_backbone(tiny_sd_dir)
     seen, draw = [], model._sample_batch
@@ -281,7 +281,7 @@ def test_i2p_nudity_detects_each_batch_in_a_worker_while_the_next_is_drawn(tmp_p
     """NudeNet sees each generated batch as soon as it is drawn, off the main thread, in the images' order."""
     import threading
 
-    import erase.eval.protocols as protocols
+    import erase.eval.protocols.i2p_nudity as protocols
 
     calls = []
 
@@ -458,7 +458,7 @@ def test_digits_prompts_counts_what_the_classifier_sees(tmp_path, prompt_model_d
     # classifier's features, as recomputed from the files.
     from erase.data import load_dataset
     from erase.eval.metrics import FeatureFID
-    from erase.mini_sd import digits_classifier_input
+    from erase.digits import digits_classifier_input
 
     classifier = SmallClassifier.from_pretrained(tiny_classifier_dir)
     fid = FeatureFID(classifier, bootstrap=0)

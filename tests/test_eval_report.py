@@ -45,7 +45,7 @@ def test_report_names_columns_by_method_with_intervals_deltas_and_verdicts(two_r
     assert re.search(r"- \*\*ga\*\*: (meets|misses) the target|- \*\*ga\*\*: undecided", md)
     # The settings table is there although every setting is the same; the commands behind each column.
     assert _table_rows(md, "n ") == "| n | 3 | 3 | " and "Not comparable" not in md
-    assert "`erase unlearn --model " in md and "--forget three --method ga" in md and "--steps 4" in md
+    assert "`erase unlearn --model " in md and "--forget 3 --method ga" in md and "--steps 4" in md
     assert "erase eval --model " in md and "--protocol digits-class" in md
     assert not ABSOLUTE_PATH.search(md) and not ABSOLUTE_PATH.search(html)
     # Markdown points at figure files; the HTML embeds them, so it stands alone.
@@ -108,7 +108,7 @@ def test_a_recipe_run_is_named_by_its_recipe_stages_and_target(two_runs, tmp_pat
                 fid_bootstrap=20).run(model, tmp_path / "two-step")
     md = build_report([two_runs[0], tmp_path / "two-step"], tmp_path / "report")[0].read_text()
     assert "recipe two-step (ga → finetune; target match-retrain)" in md
-    assert "--forget three --recipe two-step" in md
+    assert "recipe two-step on " in md and "forget three, seed 0 (no command recorded)" in md  # a dict: no command line
     assert "**two-step**: undecided: a match-retrain target needs the retrained model's run" in md
 
 

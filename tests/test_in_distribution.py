@@ -218,7 +218,7 @@ def test_clip_score_is_calibrated_and_reads_black_squares_as_not_data(tmp_path, 
     from accelerate import PartialState
 
     from erase.eval.generation import load_images
-    from erase.eval.protocols import _clip_what_the_images_are
+    from erase.eval.protocols.image_checks import _clip_what_the_images_are
 
     rng = np.random.default_rng(0)
     reference = _write_images(tmp_path / "ref", _stripes(rng, 400))

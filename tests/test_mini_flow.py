@@ -46,7 +46,8 @@ def test_train_command_writes_a_stock_sd3_pipeline(tmp_path):
 @pytest.mark.slow
 def test_shipped_flow_model_draws_the_digits_it_is_asked_for():
     from erase.backbones import StableDiffusion3Backbone, load_backbone
-    from erase.mini_sd import HELDOUT_TEMPLATES, digit_accuracy
+    from erase.digits import HELDOUT_TEMPLATES
+    from erase.training.mini_sd import digit_accuracy
     from erase.resources import shipped_model
 
     model = load_backbone(shipped_model("mini-flow"))
@@ -62,7 +63,7 @@ def test_exclude_leaves_the_digits_images_and_captions_out_of_training(tmp_path,
 
     from diffusers import StableDiffusion3Pipeline
 
-    from erase import mini_flow
+    from erase.training import mini_flow
     from erase.data import load_dataset
 
     encoded, drawn = [], []

@@ -111,7 +111,7 @@ class NoNudeNet:
                                   "mma-diffusion-clean", "ring-a-bell"])
 def test_each_prompt_reaches_the_generator_with_its_own_seed_and_guidance(name, tmp_path, tiny_sd_dir,
                                                                           generator_calls, monkeypatch):
-    import erase.eval.protocols as protocols
+    import erase.eval.protocols.i2p_nudity as protocols
 
     monkeypatch.setattr(protocols, "NudeNet", NoNudeNet)
     path, options, expected = sets(tmp_path)[name]

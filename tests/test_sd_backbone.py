@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from erase.backbones import ClassConditionalDDPM, StableDiffusionBackbone, load_backbone
-from erase.mini_sd import build_pipeline, build_tokenizer, caption_words
+from erase.training.mini_sd import build_pipeline, build_tokenizer, caption_words
 from erase.utils import EraseError
 
 

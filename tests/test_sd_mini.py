@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from erase.cli import main
-from erase.mini_sd import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_tokenizer, caption_words
+from erase.digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+from erase.training.mini_sd import build_tokenizer, caption_words
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "mini-sd"
 
@@ -88,7 +89,7 @@ def test_exclude_drops_the_digit_from_training(tmp_path):
 @pytest.mark.slow
 def test_shipped_model_draws_the_digits_it_is_asked_for():
     from erase.backbones import load_backbone
-    from erase.mini_sd import digit_accuracy
+    from erase.training.mini_sd import digit_accuracy
 
     model = load_backbone(SHIPPED)
     defaults = model.info["sample_defaults"]

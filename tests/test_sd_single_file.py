@@ -42,7 +42,7 @@ def test_single_file_errors(single_file, tmp_path):
     with pytest.raises(EraseError, match="not a diffusers pipeline folder"):
         load_backbone(root / "model.safetensors", config=tmp_path)
     # An LDM checkpoint of another architecture than the config folder: the shapes do not fit.
-    from erase.mini_sd import build_pipeline, build_tokenizer, caption_words
+    from erase.training.mini_sd import build_pipeline, build_tokenizer, caption_words
     bigger = build_pipeline(build_tokenizer(caption_words()), vae_channels=(8, 16), unet_channels=(16, 32),
                             text_hidden=16)
     save_file(to_ldm_state_dict(bigger), str(tmp_path / "bigger.safetensors"))

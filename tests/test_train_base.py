@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from erase.backbones import load_backbone
-from erase.train_base import TrainBaseConfig, train_base
+from erase.training.train_base import TrainBaseConfig, train_base
 from erase.utils import EraseError
 
 TINY = ["--dataset", "digits", "--block-out-channels", "8,16", "--attention-levels", "false,true",

@@ -10,7 +10,7 @@ import torch
 
 
 def _tokenizer():
-    from erase.mini_sd import build_tokenizer, caption_words
+    from erase.training.mini_sd import build_tokenizer, caption_words
 
     return build_tokenizer(caption_words())
 
@@ -60,7 +60,7 @@ def _t5(width: int, max_length: int = 16):
     from tokenizers import Tokenizer, models
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
-    from erase.mini_sd import caption_words
+    from erase.training.mini_sd import caption_words
 
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in sorted(set(caption_words()))]
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789"]

@@ -92,7 +92,9 @@ class ClassConditionalDDPM(DDPMSchedule, Backbone):
 
     @classmethod
     def from_source(cls, source: ModelSource) -> "ClassConditionalDDPM":
-        return cls.from_pretrained(source.path)
+        model = cls.from_pretrained(source.path)
+        model.info["source"] = source.text  # what was loaded now, not what an earlier save was made from
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ClassConditionalDDPM":

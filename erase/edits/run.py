@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..config import config_dict, make_config
 from ..outputs import check_output
+from ..unlearning.command import equivalent_command
 from ..unlearning.outputs import write_output
 from ..utils import EraseError, logger, package_versions
 from . import get_edit
@@ -53,7 +54,10 @@ def run_edit(model, method: str, forget, out: str | Path | None, *, retain=None,
                "changed_tensors": len(changed), "base_model": base_model, "data": data, "seed": None, "steps": 0,
                "wall_time_s": round(elapsed, 3), "seconds_per_step": None, "edit": details,
                "device": str(model.device), "versions": package_versions()}
-    write_output(Path(out), model, changed, summary, history=None)  # as a fine-tuning run's, without losses
+    # As a fine-tuning run's output, without losses; the command as given on the command line, else its equivalent.
+    command = equivalent_command(base_model, out, forget, {"retain": retain, "anchor": anchor}, method=edit_cls.name,
+                                 config=summary["config"])
+    write_output(Path(out), model, changed, summary, history=None, command=command)
     last = details["rounds"][-1]
     logger.info("%s: saved %s (%d concepts, %.2f s; erased rows' output error %.3f, preserved rows' change %.2e)",
                 edit_cls.name, out, len(concepts.concepts), elapsed, last["erase_error"], last["preserve_change"])

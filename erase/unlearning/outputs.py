@@ -103,14 +103,16 @@ def write_history(path: Path, history: list[dict]) -> None:
 
 def write_output(out: Path, model, changed: dict[str, torch.Tensor], summary: dict, history: list[dict] | None,
                  recipe=None, stages: list[tuple[dict, list[dict]]] = (), adapter: Training | None = None,
-                 stage_adapters: list[Path | None] = ()) -> None:
+                 stage_adapters: list[Path | None] = (), command: str | None = None) -> None:
     """Model, delta, record, loss history (and a recipe's stages) and the marker appear together in one
     folder swap: a run killed or out of disk while saving leaves no folder that loads, and the rerun
     resumes from the checkpoints. `adapter`: a single stage trained as a LoRA, whose adapter is saved
     in `lora/` too; `stage_adapters`: per stage of a recipe, the saved adapter of a LoRA stage (copied
-    to `stages/N-METHOD/lora/`) or None. A closed-form edit (`erase.edits.run`) has no losses: `history`
-    None writes no loss history."""
-    if command := recorded_command("unlearn"):  # the `erase unlearn` command that made it, when one did
+    to `stages/N-METHOD/lora/`) or None. `history` None (a closed-form edit, `erase.edits.run`) writes
+    no loss history. `command`: the equivalent `erase unlearn` command of a run started from Python,
+    recorded when no command line is recording."""
+    # The `erase unlearn` command that made it, as given on the command line, else its equivalent.
+    if command := recorded_command("unlearn") or command:
         summary = {**summary, "command": command}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, unlearning={k: summary[k] for k in ("method", "config", "params", "base_model",

@@ -22,6 +22,7 @@ from ..methods import METHODS, MethodConfig, get_method
 from ..outputs import check_output
 from ..unlearn_data import UnlearnData
 from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precision
+from .command import equivalent_command
 from .data import build_unlearn_data
 from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
 from .recipe import Recipe, load_recipe, one_stage
@@ -95,6 +96,7 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     old_terms, teacher_path = terms_from_options(options)  # --ema-decay, --retain-target, ... (deprecated)
     if (method is None) == (recipe is None):
         raise EraseError("give a method (--method) or a recipe (--recipe), not both")
+    given_recipe, config_values = recipe, None
     if recipe is not None:
         if config is not None or terms is not None or old_terms != Terms() or teacher_path:
             raise EraseError("a recipe sets each stage's config and terms: give them in the recipe file, "
@@ -105,7 +107,8 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
             raise EraseError("give the terms once: as terms=..., or as the deprecated options, not both")
         terms = terms if isinstance(terms, Terms) else Terms.from_dict(terms) if terms else old_terms
         method_cls = get_method(method)
-        recipe = one_stage(method_cls.name, config_dict(make_config(method_cls, config, **options)), terms)
+        config_values = config_dict(make_config(method_cls, config, **options))
+        recipe = one_stage(method_cls.name, config_values, terms)
         options = {}
     if unknown := sorted(set(options) - {"seed", "mixed_precision", "gradient_checkpointing", "checkpoint_every"}):
         raise EraseError(f"{unknown[0]} is set per stage by the recipe; a command line may set seed, "
@@ -114,9 +117,14 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     request = {"forget": forget, "retain": retain, "anchor": anchor, "dataset": dataset, "data": data,
                "data_options": {k: v for k, v in {"images": images, "image_guidance": image_guidance,
                                                   "anchor_in_retain": anchor_in_retain}.items() if v is not None}}
+    command = None if out is None else equivalent_command(
+        str(model) if isinstance(model, (str, Path)) else model.info.get("source", "in-memory model"), out, forget,
+        request, method=method, config=config_values, recipe=given_recipe, run_wide=options,
+        has_terms=given_recipe is None and recipe.stages[0].terms != Terms())
     return run_recipe(model, recipe, out, request, overrides=options, teacher_path=teacher_path, resume=resume,
                       keep_checkpoints=keep_checkpoints, stop_after=stop_after, progress=progress,
-                      overwrite=overwrite, shards=shards, report_to=report_to, checkpoint_minutes=checkpoint_minutes)
+                      overwrite=overwrite, shards=shards, report_to=report_to, checkpoint_minutes=checkpoint_minutes,
+                      command=command)
 
 
 class RecipeRun:
@@ -172,8 +180,9 @@ class RecipeRun:
 def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, overrides: dict | None = None,
                teacher_path: str | None = None, resume: bool = True, keep_checkpoints: bool = False,
                stop_after: int | None = None, progress: bool = True, overwrite: bool = False, shards: int = 1,
-               report_to: str | None = None, checkpoint_minutes: float = 5.0) -> Path:
-    """Run every stage of `recipe` on `model`; see `unlearn` for the arguments."""
+               report_to: str | None = None, checkpoint_minutes: float = 5.0, command: str | None = None) -> Path:
+    """Run every stage of `recipe` on `model`; see `unlearn` for the arguments. `command`: the equivalent
+    `erase unlearn` command the record holds when no command line is recording (`erase.unlearning.command`)."""
     from accelerate import Accelerator
 
     from ..backbones import run_model
@@ -212,10 +221,11 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     if accelerator.is_main_process:
         changed = run.changed()
         records = [record for record, _ in finished]
-        summary = records[0] if run.single else recipe_record(recipe, records, len(changed), base_model)
+        summary = ({**records[0], "recipe_name": recipe.name, "target": recipe.target} if run.single
+                   else recipe_record(recipe, records, len(changed), base_model))
         history = finished[0][1] if run.single else [{"stage": i, **e} for i, (_, h) in enumerate(finished, 1)
                                                       for e in h]
-        write_output(out, model, changed, summary, history, recipe=None if run.single else recipe,
+        write_output(out, model, changed, summary, history, command=command, recipe=None if run.single else recipe,
                      stages=() if run.single else finished, adapter=run.adapter,
                      stage_adapters=() if run.single else [stage_adapter(run.stage_dir(i))
                                                            for i in range(len(stages))])

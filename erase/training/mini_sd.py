@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import check_channels, config_dict, field
-from .data import DIGITS_NAMES, digit_class, load_dataset
-from .digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions, classify_digits, digits_classifier_input  # noqa: F401
-from .outputs import mark_output
-from .utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
+from ..config import check_channels, config_dict, field
+from ..data import DIGITS_NAMES, digit_class, load_dataset
+from ..digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions, classify_digits, default_classifier_path
+from ..outputs import mark_output
+from ..utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
+
 from .train_base import learning_rate
 
 # Extra words the tokenizer knows although no training caption uses them, so that prompts of other
@@ -224,7 +225,7 @@ def training_digits(config: MiniTrainingConfig):
 
 def train_mini_sd(config: MiniSDConfig, out: str | Path) -> dict:
     """Train the miniature SD on the digits train split and save it as a pipeline folder at `out`."""
-    from .backbones.stable_diffusion import StableDiffusionBackbone
+    from ..backbones.stable_diffusion import StableDiffusionBackbone
 
     start = time.perf_counter()
     data, excluded = training_digits(config)
@@ -332,8 +333,8 @@ def check_and_save(backbone, report: dict, config, out: str | Path, tokenizer_fo
 def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, seed: int = 1234,
                    classifier_path: str | Path | None = None) -> dict:
     """Fraction of images of each digit that the shipped digits classifier recognises as that digit."""
-    from .classifier import SmallClassifier
-    from .utils import derive_seed
+    from ..classifier import SmallClassifier
+    from ..utils import derive_seed
 
     classifier = SmallClassifier.from_pretrained(classifier_path or default_classifier_path())
     prompts, labels, seeds = [], [], []
@@ -349,22 +350,16 @@ def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, see
     return {"mean": sum(per_digit) / 10, "per_digit": [round(a, 3) for a in per_digit]}
 
 
-def default_classifier_path() -> Path:
-    from .resources import shipped_model
-
-    return shipped_model("digits-classifier")
-
-
 # -- command line ---------------------------------------------------------------------------------
 def _cmd_train_mini_sd(args) -> None:
-    from .config import build_config, load_config_file
+    from ..config import build_config, load_config_file
 
     config = build_config(MiniSDConfig, load_config_file(args.config), args)
     train_mini_sd(config, args.out)
 
 
 def add_commands(subparsers) -> None:
-    from .config import add_dataclass_arguments
+    from ..config import add_dataclass_arguments
 
     p = subparsers.add_parser("train-mini-sd")
     p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusionPipeline)")

@@ -15,7 +15,7 @@ import torch
 
 
 def _tokenizer():
-    from .mini_sd import build_tokenizer, caption_words
+    from ..training.mini_sd import build_tokenizer, caption_words
 
     return build_tokenizer(caption_words(), max_length=77)
 

@@ -1,6 +1,6 @@
 """`erase train-mini-flow`: a miniature Stable Diffusion 3 (flow matching) trained on captioned digits.
 
-The flow-matching counterpart of `erase train-mini-sd` (erase/mini_sd.py, whose captions, tokenizer,
+The flow-matching counterpart of `erase train-mini-sd` (erase/training/mini_sd.py, whose captions, tokenizer,
 VAE recipe and accuracy check it reuses): a real `StableDiffusion3Pipeline` (AutoencoderKL with SD3's
 latent shift and scale, two CLIPTextModelWithProjection encoders, no T5 (the pipeline puts zeros in
 its place), SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler), only tiny: 16x16 digits, 4x8x8
@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import config_dict, field
-from .data import DIGITS_NAMES
+from ..config import config_dict, field
+from ..data import DIGITS_NAMES
+from ..utils import EraseError, logger, package_versions, step_generator
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
                       caption_words, captions, check_and_save, draw_captioned_batch, training_digits, update_ema)
 from .train_base import learning_rate
-from .utils import EraseError, logger, package_versions, step_generator
 
 
 @dataclass
@@ -70,7 +70,7 @@ def build_flow_pipeline(tokenizer, image_size: int = 16, vae_channels=(16, 32), 
 
 def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     """Train the miniature SD3 on the digits train split and save it as a pipeline folder at `out`."""
-    from .backbones import Condition, StableDiffusion3Backbone
+    from ..backbones import Condition, StableDiffusion3Backbone
 
     start = time.perf_counter()
     data, excluded = training_digits(config)
@@ -142,13 +142,13 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
 
 
 def _cmd_train_mini_flow(args) -> None:
-    from .config import build_config, load_config_file
+    from ..config import build_config, load_config_file
 
     train_mini_flow(build_config(MiniFlowConfig, load_config_file(args.config), args), args.out)
 
 
 def add_commands(subparsers) -> None:
-    from .config import add_dataclass_arguments
+    from ..config import add_dataclass_arguments
 
     p = subparsers.add_parser("train-mini-flow")
     p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusion3Pipeline)")

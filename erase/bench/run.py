@@ -11,7 +11,7 @@ round. It writes OUT/bench.json and OUT/bench.md.
 
 `--model sd15-random` builds the full-size Stable Diffusion 1.5 architecture with random weights
 (UNet 860M parameters, 512 px), `sdxl-random` SDXL's (UNet 2.6B, 1024 px) and `sd3-random` SD3
-medium's (flow-matching transformer 2B, 1024 px; `erase.bench_models`), for cost only: run them on
+medium's (flow-matching transformer 2B, 1024 px; `erase.bench.models`), for cost only: run them on
 a GPU. Any model folder of any backbone is measured the same way.
 """
 
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from .bench_generation import (batch_size_effect, channels_last_effect, compile_effect, device_peak_tflops,
-                               fid_feature_rate, generation_speed, mfu_row, nudenet_rate, protocol_share,
-                               sample_conditions, step_flops)
-from .config import config_dict, field
-from .outputs import mark_output
-from .utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
+from ..config import config_dict, field
+from ..outputs import mark_output
+from ..utils import (EraseError, atomic_write_text, logger, package_versions, read_json, resolve_device,
                     resolve_mixed_precision, write_json)
+from .generation import (batch_size_effect, channels_last_effect, compile_effect, device_peak_tflops,
+                         fid_feature_rate, generation_speed, mfu_row, nudenet_rate, protocol_share,
+                         sample_conditions, step_flops)
 
 SD15_RANDOM = "sd15-random"
 
@@ -111,7 +111,7 @@ def sd15_random_pipeline(resolution: int = 512):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .mini_sd import build_tokenizer, caption_words
+    from ..training.mini_sd import build_tokenizer, caption_words
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(caption_words(), max_length=77)
@@ -138,8 +138,8 @@ def sd15_random_pipeline(resolution: int = 512):
 
 def _load(config: BenchConfig, workdir: Path):
     """(model folder to unlearn from, loaded backbone, forget spec)."""
-    from .backbones import StableDiffusion3Backbone, StableDiffusionBackbone, StableDiffusionXLBackbone, load_backbone
-    from .bench_models import sd3_random_pipeline, sdxl_random_pipeline
+    from ..backbones import StableDiffusion3Backbone, StableDiffusionBackbone, StableDiffusionXLBackbone, load_backbone
+    from .models import sd3_random_pipeline, sdxl_random_pipeline
 
     random_models = {SD15_RANDOM: (StableDiffusionBackbone, sd15_random_pipeline, 512),
                      "sdxl-random": (StableDiffusionXLBackbone, sdxl_random_pipeline, 1024),
@@ -209,7 +209,7 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
     """Generation against stock diffusers, the channels-last effect, NudeNet and FID feature
     throughput, and the measuring's estimated share of an I2P / FID protocol's wall time."""
     from erase.eval.metrics import inception_available
-    from erase.eval.protocols import _load_classifier
+    from erase.eval.protocols.base import _load_classifier
 
     dtype = torch.bfloat16 if resolve_mixed_precision(config.mixed_precision) == "bf16" else torch.float32
     settings = dict(n=config.gen_images, batch_size=config.gen_batch, steps=config.sample_steps, guidance=3.0,
@@ -244,7 +244,7 @@ def measurement_speed(model, path: Path, config: BenchConfig, device: torch.devi
 def _takes_term(method: str, term: str) -> bool:
     """Whether `method` at its defaults takes a retain term (it draws retain samples) or a robustness
     term (it trains on the forget condition)."""
-    from .methods import get_method
+    from ..methods import get_method
 
     m = get_method(method)
     share = m.forget_share_for(m.Config())
@@ -252,10 +252,10 @@ def _takes_term(method: str, term: str) -> bool:
 
 
 def run_bench(config: BenchConfig, out: str | Path) -> dict:
-    from .backbones import load_backbone
-    from .methods import parse_methods
-    from .loop import unlearn
-    from .unlearning.data import build_unlearn_data
+    from ..backbones import load_backbone
+    from ..methods import parse_methods
+    from ..loop import unlearn
+    from ..unlearning.data import build_unlearn_data
 
     methods = ["finetune"] + [m for m in parse_methods(config.methods) if m != "finetune"]
     device = resolve_device(None)  # the device accelerate trains on
@@ -330,7 +330,7 @@ def run_bench(config: BenchConfig, out: str | Path) -> dict:
 
 
 def _edit_report(config: BenchConfig, path: Path, model, workdir: Path, out, device) -> dict:
-    from .edits.bench import edit_bench, edit_markdown
+    from ..edits.bench import edit_bench, edit_markdown
 
     report = {"config": config_dict(config), "model": config.model, "device": _device_name(device),
               "torch_threads": torch.get_num_threads(), "resolution": model.image_size,
@@ -415,7 +415,7 @@ def _measurement_markdown(report: dict) -> list[str]:
 
 
 def _cmd_bench(args) -> None:
-    from .config import build_config
+    from ..config import build_config
 
     config = build_config(BenchConfig, {}, args)
     run_bench(config, args.out)
@@ -424,7 +424,7 @@ def _cmd_bench(args) -> None:
 
 
 def add_commands(subparsers) -> None:
-    from .config import add_dataclass_arguments
+    from ..config import add_dataclass_arguments
 
     p = subparsers.add_parser("bench")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json and bench.md (default runs/bench)")

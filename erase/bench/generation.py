@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .utils import EraseError, logger
+from ..utils import EraseError, logger
 
 # Dense (no sparsity) bf16 tensor-core peaks of the vendors' data sheets, in TFLOP/s. Matched in
 # order against torch.cuda.get_device_name(), so "H100 PCIe" comes before "H100".

@@ -1,0 +1,120 @@
+"""`i2p-nudity`: nudity erasure in Stable Diffusion, NudeNet counts on one image per prompt."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+from erase.config import field
+from erase.sampling import to_uint8
+
+from ..generation import load_text_backbone, my_share, process_state, show_progress
+from ..metrics import NudeNet, NudityCounts, nudenet_preset, wilson_interval
+from ..prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
+from .base import (COMPILE_HELP, Protocol, _at_least_one, _batch_size_help, _compile_if_asked, cpu_prompt_batch,
+                   _device_batch_size)
+from .image_checks import _clip_what_the_images_are
+from .prompt_runs import _generate_prompt_images, _prompt_options, _prompt_set_results, _write_prompt_run
+
+
+@dataclass
+class I2PNudity(Protocol):
+    """Nudity erasure in Stable Diffusion: one image per I2P prompt with its seed, NudeNet counts."""
+
+    name: ClassVar[str] = "i2p-nudity"
+    prompts: str | None = field(None, "prompt set: an I2P CSV (either layout), MMA-Diffusion's, Ring-A-Bell's, P4D's "
+                                      "or UnlearnDiffAtk's CSV as published, or a text file (one prompt per line)")
+    layout: str = field("auto", "the file's layout: auto (from a CSV's header; other files one prompt per line), "
+                                "text, " + ", ".join(LAYOUTS), choices=("auto", "text", *LAYOUTS))
+    prompt_column: str | None = field(None, "column of the prompts (default: the layout's; e.g. clean_prompt for "
+                                            "MMA-Diffusion's clean rate, 'normal prompt' for Ring-A-Bell's)")
+    subset: str = field("all", "I2P subset: all, sexual, nudity (nudity_percentage > 0), nudity50 (> 50)")
+    seed: int | None = field(None, "one seed for every prompt (default: each row's own; a file without seeds: "
+                                   "row i gets a seed derived from (0, i))")
+    guidance: float | None = field(None, "CFG scale for every prompt (default: each row's own where the file gives "
+                                         "one, as I2P, P4D and UnlearnDiffAtk do; 7.5 where it does not)")
+    row_guidance: bool = field(False, "kept for old command lines: each row's guidance is now the default")
+    steps: int = field(50, "denoising steps (the field: 50 to 100)")
+    height: int | None = field(None, "image height for every prompt (default: each row's sd_image_height where the "
+                                     "file gives one, else the pipeline's, 512 for SD 1.x)")
+    width: int | None = field(None, "image width for every prompt (default: each row's sd_image_width, else the "
+                                    "pipeline's)")
+    batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
+    compile: bool = field(False, COMPILE_HELP)
+    preset: str = field("scissorhands", "NudeNet counting preset: scissorhands, salun-esd, selective-amnesia, "
+                                        "unlearndiffatk")
+    nudenet_batch_size: int = field(16, "images per NudeNet call")
+    limit: int | None = field(None, "only the first N prompts of the subset (quick checks)")
+    overlap_detection: bool | None = field(None, "run NudeNet on each batch while the next is generated "
+                                                 "(default: on a GPU; same counts either way)")
+    reference: str | None = field(None, "folder of real images (e.g. COCO's) to say whether the images are data "
+                                        "at all: an in-distribution score and an FID in CLIP's image embeddings "
+                                        "against them (needs --clip-model)")
+    clip_model: str | None = field(None, "local CLIP model folder for --reference")
+    fid_bootstrap: int = field(50, "bootstrap resamples for the CLIP FID's 95% interval (0: none)")
+
+    def __post_init__(self):
+        if self.prompts is None:
+            raise ValueError("--prompts is required: the I2P CSV")
+        if self.subset not in I2P_SUBSETS:
+            raise ValueError(f"unknown I2P subset {self.subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
+        if self.row_guidance and self.guidance is not None:
+            raise ValueError("--row-guidance uses each row's guidance and --guidance one for every row: give one")
+        _at_least_one(self, "steps", "batch_size", "nudenet_batch_size", "limit", "height", "width")
+        nudenet_preset(self.preset)
+        if (self.reference is None) != (self.clip_model is None):
+            raise ValueError("--reference and --clip-model go together: the reference images are compared with "
+                             "the generated ones in the CLIP model's image features")
+        if self.fid_bootstrap < 0:
+            raise ValueError("fid_bootstrap must be at least 0")
+
+    def run(self, model_path, out, state=None):
+        state = state or process_state()
+        items, prompt_set = read_prompt_set(self.prompts, self.layout, self.subset, self.seed, self.guidance,
+                                            self.prompt_column)
+        items = items[:self.limit]
+        one_image_size(items, self.height, self.width)
+        model = load_text_backbone(model_path, state.device, self.name)
+        _compile_if_asked(model, self.compile)
+        mine = my_share(state, len(items))
+        detector = NudeNet(self.nudenet_batch_size)
+        batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
+                                        cpu_prompt_batch(model, self.height, self.width), state, len(items),
+                                        **_prompt_options(self))
+        generate = partial(_generate_prompt_images, items, mine, model, self.steps, batch_size, self.height,
+                           self.width, state)
+        overlap = state.device.type != "cpu" if self.overlap_detection is None else self.overlap_detection
+        if overlap:
+            # NudeNet runs on the CPU (onnxruntime releases the GIL) on each batch while the next one is
+            # drawn on the GPU, so its time hides behind generation's. On a CPU-only machine both would
+            # share the same cores: measured slower there (BENCHMARKS.md section 8), so not the default.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = []
+                images = generate(on_batch=lambda idx, batch: pending.append(
+                    (idx, pool.submit(detector.detect, to_uint8(batch)))))
+                found = {i: d for idx, job in pending for i, d in zip(idx, job.result())}
+            # The same uint8 images as the PNGs: to_uint8 of a batch equals to_uint8 of its quantized images.
+            detections = [found[i] for i in range(len(mine))]
+        else:
+            images = generate()
+            detections = detector.detect(to_uint8(images), progress=show_progress(state))
+        counts = NudityCounts(self.preset).to(state.device)
+        counts.update(detections)
+        metrics = counts.compute()
+        metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
+        if "nude_images" in metrics:
+            metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
+        extra = {}
+        if self.reference is not None:  # every I2P prompt asks for the erased concept
+            data, extra["in_distribution_calibration"] = _clip_what_the_images_are(
+                self.clip_model, self.reference, images, "forget_", self.fid_bootstrap, state)
+            metrics |= data
+        files = [f"images/{k:05d}.png" for k in range(len(items))]
+        results = self._results(model_path, state, metrics, len(items), None, nudenet=counts.settings(),
+                                prompts_file=str(Path(self.prompts).resolve()),
+                                **_prompt_set_results(items, prompt_set), **extra)
+        _write_prompt_run(out, state, files, mine, images, items, results)
+        return results
