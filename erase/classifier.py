@@ -52,10 +52,17 @@ class SmallClassifier(nn.Module):
     def feature_dim(self) -> int:
         return self.head.in_features
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
+
+    def check_fits(self, shape: tuple[int, ...]) -> None:
+        """Refuses images of another (channels, height, width) than the classifier was trained on."""
+        if tuple(shape) != self.input_shape:
+            raise EraseError(f"classifier expects images of shape {self.input_shape}, got {tuple(shape)}")
+
     def _check(self, x: torch.Tensor) -> None:
-        expected = (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
-        if tuple(x.shape[1:]) != expected:
-            raise EraseError(f"classifier expects images of shape {expected}, got {tuple(x.shape[1:])}")
+        self.check_fits(x.shape[1:])
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled penultimate features; x in [-1, 1]."""

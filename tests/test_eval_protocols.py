@@ -360,8 +360,17 @@ def test_cli_without_forget_measures_every_class(capsys, tmp_path, tiny_ddpm_dir
 def test_cli_missing_classifier_and_unknown_class(capsys, tmp_path, tiny_ddpm_dir, tiny_classifier_dir):
     # Without --classifier the digits protocols use the shipped digits classifier (16x16), which this
     # 8x8 model's images do not fit: said in one line, before any image is generated.
-    code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--out", tmp_path / "o")
+    from erase.backbones import ClassConditionalDDPM
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("an image was generated before the classifier was checked")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ClassConditionalDDPM, "sample", no_sampling)
+        code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--out",
+                            tmp_path / "o")
     assert code == 2 and "classifier expects images of shape (1, 16, 16)" in out
+    assert not (tmp_path / "o").exists()
     code, out = run_cli(capsys, "eval", "--model", tiny_ddpm_dir, "--protocol", "digits-class", "--forget", "eleven",
                         "--classifier", tiny_classifier_dir, "--out", tmp_path / "o")
     assert code == 2 and "unknown class 'eleven'" in out

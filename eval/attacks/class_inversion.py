@@ -46,7 +46,9 @@ class ClassInversion(Attack):
             raise EraseError(f"{self.name} attacks class-conditional models; for a text-to-image model use "
                              "attack-concept-inversion, attack-prefix, attack-ring-a-bell or attack-null-latent")
         self.target = model.class_index(self.forget)
-        self.detector = DigitDetector(_load_classifier(self.classifier, state.device), self.target)
+        classifier = _load_classifier(self.classifier, state.device)
+        classifier.check_fits(model.image_shape)  # before any image is drawn
+        self.detector = DigitDetector(classifier, self.target)
 
     def units(self, model):
         return [{"class": self.target, "seed": s} for s in class_seeds(self.seed, self.target, self.n)]

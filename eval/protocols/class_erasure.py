@@ -140,6 +140,7 @@ class ClassErasure(Protocol):
             self.guidance = model.sample_defaults["guidance"]
         reference_model = self._load_reference(model, state)
         classifier = _load_classifier(self.classifier, state.device)
+        classifier.check_fits(model.image_shape)
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
         forget = None if self.forget is None else model.class_index(self.forget)
         retained = [c for c in range(model.num_classes) if c != forget]
