@@ -2,12 +2,13 @@
 
 It erases one digit from the shipped class-conditional DDPM (`models/digits-ddpm`) and the digit
 "three" from the shipped miniature Stable Diffusion (`models/mini-sd`, by prompt), with the
-recommended method or several, evaluates the original and every erased model with the digits
-classifier (`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and
-self-contained HTML: metrics tables, before/after image grids, per-class accuracy charts).
-With `--attacks` it also attacks every model, the shipped models retrained without the digit 3
-included (the floor), measures each model's distance to the retrained one, and writes the
-robustness table (`robustness.md`). Everything it writes lives under `--out`; finished steps are
+recommended recipe of each model (or the methods and recipes asked for), evaluates the original,
+the model retrained without the digit and every erased model with the digits classifier
+(`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and self-contained
+HTML: metrics tables, each run's verdict against its recipe's target, before/after image grids,
+per-class accuracy charts). With `--attacks` it also attacks every model, the retrained ones included
+(the floor), measures each model's distance to the retrained one, and writes the robustness table
+(`robustness.md`). Everything it writes lives under `--out`; finished steps are
 reused when it is run again.
 """
 
@@ -23,13 +24,14 @@ from pathlib import Path
 from .config import field
 from .outputs import mark_output
 from .resources import shipped_model
-from .utils import atomic_write_text, logger, read_json, setup_logging
+from .utils import EraseError, atomic_write_text, logger, read_json, setup_logging
 
 SHIPPED_DDPM = shipped_model("digits-ddpm")
 SHIPPED_MINI_SD = shipped_model("mini-sd")
 SHIPPED_CLASSIFIER = shipped_model("digits-classifier")
-# The method with the best measured trade-off on both shipped models (BENCHMARKS.md).
-RECOMMENDED = "eupmu"
+# `--methods recommended`: each shipped model's recommended recipe (recipes/, BENCHMARKS.md section 7).
+RECOMMENDED = "recommended"
+RECIPES = {"digits-ddpm": "class-match-retrain", "mini-sd": "concept-forget"}
 MINI_SD_CONCEPT = "three"  # prompts/three: the mini-SD's own captions of the digit 3
 # The shipped models trained without any 3 (models/README.md): the floor of the robustness table.
 RETRAINED = {"digits-ddpm": shipped_model("digits-ddpm-retrained-no3"),
@@ -43,10 +45,13 @@ ATTACKS = {"digits-ddpm": {"attack-class-inversion": {"steps": 25, "attack_steps
 
 @dataclass
 class DemoConfig:
-    methods: str = field(RECOMMENDED, "method, comma-separated methods, or 'all' (every method, the full comparison)")
+    methods: str = field(RECOMMENDED, "what erases: 'recommended' (each model's recommended recipe), a method or a "
+                                      "shipped recipe (`erase recipes`), several comma-separated, or 'all' (every "
+                                      "method, the full comparison)")
     forget: str = field("3", "the digit erased from the DDPM (id or name); the mini-SD always forgets 'three'")
     mini_sd: bool = field(True, "also erase 'three' from the miniature Stable Diffusion")
-    steps: int | None = field(None, "unlearning steps (default: each method's own)")
+    steps: int | None = field(None, "unlearning steps of every method and of every stage of a recipe (default: "
+                                    "each method's or recipe's own; fewer is a quick trial, not the measured result)")
     n: int = field(30, "DDPM evaluation samples per retained digit")
     n_forget: int = field(100, "DDPM evaluation samples of the erased digit (UA)")
     prompt_images: int = field(4, "mini-SD evaluation images per digit and caption template (11 templates)")
@@ -69,9 +74,22 @@ class DemoConfig:
             raise ValueError(f"attack_units must be at least 1, got {self.attack_units}")
 
     def method_list(self) -> list[str]:
-        from .methods import parse_methods
+        """The names asked for ('recommended' stays a name: each model has its own recipe)."""
+        from .methods import METHODS, parse_methods
+        from .unlearning.recipe import shipped_recipes
 
-        return parse_methods(self.methods)
+        names = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if self.methods.strip() == "all" or not names:
+            return parse_methods(self.methods)
+        recipes = set(shipped_recipes())
+        if unknown := [m for m in names if m != RECOMMENDED and m not in METHODS and m not in recipes]:
+            raise EraseError(f"unknown method(s) {', '.join(unknown)}: choose from '{RECOMMENDED}', the methods "
+                             f"{', '.join(METHODS)}, the recipes {', '.join(sorted(recipes))}, or 'all'")
+        return list(dict.fromkeys(names))
+
+    def erasers(self, key: str) -> list[str]:
+        """The methods and recipes run on the model `key`, 'recommended' replaced by its recipe."""
+        return list(dict.fromkeys(RECIPES[key] if m == RECOMMENDED else m for m in self.method_list()))
 
 
 def _done(folder: Path, marker: str) -> bool:
@@ -106,8 +124,25 @@ def _retrained(config: DemoConfig, key: str) -> Path | None:
 
 
 def _reference_names(config: DemoConfig, key: str) -> list[str]:
-    """The section's shipped models in the demo: the original, and with --attacks the retrained one."""
-    return ["original", *(["retrained"] if config.attacks and _retrained(config, key) else [])]
+    """The section's shipped models in the demo: the original, and the one retrained without what is
+    erased where one ships (a match-retrain recipe is judged against it)."""
+    return ["original", *(["retrained"] if _retrained(config, key) else [])]
+
+
+def _erase(config: DemoConfig, name: str, shipped: Path, forget: str, model: Path, options: dict) -> None:
+    """Erase `forget` from `shipped` into `model` with a method or a shipped recipe."""
+    from .unlearning import unlearn
+    from .unlearning.recipe import load_recipe, shipped_recipes
+
+    if name not in shipped_recipes():
+        steps = {} if config.steps is None else {"steps": config.steps}
+        unlearn(shipped, name, forget, model, seed=config.seed, **steps, **options)
+        return
+    recipe = load_recipe(name).to_dict()
+    if config.steps is not None:  # a quick trial: every stage shortened, the recipe's name kept
+        for stage in recipe["stages"]:
+            stage["config"] = {**stage.get("config", {}), "steps": config.steps}
+    unlearn(shipped, forget=forget, out=model, recipe=recipe, seed=config.seed, **options)
 
 
 def _model(out: Path, key: str, name: str, shipped: Path, retrained: Path | None) -> Path:
@@ -141,18 +176,15 @@ def _run_part(config: DemoConfig, out: Path, key: str, methods: list[str], threa
     """
     import torch
 
-    from .loop import unlearn
-
     if threads is not None:  # a worker process: the demo's threads are shared out among the workers
         setup_logging()
         torch.set_num_threads(threads)
     _, shipped, forget, protocol, unlearn_options, eval_settings = _sections(config)[key]
-    steps = {} if config.steps is None else {"steps": config.steps}
     for name in methods:
         model = _model(out, key, name, shipped, _retrained(config, key))
         if name not in ("original", "retrained") and not _done(model, "erase_config.json"):
             logger.info("demo: erasing %s from %s with %s", forget, shipped.name, name)
-            unlearn(shipped, name, forget, model, seed=config.seed, **steps, **unlearn_options)
+            _erase(config, name, shipped, forget, model, unlearn_options)
         _evaluate(protocol, model, out / key / "eval" / name, forget=forget,
                   classifier=str(SHIPPED_CLASSIFIER), seed=config.seed, **eval_settings)
         if config.attacks:
@@ -184,13 +216,13 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     from erase.eval.report import build_report
 
     sections = _sections(config)
-    methods = config.method_list()  # an unknown method is refused before anything is written
+    config.method_list()  # an unknown method or recipe is refused before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
-    parts = ([(key, methods) for key in reversed(sections)]
+    parts = ([(key, config.erasers(key)) for key in reversed(sections)]
              + [(key, _reference_names(config, key)) for key in reversed(sections)])
     workers = min(config.workers or default_workers(), len(parts))
     # On the CPU, a backward pass sums gradients in an order set by the number of torch threads, so
@@ -217,7 +249,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     rows, report_sections, robustness = [], {}, []
     for key, (title, *_rest) in sections.items():
         runs = []
-        names = _reference_names(config, key) + methods
+        names = _reference_names(config, key) + config.erasers(key)
         for name in names:
             run = out / key / "eval" / name
             metrics = read_json(run / "metrics.json", what="eval results")["metrics"]
@@ -229,7 +261,8 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
             robustness.append(_robustness_table(config, out, key, title, names))
         report_sections[title] = runs
 
-    intro = (f"erase demo: methods {', '.join(methods)}; digits classifier models/digits-classifier. "
+    intro = (f"erase demo: {config.methods} ({'; '.join(f'{k}: ' + ', '.join(config.erasers(k)) for k in sections)}); "
+             "digits classifier models/digits-classifier. "
              "UA: share of images of the erased digit that the classifier does not recognise as it (higher is "
              "more forgetting); retained accuracy: mean accuracy on the other digits (higher is better kept).")
     md, html = build_report(report_sections, out / "report", title="erase demo", intro=intro)
@@ -287,9 +320,10 @@ def _cmd_demo(args) -> None:
 
     config = build_config(DemoConfig, {}, args)
     result = run_demo(config, args.out)
-    print(f"{'model':<12} {'method':<10} {'UA':>6} {'retained acc':>13}")
+    width = max(len("method or recipe"), *(len(r["method"]) for r in result["rows"]))
+    print(f"{'model':<12} {'method or recipe':<{width}} {'UA':>6} {'retained acc':>13}")
     for r in result["rows"]:
-        print(f"{r['model']:<12} {r['method']:<10} {r['ua']:>6.3f} {r['retained_accuracy']:>13.3f}")
+        print(f"{r['model']:<12} {r['method']:<{width}} {r['ua']:>6.3f} {r['retained_accuracy']:>13.3f}")
     if "robustness" in result:
         print(f"robustness table: {result['robustness']}")
     print(f"report: {result['report']} (and {result['markdown']}), {result['seconds']:.0f} s")

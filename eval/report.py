@@ -404,11 +404,12 @@ def _verdict(run: Run, original: Run | None, target: Target, retrained: Run | No
         states.append("yes" if ua_ci[0] >= target.ua else "no" if ua_ci[1] < target.ua else "unclear")
         parts.append("UA " + {"yes": "erased", "no": "not erased", "unclear": "unclear"}[states[-1]])
     data_state, data_text = _in_distribution_state(run, target)
-    if states[-1] == "yes" and data_state != "yes":
-        # Not recognised as the class is not erased when what is drawn instead is not data at all.
-        states[-1] = data_state
-        parts[-1] = ("UA met" if run.target != "match-retrain" else parts[-1]) + " but the class is " + (
-            "not erased" if data_state == "no" else "not surely erased")
+    if states[-1] != "no" and data_state != "yes":
+        # Not recognised as the class is not erased when what is drawn instead is not data at all,
+        # whether or not UA's interval clears the line.
+        ua_text = {"yes": "UA met", "unclear": "UA unclear"}[states[-1]] if run.target != "match-retrain" else parts[-1]
+        states[-1] = "no" if data_state == "no" else "unclear"
+        parts[-1] = ua_text + " but the class is " + ("not erased" if data_state == "no" else "not surely erased")
     parts.append(data_text)
     if original is None or original.value("retained_accuracy") is None:
         states.append("unclear")

@@ -22,33 +22,35 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
         "mini-sd": {"attack-concept-inversion": {"steps": 2, "attack_steps": 2, "attack_batch": 2, "train_images": 2},
                     "attack-ring-a-bell": {"steps": 2}}})
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--methods", "eupmu", "--steps", "3", "--n", "2", "--n-forget", "4",
+    argv = ["demo", "--out", str(out), "--steps", "3", "--n", "2", "--n-forget", "4",
             "--prompt-images", "1", "--concept-images", "4", "--workers", "1", "--attacks", "--attack-units", "2"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report' / 'report.html'}" in printed
     assert f"robustness table: {out / 'robustness.md'}" in printed
-    for model in ("digits-ddpm", "mini-sd"):
-        for name in ("original", "retrained", "eupmu"):
+    recipes = {"digits-ddpm": "class-match-retrain", "mini-sd": "concept-forget"}  # the recommended ones
+    for model, recipe in recipes.items():
+        for name in ("original", "retrained", recipe):
             assert (out / model / "eval" / name / "metrics.json").is_file()
-    assert json.loads((out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json").read_text())["steps"] == 3
+        record = json.loads((out / model / "models" / recipe / "erase_config.json").read_text())
+        assert record["recipe"]["name"] == recipe and all(s["steps"] == 3 for s in record["stages"])
 
     for key, attacks in demo.ATTACKS.items():
-        for name in ("original", "retrained", "eupmu"):
+        for name in ("original", "retrained", recipes[key]):
             for attack in attacks:
                 assert json.loads((out / key / "attacks" / attack / name / "metrics.json").read_text())[
                     "metrics"]["units"] == 2
         # the distance of the original and the erased model to the retrained one, from the same seeds
-        for name in ("original", "eupmu"):
+        for name in ("original", recipes[key]):
             m = json.loads((out / key / "distance" / name / "metrics.json").read_text())["metrics"]
             assert 0 <= m["forget_verdict_distance_vs_reference"] <= 1 and m["fid_vs_reference"] >= 0
         assert not (out / key / "distance" / "retrained").exists()
     table = (out / "robustness.md").read_text()
     assert table.count("| retrained | 100.0% |") == 2  # a model that never saw a 3 does not draw one when asked
-    eupmu = json.loads((out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "eupmu" / "metrics.json").read_text())
-    row = next(line for line in table.splitlines() if line.startswith("| eupmu |") and "attack" not in line
-               and line.count("|") == 8)  # the mini-SD row: 3 + 2 attacks + 2 distances
-    assert f"**{100 * eupmu['metrics']['post_attack_success']:.1f}%**" in row
+    erased = json.loads((out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "concept-forget" / "metrics.json").read_text())
+    row = next(line for line in table.splitlines() if line.startswith("| concept-forget |"))
+    assert row.count("|") == 8  # the mini-SD row: 3 + 2 attacks + 2 distances
+    assert f"**{100 * erased['metrics']['post_attack_success']:.1f}%**" in row
 
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md
@@ -56,15 +58,17 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
     assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
     for section in (1, 2):  # each model: the trade-off plot, the loss curves, a grid row per digit
         assert f"(figures/{section}-tradeoff.png)" in md and f"(figures/{section}-loss-curves.png)" in md
-    assert "| metric | original | retrained | eupmu | " in md  # columns named by model
+    assert "| metric | original | retrained | concept-forget | " in md  # columns named by model
+    # each erased run is judged against its recipe's target, the retrained model in the same section
+    assert "meets the target (match-retrain)" in md or "misses the target (match-retrain)" in md
     html = (out / "report" / "report.html").read_text()
     # the HTML embeds every figure: per model a grid row per digit and model and 3 plots, and each
     # attack's samples before and after for each model (1 attack on the DDPM, 2 on the mini-SD)
     assert html.count("<img") == md.count("](figures/") == 2 * (10 * 3 + 3) + (1 + 2) * 3 * 2
 
     # Run again: every finished step is reused, nothing is retrained or attacked again.
-    stamps = {p: p.stat().st_mtime_ns for p in (out / "digits-ddpm" / "models" / "eupmu" / "erase_config.json",
-                                                out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "eupmu" / "metrics.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "digits-ddpm" / "models" / recipes["digits-ddpm"] / "erase_config.json",
+                                                out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "concept-forget" / "metrics.json")}
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -77,11 +81,12 @@ def test_demo_parts_in_two_processes_give_the_same_images_and_numbers(tmp_path, 
     results = {}
     for workers in (1, 2):
         monkeypatch.setenv("ERASE_CACHE", str(tmp_path / f"cache-{workers}"))  # each run generates its concept data
-        config = DemoConfig(steps=3, n=2, n_forget=4, prompt_images=1, concept_images=4, workers=workers)
+        config = DemoConfig(methods="eupmu", steps=3, n=2, n_forget=4, prompt_images=1, concept_images=4,
+                            workers=workers)
         out = tmp_path / f"demo-{workers}"
         results[workers] = run_demo(config, out)["rows"]
         images = sorted(p.relative_to(out) for p in out.glob("*/eval/*/images/**/*.png"))
-        assert len(images) == 2 * (9 * 2 + 4) + 2 * (10 * 11)  # per model: original and eupmu
+        assert len(images) == 3 * (9 * 2 + 4) + 3 * (10 * 11)  # per model: original, retrained and eupmu
         results[workers, "images"] = {p: (out / p).read_bytes() for p in images}
     assert results[1] == results[2]
     assert results[1, "images"] == results[2, "images"]

@@ -163,6 +163,12 @@ def test_erased_requires_in_distribution_images_unless_another_outcome_is_declar
                             target=Target(**easy, in_distribution=0.95))[0].read_text()
     assert "undecided" in _verdict(straddle, "ga") and "not surely erased, its images unclear whether data" in \
         _verdict(straddle, "ga")
+    # UA's interval straddling its line does not save a run whose images are not data
+    unsure = _with_metrics(two_runs[1], tmp_path / "unsure", ua=0.9, ua_ci95=[0.8, 0.97], forget_in_distribution=0.0,
+                           forget_in_distribution_ci95=[0.0, 0.05])
+    md = build_report([two_runs[0], unsure], tmp_path / "r5", target=Target(ua=0.9, retained_drop=1.0))[0].read_text()
+    assert "misses the target (forget): UA unclear but the class is not erased, its images not data" in \
+        _verdict(md, "ga")
     declared = build_report([two_runs[0], blank], tmp_path / "r4",
                             target=Target(**easy, outcomes={"blank": "a blank image"}))[0].read_text()
     assert "meets the target (forget): UA erased, declared outcome 'a blank image'" in _verdict(declared, "ga")
