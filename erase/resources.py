@@ -12,8 +12,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 SHIPPED_MODELS = ("digits-ddpm", "digits-classifier", "mini-sd", "mini-flow",
-                  # the two trained without the digit 3: the retrained references of the robustness table
-                  "digits-ddpm-retrained-no3", "mini-sd-retrained-no-three")
+                  # trained without the digit 3: the retrained references (floors) of the robustness tables
+                  "digits-ddpm-retrained-no3", "mini-sd-retrained-no-three", "mini-flow-retrained-no-three")
 
 
 def shipped(folder: str) -> Path:

@@ -49,6 +49,7 @@ def test_shipped_classifier_agrees_with_an_independent_svc(tmp_path):
 
 RETRAINED_DDPM = REPO / "models" / "digits-ddpm-retrained-no3"
 RETRAINED_MINI_SD = REPO / "models" / "mini-sd-retrained-no-three"
+RETRAINED_MINI_FLOW = REPO / "models" / "mini-flow-retrained-no-three"
 
 
 @pytest.mark.slow
@@ -64,12 +65,13 @@ def test_shipped_retrained_ddpm_never_saw_a_three(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_retrained_mini_sd_never_saw_a_three(tmp_path):
+@pytest.mark.parametrize("retrained", [RETRAINED_MINI_SD, RETRAINED_MINI_FLOW], ids=lambda p: p.name)
+def test_shipped_retrained_text_models_never_saw_a_three(retrained, tmp_path):
     """Neither the training captions nor the paraphrases of "three" draw a 3; the other digits are drawn."""
-    info = json.loads((RETRAINED_MINI_SD / "erase_info.json").read_text())["info"]["training"]
+    info = json.loads((retrained / "erase_info.json").read_text())["info"]["training"]
     assert info["excluded_digits"] == [3]
     out = tmp_path / "ev"
-    assert main(["eval", "--model", str(RETRAINED_MINI_SD), "--protocol", "digits-prompts", "--forget", "three",
+    assert main(["eval", "--model", str(retrained), "--protocol", "digits-prompts", "--forget", "three",
                  "--classifier", str(SHIPPED_CLASSIFIER), "--n", "2", "--steps", "10", "--out", str(out)]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["forget_accuracy_train_prompts"] <= 0.1 and metrics["forget_accuracy_heldout_prompts"] <= 0.1
