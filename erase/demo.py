@@ -138,8 +138,9 @@ def _erase(config: DemoConfig, name: str, shipped: Path, forget: str, model: Pat
         steps = {} if config.steps is None else {"steps": config.steps}
         unlearn(shipped, name, forget, model, seed=config.seed, **steps, **options)
         return
-    recipe = load_recipe(name).to_dict()
+    recipe = name  # by name, so that the run records the `erase unlearn --recipe NAME` command
     if config.steps is not None:  # a quick trial: every stage shortened, the recipe's name kept
+        recipe = load_recipe(name).to_dict()
         for stage in recipe["stages"]:
             stage["config"] = {**stage.get("config", {}), "steps": config.steps}
     unlearn(shipped, forget=forget, out=model, recipe=recipe, seed=config.seed, **options)
