@@ -8,13 +8,17 @@ import os
 # The suite runs in pytest-xdist workers that share the machine's cores: each gets its share of
 # threads (one each with two workers on two cores), inherited by the commands the tests start.
 # Left at torch's default, every worker runs one OpenMP thread per core and they contend.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+# Only a worker knows the count: the controller process that spawns them must not set the variable,
+# or every worker inherits the controller's whole-machine value.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    _WORKERS = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if "OMP_NUM_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
