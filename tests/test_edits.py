@@ -25,6 +25,7 @@ from tiny_pipelines import FAMILIES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MINI_SD = Path(__file__).resolve().parent.parent / "models" / "mini-sd"
+MINI_FLOW = MINI_SD.parent / "mini-flow"
 PAIRS = [("the number 3", "the digit 4"), ("a drawing of a 3", "the digit 4")]
 RETAIN = ["a cat", "the digit 5"]
 
@@ -79,56 +80,65 @@ def text_model(request, tiny_sd_dir):
     return backbone_cls(build())
 
 
-def test_text_entry_layers_read_exactly_the_rows_the_contract_gives(text_model):
-    layers = text_model.text_entry_layers()
-    assert layers and all(isinstance(layer, torch.nn.Linear) for layer in layers.values())
-    params = dict(text_model.denoiser.named_parameters())
-    assert all(f"{name}.weight" in params for name in layers)
+def _read_rows(model, layer, prompt):
+    """The rows `layer` reads (one per token, or one per prompt) when the denoiser runs on `prompt`."""
     seen = []
-    name, layer = next(iter(layers.items()))
     handle = layer.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()) or None)
     try:
-        cond = text_model.encode_conditions(["the number 3"])
-        text_model.predict(torch.randn(1, *text_model.sample_shape), torch.tensor([500]), cond)
+        model.predict(torch.randn(1, *model.sample_shape), torch.tensor([500]), model.encode_conditions([prompt]))
     finally:
         handle.remove()
-    segments = text_model.text_entry_inputs(["the number 3"])
-    given = torch.cat([s.embeddings[0] for s in segments])
-    # The layer reads these rows (on SD3 without T5 rows only zeros follow, which no weight edit reaches).
-    torch.testing.assert_close(seen[0][0, :len(given)].float(), given.to(seen[0].dtype).float(), atol=1e-5, rtol=0)
-    assert all(0 < int(s.last_token[0]) < s.embeddings.shape[1] for s in segments)
+    return seen[0].reshape(-1, seen[0].shape[-1]).float()
 
 
-def _layer_outputs(model, prompts):
-    """Every text-entry layer's outputs on the prompts' rows, concatenated (float64)."""
-    rows = torch.cat([s.embeddings.reshape(-1, s.embeddings.shape[-1]) for s in model.text_entry_inputs(prompts)])
-    return torch.cat([rows.double() @ layer.weight.detach().double().T for layer in model.text_entry_layers().values()], 1)
+def test_text_entry_layers_read_exactly_the_rows_the_contract_gives(text_model):
+    entries = text_model.text_entries()
+    assert "tokens" in entries and set(entries["tokens"].layers) == set(text_model.text_entry_layers())
+    params = dict(text_model.denoiser.named_parameters())
+    for name, entry in entries.items():
+        assert entry.layers and all(isinstance(layer, torch.nn.Linear) for layer in entry.layers.values())
+        assert all(f"{layer}.weight" in params for layer in entry.layers)
+        segments = entry.inputs(["the number 3"])
+        given = torch.cat([s.embeddings[0] for s in segments])
+        # Every layer of the entry reads these rows (on SD3 without T5 only zero rows follow the tokens',
+        # which no weight edit reaches).
+        for layer in entry.layers.values():
+            seen = _read_rows(text_model, layer, "the number 3")
+            torch.testing.assert_close(seen[:len(given)], given.float(), atol=1e-5, rtol=0)
+        assert all(0 <= int(s.last_token[0]) < s.embeddings.shape[1] for s in segments)
+    assert all(0 < int(s.last_token[0]) for s in entries["tokens"].inputs(["the number 3"]))
+
+
+def _entry_layers(model) -> dict:
+    return {name: layer for entry in model.text_entries().values() for name, layer in entry.layers.items()}
 
 
 def test_uce_on_every_family_moves_erased_rows_towards_the_anchor_and_only_the_text_entry_layers(text_model):
     import copy
 
     model = copy.deepcopy(text_model)
-    rows = edit_rows(model, PAIRS, RETAIN)
-    layers = model.text_entry_layers()
+    entries = model.text_entries()
+    rows = {name: edit_rows(entry.inputs, PAIRS, RETAIN) for name, entry in entries.items()}
     before = {n: p.detach().clone() for n, p in model.denoiser.named_parameters()}
-    weights = {n: layers[n].weight.detach().double().clone() for n in layers}
+    weights = {n: layer.weight.detach().double().clone() for n, layer in _entry_layers(model).items()}
     changed, summary = apply_edit(model, UCE(UCEConfig()), PAIRS, RETAIN)
     after = dict(model.denoiser.named_parameters())
-    assert set(changed) == {f"{n}.weight" for n in layers}
+    assert set(changed) == {f"{n}.weight" for n in weights}
     assert all(torch.equal(before[n], p) for n, p in after.items() if n not in changed)
     assert all(not torch.equal(before[n], after[n]) for n in changed)
+    assert set(summary["entries"]) == set(entries)
 
-    def error(rows_in, targets, current: bool):
-        total = sum(((rows_in @ (layers[n].weight.detach().double() if current else w).T - targets @ w.T) ** 2).sum()
-                    for n, w in weights.items())
-        return float(total)
+    for name, entry in entries.items():
+        layers, r = entry.layers, rows[name]
 
-    assert error(rows.erase, rows.anchor, current=True) < 0.5 * error(rows.erase, rows.anchor, current=False)
-    assert summary["rounds"][0]["erase_error"] < 0.75
-    # The preserved rows move much less than the erased ones did.
-    kept = error(rows.preserve, rows.preserve, current=True) / error(rows.preserve, torch.zeros_like(rows.preserve), False)
-    assert kept < 0.1
+        def error(rows_in, targets, current: bool):
+            return float(sum(((rows_in @ (layers[n].weight.detach().double() if current else weights[n]).T
+                               - targets @ weights[n].T) ** 2).sum() for n in layers))
+
+        assert error(r.erase, r.anchor, current=True) < 0.5 * error(r.erase, r.anchor, current=False)
+        assert summary["entries"][name]["rounds"][0]["erase_error"] < 0.75
+        # The preserved rows move much less than the erased ones did.
+        assert error(r.preserve, r.preserve, True) / error(r.preserve, torch.zeros_like(r.preserve), False) < 0.1
 
 
 def test_the_ddpm_refuses_an_edit_in_one_line(tiny_ddpm_dir, tmp_path):
@@ -176,23 +186,24 @@ def test_hardening_weakens_the_closed_form_adversary(mini_sd):
     pairs = [("a handwritten digit three", "a handwritten digit four"), ("the number 3", "a handwritten digit four")]
     _, plain = apply_edit(copy.deepcopy(mini_sd), UCE(UCEConfig(harden=0)), pairs, ["the number 5"])
     _, hardened = apply_edit(copy.deepcopy(mini_sd), UCE(UCEConfig(harden=2)), pairs, ["the number 5"])
-    rounds = hardened["rounds"]
+    rounds = hardened["entries"]["tokens"]["rounds"]
     assert len(rounds) == 3 and rounds[1]["erase_rows"] == 2 * rounds[0]["erase_rows"]
-    assert rounds[0]["erase_error"] == pytest.approx(plain["rounds"][0]["erase_error"])
+    assert rounds[0]["erase_error"] == pytest.approx(plain["entries"]["tokens"]["rounds"][0]["erase_error"])
     # The embedding that best regenerates the concept regenerates it worse after each round.
     assert rounds[-1]["adversarial_error"] > rounds[0]["adversarial_error"]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("miniature", [MINI_SD, MINI_FLOW], ids=["mini-sd", "mini-flow"])
 @pytest.mark.parametrize("method", list(EDITS))
-def test_three_is_gone_from_the_miniature_and_five_is_kept(method, tmp_path):
+def test_three_is_gone_from_the_miniature_and_five_is_kept(method, miniature, tmp_path):
     import erase
     from erase.digits import classify_digits, default_classifier_path
     from erase.classifier import SmallClassifier
 
-    result = erase.unlearn(str(MINI_SD), method, "three", tmp_path / "out")
+    result = erase.unlearn(str(miniature), method, "three", tmp_path / "out")
     classifier = SmallClassifier.from_pretrained(default_classifier_path())
-    original = load_backbone(MINI_SD)
+    original = load_backbone(miniature)
     seeds = list(range(8))
 
     def drawn(model, prompt, digit):

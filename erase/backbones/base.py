@@ -484,6 +484,13 @@ class Backbone:
                          "(cross-attention keys and values), which closed-form edits rewrite: erase with a "
                          "fine-tuning method instead (`erase methods`)")
 
+    def text_entries(self) -> dict[str, "TextEntry"]:
+        """Every place where text enters the denoiser through linear maps, by name: the layers of one
+        entry read the same rows, so an edit solves once per entry. `tokens` (the `text_entry_layers`
+        on the `text_entry_inputs`) on every text backbone; a backbone adds others where a separate
+        text vector enters (SD3: the pooled CLIP embedding, `pooled`)."""
+        return {"tokens": TextEntry(self.text_entry_layers(), self.text_entry_inputs)}
+
 
 @dataclass
 class TextRows:
@@ -499,6 +506,14 @@ class TextRows:
 
     embeddings: torch.Tensor
     last_token: torch.Tensor
+
+
+@dataclass
+class TextEntry:
+    """Linear maps of the denoiser (by module name) that all read the rows `inputs(prompts)` gives."""
+
+    layers: dict[str, torch.nn.Linear]
+    inputs: Callable[[Sequence[str]], list[TextRows]]
 
 
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:

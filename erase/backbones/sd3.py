@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils import EraseError
-from .base import Condition, FlowMatchingSchedule
+from .base import Condition, FlowMatchingSchedule, TextEntry, TextRows
 from .pipeline import TextToImageBackbone, joint_transformer_groups
 
 # The timestep embedding and output layers stay out of `nocondition`; `attn` takes both attention
@@ -89,6 +89,19 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         # (the joint blocks' context projections read it after a timestep-modulated norm, which a
         # closed form per layer cannot hold for every timestep).
         return {"context_embedder": self.denoiser.context_embedder}
+
+    def text_entries(self) -> dict:
+        # The pooled CLIP embedding enters beside the timestep (`time_text_embed.text_embedder`), is
+        # added to the timestep embedding and modulates every block: on models/mini-flow it alone
+        # decides the digit drawn (BENCHMARKS section 12), so an edit of the token rows only misses.
+        pooled = self.denoiser.time_text_embed.text_embedder.linear_1
+        return {**super().text_entries(),
+                "pooled": TextEntry({"time_text_embed.text_embedder.linear_1": pooled}, self._pooled_rows)}
+
+    @torch.no_grad()
+    def _pooled_rows(self, prompts) -> list[TextRows]:
+        pooled = self.encode_conditions(list(prompts)).tensors["pooled_projections"].float().cpu()
+        return [TextRows(pooled[:, None, :], torch.zeros(len(pooled), dtype=torch.long))]  # one row, the "last word"
 
     def _text_segments(self) -> list[tuple[str, int]]:
         # The CLIP states (zero-padded to the T5 width), then T5's; without T5 its rows are zeros,

@@ -67,17 +67,18 @@ def _aligned(forget, anchor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return erase, target
 
 
-def edit_rows(model, pairs: list[tuple[str, str]], retain: list[str], extra_preserve: list[str] = ()) -> EditRows:
-    """The rows of (forget prompt, anchor prompt) `pairs` and of the `retain` (+ `extra_preserve`) prompts."""
-    forget_inputs = model.text_entry_inputs([f for f, _ in pairs])
-    anchor_inputs = model.text_entry_inputs([a for _, a in pairs])
+def edit_rows(inputs, pairs: list[tuple[str, str]], retain: list[str], extra_preserve: list[str] = ()) -> EditRows:
+    """The rows of (forget prompt, anchor prompt) `pairs` and of the `retain` (+ `extra_preserve`) prompts,
+    as `inputs` (a `TextEntry`'s, e.g. `model.text_entry_inputs`) gives them."""
+    forget_inputs = inputs([f for f, _ in pairs])
+    anchor_inputs = inputs([a for _, a in pairs])
     erase, target = [], []
     for forget, anchor in zip(forget_inputs, anchor_inputs):
         e, t = _aligned(forget, anchor)
         erase += e
         target += t
     preserve = [seg.embeddings.reshape(-1, seg.embeddings.shape[-1])
-                for seg in model.text_entry_inputs(list(retain) + list(extra_preserve))]
+                for seg in inputs(list(retain) + list(extra_preserve))]
     return EditRows(torch.cat(erase).double(), torch.cat(target).double(), torch.cat(preserve).double(),
                     retain_prompts=len(retain))
 
@@ -135,14 +136,32 @@ class Edit:
 
 def apply_edit(model, edit: Edit, pairs: list[tuple[str, str]], retain: list[str]) -> tuple[dict, dict]:
     """Edit `model` in place so that each forget prompt of `pairs` acts like its anchor prompt while the
-    `retain` prompts act as before. Returns the changed tensors (by denoiser state-dict name) and a
-    summary (rows, residuals per round, seconds)."""
+    `retain` prompts act as before: one solve per text entry of the backbone (`Backbone.text_entries`).
+    Returns the changed tensors (by denoiser state-dict name) and a summary (per entry: its layers,
+    rows and residuals per round; seconds)."""
     started = time.perf_counter()
-    layers = model.text_entry_layers()  # refuses a backbone without such layers, before any work
+    entries = model.text_entries()  # refuses a backbone without such layers, before any work
     if not pairs:
         raise EraseError("nothing to erase: no forget prompts")
-    rows = edit_rows(model, pairs, retain, [""] if edit.preserve_null_text else [])
+    extra = [""] if edit.preserve_null_text else []
+    rows = {name: edit_rows(entry.inputs, pairs, retain, extra) for name, entry in entries.items()}
     encoded = time.perf_counter()
+    changed, details = {}, {}
+    for name, entry in entries.items():
+        tensors, history = _edit_entry(edit, entry.layers, rows[name])
+        changed |= tensors
+        details[name] = {"layers": len(entry.layers), "row_dim": rows[name].erase.shape[1],
+                         "forget_rows": len(rows[name].erase), "preserve_rows": len(rows[name].preserve),
+                         "rounds": history}
+    done = time.perf_counter()
+    summary = {"entries": details, "layers": sum(d["layers"] for d in details.values()),
+               "encode_s": round(encoded - started, 3), "solve_s": round(done - encoded, 3)}
+    return changed, summary
+
+
+def _edit_entry(edit: Edit, layers: dict, rows: EditRows) -> tuple[dict, list[dict]]:
+    """Solve on `rows` and rewrite every layer of one text entry as `W' = W M`: the changed tensors and
+    the residuals of each round."""
     weights = {name: layer.weight.detach().double().cpu() for name, layer in layers.items()}
     dims = {w.shape[1] for w in weights.values()}
     if dims != {rows.erase.shape[1]}:
@@ -158,8 +177,4 @@ def apply_edit(model, edit: Edit, pairs: list[tuple[str, str]], retain: list[str
             changed[f"{name}.weight"] = layer.weight.detach().cpu().contiguous()
     if not all(torch.isfinite(t).all() for t in changed.values()):
         raise EraseError(f"{edit.name}: the edited weights are not finite; raise --lamb (now {edit.config.lamb})")
-    done = time.perf_counter()
-    summary = {"layers": len(layers), "row_dim": rows.erase.shape[1], "forget_rows": len(rows.erase),
-               "preserve_rows": len(rows.preserve), "rounds": history,
-               "encode_s": round(encoded - started, 3), "solve_s": round(done - encoded, 3)}
-    return changed, summary
+    return changed, history

@@ -65,10 +65,11 @@ def edit_bench(config, path: Path, model, workdir: Path) -> dict:
     if not retain:
         raise EraseError(f"{config.concepts_file} has no retain rows: the edits need prompts to keep")
     names = list(erase)
-    original = {name: layer.weight.detach().clone() for name, layer in model.text_entry_layers().items()}
+    layers = {name: layer for entry in model.text_entries().values() for name, layer in entry.layers.items()}
+    original = {name: layer.weight.detach().clone() for name, layer in layers.items()}
     largest = [p for name in names[:max(config.edit_concepts)] for p in erase[name]]
     wall, cpu = time.perf_counter(), time.process_time()
-    model.text_entry_inputs(list(dict.fromkeys(largest + retain + [""])))  # encoded once, then cached
+    model.encode_conditions(list(dict.fromkeys(largest + retain + [""])))  # encoded once, then cached
     encoding = {"prompts": len(set(largest + retain + [""])), "seconds": time.perf_counter() - wall,
                 "cpu_seconds": time.process_time() - cpu}
     logger.info("edit bench: encoding %d prompts: %.1f s", encoding["prompts"], encoding["seconds"])
@@ -81,12 +82,13 @@ def edit_bench(config, path: Path, model, workdir: Path) -> dict:
                 _, summary = apply_edit(model, edit_cls(edit_cls.Config()), pairs, retain)
                 seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
                 with torch.no_grad():
-                    for name, layer in model.text_entry_layers().items():
+                    for name, layer in layers.items():
                         layer.weight.copy_(original[name])
                 rows.append({"edit": edit_cls.name, "concepts": k, "round": round_, "seconds": seconds,
                              "cpu_seconds": cpu_seconds, "solve_s": summary["solve_s"],
-                             "forget_prompts": len(pairs), "forget_rows": summary["forget_rows"],
-                             "preserve_rows": summary["preserve_rows"]})
+                             "forget_prompts": len(pairs),
+                             "forget_rows": sum(e["forget_rows"] for e in summary["entries"].values()),
+                             "preserve_rows": sum(e["preserve_rows"] for e in summary["entries"].values())})
                 logger.info("edit bench round %d: %s, %d concepts: %.2f s", round_ + 1, edit_cls.name, k, seconds)
     step = _finetune_step_seconds(path, model, erase[names[0]], retain, config, workdir)
     best = {}

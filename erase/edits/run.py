@@ -58,7 +58,8 @@ def run_edit(model, method: str, forget, out: str | Path | None, *, retain=None,
     command = equivalent_command(base_model, out, forget, {"retain": retain, "anchor": anchor}, method=edit_cls.name,
                                  config=summary["config"])
     write_output(Path(out), model, changed, summary, history=None, command=command)
-    last = details["rounds"][-1]
-    logger.info("%s: saved %s (%d concepts, %.2f s; erased rows' output error %.3f, preserved rows' change %.2e)",
-                edit_cls.name, out, len(concepts.concepts), elapsed, last["erase_error"], last["preserve_change"])
+    residuals = "; ".join(f"{name}: erased rows' output error {entry['rounds'][-1]['erase_error']:.3f}, preserved "
+                          f"rows' change {entry['rounds'][-1]['preserve_change']:.2e}"
+                          for name, entry in details["entries"].items())
+    logger.info("%s: saved %s (%d concepts, %.2f s; %s)", edit_cls.name, out, len(concepts.concepts), elapsed, residuals)
     return Path(out)
