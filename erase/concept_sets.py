@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .concepts import Concept, available_concepts, load_concept, prompts_root, read_prompts
+from .concepts import LITERAL_PREFIX, Concept, Vocabulary, available_concepts, load_concept, prompts_root, read_prompts
 from .utils import EraseError, logger, read_text
 
 MASS_COLUMNS = ("id", "type", "text", "concept", "seed")
@@ -99,12 +99,25 @@ def _check_list(items: list[str]) -> None:
         seen.add(key)
 
 
-def _load_listed(item: str, anchor: str | None, root: Path) -> Concept:
-    if Path(item).expanduser().is_dir() or (root / item).is_dir():
-        return load_concept(item, anchor=anchor, root=root)
+def _load_listed(item: str, anchor: str | None, root: Path, vocabulary: Vocabulary | None) -> Concept:
+    if (Path(item).expanduser().is_dir() or (root / item).is_dir()
+            or (vocabulary is not None and vocabulary.class_index(item) is not None)):
+        return load_concept(item, anchor=anchor, root=root, vocabulary=vocabulary)
+    words = f"; this model's class words: {', '.join(vocabulary.class_words)}" if vocabulary else ""
     raise EraseError(f"unknown concept {item!r} in --forget: each item of a list must be a concept name "
-                     f"({', '.join(available_concepts(root)) or 'none shipped'}) or a concept folder; give prompts "
-                     f"as a CSV file with the columns {','.join(MASS_COLUMNS)}")
+                     f"({', '.join(available_concepts(root)) or 'none shipped'}{words}) or a concept folder; give "
+                     f"prompts as a CSV file with the columns {','.join(MASS_COLUMNS)}")
+
+
+def is_concept_list(forget) -> bool:
+    """Whether `--forget` names several concepts: a sequence, a comma list, a file of names, or a mass-erasure
+    CSV (a `prompt:` literal is one prompt, commas and all)."""
+    if not isinstance(forget, str):
+        return True
+    text = forget.strip()
+    if text.lower().startswith(LITERAL_PREFIX):
+        return False
+    return "," in text or Path(text).expanduser().is_file()
 
 
 def _merge_retain(concepts: list[Concept], forget: set[str]) -> list[str]:
@@ -117,11 +130,13 @@ def _merge_retain(concepts: list[Concept], forget: set[str]) -> list[str]:
 
 
 def resolve_concepts(forget: str | Sequence[str], retain: str | Path | Sequence[str] | None = None,
-                     anchor: str | None = None, root: str | Path | None = None) -> ConceptSet:
+                     anchor: str | None = None, root: str | Path | None = None,
+                     vocabulary: Vocabulary | None = None) -> ConceptSet:
     """The concepts `--forget` names (see the module docstring), with the merged retain prompts.
 
     `retain` (a prompt file or a list of prompts; a comma-separated string is split) replaces the
-    merged retain set; `anchor` replaces every concept's anchor prompt.
+    merged retain set; `anchor` replaces every concept's anchor prompt. A model's `vocabulary` (the
+    miniatures) lets a list name its class words (`three,five,seven`).
     """
     if forget is None or (isinstance(forget, str) and not forget.strip()):
         raise EraseError("give a concept to erase: a name such as nudity, a concept folder, a prompt, a "
@@ -134,13 +149,15 @@ def resolve_concepts(forget: str | Sequence[str], retain: str | Path | Sequence[
         concepts = [Concept(name, prompts, anchor or "", kept, source=str(forget)) for name, prompts in erase.items()]
         source = str(forget)
     else:
-        single = isinstance(forget, str) and "," not in forget and not Path(forget).expanduser().is_file()
-        if single:
-            concepts, source = [load_concept(forget, anchor=anchor, root=root)], forget
+        if not is_concept_list(forget):
+            concepts, source = [load_concept(forget, anchor=anchor, root=root, vocabulary=vocabulary)], forget
         else:
             items, source = _list_items(forget)
             _check_list(items)
-            concepts = [_load_listed(item, anchor, root) for item in items]
+            concepts = [_load_listed(item, anchor, root, vocabulary) for item in items]
+            names = [c.name for c in concepts]
+            if twice := next((n for i, n in enumerate(names) if n in names[:i]), None):
+                raise EraseError(f"--forget names the concept {twice!r} twice (under two names): list each concept once")
     forget_prompts = {p.strip() for c in concepts for p in c.forget}
     if retain is None:
         kept = _merge_retain(concepts, forget_prompts)

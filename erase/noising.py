@@ -26,6 +26,7 @@ class Noised:
     x_t: torch.Tensor
     target: torch.Tensor
     anchor: Condition | None = None  # the anchor condition of each forget sample
+    concept: torch.Tensor | None = None  # which erased concept each forget sample shows (several erased at once)
 
 
 def noised(model, x0: torch.Tensor, cond: Condition, g: torch.Generator, antithetic: bool = False,

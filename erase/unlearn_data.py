@@ -85,6 +85,11 @@ class UnlearnData:
     retain_cond: Condition
     description: dict = field(default_factory=dict)  # written to erase_config.json
     retain_paths: SamplingPaths | None = None  # when set, retain batches are drawn from these states instead
+    # Several concepts (or classes) erased at once: each forget sample's concept (an index into
+    # `concept_names`). Each batch then holds every concept in equal shares, and the loop logs each
+    # concept's loss apart (`erase.unlearning.running.concept_losses`).
+    forget_concept: torch.Tensor | None = None
+    concept_names: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if len(self.forget_x0) == 0:
@@ -96,6 +101,26 @@ class UnlearnData:
                              f"and {len(self.anchor_cond)} anchors; they must match one to one")
         if len(self.retain_x0) != len(self.retain_cond):
             raise EraseError(f"retain set: {len(self.retain_x0)} samples but {len(self.retain_cond)} conditions")
+        if self.forget_concept is not None:
+            counts = torch.bincount(self.forget_concept.cpu(), minlength=len(self.concept_names))
+            if len(self.forget_concept) != len(self.forget_x0) or len(counts) != len(self.concept_names):
+                raise EraseError(f"forget set: {len(self.forget_x0)} samples but {len(self.forget_concept)} concept "
+                                 f"labels over {len(self.concept_names)} concepts; they must match one to one")
+            if empty := [n for n, c in zip(self.concept_names, counts.tolist()) if c == 0]:
+                raise EraseError(f"the forget set holds no sample of {', '.join(empty)}: nothing to unlearn for it")
+
+    @classmethod
+    def joined(cls, parts: dict[str, "UnlearnData"], description: dict) -> "UnlearnData":
+        """Several concepts' data as one run's: their forget sets, each labelled with its concept, and
+        their retain sets one after another."""
+        names = list(parts)
+        labels = torch.cat([torch.full((len(p.forget_x0),), i, dtype=torch.long) for i, p in enumerate(parts.values())])
+        return cls(forget_x0=torch.cat([p.forget_x0 for p in parts.values()]),
+                   forget_cond=Condition.cat([p.forget_cond for p in parts.values()]),
+                   anchor_cond=Condition.cat([p.anchor_cond for p in parts.values()]),
+                   retain_x0=torch.cat([p.retain_x0 for p in parts.values()]),
+                   retain_cond=Condition.cat([p.retain_cond for p in parts.values()]), description=description,
+                   forget_concept=labels, concept_names=names)
 
     @property
     def forget_fraction(self) -> float:
@@ -105,6 +130,8 @@ class UnlearnData:
     def to(self, device: torch.device | str) -> "UnlearnData":
         for name in ("forget_x0", "forget_cond", "anchor_cond", "retain_x0", "retain_cond"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.forget_concept is not None:
+            self.forget_concept = self.forget_concept.to(device)
         if self.retain_paths is not None:
             self.retain_paths.to(device)
         return self
@@ -114,14 +141,33 @@ class UnlearnData:
         """Noised forget and retain batches (with replacement), every draw taken from `g`."""
         forget = retain = None
         if n_forget:
-            i = to_device(torch.randint(len(self.forget_x0), (n_forget,), generator=g), self.forget_x0.device)
+            i = to_device(self._forget_rows(n_forget, g), self.forget_x0.device)
             forget = noised(model, self.forget_x0[i], self.forget_cond[i], g, antithetic, anchor=self.anchor_cond[i])
+            if self.forget_concept is not None:
+                forget.concept = self.forget_concept[i]
         if n_retain and self.retain_paths is not None:
             retain = self.retain_paths.draw(n_retain, g)
         elif n_retain:
             i = to_device(torch.randint(len(self.retain_x0), (n_retain,), generator=g), self.retain_x0.device)
             retain = noised(model, self.retain_x0[i], self.retain_cond[i], g, antithetic)
         return forget, retain
+
+
+    def _forget_rows(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """n forget rows with replacement; with several concepts, n / K of each concept's rows (the first
+        n mod K concepts one more), so that every batch trains on, and logs, every concept."""
+        if self.forget_concept is None:
+            return torch.randint(len(self.forget_x0), (n,), generator=g)
+        k = len(self.concept_names)
+        if n < k:
+            raise EraseError(f"a batch draws {n} forget samples but {k} concepts are erased: raise --batch-size so "
+                             f"that each batch holds a forget sample of every concept")
+        labels = self.forget_concept.cpu()
+        rows = []
+        for c in range(k):
+            members = torch.nonzero(labels == c).flatten()
+            rows.append(members[torch.randint(len(members), (n // k + (c < n % k),), generator=g)])
+        return torch.cat(rows)
 
 
 def parse_class_list(value: str | int | Sequence[str | int] | None) -> list[str | int] | None:
@@ -152,6 +198,8 @@ def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | N
     forget_ids = [model.class_index(c) for c in parse_class_list(forget) or []]
     if not forget_ids:
         raise EraseError("give at least one class to forget, e.g. --forget 3 or --forget three")
+    if len(set(forget_ids)) != len(forget_ids):
+        raise EraseError(f"--forget {forget} names a class twice: list each class once")
     k = model.num_classes
     retain_list = parse_class_list(retain)
     retain_ids = ([model.class_index(c) for c in retain_list] if retain_list
@@ -180,6 +228,7 @@ def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | N
     r_mask = torch.isin(data.labels, torch.tensor(retain_ids))
     f_labels = data.labels[f_mask]
     names = model.class_names
+    several = len(forget_ids) > 1  # each class's loss is then logged apart
     return UnlearnData(
         forget_x0=data.images[f_mask],
         forget_cond=model.encode_conditions(f_labels.tolist()).to("cpu"),
@@ -190,4 +239,6 @@ def class_erasure_data(model, forget, retain=None, anchor=None, dataset: str | N
                      "forget": [names[c] for c in forget_ids], "forget_ids": forget_ids,
                      "retain": [names[c] for c in retain_ids], "retain_ids": retain_ids,
                      "anchor": {names[c]: names[a] for c, a in anchors.items()},
-                     "forget_images": int(f_mask.sum()), "retain_images": int(r_mask.sum())})
+                     "forget_images": int(f_mask.sum()), "retain_images": int(r_mask.sum())},
+        forget_concept=torch.tensor([forget_ids.index(int(c)) for c in f_labels]) if several else None,
+        concept_names=[names[c] for c in forget_ids] if several else [])

@@ -35,6 +35,7 @@ def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | N
                              "erasure uses the dataset's real images (choose them with --dataset)")
         return class_erasure_data(model, forget, retain, anchor, dataset)
     from ..concept_data import ConceptDataConfig, concept_unlearn_data
+    from ..concept_sets import is_concept_list, resolve_concepts
     from ..concepts import Vocabulary, describe_concept, load_concept
     from ..suggest import looks_like_path
 
@@ -46,9 +47,27 @@ def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | N
     chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
     config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
     # A model that records its vocabulary (the miniatures) resolves a class word from its own captions.
-    concept = load_concept(forget, anchor=anchor, retain=retain, vocabulary=Vocabulary.from_info(model.info))
+    vocabulary = Vocabulary.from_info(model.info)
+    if is_concept_list(forget):
+        return _several_concepts_data(model, resolve_concepts(forget, retain, anchor, vocabulary=vocabulary), config)
+    concept = load_concept(forget, anchor=anchor, retain=retain, vocabulary=vocabulary)
     logger.info("erasing %s", describe_concept(concept))  # before any image is generated
     return concept_unlearn_data(model, concept, config)
+
+
+def _several_concepts_data(model, concepts, config) -> UnlearnData:
+    """Each concept's images (its own cache: forget and anchor images, and the merged retain prompts'),
+    joined: every concept's forget samples labelled with it, and the parts' retain sets (with each
+    part's anchor images when `anchor_in_retain`, so that anchors and retain images keep the shares
+    one concept's run gives them)."""
+    from ..concept_data import concept_unlearn_data
+    from ..concepts import describe_concept
+
+    for concept in concepts.concepts:  # every set before any image is generated
+        logger.info("erasing %s", describe_concept(concept))
+    parts = {c.name: concept_unlearn_data(model, c, config) for c in concepts.concepts}
+    return UnlearnData.joined(parts, {"kind": "concepts", **concepts.describe(),
+                                      "parts": {name: part.description for name, part in parts.items()}})
 
 
 def draw_shards(data: UnlearnData, model, n_forget: int, n_retain: int, seed: int, antithetic: bool, step: int,

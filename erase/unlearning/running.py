@@ -26,7 +26,7 @@ from ..methods import Method, MethodConfig
 from ..methods.base import Batch, StepContext
 from ..methods.losses import reference_prediction
 from ..unlearn_data import UnlearnData, sampling_paths
-from ..utils import EraseError, logger, progress_off
+from ..utils import EraseError, logger, progress_off, step_generator
 from .data import draw_shards
 from ..lora import LoraTraining
 from .terms import Terms, new_average, new_robust
@@ -117,6 +117,9 @@ def set_up(model, method: type[Method], config: MethodConfig, terms: Terms, data
     """Put the stage on the model: data on the device, the retain teacher and its sampling paths, the
     parameter group unfrozen, the optimizer, the method (its `setup` on the stage's first weights)."""
     split = batch_split(method, config, shards)
+    if data.concept_names and 0 < split[0] // shards < len(data.concept_names):
+        raise EraseError(f"{method.name} draws {split[0] // shards} forget samples a batch but {len(data.concept_names)} "
+                         "concepts are erased: raise --batch-size so that each batch holds a forget sample of every concept")
     # The retain term's teacher, frozen before any step; its paths drawn once per stage.
     frozen = teacher() if terms.retain is not None and split[1] else None
     paths_seconds = None
@@ -151,13 +154,36 @@ def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
                                      accelerator.process_index, shards)
     for pg in t.optimizer.param_groups:
         pg["lr"] = t.config.lr * t.algo.lr_scale(step)
+    with accelerator.autocast():  # on the plain prompts and the weights the step starts from
+        concepts = concept_losses(t, forget_b, step)
     with accelerator.autocast(), t.robust.applied(step, forget_b) if t.robust else contextlib.nullcontext():
         if t.teacher is not None:
             retain_b.target = reference_prediction(t.model, t.teacher, retain_b)
         logs = t.algo.step(Batch(forget_b, retain_b, step), t.ctx)
     if t.average is not None:
         t.average.step(t.params.values())
-    return logs
+    return {**logs, **concepts}
+
+
+CONCEPT_LOG_STREAM = 1 << 44  # the per-concept losses' own draws, for a method that draws no forget samples
+
+
+@torch.no_grad()
+def concept_losses(t: Training, forget_b, step: int) -> dict[str, torch.Tensor]:
+    """With several concepts erased at once, each one's loss apart: the denoising loss
+    `‖ε − ε_θ(x_t, t, c_f)‖²` of its forget samples in this batch (each batch holds every concept,
+    `UnlearnData.draw`). It is the same quantity whatever the method, and it rises as the model stops
+    drawing the concept from its prompts; `forget_denoise.<concept>` in the loss history. A method
+    that trains on no forget sample (finetune) gets one of each concept from a stream of their own."""
+    if t.data.forget_concept is None:
+        return {}
+    if forget_b is None:
+        forget_b, _ = t.data.draw(t.model, len(t.data.concept_names), 0,
+                                  step_generator(t.config.seed, CONCEPT_LOG_STREAM, step))
+    pred = t.model.predict(forget_b.x_t, forget_b.t, forget_b.cond).float()
+    per_sample = (pred - forget_b.target.float()).pow(2).flatten(1).mean(1)
+    return {f"forget_denoise.{name}": per_sample[forget_b.concept == k].mean()
+            for k, name in enumerate(t.data.concept_names)}
 
 
 def run_steps(t: Training, progress: Progress, end: int, accelerator, *, shards: int, ckpt_dir,
