@@ -60,7 +60,8 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     `model` is a backbone from `load_model` (trained in place) or anything `load_model` takes.
     `forget` is a class id or name, comma-separated ones, for a class-conditional model; a concept
     name (`nudity`, `three`: a folder of `prompts/`), a concept folder or a literal prompt for Stable
-    Diffusion. `recipe` is a shipped recipe's name (`erase recipes`), a recipe file or a dict: its
+    Diffusion, or several concepts (a comma-separated list, a file of names, a mass-erasure CSV:
+    `erase.concept_sets`), erased together with each one's loss logged apart. `recipe` is a shipped recipe's name (`erase recipes`), a recipe file or a dict: its
     stages run one after the other into `out`. With a method, `options` are the method's config
     fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see `erase unlearn --method NAME --help`), its
     `terms=` (`erase.unlearning.terms`) and the loop's keywords (`retain=`, `anchor=`, `images=`,

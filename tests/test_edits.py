@@ -141,6 +141,34 @@ def test_uce_on_every_family_moves_erased_rows_towards_the_anchor_and_only_the_t
         assert error(r.preserve, r.preserve, True) / error(r.preserve, torch.zeros_like(r.preserve), False) < 0.1
 
 
+def test_sd3_edits_its_pooled_text_and_keeps_the_empty_prompts_pooled_row():
+    """The pooled CLIP embedding is an entry of its own on SD3, and the empty prompt's row of it (the
+    unconditional prediction's, which guidance subtracts from every prompt's) is kept by every edit."""
+    import copy
+    import dataclasses
+
+    from erase.backbones.sd3 import StableDiffusion3Backbone
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    model = StableDiffusion3Backbone(tiny_sd3_pipeline())
+    pooled = model.text_entries()["pooled"]
+    assert pooled.always_preserved == ("",)
+    null = pooled.inputs([""])[0].embeddings[:, 0].double()
+
+    def null_change(backbone) -> float:
+        layer = next(iter(backbone.text_entries()["pooled"].layers.values()))
+        before = layer.weight.detach().double().clone()
+        apply_edit(backbone, UCE(UCEConfig()), PAIRS, RETAIN)
+        return float((null @ (layer.weight.detach().double() - before).T).norm() / (null @ before.T).norm())
+
+    kept = null_change(copy.deepcopy(model))
+    unmarked = copy.deepcopy(model)
+    entries = {**unmarked.text_entries()}
+    entries["pooled"] = dataclasses.replace(entries["pooled"], always_preserved=())
+    unmarked.text_entries = lambda: entries
+    assert kept < 0.5 * null_change(unmarked)
+
+
 def test_the_ddpm_refuses_an_edit_in_one_line(tiny_ddpm_dir, tmp_path):
     from erase.cli import main
 

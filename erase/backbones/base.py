@@ -510,10 +510,12 @@ class TextRows:
 
 @dataclass
 class TextEntry:
-    """Linear maps of the denoiser (by module name) that all read the rows `inputs(prompts)` gives."""
+    """Linear maps of the denoiser (by module name) that all read the rows `inputs(prompts)` gives, and
+    the prompts whose rows an edit of them must keep whatever the retain set (`always_preserved`)."""
 
     layers: dict[str, torch.nn.Linear]
     inputs: Callable[[Sequence[str]], list[TextRows]]
+    always_preserved: tuple[str, ...] = ()
 
 
 def uniform_indices(T: int, n: int, g: torch.Generator, antithetic: bool = False) -> torch.Tensor:

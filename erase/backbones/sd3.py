@@ -94,9 +94,13 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         # The pooled CLIP embedding enters beside the timestep (`time_text_embed.text_embedder`), is
         # added to the timestep embedding and modulates every block: on models/mini-flow it alone
         # decides the digit drawn (BENCHMARKS section 12), so an edit of the token rows only misses.
+        # The empty prompt's pooled row is kept by every edit: it modulates every block of the
+        # unconditional prediction, which guidance subtracts from every prompt's (moving it by 39%, as
+        # uce did without this, cost the miniature's eight half its images).
         pooled = self.denoiser.time_text_embed.text_embedder.linear_1
         return {**super().text_entries(),
-                "pooled": TextEntry({"time_text_embed.text_embedder.linear_1": pooled}, self._pooled_rows)}
+                "pooled": TextEntry({"time_text_embed.text_embedder.linear_1": pooled}, self._pooled_rows,
+                                    always_preserved=("",))}
 
     @torch.no_grad()
     def _pooled_rows(self, prompts) -> list[TextRows]:

@@ -2,10 +2,10 @@
 
 Notation: a layer computes `W c` for each row c of the text embedding (W: out x d). `C_e` (n x d)
 holds the rows to erase, `C_a` (n x d) the anchor rows each one must now act like (the targets are
-the original outputs `W c_a`), `C_p` (m x d) the rows to preserve. Every edited layer reads the same
-rows and every target is that layer's own original output, so each closed form below is a d x d
-matrix `M` shared by all layers, `W' = W M`: one solve for the whole model, then a matrix product
-per layer. Everything runs in float64.
+the original outputs `W c_a`), `C_p` (m x d) the rows to preserve. Every layer of one text entry
+(`Backbone.text_entries`) reads the same rows and every target is that layer's own original output,
+so each closed form below is a d x d matrix `M` shared by the entry's layers, `W' = W M`: one solve
+per entry, then a matrix product per layer. Everything runs in float64.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """What every closed-form edit shares: the config, the rows it solves on, and applying the solution.
 
-An edit reads the rows of text embeddings the backbone's text-entry layers see
-(`Backbone.text_entry_inputs`), solves for one d x d matrix `M` (`erase.edits.algebra`), and
-rewrites every text-entry layer as `W' = W M`. No image is drawn and nothing is trained: the cost is
+An edit reads, for each text entry of the backbone (`Backbone.text_entries`: layers that read the
+same rows, e.g. the cross-attention keys and values on the token rows, or SD3's pooled-text
+projection on one row per prompt), the rows of text embeddings those layers see, solves for one
+d x d matrix `M` per entry (`erase.edits.algebra`), and rewrites each of the entry's layers as
+`W' = W M`. No image is drawn and nothing is trained: the cost is
 one text-encoder forward per prompt and one solve. `apply_edit` changes a model in memory and
 returns the changed tensors (a stage of a recipe); `erase.edits.run.run_edit` is `erase unlearn
 --method NAME` for an edit.
@@ -102,7 +104,8 @@ class Edit:
 
     @classmethod
     def params_description(cls) -> str:
-        return "the layers where text enters (cross-attention to_k/to_v; SD3: context_embedder), closed form"
+        return ("the layers where text enters (cross-attention to_k/to_v; SD3: context_embedder and the pooled-text "
+                "projection), closed form")
 
     def transform(self, rows: EditRows) -> torch.Tensor:
         """M (d x d, float64) with `W' = W M` for every text-entry layer."""
@@ -144,7 +147,8 @@ def apply_edit(model, edit: Edit, pairs: list[tuple[str, str]], retain: list[str
     if not pairs:
         raise EraseError("nothing to erase: no forget prompts")
     extra = [""] if edit.preserve_null_text else []
-    rows = {name: edit_rows(entry.inputs, pairs, retain, extra) for name, entry in entries.items()}
+    rows = {name: edit_rows(entry.inputs, pairs, retain, list(dict.fromkeys(extra + list(entry.always_preserved))))
+            for name, entry in entries.items()}
     encoded = time.perf_counter()
     changed, details = {}, {}
     for name, entry in entries.items():

@@ -225,9 +225,10 @@ def add_commands(sub) -> None:
                                     "into OUT; give --method or --recipe")
     p.add_argument("--forget", required=True,
                    help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
-                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh'); "
-                        "the edits (uce, speed) also take several: comma-separated names or folders, a file of "
-                        "them, or a CSV in the mass-erasure layout (id,type,text,concept,seed)")
+                        "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh'), "
+                        "or several erased at once: comma-separated names or folders (a miniature's class words: "
+                        "three,five), a file of them, or a CSV in the mass-erasure layout (id,type,text,concept,seed); "
+                        "each concept's loss is logged apart (forget_denoise.NAME)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--retain", help="classes to retain (default: every other class); Stable Diffusion: a "
                                     "prompt file or comma-separated prompts (default: the concept's retain.txt)")
