@@ -338,6 +338,8 @@ def test_salun_authors_mask_is_their_saliency(backbone, monkeypatch):
         assert high > 1.2 * low
         max_norm = math.sqrt(low * high)
         method, *_ = make("salun", build(), saliency_clip=max_norm, **options)  # the same draws again
+        by_default, *_ = make("salun", build(), grad_clip=max_norm, **options)  # --saliency-clip: --grad-clip
+        assert all(torch.equal(by_default.mask[n], method.mask[n]) for n in theta0)
     clipped = [clip(g, max_norm) for g in grads]
     total = {n: sum(g[n] for g in clipped) for n in theta0}
     magnitude = {n: sum(g[n].abs() for g in clipped) for n in theta0}
@@ -396,7 +398,6 @@ def test_gradtau_step_is_the_squared_hinge_at_its_level(reference, monkeypatch):
     batch = fixed_batch(model)
     batch.step = 2  # a re-estimation step: L_ref is estimated from the original, at step 2's draws
     f, r = batch.forget, batch.retain
-    logs, after = None, None
 
     def loss(w, l_ref, a):
         forget = mse(f.noise, eps(model, w, f.x_t, f.t, f.cond))
@@ -408,6 +409,7 @@ def test_gradtau_step_is_the_squared_hinge_at_its_level(reference, monkeypatch):
     for b in draws:
         cond = null(model, len(b.x0)) if reference == "null" else classes(*[FORGET] * len(b.x0))
         assert torch.equal(b.cond.tensors["class_labels"], cond.tensors["class_labels"])
+        assert all((method.data.forget_x0 == x).flatten(1).all(1).any() for x in b.x0)  # training forget images
         a = alphas_bar(model, b.t)
         with torch.no_grad():
             levels.append(mse(b.noise, eps(model, theta0, a.sqrt() * b.x0 + (1 - a).sqrt() * b.noise, b.t, cond)))
