@@ -27,7 +27,8 @@ the remap target); here every term uses its own condition. The gradient is maske
 the loop; their scripts clip the whole gradient, then mask, so where the clip binds a step here
 moves the masked weights by ‖g‖/‖mask ⊙ g‖ times as much.
 The retain weight `alpha` is `rl`'s: 3 is SalUn's DDPM weight on a mean loss; their Stable
-Diffusion nudity script weighs mean losses with 0.1 (pass `--alpha 0.1` there).
+Diffusion nudity script weighs mean losses with 0.1 (pass `--alpha 0.1` there). On the digits
+(100 steps, seed 0) α 0.1 keeps 60.8% of the other digits against 97.8% at α 3.
 """
 
 from __future__ import annotations
