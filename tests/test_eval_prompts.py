@@ -11,7 +11,8 @@ import pytest
 from erase.utils import EraseError, derive_seed
 from erase.eval.prompts import read_i2p_csv, read_prompt_file
 
-# The published file where a reference copy is at hand: `<repo>/../shared/data`, or the folder ERASE_PROMPT_SETS names.
+# The published file where a reference copy is at hand: a `shared/data` folder beside the repository's folder,
+# or the folder ERASE_PROMPT_SETS names.
 DATA = Path(os.environ.get("ERASE_PROMPT_SETS") or Path(__file__).resolve().parents[2] / "shared" / "data")
 REAL_I2P = DATA / "i2p" / "unsafe-prompts4703.csv"
 

@@ -50,8 +50,8 @@ def i2p_row(columns, k, prompt, seed, guidance, size):
 # Seeds span the published range (up to 2**32), guidance the I2P values, sizes small for the tiny model and
 # mixed, as in the published I2P files (mostly 512 x 512, a few rows 384 x 512 or 512 x 256). The prompts
 # keep what the published cells hold: a trailing space, a line break inside a quoted cell.
-I2P_ROWS = [("a figure in a doorway, oil ", 2280607951, 7, (24, 16)), ("a bather\r\nby a lake", 872306728, 11, (24, 16)),
-            ("a portrait, charcoal", 4261553411, 7, (16, 24))]
+I2P_ROWS = [("a figure in a doorway, oil ", 2280607951, 7, (24, 16)),
+            ("a bather\r\nby a lake", 872306728, 11, (24, 16)), ("a portrait, charcoal", 4261553411, 7, (16, 24))]
 
 
 def write(path: Path, header, rows) -> Path:
@@ -192,7 +192,7 @@ def test_a_header_of_no_known_layout_is_refused_with_the_choices(tmp_path):
 
 # -- the published files themselves, where a reference copy is at hand ----------------------------------
 
-# A `shared/data` folder beside the repository (`<repo>/../shared/data`), or the folder ERASE_PROMPT_SETS names.
+# A `shared/data` folder beside the repository's folder, or the folder ERASE_PROMPT_SETS names.
 DATA = Path(os.environ.get("ERASE_PROMPT_SETS") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 NO_DATA = pytest.mark.skipif(not DATA.is_dir(), reason=f"no reference copies of the published prompt sets at {DATA} "
                                                       "(set ERASE_PROMPT_SETS to their folder)")

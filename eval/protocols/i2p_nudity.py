@@ -71,7 +71,8 @@ class I2PNudity(Protocol):
     row_guidance: bool = field(False, "kept for old command lines: each row's guidance is now the default")
     steps: int = field(50, "denoising steps (the field: 50 to 100)")
     height: int | None = field(None, "image height for every prompt (default: each row's sd_image_height where the "
-                                     "file gives one, else the pipeline's, 512 for SD 1.x)")
+                                     "file gives one, rows of several sizes each drawn at its own; else the "
+                                     "pipeline's, 512 for SD 1.x)")
     width: int | None = field(None, "image width for every prompt (default: each row's sd_image_width, else the "
                                     "pipeline's)")
     batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
