@@ -289,7 +289,9 @@ class Run:
         return rows
 
     def strip(self, files: list[str]) -> Image.Image:
-        images = load_images([self.path / f for f in files[:GRID_COLUMNS]])
+        paths = [self.path / f for f in files[:GRID_COLUMNS]]
+        # At the first image's size: a prompt listed twice in a set may ask for two sizes (I2P's rows do).
+        images = load_images(paths, size=tuple(load_images(paths[:1]).shape[-2:]))
         return make_grid(images, rows=1, scale=max(1, 32 // images.shape[-1]))
 
 

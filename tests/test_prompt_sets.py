@@ -21,6 +21,7 @@ import pytest
 from erase.backbones import load_backbone
 from erase.eval.prompts import LAYOUTS, read_prompt_set
 from erase.eval.protocols import I2PNudity, T2IUtility
+from erase.eval.report import build_report
 from erase.utils import EraseError, derive_seed
 
 I2P_HF = ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage", "q16_percentage",
@@ -160,12 +161,17 @@ def test_coco_captions_reach_the_generator_with_their_seeds(tmp_path, tiny_sd_di
 def test_rows_of_several_sizes_are_each_drawn_at_their_own(tmp_path, tiny_sd_dir, generator_calls, no_nudenet):
     from PIL import Image
 
-    sizes = [(16, 16), (24, 16), (16, 16)]  # (width, height)
-    path = write(tmp_path / "i2p.csv", I2P_HF, [i2p_row(I2P_HF, k, f"p{k}", k, 7, s) for k, s in enumerate(sizes)])
+    sizes = [(16, 16), (24, 16), (16, 16)]  # (width, height); one prompt twice at two sizes, as in I2P's file
+    prompts = ["p0", "p1", "p1"]
+    path = write(tmp_path / "i2p.csv", I2P_HF, [i2p_row(I2P_HF, k, p, k, 7, s) for k, (p, s) in
+                                                enumerate(zip(prompts, sizes))])
     I2PNudity(prompts=str(path), steps=1, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
-    assert sorted((p, h, w) for p, _, _, h, w in generator_calls) == [("p0", 16, 16), ("p1", 16, 24), ("p2", 16, 16)]
+    assert sorted((p, s, h, w) for p, s, _, h, w in generator_calls) == [
+        ("p0", 0, 16, 16), ("p1", 1, 16, 24), ("p1", 2, 16, 16)]
     index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
     assert [Image.open(tmp_path / "run" / e["file"]).size for e in index] == sizes
+    # The report shows the prompt's two images side by side, at the first one's size.
+    assert "p1" in build_report([tmp_path / "run"], tmp_path / "report")[0].read_text()
     # Given one size, every row is drawn at it.
     generator_calls.clear()
     I2PNudity(prompts=str(path), steps=1, batch_size=2, height=16, width=16).run(tiny_sd_dir, tmp_path / "one")
