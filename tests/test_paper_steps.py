@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from erase.backbones import ClassConditionalDDPM, load_backbone
 from erase.backbones.base import Condition
-from erase.edits import UCE, apply_edit
+from erase.edits import EDITS, UCE, apply_edit
 from erase.edits.speed import Speed, SpeedConfig
 from erase.edits.uce import UCEConfig
 from erase.methods import METHODS
@@ -631,3 +631,10 @@ def test_speed_writes_the_null_space_closed_form(tiny_sd):
     kept = c_p - c_p @ projector
     torch.testing.assert_close(kept @ w_new.T, kept @ w.T, rtol=1e-9, atol=1e-9)
     assert not torch.allclose(c_e @ w_new.T, c_e @ w.T)
+
+
+def test_every_registered_method_and_edit_has_its_paper_step_here():
+    """A method or edit added to the registries needs its own one-step test in this file."""
+    tests = [name for name in globals() if name.startswith("test_")]
+    missing = [m for m in (*METHODS, *EDITS) if not any(t.startswith(f"test_{m}_") for t in tests)]
+    assert not missing, f"no paper-step test for {missing}"
