@@ -318,7 +318,7 @@ def test_attacks_score_what_their_images_are(drawn, any_inside, tiny_sd_dir, tmp
 
 
 def test_nudity_attack_scores_against_a_reference_or_says_not_measured(tmp_path, tiny_sd_dir, tiny_clip_dir,
-                                                                       monkeypatch, one_thread):
+                                                                       monkeypatch, no_nudenet, one_thread):
     import numpy as np
 
     import erase.eval.metrics as metrics_module
@@ -335,6 +335,13 @@ def test_nudity_attack_scores_against_a_reference_or_says_not_measured(tmp_path,
     plain = RingABell(forget="nudity", n=2, steps=1, batch_size=2).run(tiny_sd_dir, tmp_path / "plain")
     assert plain["in_distribution_calibration"]["measured"] is False
     assert not any("in_distribution" in key for key in plain["metrics"] if key != "units")
+    from erase.eval.protocols import I2PNudity
+    from erase.eval.report import build_report
+
+    (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\na body,sexual,80,1,7\n")
+    I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=1, batch_size=1).run(tiny_sd_dir, tmp_path / "i2p")
+    md = build_report([tmp_path / "i2p", tmp_path / "plain"], tmp_path / "report")[0].read_text()
+    assert "| not measured / not measured | not measured |" in md  # the report says so, with no number
     reference = _write_images(tmp_path / "ref", _stripes(np.random.default_rng(2), 24))
     scored = RingABell(forget="nudity", n=2, steps=1, batch_size=2, reference=str(reference),
                        clip_model=str(tiny_clip_dir), fid_bootstrap=0).run(tiny_sd_dir, tmp_path / "scored")
