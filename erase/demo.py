@@ -75,17 +75,11 @@ class DemoConfig:
 
     def method_list(self) -> list[str]:
         """The names asked for ('recommended' stays a name: each model has its own recipe)."""
-        from .methods import METHODS, parse_methods
+        from .methods import parse_methods
         from .unlearning.recipe import shipped_recipes
 
-        names = [m.strip() for m in self.methods.split(",") if m.strip()]
-        if self.methods.strip() == "all" or not names:
-            return parse_methods(self.methods)
-        recipes = set(shipped_recipes())
-        if unknown := [m for m in names if m != RECOMMENDED and m not in METHODS and m not in recipes]:
-            raise EraseError(f"unknown method(s) {', '.join(unknown)}: choose from '{RECOMMENDED}', the methods "
-                             f"{', '.join(METHODS)}, the recipes {', '.join(sorted(recipes))}, or 'all'")
-        return list(dict.fromkeys(names))
+        return parse_methods(self.methods, also={"recipes": sorted(shipped_recipes()),
+                                                    "each model's recommended recipe": [RECOMMENDED]})
 
     def erasers(self, key: str) -> list[str]:
         """The methods and recipes run on the model `key`, 'recommended' replaced by its recipe."""
