@@ -350,7 +350,7 @@ def test_nudity_attack_scores_against_a_reference_or_says_not_measured(tmp_path,
     assert m["post_attack_clip_fid_samples"] == 2 and scored["in_distribution_calibration"]["reference_images"] == 12
     with pytest.raises(ValueError, match="--reference and --clip-model go together"):
         RingABell(forget="nudity", reference=str(reference))
-    with pytest.raises(EraseError, match="--reference is for a concept NudeNet judges"):
+    with pytest.raises(EraseError, match=r"--reference \(a folder of real images\) is for a concept NudeNet judges"):
         RingABell(forget="three", classifier=str(SHIPPED_CLASSIFIER), reference=str(reference),
                   clip_model=str(tiny_clip_dir)).run(tiny_sd_dir, tmp_path / "digit")
     assert not (tmp_path / "digit").exists()

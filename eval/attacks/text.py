@@ -73,8 +73,9 @@ class TextAttack(Attack):
         name = self.concept.name.strip().lower()
         if name in DIGITS_NAMES or name.isdigit():
             if self.reference is not None:
-                raise EraseError("--reference is for a concept NudeNet judges: a digit's images are scored against "
-                                 "the real digits in the classifier's features; leave out --reference and --clip-model")
+                raise EraseError("--reference (a folder of real images) is for a concept NudeNet judges: a digit's "
+                                 "images are scored against the real digits in the classifier's features; leave out "
+                                 "--reference and --clip-model (the original model is --reference-model)")
             classifier = _load_classifier(self.classifier, state.device)
             self.detector = DigitDetector(classifier, digit_class(name))
             self.image_checks = ClassifierImageChecks(classifier)  # as digits-prompts scores the erased digit's
