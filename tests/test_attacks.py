@@ -277,3 +277,4 @@ def test_concept_inversion_draws_three_on_mini_sd(tmp_path):
                                 attack_steps=100, train_images=16)
     m = protocol.run(ROOT / "models" / "mini-sd", tmp_path / "run")["metrics"]
     assert m["post_attack_success"] >= 0.8
+    assert m["post_attack_in_distribution"] >= 0.8  # the 3s it brings back are digits (BENCHMARKS.md section 7)
