@@ -229,67 +229,7 @@ def test_rl_remaps_to_the_current_models_anchor_prediction():
     assert_update(after, theta, grads)
 
 
-# -- SalUn: the saliency mask and the masked step --------------------------------------------------
-
-
-def mask_draws(model, data, batch_size, seed=0):
-    """The forget batches of the mask pass with their draws (the method's stream, in its order)."""
-    g = step_generator(seed, 1 << 40)
-    x0, classes = data.forget_x0, data.forget_cond.tensors["class_labels"]
-    out = []
-    for start in range(0, len(x0), batch_size):
-        xb, cb = x0[start:start + batch_size], classes[start:start + batch_size]
-        t = model.draw_timesteps(len(xb), g, False)
-        noise = torch.randn(xb.shape, generator=g)
-        out.append(noise_batch(model, xb, cb, t, noise))
-    return out
-
-
-def top_share(saliency, ratio):
-    flat = torch.cat([s.flatten() for s in saliency.values()])
-    k = max(1, round(ratio * flat.numel()))
-    threshold = flat.sort(descending=True).values[k - 1]
-    return {n: (s >= threshold).float() for n, s in saliency.items()}
-
-
-@pytest.mark.parametrize("mode", ["conditional", "authors-ddpm", "authors-sd"])
-def test_salun_mask_is_the_stated_saliency(mode):
-    """conditional: Σ_b |∇ mean‖ε − ε_θ(c_f)‖²|; authors-ddpm: Σ_b |clip(∇ Σ_pixels‖ε − ε̃_θ‖²)| with
-    ε̃ = (1 + w)ε_θ(c_f) − wε_θ(∅), w = 2; authors-sd: |Σ_b ∇ mean‖ε − ε̃_θ‖²|, w = 7.5."""
-    clip = 1e-3  # small enough to bind on every batch, so the clip changes each batch's weight
-    method, model, theta0, _ = make("salun", nudge=False, saliency=mode, mask_ratio=0.3, mask_batch_size=4,
-                                    grad_clip=clip)
-    w = {"authors-ddpm": 2.0, "authors-sd": 7.5}.get(mode)
-    total = {n: torch.zeros_like(v) for n, v in theta0.items()}
-    for b in mask_draws(model, method.data, 4):
-        def loss(weights, b=b):
-            e_c = eps(model.unet, weights, b.x_t, b.t, cond(b))
-            if mode == "conditional":
-                return mse(b.noise, e_c)
-            e_u = eps(model.unet, weights, b.x_t, b.t, null(model, len(b.x_t)))
-            err = (b.noise - ((1 + w) * e_c - w * e_u)) ** 2
-            return err.sum(dim=(1, 2, 3)).mean() if mode == "authors-ddpm" else err.mean()
-
-        _, g = grad_of(loss, theta0)
-        if mode == "authors-ddpm":
-            norm = torch.sqrt(sum((v ** 2).sum() for v in g.values()))
-            assert norm > clip
-            g = {n: v * min(1.0, clip / (norm.item() + 1e-6)) for n, v in g.items()}
-        for n in total:
-            total[n] += g[n] if mode == "authors-sd" else g[n].abs()
-    expected = top_share({n: v.abs() for n, v in total.items()}, 0.3)
-    agree = sum((expected[n] == method.mask[n]).sum().item() for n in expected)
-    assert agree == sum(v.numel() for v in expected.values())
-
-
-def test_salun_masks_differ_by_mode():
-    masks = {}
-    for mode in ("conditional", "authors-ddpm", "authors-sd"):
-        method, *_ = make("salun", nudge=False, saliency=mode, mask_ratio=0.5, mask_batch_size=3)
-        masks[mode] = torch.cat([m.flatten() for m in method.mask.values()]).bool()
-    for other in ("authors-ddpm", "authors-sd"):
-        shared = (masks["conditional"] & masks[other]).sum().item() / masks["conditional"].sum().item()
-        assert 0 < shared < 1
+# -- SalUn: the masked step (its saliency masks: tests/test_paper_steps_faithful.py) ------------------
 
 
 def test_salun_step_is_rl_restricted_to_the_mask():
