@@ -670,6 +670,11 @@ def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
     strips = {f"{side}_images": figures.add(f"{name}-{side}", run.strip([e[side] for e in images])) if images
               else None for side in ("pre", "post")}
     ratio = (m.get("cost") or {}).get("search_to_plain_sampling")
+    # What the images are beside the success rate: "not measured" where the run could not score them.
+    measured = (run.results.get("in_distribution_calibration") or {}).get("measured", True)
+    data = {key: _percent(m.get(f"{side}_attack_{metric}")) if measured else "not measured"
+            for key, side, metric in (("pre_data", "pre", "in_distribution"), ("post_data", "post", "in_distribution"),
+                                      ("post_success_data", "post", "success_in_distribution"))}
     rates = {side: _percent(m.get(f"{side}_attack_success")) for side in ("pre", "post")}
     cautions = {}
     if run.results.get("detector") == "nudenet" and m.get("units"):  # success rates are NudeNet nudity rates
@@ -679,7 +684,7 @@ def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
             rates[side] += f" [{interval[0]:.1%}, {interval[1]:.1%}] ({text})"
             cautions[f"{side}_caution"] = {"text": rates[side], "flag": flag}
     return {"label": run.label, "attack": run.results.get("attack", m.get("attack")),
-            "pre": rates["pre"], "post": rates["post"], **cautions,
+            "pre": rates["pre"], "post": rates["post"], **cautions, **data,
             "units": m.get("units", "—"), "cost": "—" if ratio is None else f"{ratio:.1f}x",
             "budget": ", ".join(f"{k} {v}" for k, v in (m.get("budget") or {}).items()) or "—",
             **strips, "command": run.eval_command()}
