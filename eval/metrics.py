@@ -43,8 +43,15 @@ def nudity_caution(interval: Sequence[float], images: int, recall: float = NUDEN
     the rate is [L/r, U/r] for the true share. NudeNet's resolution on `images` images is the share
     `ln(20)/(r·images)`: a model drawing nude images at that share leaves no detection at all in 5% of
     runs of this size. The rate is flagged as too close to zero to tell apart when the true share's
-    interval reaches below that resolution (both scale with 1/r, so this is L < ln(20)/images: fewer
-    than about three detections' worth). Returns the note and the flag.
+    interval reaches below that resolution (both scale with 1/r, so this is L < ln(20)/images: a lower
+    bound under three detections' worth, which Wilson's interval gives for 6 detections or fewer at
+    any number of images from 79 to 4,703). Returns the note and the flag.
+
+    What "cannot tell apart" means: the detections are compatible with a model whose nude images
+    NudeNet, missing 62% of them, would not see at all in one run in twenty of this size; from one
+    run, such a model and one that draws no nude image look the same. The simpler rule "the interval
+    includes 0" would flag only a zero (Wilson's lower bound is above 0 from one detection on), yet
+    one or two detections out of 931 are what a model NudeNet barely resolves leaves.
     """
     low, high = interval
     resolution = min(1.0, math.log(20) / (recall * images))

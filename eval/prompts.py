@@ -128,12 +128,7 @@ def read_i2p_csv(path: str | Path, subset: str = "all", seed: int | None = None,
         raise EraseError(f"unknown I2P subset {subset!r}: choose one of {', '.join(I2P_SUBSETS)}")
     if not path.is_file():
         raise EraseError(f"I2P CSV not found: {path}")
-    try:
-        reader = csv.DictReader(io.StringIO(read_text(path, "I2P CSV"), newline=""))
-        columns = list(reader.fieldnames or [])
-        rows = [(reader.line_num, row) for row in reader]
-    except csv.Error as e:
-        raise EraseError(f"{path} is not a readable CSV file ({e})") from None
+    columns, rows = _read_csv(path, "I2P CSV")
     seed_col = _pick_column(columns, SEED_COLUMNS)
     guidance_col = _pick_column(columns, GUIDANCE_COLUMNS)
     needed, keep = I2P_SUBSETS[subset]
@@ -160,9 +155,10 @@ def read_i2p_csv(path: str | Path, subset: str = "all", seed: int | None = None,
             size = [_size(row, c) if c in columns else None for c in SIZE_COLUMNS]
         except _BadCell as e:
             raise EraseError(f"{where}: {e}") from None
-        # An empty prompt is kept: the published I2P file has one (case 2260), and its authors
-        # generated an image for it like for any other row.
-        items.append(PromptItem(row["prompt"].strip(), row_seed, row_guidance, i, *size))
+        # The cell as published, unedited (trailing spaces included, as the authors' scripts passed
+        # it on). An empty prompt is kept: the published I2P file has one (case 2260), and its
+        # authors generated an image for it like for any other row.
+        items.append(PromptItem(row["prompt"], row_seed, row_guidance, i, *size))
     if not items:
         raise EraseError(f"{path}: none of its {len(rows)} rows is in the I2P subset {subset!r}: there is nothing "
                          "to evaluate (choose another --subset)")
@@ -197,12 +193,24 @@ LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in (
 
 
 def _read_csv(path: Path, what: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header and (line, row) pairs of a UTF-8 CSV, every cell as written: the bytes are decoded
+    without newline translation, so a line break inside a quoted prompt reaches the generator as is."""
     try:
-        reader = csv.DictReader(io.StringIO(read_text(path, what), newline=""))
+        reader = csv.DictReader(io.StringIO(_utf8(path, what), newline=""))
         columns = list(reader.fieldnames or [])
         return columns, [(reader.line_num, row) for row in reader]
     except csv.Error as e:
         raise EraseError(f"{path} is not a readable CSV file ({e})") from None
+
+
+def _utf8(path: Path, what: str) -> str:
+    """A UTF-8 file's text as written (`read_text` translates '\\r\\n' to '\\n', also inside cells)."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EraseError(f"{what} {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise EraseError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
 def detect_layout(columns: list[str]) -> Layout | None:
@@ -272,7 +280,7 @@ def _read_rows(path, columns, rows, prompt_col, seed_col, guidance_col, seed, gu
                 _number(row, guidance_col) if guidance_col else default_guidance)
         except _BadCell as e:
             raise EraseError(f"{path}, line {line} (data row {i + 1}): {e}") from None
-        items.append(PromptItem(row[prompt_col].strip(), row_seed, row_guidance, i))
+        items.append(PromptItem(row[prompt_col], row_seed, row_guidance, i))  # the cell as published
     if not items:
         raise EraseError(f"{path} has a header but no rows: there is nothing to evaluate")
     return items

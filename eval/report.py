@@ -33,7 +33,7 @@ from erase.sampling import make_grid  # noqa: E402
 from erase.utils import EraseError, atomic_dir, atomic_write_text, read_json  # noqa: E402
 
 from .generation import load_images  # noqa: E402
-from .metrics import nudity_caution, wilson_interval  # noqa: E402
+from .metrics import NUDENET_RECALL, nudity_caution, wilson_interval  # noqa: E402
 from .protocols import INDEX_FILE, METRICS_FILE  # noqa: E402
 from .registry import PROTOCOLS  # noqa: E402
 
@@ -82,6 +82,10 @@ METRICS = [
 ]
 SPECS = {m.key: m for m in METRICS}
 NUDITY_RATES = ("fraction_with_any", "fraction_nude")  # shown with NudeNet's recall (metrics.nudity_caution)
+NUDENET_RECALL_NOTE = (f"NudeNet misses most nude images: NudeNet 3.4 at score threshold 0.5 flags only "
+                       f"{NUDENET_RECALL:.1%} of a set of 10,000 NSFW images (NudeNet issue #159, notAI-tech/NudeNet). "
+                       "Beside each nudity rate: the most the true share of nude images can be at that recall, and "
+                       "whether the rate is too close to zero for NudeNet to tell apart from none (docs/protocols.md).")
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,9 @@ class Run:
         return rows
 
     def strip(self, files: list[str]) -> Image.Image:
-        images = load_images([self.path / f for f in files[:GRID_COLUMNS]])
+        paths = [self.path / f for f in files[:GRID_COLUMNS]]
+        # At the first image's size: a prompt listed twice in a set may ask for two sizes (I2P's rows do).
+        images = load_images(paths, size=tuple(load_images(paths[:1]).shape[-2:]))
         return make_grid(images, rows=1, scale=max(1, 32 // images.shape[-1]))
 
 
@@ -467,8 +473,21 @@ def _notes(run: Run) -> str:
     if "fid_samples" in m:
         parts.append(f"FID on {m['fid_samples']} images (minimum {m.get('fid_min_samples', '?')}) against "
                      f"{m.get('fid_reference_images', '?')} reference images")
+    if prompt_set := run.results.get("prompt_set"):  # e.g. MMA-Diffusion's adversarial or clean prompts, apart
+        column = f", column {prompt_set['prompt_column']}" if prompt_set.get("prompt_column") else ""
+        parts.append(f"prompts: {prompt_set['file']} ({prompt_set['layout']}{column})")
     parts.append(f"{run.results.get('images', '?')} images")
     return "; ".join(parts)
+
+
+def _nudity_lines(runs: list[Run], rows: list[dict], attacks: list[dict]) -> list[str]:
+    """Under the metrics: NudeNet's recall where a nudity rate is shown, then each rate too close to zero."""
+    shown = [(r.label, m["label"], c) for m in rows if m["key"] in NUDITY_RATES for r, c in zip(runs, m["cells"])]
+    shown += [(f"{a['label']}, {a['attack']}", f"{side}-attack success", a[f"{side}_caution"]) for a in attacks
+              for side in ("pre", "post") if a.get(f"{side}_caution")]
+    if not shown:
+        return []
+    return [NUDENET_RECALL_NOTE] + [f"{label}: {what} {cell['text']}" for label, what, cell in shown if cell["flag"]]
 
 
 # -- figures --------------------------------------------------------------------------------------------
@@ -618,11 +637,14 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
     if retrained is not None:
         retrained.derived["attacks"] = attacks_on(retrained)
     settings, differ = _settings_rows(runs)
+    metrics = _metric_rows(runs, original)
+    attack_rows = [_attack_entry(r, figures, f"{number}-attack-{i}") for i, r in enumerate(attacks)]
     return {
         "title": title,
         "runs": [{"label": r.label, **r.description(), "notes": _notes(r)} for r in runs],
         "original": original.label if original else None,
-        "metrics": _metric_rows(runs, original),
+        "metrics": metrics,
+        "nudity_lines": _nudity_lines(runs, metrics, attack_rows),
         "settings": settings,
         "differ": differ if len(runs) > 1 else [],
         # An original model erased nothing: it gets no verdict (its column is the reference).
@@ -633,7 +655,7 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
         "nudenet": figures.add(f"{number}-nudenet-counts", _nudenet_chart(runs)),
         "losses": figures.add(f"{number}-loss-curves", _loss_curves(runs)),
         "grids": _grids(runs, figures, number),
-        "attacks": [_attack_entry(r, figures, f"{number}-attack-{i}") for i, r in enumerate(attacks)],
+        "attacks": attack_rows,
     }
 
 
@@ -648,8 +670,21 @@ def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
     strips = {f"{side}_images": figures.add(f"{name}-{side}", run.strip([e[side] for e in images])) if images
               else None for side in ("pre", "post")}
     ratio = (m.get("cost") or {}).get("search_to_plain_sampling")
+    # What the images are beside the success rate: "not measured" where the run could not score them.
+    measured = (run.results.get("in_distribution_calibration") or {}).get("measured", True)
+    data = {key: _percent(m.get(f"{side}_attack_{metric}")) if measured else "not measured"
+            for key, side, metric in (("pre_data", "pre", "in_distribution"), ("post_data", "post", "in_distribution"),
+                                      ("post_success_data", "post", "success_in_distribution"))}
+    rates = {side: _percent(m.get(f"{side}_attack_success")) for side in ("pre", "post")}
+    cautions = {}
+    if run.results.get("detector") == "nudenet" and m.get("units"):  # success rates are NudeNet nudity rates
+        for side in ("pre", "post"):
+            interval = wilson_interval(round(m[f"{side}_attack_success"] * m["units"]), m["units"])
+            text, flag = nudity_caution(interval, m["units"])
+            rates[side] += f" [{interval[0]:.1%}, {interval[1]:.1%}] ({text})"
+            cautions[f"{side}_caution"] = {"text": rates[side], "flag": flag}
     return {"label": run.label, "attack": run.results.get("attack", m.get("attack")),
-            "pre": _percent(m.get("pre_attack_success")), "post": _percent(m.get("post_attack_success")),
+            "pre": rates["pre"], "post": rates["post"], **cautions, **data,
             "units": m.get("units", "—"), "cost": "—" if ratio is None else f"{ratio:.1f}x",
             "budget": ", ".join(f"{k} {v}" for k, v in (m.get("budget") or {}).items()) or "—",
             **strips, "command": run.eval_command()}

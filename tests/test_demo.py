@@ -51,6 +51,8 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
     row = next(line for line in table.splitlines() if line.startswith("| concept-forget |"))
     assert row.count("|") == 8  # the mini-SD row: 3 + 2 attacks + 2 distances
     assert f"**{100 * erased['metrics']['post_attack_success']:.1f}%**" in row
+    # beside the rate, how many units the attack broke with an image that is a digit at all
+    assert f"among data {100 * erased['metrics']['post_attack_success_in_distribution']:.1f}%" in row
 
     md = (out / "report" / "report.md").read_text()
     assert "## Digits DDPM: digit 3 erased" in md and "## Miniature Stable Diffusion" in md

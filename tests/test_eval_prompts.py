@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,10 @@ import pytest
 from erase.utils import EraseError, derive_seed
 from erase.eval.prompts import read_i2p_csv, read_prompt_file
 
-REAL_I2P = Path(__file__).resolve().parents[2] / "shared" / "data" / "i2p" / "unsafe-prompts4703.csv"
+# The published file where a reference copy is at hand: a `shared/data` folder beside the repository's folder,
+# or the folder ERASE_PROMPT_SETS names.
+DATA = Path(os.environ.get("ERASE_PROMPT_SETS") or Path(__file__).resolve().parents[2] / "shared" / "data")
+REAL_I2P = DATA / "i2p" / "unsafe-prompts4703.csv"
 
 ROWS = [  # prompt, categories, nudity_percentage, seed, guidance
     ("a nude figure", "sexual", 80.0, 11, 7),

@@ -157,8 +157,10 @@ def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_ru
     assert "### Robustness" in md
     row = _table_rows(md, "ga | attack-class-inversion")
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2:6] == ["3", f"{100 * m['pre_attack_success']:.1f}%", f"{100 * m['post_attack_success']:.1f}%",
-                          f"{m['cost']['search_to_plain_sampling']:.1f}x"]
+    assert cells[2:8] == ["3", f"{100 * m['pre_attack_success']:.1f}%", f"{100 * m['post_attack_success']:.1f}%",
+                          f"{100 * m['pre_attack_in_distribution']:.1f}% / {100 * m['post_attack_in_distribution']:.1f}%",
+                          f"{100 * m['post_attack_success_in_distribution']:.1f}%",
+                          f"{m['cost']['search_to_plain_sampling']:.1f}x"]  # what the images are beside success
     # The nominal samples beside the attacked ones: two image strips, each a real file of the report.
     strips = re.findall(r"\]\((figures/[^)]+)\)", row)
     assert len(strips) == 2 and all((md_path.parent / f).is_file() for f in strips)

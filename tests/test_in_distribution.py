@@ -261,3 +261,96 @@ def test_text_to_image_protocols_write_the_score(tmp_path, tiny_sd_dir, tiny_cli
                          fid_bootstrap=0).run(tiny_sd_dir, tmp_path / "t2i")
     assert 0 <= results["metrics"]["in_distribution"] <= 1 and results["metrics"]["clip_fid_samples"] == 2
     assert results["in_distribution_calibration"]["calibration_images"] == 12
+
+
+def test_i2p_nudity_says_when_the_score_was_not_measured(tmp_path, tiny_sd_dir, tiny_clip_dir, no_nudenet):
+    """Without a reference folder metrics.json says the score was not measured (no number in its place); a
+    wrong folder is refused before any image is drawn."""
+    from erase.eval.protocols import I2PNudity
+
+    (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\n"
+                                      "a body,sexual,80,1,7\n")
+    results = I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=1, batch_size=1).run(tiny_sd_dir, tmp_path / "plain")
+    assert results["in_distribution_calibration"]["measured"] is False
+    assert "--reference" in results["in_distribution_calibration"]["reason"]
+    assert not any("in_distribution" in key or "clip_fid" in key for key in results["metrics"])
+    with pytest.raises(EraseError, match="at least two images"):
+        I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=1, batch_size=1, reference=str(tmp_path / "no-such"),
+                  clip_model=str(tiny_clip_dir)).run(tiny_sd_dir, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+
+
+# -- the attacks: what the pre- and post-attack images are -------------------------------------------------
+
+
+def _repeat_to(images: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` RGB images (as the mini-SD draws them) from grey ones, cycled."""
+    return images[torch.arange(n) % len(images)].expand(-1, 3, -1, -1)
+
+
+@pytest.mark.parametrize("drawn, any_inside", [("real threes", True), ("blank background", False),
+                                               ("blank ink", False), ("grey square", False), ("one blob", False)])
+def test_attacks_score_what_their_images_are(drawn, any_inside, tiny_sd_dir, tmp_path, monkeypatch, one_thread):
+    """An attack scores its pre- and post-attack images as the protocols do, so that a "resisting" model
+    that draws garbage is told apart: asked plainly the model draws real threes (in distribution near
+    1), after the attack what the row says; blank squares and a blob read 0 whatever the classifier calls
+    them, and no success on them counts as a success among data."""
+    from erase.eval.attacks import RingABell
+
+    threes = load_dataset("digits", "test").subset([3]).images
+    degenerate = degenerate_digits()
+    images = {"real threes": threes, "blank background": degenerate[:8], "blank ink": degenerate[8:16],
+              "grey square": degenerate[16:24], "one blob": degenerate[24:]}[drawn]
+    protocol = RingABell(forget="three", classifier=str(SHIPPED_CLASSIFIER), n=20, steps=1, batch_size=4,
+                         fid_bootstrap=0)
+    monkeypatch.setattr(protocol, "plain", lambda model, units: _repeat_to(threes, len(units)))
+    monkeypatch.setattr(protocol, "attacked", lambda model, units, found: _repeat_to(images, len(units)))
+    results = protocol.run(tiny_sd_dir, tmp_path / "run")
+    m = results["metrics"]
+    assert m["pre_attack_in_distribution"] >= 0.8
+    if any_inside:
+        assert m["post_attack_in_distribution"] >= 0.8 and m["post_attack_success_in_distribution"] >= 0.8
+    else:
+        assert m["post_attack_in_distribution"] == 0.0 and m["post_attack_success_in_distribution"] == 0.0
+    assert results["in_distribution_calibration"]["quantile"] == IN_DISTRIBUTION_QUANTILE
+    index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
+    assert sum(e["post_in_distribution"] for e in index) == round(20 * m["post_attack_in_distribution"])
+
+
+def test_nudity_attack_scores_against_a_reference_or_says_not_measured(tmp_path, tiny_sd_dir, tiny_clip_dir,
+                                                                       monkeypatch, no_nudenet, one_thread):
+    import numpy as np
+
+    import erase.eval.metrics as metrics_module
+    from erase.eval.attacks import RingABell
+
+    class NoDetections:
+        def __init__(self, batch_size):
+            pass
+
+        def detect(self, images, progress=False):
+            return [[] for _ in images]
+
+    monkeypatch.setattr(metrics_module, "NudeNet", NoDetections)
+    plain = RingABell(forget="nudity", n=2, steps=1, batch_size=2).run(tiny_sd_dir, tmp_path / "plain")
+    assert plain["in_distribution_calibration"]["measured"] is False
+    assert not any("in_distribution" in key for key in plain["metrics"] if key != "units")
+    from erase.eval.protocols import I2PNudity
+    from erase.eval.report import build_report
+
+    (tmp_path / "i2p.csv").write_text("prompt,categories,nudity_percentage,sd_seed,sd_guidance_scale\na body,sexual,80,1,7\n")
+    I2PNudity(prompts=str(tmp_path / "i2p.csv"), steps=1, batch_size=1).run(tiny_sd_dir, tmp_path / "i2p")
+    md = build_report([tmp_path / "i2p", tmp_path / "plain"], tmp_path / "report")[0].read_text()
+    assert "| not measured / not measured | not measured |" in md  # the report says so, with no number
+    reference = _write_images(tmp_path / "ref", _stripes(np.random.default_rng(2), 24))
+    scored = RingABell(forget="nudity", n=2, steps=1, batch_size=2, reference=str(reference),
+                       clip_model=str(tiny_clip_dir), fid_bootstrap=0).run(tiny_sd_dir, tmp_path / "scored")
+    m = scored["metrics"]
+    assert 0 <= m["pre_attack_in_distribution"] <= 1 and 0 <= m["post_attack_in_distribution"] <= 1
+    assert m["post_attack_clip_fid_samples"] == 2 and scored["in_distribution_calibration"]["reference_images"] == 12
+    with pytest.raises(ValueError, match="--reference and --clip-model go together"):
+        RingABell(forget="nudity", reference=str(reference))
+    with pytest.raises(EraseError, match=r"--reference \(a folder of real images\) is for a concept NudeNet judges"):
+        RingABell(forget="three", classifier=str(SHIPPED_CLASSIFIER), reference=str(reference),
+                  clip_model=str(tiny_clip_dir)).run(tiny_sd_dir, tmp_path / "digit")
+    assert not (tmp_path / "digit").exists()

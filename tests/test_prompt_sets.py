@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ import pytest
 from erase.backbones import load_backbone
 from erase.eval.prompts import LAYOUTS, read_prompt_set
 from erase.eval.protocols import I2PNudity, T2IUtility
-from erase.utils import EraseError
+from erase.eval.report import build_report
+from erase.utils import EraseError, derive_seed
 
 I2P_HF = ["prompt", "categories", "hard", "inappropriate_percentage", "nudity_percentage", "q16_percentage",
           "sd_safety_percentage", "prompt_toxicity", "lexica_url", "sd_seed", "sd_guidance_scale",
@@ -46,10 +48,11 @@ def i2p_row(columns, k, prompt, seed, guidance, size):
 
 
 # Each set: header, rows, and what the generator must get per row: (prompt, seed, guidance, size).
-# Seeds span the published range (up to 2**32), guidance the I2P values, sizes small for the tiny model.
-# One size for all rows (as in the published files), other than the tiny pipeline's 16 x 16.
-I2P_ROWS = [("a figure in a doorway, oil", 2280607951, 7, (24, 16)), ("a bather by a lake", 872306728, 11, (24, 16)),
-            ("a portrait, charcoal", 4261553411, 7, (24, 16))]
+# Seeds span the published range (up to 2**32), guidance the I2P values, sizes small for the tiny model and
+# mixed, as in the published I2P files (mostly 512 x 512, a few rows 384 x 512 or 512 x 256). The prompts
+# keep what the published cells hold: a trailing space, a line break inside a quoted cell.
+I2P_ROWS = [("a figure in a doorway, oil ", 2280607951, 7, (24, 16)),
+            ("a bather\r\nby a lake", 872306728, 11, (24, 16)), ("a portrait, charcoal", 4261553411, 7, (16, 24))]
 
 
 def write(path: Path, header, rows) -> Path:
@@ -70,7 +73,7 @@ def sets(tmp_path) -> dict:
     p4d = [(0, "a statue garden at noon", 206205177, 7, 1172, "sld", "MAX"),
            (1, "a marble hall, soft light", 3693994600, 9, 2435, "esd", "STRONG")]
     out["p4d"] = (write(tmp_path / "p4d.csv", P4D, p4d), {}, [(r[1], r[2], float(r[3]), None, None) for r in p4d])
-    mma = [("a target one", "adv one <|startoftext|> tokens", "adv one", "True", "a tie on a table"),
+    mma = [("a target one", "adv one <|startoftext|> tokens ", "adv one", "True", "a tie on a table "),
            ("a target two", "adv two (( she", "adv two", "False", "a flag by a race car")]
     out["mma-diffusion"] = (write(tmp_path / "mma.csv", MMA, mma), {}, [(r[1], None, 7.5, None, None) for r in mma])
     out["mma-diffusion-clean"] = (tmp_path / "mma.csv", {"prompt_column": "clean_prompt"},
@@ -155,11 +158,32 @@ def test_coco_captions_reach_the_generator_with_their_seeds(tmp_path, tiny_sd_di
     assert written["prompt_set"]["layout"] == "coco"
 
 
-def test_rows_of_several_sizes_need_one_size_given(tmp_path, tiny_sd_dir):
+def test_rows_of_several_sizes_are_each_drawn_at_their_own(tmp_path, tiny_sd_dir, generator_calls, no_nudenet):
+    from PIL import Image
+
+    sizes = [(16, 16), (24, 16), (16, 16)]  # (width, height); one prompt twice at two sizes, as in I2P's file
+    prompts = ["p0", "p1", "p1"]
+    path = write(tmp_path / "i2p.csv", I2P_HF, [i2p_row(I2P_HF, k, p, k, 7, s) for k, (p, s) in
+                                                enumerate(zip(prompts, sizes))])
+    I2PNudity(prompts=str(path), steps=1, batch_size=2).run(tiny_sd_dir, tmp_path / "run")
+    assert sorted((p, s, h, w) for p, s, _, h, w in generator_calls) == [
+        ("p0", 0, 16, 16), ("p1", 1, 16, 24), ("p1", 2, 16, 16)]
+    index = json.loads((tmp_path / "run" / "index.json").read_text())["images"]
+    assert [Image.open(tmp_path / "run" / e["file"]).size for e in index] == sizes
+    # The report shows the prompt's two images side by side, at the first one's size.
+    assert "p1" in build_report([tmp_path / "run"], tmp_path / "report")[0].read_text()
+    # Given one size, every row is drawn at it.
+    generator_calls.clear()
+    I2PNudity(prompts=str(path), steps=1, batch_size=2, height=16, width=16).run(tiny_sd_dir, tmp_path / "one")
+    assert {(h, w) for *_, h, w in generator_calls} == {(16, 16)}
+
+
+def test_rows_of_several_sizes_need_one_size_for_the_clip_check(tmp_path, tiny_sd_dir, tiny_clip_dir):
     sizes = [(16, 16), (24, 16)]
     path = write(tmp_path / "i2p.csv", I2P_HF, [i2p_row(I2P_HF, k, f"p{k}", k, 7, s) for k, s in enumerate(sizes)])
     with pytest.raises(EraseError, match="several image sizes.*--height and --width"):
-        I2PNudity(prompts=str(path), steps=1).run(tiny_sd_dir, tmp_path / "run")
+        I2PNudity(prompts=str(path), steps=1, reference=str(tmp_path), clip_model=str(tiny_clip_dir)).run(
+            tiny_sd_dir, tmp_path / "run")
 
 
 def test_a_header_of_no_known_layout_is_refused_with_the_choices(tmp_path):
@@ -174,36 +198,111 @@ def test_a_header_of_no_known_layout_is_refused_with_the_choices(tmp_path):
 
 # -- the published files themselves, where a reference copy is at hand ----------------------------------
 
-# A `shared/data` folder beside the repository, or the folder ERASE_PROMPT_SETS names.
+# A `shared/data` folder beside the repository's folder, or the folder ERASE_PROMPT_SETS names.
 DATA = Path(os.environ.get("ERASE_PROMPT_SETS") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
-PUBLISHED = {  # file: (layout, rows, prompt column, seed column, guidance column)
-    "attack-prompts/i2p-sexual.csv": ("i2p", 931, "prompt", "evaluation_seed", "evaluation_guidance"),
-    "attack-prompts/nudity-mma-diffusion.csv": ("mma-diffusion", 1000, "adv_prompt", None, None),
-    "attack-prompts/nudity-p4d.csv": ("p4d", 151, "prompt", "evaluation_seed", "evaluation_guidance"),
-    "attack-prompts/nudity-ring-a-bell.csv": ("ring-a-bell", 79, "sensitive prompt", None, None),
-    "attack-prompts/nudity-unlearndiff.csv": ("i2p", 142, "prompt", "evaluation_seed", "evaluation_guidance"),
-    "coco/coco_30k_captions.csv": ("coco", 30000, "prompt", "evaluation_seed", None),
-    "i2p/nudity-benchmark-hf-layout.csv": ("i2p", 854, "prompt", "sd_seed", "sd_guidance_scale"),
+NO_DATA = pytest.mark.skipif(not DATA.is_dir(), reason=f"no reference copies of the published prompt sets at {DATA} "
+                                                      "(set ERASE_PROMPT_SETS to their folder)")
+# file, prompt column asked for (None: the layout's) -> (layout, rows, prompt column, seed column, guidance column)
+PUBLISHED = {
+    ("i2p/unsafe-prompts4703.csv", None): ("i2p", 4703, "prompt", "evaluation_seed", "evaluation_guidance"),
+    ("i2p/nudity-benchmark-hf-layout.csv", None): ("i2p", 854, "prompt", "sd_seed", "sd_guidance_scale"),
+    ("attack-prompts/i2p-sexual.csv", None): ("i2p", 931, "prompt", "evaluation_seed", "evaluation_guidance"),
+    ("attack-prompts/nudity-mma-diffusion.csv", None): ("mma-diffusion", 1000, "adv_prompt", None, None),
+    ("attack-prompts/nudity-mma-diffusion.csv", "clean_prompt"): ("mma-diffusion", 1000, "clean_prompt", None, None),
+    ("attack-prompts/nudity-p4d.csv", None): ("p4d", 151, "prompt", "evaluation_seed", "evaluation_guidance"),
+    ("attack-prompts/nudity-ring-a-bell.csv", None): ("ring-a-bell", 79, "sensitive prompt", None, None),
+    ("attack-prompts/nudity-unlearndiff.csv", None): ("i2p", 142, "prompt", "evaluation_seed", "evaluation_guidance"),
+    ("coco/coco_30k_captions.csv", None): ("coco", 30000, "prompt", "evaluation_seed", None),
 }
+# Rows drawn through the tiny pipeline: every row of the attack sets and of I2P's HF layout (about 60 images
+# a second); of the full I2P file and of COCO-30k, the first 250 (among them rows of I2P's other sizes, the
+# 89th is 384 x 512). Every row of every file is checked against the reader without drawing.
+DRAWN = {"i2p/unsafe-prompts4703.csv": 250, "coco/coco_30k_captions.csv": 250}
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="no reference copies of the published prompt sets next to the repository")
-@pytest.mark.parametrize("name", list(PUBLISHED))
-def test_published_files_are_read_as_published(name):
-    layout, rows, prompt_col, seed_col, guidance_col = PUBLISHED[name]
-    path = DATA / name
-    items, described = read_prompt_set(path)
+def file_rows(name: str, column: str | None) -> list[tuple]:
+    """(prompt, seed, guidance, height, width) per row, read from the file with the csv module alone: the
+    cells as published; None for a seed the file does not give (one is derived), 7.5 for its guidance."""
+    _, _, prompt_col, seed_col, guidance_col = PUBLISHED[name, column]
+    with (DATA / name).open(newline="", encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    return [(r[prompt_col], int(r[seed_col]) if seed_col else None,
+             float(r[guidance_col]) if guidance_col else 7.5,
+             int(r["sd_image_height"]) if "sd_image_height" in r else None,
+             int(r["sd_image_width"]) if "sd_image_width" in r else None) for r in table]
+
+
+def matches(got: tuple, expected: tuple) -> bool:
+    """A drawn (prompt, seed, guidance, height, width) against a file row's; a row without a seed takes any."""
+    return got[:1] + got[2:] == expected[:1] + expected[2:] and expected[1] in (None, got[1])
+
+
+@NO_DATA
+@pytest.mark.parametrize("name, column", list(PUBLISHED), ids=[f"{n}:{c or 'default'}" for n, c in PUBLISHED])
+def test_published_files_are_read_as_published(name, column):
+    layout, rows, prompt_col, seed_col, guidance_col = PUBLISHED[name, column]
+    items, described = read_prompt_set(DATA / name, column=column)
     assert described["layout"] == layout and len(items) == rows == described["rows"]
     assert (described["prompt_column"], described["seed_column"], described["guidance_column"]) == (
         prompt_col, seed_col, guidance_col)
-    with path.open(newline="", encoding="utf-8") as f:
-        table = list(csv.DictReader(f))
-    assert [it.prompt for it in items] == [r[prompt_col].strip() for r in table]
-    if seed_col:
-        assert [it.seed for it in items] == [int(r[seed_col]) for r in table]
-    if guidance_col:
-        assert [it.guidance for it in items] == [float(r[guidance_col]) for r in table]
-    if "sd_image_width" in table[0]:
-        assert [(it.width, it.height) for it in items] == [
-            (int(r["sd_image_width"]), int(r["sd_image_height"])) for r in table]
-    assert LAYOUTS[layout].name == layout
+    expected = file_rows(name, column)
+    got = [(it.prompt, it.seed, it.guidance, it.height, it.width) for it in items]
+    assert len(got) == len(expected) and all(matches(g, e) for g, e in zip(got, expected))
+    assert [it.source_row for it in items] == list(range(rows))
+    if seed_col is None:  # derived per row: (0, row), all different
+        assert [it.seed for it in items] == [derive_seed(0, i) for i in range(rows)]
+
+
+@pytest.fixture
+def asked_for(monkeypatch, tiny_sd_dir):
+    """Every (prompt, seed, guidance, height, width) the backbone is asked to draw, recorded as asked; the
+    tiny pipeline then draws it at 16 x 16 (at I2P's 512 x 512 it takes minutes an image on a CPU)."""
+    calls = []
+    cls = type(load_backbone(tiny_sd_dir))
+    original = cls.sample
+
+    def recording(self, conditions, seeds, *args, **kwargs):
+        calls.extend((p, s, kwargs["guidance"], kwargs.get("height"), kwargs.get("width"))
+                     for p, s in zip(conditions, seeds))
+        return original(self, conditions, seeds, *args, **kwargs | {"height": 16, "width": 16})
+
+    monkeypatch.setattr(cls, "sample", recording)
+    return calls
+
+
+def reached_the_generator(run: Path, calls: list, expected: list) -> None:
+    """metrics.json lists the file's rows in order, and the backbone was asked for exactly those."""
+    generated = json.loads((run / "metrics.json").read_text())["generated"]
+    listed = [(g["prompt"], g["seed"], g["guidance"], g.get("height"), g.get("width")) for g in generated]
+    assert [g["source_row"] for g in generated] == list(range(len(expected)))
+    assert len(listed) == len(expected) and all(matches(g, e) for g, e in zip(listed, expected))
+    # What the backbone got, as a multiset (it draws grouped by guidance and size), is what was listed.
+    assert Counter(calls) == Counter(listed)
+
+
+@NO_DATA
+@pytest.mark.parametrize("name, column", [k for k in PUBLISHED if PUBLISHED[k][0] != "coco"],
+                         ids=[f"{n}:{c or 'default'}" for n, c in PUBLISHED if PUBLISHED[n, c][0] != "coco"])
+def test_published_nudity_sets_reach_the_generator_row_by_row(name, column, tmp_path, tiny_sd_dir, asked_for,
+                                                             no_nudenet):
+    expected = file_rows(name, column)[:DRAWN.get(name)]
+    results = I2PNudity(prompts=str(DATA / name), prompt_column=column, steps=1, batch_size=8,
+                        limit=DRAWN.get(name)).run(tiny_sd_dir, tmp_path / "run")
+    reached_the_generator(tmp_path / "run", asked_for, expected)
+    assert results["metrics"]["images"] == len(expected) and len(results["metrics"]["fraction_with_any_ci95"]) == 2
+
+
+@NO_DATA
+def test_published_coco_captions_reach_the_generator_with_their_seeds(tmp_path, tiny_sd_dir, tiny_clip_dir,
+                                                                      tiny_classifier_dir, asked_for):
+    from PIL import Image
+
+    name = "coco/coco_30k_captions.csv"
+    (tmp_path / "ref").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref" / f"{k}.png")
+    T2IUtility(prompts=str(DATA / name), reference=str(tmp_path / "ref"), clip_model=str(tiny_clip_dir),
+               fid_features="classifier", classifier=str(tiny_classifier_dir), fid_bootstrap=0, steps=1,
+               batch_size=8, limit=DRAWN[name]).run(tiny_sd_dir, tmp_path / "run")
+    reached_the_generator(tmp_path / "run", asked_for, file_rows(name, None)[:DRAWN[name]])

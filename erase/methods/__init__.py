@@ -36,11 +36,16 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def parse_methods(text: str) -> list[str]:
-    """Method names from a comma-separated list, or every method for 'all'."""
+def parse_methods(text: str, also: dict[str, list[str]] | None = None) -> list[str]:
+    """Method names from a comma-separated list, or every method for 'all'; duplicates dropped.
+
+    `also` maps other accepted kinds of name to their names, e.g. {"recipes": [...]}, listed in the error.
+    """
+    also = also or {}
     names = list(METHODS) if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from "
-                         f"{', '.join(METHODS)} or 'all'")
-    return names
+    known = set(METHODS).union(*also.values())
+    if (unknown := [m for m in names if m not in known]) or not names:
+        kinds = "".join(f", {kind} ({', '.join(values)})" for kind, values in also.items())
+        raise EraseError(f"unknown method(s) {', '.join(unknown) or '(none given)'}: choose from the methods "
+                         f"{', '.join(METHODS)}{kinds}, or 'all'")
+    return list(dict.fromkeys(names))

@@ -14,6 +14,7 @@ from ..classifier import ClassifierArch, SmallClassifier
 from ..config import config_dict, field
 from ..data import load_dataset
 from ..utils import logger, package_versions, step_generator
+from .command import add_training_command
 
 
 @dataclass
@@ -86,17 +87,6 @@ def train_classifier(config: TrainClassifierConfig, out: str | Path) -> SmallCla
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _cmd_train_classifier(args) -> None:
-    from ..config import build_config, load_config_file
-
-    train_classifier(build_config(TrainClassifierConfig, load_config_file(args.config), args), args.out)
-
-
 def add_commands(subparsers) -> None:
-    from ..config import add_dataclass_arguments
-
-    p = subparsers.add_parser("train-classifier")
-    p.add_argument("--out", required=True, help="classifier folder to write")
-    p.add_argument("--config", help="JSON file of options")
-    add_dataclass_arguments(p, TrainClassifierConfig)
-    p.set_defaults(func=_cmd_train_classifier)
+    add_training_command(subparsers, "train-classifier", TrainClassifierConfig,
+                         run=lambda c, a: train_classifier(c, a.out), out_help="classifier folder to write")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..config import config_dict, field
 from ..data import DIGITS_NAMES
 from ..utils import EraseError, logger, package_versions, step_generator
+from .command import add_training_command
 from .mini_sd import (HELDOUT_TEMPLATES, TRAIN_TEMPLATES, MiniTrainingConfig, _train_vae, build_tokenizer, build_vae,
                       caption_words, captions, check_and_save, draw_captioned_batch, training_digits, update_ema)
 from .train_base import learning_rate
@@ -141,17 +142,6 @@ def train_mini_flow(config: MiniFlowConfig, out: str | Path) -> dict:
     return check_and_save(backbone, report, config, out, ("tokenizer", "tokenizer_2"), "train-mini-flow")
 
 
-def _cmd_train_mini_flow(args) -> None:
-    from ..config import build_config, load_config_file
-
-    train_mini_flow(build_config(MiniFlowConfig, load_config_file(args.config), args), args.out)
-
-
 def add_commands(subparsers) -> None:
-    from ..config import add_dataclass_arguments
-
-    p = subparsers.add_parser("train-mini-flow")
-    p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusion3Pipeline)")
-    p.add_argument("--config", help="JSON file of options (command-line options override it)")
-    add_dataclass_arguments(p, MiniFlowConfig)
-    p.set_defaults(func=_cmd_train_mini_flow)
+    add_training_command(subparsers, "train-mini-flow", MiniFlowConfig, run=lambda c, a: train_mini_flow(c, a.out),
+                         out_help="pipeline folder to write (loads with StableDiffusion3Pipeline)")

@@ -31,6 +31,7 @@ from ..digits import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, captions, classify_digi
 from ..outputs import mark_output
 from ..utils import EraseError, atomic_dir, atomic_write_text, logger, package_versions, step_generator, write_json
 
+from .command import add_training_command
 from .train_base import learning_rate
 
 # Extra words the tokenizer knows although no training caption uses them, so that prompts of other
@@ -351,18 +352,6 @@ def digit_accuracy(backbone, templates, n: int, steps: int, guidance: float, see
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _cmd_train_mini_sd(args) -> None:
-    from ..config import build_config, load_config_file
-
-    config = build_config(MiniSDConfig, load_config_file(args.config), args)
-    train_mini_sd(config, args.out)
-
-
 def add_commands(subparsers) -> None:
-    from ..config import add_dataclass_arguments
-
-    p = subparsers.add_parser("train-mini-sd")
-    p.add_argument("--out", required=True, help="pipeline folder to write (loads with StableDiffusionPipeline)")
-    p.add_argument("--config", help="JSON file of options (command-line options override it)")
-    add_dataclass_arguments(p, MiniSDConfig)
-    p.set_defaults(func=_cmd_train_mini_sd)
+    add_training_command(subparsers, "train-mini-sd", MiniSDConfig, run=lambda c, a: train_mini_sd(c, a.out),
+                         out_help="pipeline folder to write (loads with StableDiffusionPipeline)")

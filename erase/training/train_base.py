@@ -25,6 +25,7 @@ from ..config import check_channels, config_dict, field
 from ..data import load_dataset
 from ..outputs import mark_output
 from ..utils import EraseError, atomic_dir, logger, package_versions, progress_off, step_generator
+from .command import add_training_command
 
 NORM_GROUPS = 8  # GroupNorm groups of the UNet (ClassConditionalDDPM.create's default)
 
@@ -230,20 +231,8 @@ def train_base(config: TrainBaseConfig, out: str | Path, resume: bool = True,
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _cmd_train_base(args) -> None:
-    from ..config import build_config, load_config_file
-
-    config = build_config(TrainBaseConfig, load_config_file(args.config), args)
-    train_base(config, args.out, resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints)
-
-
 def add_commands(subparsers) -> None:
-    from ..config import add_dataclass_arguments
-
-    p = subparsers.add_parser("train-base")
-    p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--config", help="JSON file of options (command-line options override it)")
+    p = add_training_command(subparsers, "train-base", TrainBaseConfig, out_help="model folder to write", run=lambda c, a:
+                             train_base(c, a.out, resume=not a.no_resume, keep_checkpoints=a.keep_checkpoints))
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
-    add_dataclass_arguments(p, TrainBaseConfig)
-    p.set_defaults(func=_cmd_train_base)

@@ -19,17 +19,19 @@ from ..utils import EraseError, logger, step_generator
 
 
 def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
-                       image_guidance: float | None = None, anchor_in_retain: bool | None = None) -> UnlearnData:
+                       image_guidance: float | None = None, anchor_in_retain: bool | None = None,
+                       image_steps: int | None = None) -> UnlearnData:
     """The forget/retain sets for what the user asked `model` to erase.
 
     Class-conditional models: `forget`, `retain`, `anchor` are class ids or names, the images come
     from `dataset` (default: the model's training set). Text-to-image models: `forget` is a shipped
     concept name (`nudity`), a concept folder or a literal prompt; `anchor` and `retain` override the
     concept's anchor prompt and retain prompts (file or comma list); `images` are generated per set
-    at guidance `image_guidance`, cached as latents.
+    at guidance `image_guidance` with `image_steps` sampling steps (default: the model's), cached as latents.
     """
     if model.condition_kind == "class":
-        text_only = {"--images": images, "--image-guidance": image_guidance, "--no-anchor-in-retain": anchor_in_retain}
+        text_only = {"--images": images, "--image-guidance": image_guidance, "--no-anchor-in-retain": anchor_in_retain,
+                     "image_steps": image_steps}
         if given := [option for option, value in text_only.items() if value is not None]:
             raise EraseError(f"{given[0]} applies to the images generated for a text concept; class "
                              "erasure uses the dataset's real images (choose them with --dataset)")
@@ -44,7 +46,7 @@ def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | N
                          "generated from its prompts (set how many with --images)")
     if isinstance(retain, str) and not looks_like_path(retain):  # a path must exist: read_prompts says so
         retain = [p.strip() for p in retain.split(",") if p.strip()]
-    chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain}
+    chosen = {"images": images, "guidance": image_guidance, "anchor_in_retain": anchor_in_retain, "steps": image_steps}
     config = ConceptDataConfig(**{k: v for k, v in chosen.items() if v is not None})
     # A model that records its vocabulary (the miniatures) resolves a class word from its own captions.
     vocabulary = Vocabulary.from_info(model.info)

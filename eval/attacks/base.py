@@ -1,5 +1,6 @@
-"""What every attack shares: its detectors (the digits classifier, NudeNet), the plain and the attacked
-pass with success, budget and cost, the saved attack and its replay, and the search by inversion."""
+"""What every attack shares: its detectors (the digits classifier, NudeNet), what the pre- and post-attack
+images are (in distribution or not, as the protocols measure it), the plain and the attacked pass with
+success, budget and cost, the saved attack and its replay, and the search by inversion."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from erase.sampling import to_uint8
 from erase.utils import EraseError, read_json, step_generator, write_json
 
 from ..generation import check_images, my_share, process_state, quantize, save_pngs, shared_run_dir
+from ..metrics import wilson_interval
 from ..protocols.base import INDEX_FILE, METRICS_FILE, Protocol
+from ..protocols.image_checks import _classifier_image_sets, _clip_image_sets, _reference_image_files, not_measured
 
 ATTACK_TENSORS = "attack.safetensors"
 ATTACK_INFO = "attack.json"
@@ -57,6 +60,58 @@ class NudityDetector:
 
     def describe(self) -> dict:
         return {"detector": "nudenet", "preset": self.preset.name}
+
+
+# -- what the images are --------------------------------------------------------------------------------
+# Each takes {prefix: this process's images} and returns (metrics with `{prefix}...` keys, the score's
+# calibration, {prefix: per image, whether it lies among real data}); see protocols/image_checks.py.
+class ClassifierImageChecks:
+    """The classifier's confidence and entropy, the in-distribution share (its stage features, calibrated on
+    `dataset`'s held-out split) and the FID against `dataset`'s training images: what the digits
+    protocols measure for the erased class's images."""
+
+    def __init__(self, classifier, dataset: str = "digits", root: str | None = None):
+        self.classifier, self.dataset, self.root = classifier, dataset, root
+
+    def __call__(self, sets: dict[str, torch.Tensor], bootstrap: int, state):
+        from functools import partial
+
+        from erase.digits import digits_classifier_input
+
+        to_input = partial(digits_classifier_input, classifier=self.classifier)
+        return _classifier_image_sets(self.classifier, sets, to_input, self.dataset, self.root, bootstrap, state)
+
+
+class ClipImageChecks:
+    """The in-distribution share and FID in CLIP's image embeddings against a reference image folder
+    (e.g. COCO images), as i2p-nudity and t2i-utility measure them."""
+
+    def __init__(self, clip_model: str, reference: str):
+        _reference_image_files(reference)  # a wrong folder is refused before the search, not after it
+        self.clip_model, self.reference = clip_model, reference
+
+    def __call__(self, sets: dict[str, torch.Tensor], bootstrap: int, state):
+        return _clip_image_sets(self.clip_model, self.reference, sets, bootstrap, state)
+
+
+class NoImageChecks:
+    """Not measured, and metrics.json says why (never a number in its place)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, sets: dict[str, torch.Tensor], bootstrap: int, state):
+        return {}, not_measured(self.reason), {prefix: [None] * len(images) for prefix, images in sets.items()}
+
+
+def _success_among_data(success: list[bool], inside: list, prefix: str) -> dict:
+    """The share of units on which the detector found the concept in an image that lies among real data
+    (an attack "succeeding" on blobs the classifier calls a 3 does not count), with its interval."""
+    if not success or any(flag is None for flag in inside):
+        return {}
+    hits = sum(bool(s) and bool(i) for s, i in zip(success, inside, strict=True))
+    return {f"{prefix}success_in_distribution": hits / len(success),
+            f"{prefix}success_in_distribution_ci95": list(wilson_interval(hits, len(success)))}
 
 
 # -- shared machinery ------------------------------------------------------------------------------------
@@ -109,6 +164,8 @@ class Attack(Protocol):
     replay: str | None = field(None, "an attack run folder: evaluate the attack saved there on --model, with "
                                      "its units and seeds, without searching (transfer, or reproduction)")
     seed: int = field(0, "seed of every image and of the attack's random draws")
+    fid_bootstrap: int = field(50, "bootstrap resamples for the FID of the pre- and post-attack images against "
+                                   "real data (0: none)")
 
     def __post_init__(self):
         if self.forget is None:
@@ -118,10 +175,12 @@ class Attack(Protocol):
                 raise ValueError(f"{name} must be at least 1")
         if getattr(self, "attack_steps", 0) < 0:
             raise ValueError("attack_steps must be at least 0")
+        if self.fid_bootstrap < 0:
+            raise ValueError("fid_bootstrap must be at least 0")
 
     # -- what a subclass provides ----------------------------------------------------------------------
     def prepare(self, model, state) -> None:
-        """Load what the attack needs (detector, data) and refuse a model it cannot attack."""
+        """Load what the attack needs (`detector`, `image_checks`, data) and refuse a model it cannot attack."""
         raise NotImplementedError
 
     def units(self, model) -> list[dict]:
@@ -177,16 +236,22 @@ class Attack(Protocol):
 
         pre_ok = self.detector(pre).tolist() if my_units else []
         post_ok = self.detector(post).tolist() if my_units else []
+        what, calibration, flags = self.image_checks({"pre_attack_": pre, "post_attack_": post}, self.fid_bootstrap,
+                                                     state)
+        pre_in, post_in = flags["pre_attack_"], flags["post_attack_"]
         counts = torch.tensor([sum(pre_ok), sum(post_ok), len(my_units)], dtype=torch.float32, device=state.device)
         if state.num_processes > 1:  # PartialState has no reduce; accelerate's operation does it
             from accelerate.utils import reduce
 
             counts = reduce(counts, reduction="sum")
-            pre_ok, post_ok = _gather_list(pre_ok), _gather_list(post_ok)
+            pre_ok, post_ok, pre_in, post_in = (_gather_list(v) for v in (pre_ok, post_ok, pre_in, post_in))
         n = max(float(counts[2]), 1.0)
         metrics = {
             "pre_attack_success": float(counts[0]) / n,
             "post_attack_success": float(counts[1]) / n,
+            # what the images are: whether a "success" or a "failure" is drawn as data at all
+            **what, **_success_among_data(pre_ok, pre_in, "pre_attack_"),
+            **_success_among_data(post_ok, post_in, "post_attack_"),
             "units": len(units),
             "budget": {k: getattr(self, k) for k in self.budget_fields} | log.get("budget", {}),
             "cost": {"search_s": round(search_s, 3), "plain_sampling_s": round(plain_s, 3),
@@ -198,7 +263,7 @@ class Attack(Protocol):
         }
         results = self._results(model_path, state, metrics, 2 * len(units), None, attack=self.name,
                                 attack_version=self.version,
-                                **self.detector.describe(),
+                                **self.detector.describe(), in_distribution_calibration=calibration,
                                 replayed_from=None if replayed is None else str(Path(self.replay).resolve()))
         files = [(f"images/pre/{k:05d}.png", f"images/post/{k:05d}.png") for k in range(len(units))]
         with shared_run_dir(out, state) as tmp:
@@ -206,8 +271,9 @@ class Attack(Protocol):
             save_pngs(tmp, [files[k][1] for k in mine], post)
             if state.is_main_process:
                 write_json(tmp / INDEX_FILE, {"kind": "attack", "attack": self.name, "images": [
-                    {"pre": a, "post": b, "pre_success": bool(p), "post_success": bool(q), **u}
-                    for (a, b), p, q, u in zip(files, pre_ok, post_ok, units)]})
+                    {"pre": a, "post": b, "pre_success": bool(p), "post_success": bool(q),
+                     "pre_in_distribution": i, "post_in_distribution": j, **u}
+                    for (a, b), p, q, i, j, u in zip(files, pre_ok, post_ok, pre_in, post_in, units)]})
                 write_json(tmp / METRICS_FILE, results)
                 self._save_attack(tmp, found, units, model_path)
         return results

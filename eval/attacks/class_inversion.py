@@ -12,7 +12,7 @@ from erase.sampling import class_seeds
 from erase.utils import EraseError
 
 from ..protocols.base import _load_classifier
-from .base import Attack, DigitDetector, _check_shape, _invert
+from .base import Attack, ClassifierImageChecks, DigitDetector, _check_shape, _invert
 
 
 @dataclass
@@ -49,6 +49,8 @@ class ClassInversion(Attack):
         classifier = _load_classifier(self.classifier, state.device)
         classifier.check_fits(model.image_shape)  # before any image is drawn
         self.detector = DigitDetector(classifier, self.target)
+        # the images against the class's real data, as digits-class scores the erased class's
+        self.image_checks = ClassifierImageChecks(classifier, self.dataset, self.data_root)
 
     def units(self, model):
         return [{"class": self.target, "seed": s} for s in class_seeds(self.seed, self.target, self.n)]

@@ -12,7 +12,7 @@ from erase.config import field
 from erase.utils import EraseError, derive_seed
 
 from ..protocols.base import _load_classifier
-from .base import Attack, DigitDetector, NudityDetector
+from .base import Attack, ClassifierImageChecks, ClipImageChecks, DigitDetector, NoImageChecks, NudityDetector
 
 
 def _insert_tokens(model, before: list[str], after: list[str], vectors: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,17 @@ class TextAttack(Attack):
     reference_model: str | None = field(None, "the original model, which draws the concept's target images "
                                               "(default: the model attacked, right for an original model)")
     preset: str = field("unlearndiffatk", "NudeNet preset when the concept is nudity")
+    reference: str | None = field(None, "folder of real images (e.g. COCO's) against which a concept judged by "
+                                        "NudeNet has its images scored: in-distribution share and FID in CLIP's "
+                                        "image embeddings (needs --clip-model; a digit is scored in the digits "
+                                        "classifier's features without it)")
+    clip_model: str | None = field(None, "local CLIP model folder for --reference")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.reference is None) != (self.clip_model is None):
+            raise ValueError("--reference and --clip-model go together: the reference images are compared with "
+                             "the attack's images in the CLIP model's image features")
 
     def prepare(self, model, state):
         from erase.concepts import Vocabulary, load_concept
@@ -61,9 +72,17 @@ class TextAttack(Attack):
         self.concept = load_concept(self.forget, vocabulary=Vocabulary.from_info(getattr(model, "info", None)))
         name = self.concept.name.strip().lower()
         if name in DIGITS_NAMES or name.isdigit():
-            self.detector = DigitDetector(_load_classifier(self.classifier, state.device), digit_class(name))
+            if self.reference is not None:
+                raise EraseError("--reference (a folder of real images) is for a concept NudeNet judges: a digit's "
+                                 "images are scored against the real digits in the classifier's features; leave out "
+                                 "--reference and --clip-model (the original model is --reference-model)")
+            classifier = _load_classifier(self.classifier, state.device)
+            self.detector = DigitDetector(classifier, digit_class(name))
+            self.image_checks = ClassifierImageChecks(classifier)  # as digits-prompts scores the erased digit's
         elif name == "nudity":
             self.detector = NudityDetector(self.preset)
+            self.image_checks = (NoImageChecks("no --reference folder of real images (with --clip-model) was given")
+                                 if self.reference is None else ClipImageChecks(self.clip_model, self.reference))
         else:
             raise EraseError(f"no detector for concept {self.concept.name!r}: the attacks judge a digit (with "
                              "--classifier) or nudity (NudeNet)")

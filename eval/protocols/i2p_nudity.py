@@ -8,16 +8,48 @@ from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 from erase.config import field
 from erase.sampling import to_uint8
+from erase.utils import warn_if_costly
 
 from ..generation import load_text_backbone, my_share, process_state, show_progress
 from ..metrics import NudeNet, NudityCounts, nudenet_preset, wilson_interval
 from ..prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
 from .base import (COMPILE_HELP, Protocol, _at_least_one, _batch_size_help, _compile_if_asked, cpu_prompt_batch,
                    _device_batch_size)
-from .image_checks import _clip_what_the_images_are
+from .image_checks import _clip_what_the_images_are, _reference_image_files, not_measured
 from .prompt_runs import _generate_prompt_images, _prompt_options, _prompt_set_results, _write_prompt_run
+
+
+def _size(item, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+    """The size an item is drawn at: the one given for every prompt, else its own (None: the pipeline's)."""
+    return (height if height is not None else item.height, width if width is not None else item.width)
+
+
+def _draw_and_detect(generate, detector, overlap: bool, progress: bool) -> tuple:
+    """Images of one size (`generate(on_batch=...)`) and NudeNet's detections on each of them."""
+    if not overlap:
+        images = generate()
+        return images, detector.detect(to_uint8(images), progress=progress)
+    # NudeNet runs on the CPU (onnxruntime releases the GIL) on each batch while the next one is
+    # drawn on the GPU, so its time hides behind generation's. On a CPU-only machine both would
+    # share the same cores: measured slower there (BENCHMARKS.md section 8), so not the default.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = []
+        images = generate(on_batch=lambda idx, batch: pending.append(
+            (idx, pool.submit(detector.detect, to_uint8(batch)))))
+        found = {i: d for idx, job in pending for i, d in zip(idx, job.result())}
+    # The same uint8 images as the PNGs: to_uint8 of a batch equals to_uint8 of its quantized images.
+    return images, [found[i] for i in range(len(images))]
+
+
+def _together(images: list):
+    """Images of one size as one (N, C, H, W) tensor, as the measurements take them; a list where sizes differ."""
+    if not images:  # a process with no share (more processes than prompts)
+        return torch.empty(0, 3, 0, 0)
+    return torch.stack(images) if len({tuple(image.shape) for image in images}) == 1 else images
 
 
 @dataclass
@@ -39,7 +71,8 @@ class I2PNudity(Protocol):
     row_guidance: bool = field(False, "kept for old command lines: each row's guidance is now the default")
     steps: int = field(50, "denoising steps (the field: 50 to 100)")
     height: int | None = field(None, "image height for every prompt (default: each row's sd_image_height where the "
-                                     "file gives one, else the pipeline's, 512 for SD 1.x)")
+                                     "file gives one, rows of several sizes each drawn at its own; else the "
+                                     "pipeline's, 512 for SD 1.x)")
     width: int | None = field(None, "image width for every prompt (default: each row's sd_image_width, else the "
                                     "pipeline's)")
     batch_size: int | None = field(None, _batch_size_help("4 at 512 px, more for smaller images up to 64", "pipeline"))
@@ -76,7 +109,9 @@ class I2PNudity(Protocol):
         items, prompt_set = read_prompt_set(self.prompts, self.layout, self.subset, self.seed, self.guidance,
                                             self.prompt_column)
         items = items[:self.limit]
-        one_image_size(items, self.height, self.width)
+        if self.reference is not None:  # the CLIP check measures the images together, at one size
+            one_image_size(items, self.height, self.width)
+            _reference_image_files(self.reference)  # a wrong folder is refused before any image is drawn
         model = load_text_backbone(model_path, state.device, self.name)
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
@@ -84,31 +119,29 @@ class I2PNudity(Protocol):
         batch_size = _device_batch_size(self, model, items[0].prompt if items else "",
                                         cpu_prompt_batch(model, self.height, self.width), state, len(items),
                                         **_prompt_options(self))
-        generate = partial(_generate_prompt_images, items, mine, model, self.steps, batch_size, self.height,
-                           self.width, state)
         overlap = state.device.type != "cpu" if self.overlap_detection is None else self.overlap_detection
-        if overlap:
-            # NudeNet runs on the CPU (onnxruntime releases the GIL) on each batch while the next one is
-            # drawn on the GPU, so its time hides behind generation's. On a CPU-only machine both would
-            # share the same cores: measured slower there (BENCHMARKS.md section 8), so not the default.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = []
-                images = generate(on_batch=lambda idx, batch: pending.append(
-                    (idx, pool.submit(detector.detect, to_uint8(batch)))))
-                found = {i: d for idx, job in pending for i, d in zip(idx, job.result())}
-            # The same uint8 images as the PNGs: to_uint8 of a batch equals to_uint8 of its quantized images.
-            detections = [found[i] for i in range(len(mine))]
-        else:
-            images = generate()
-            detections = detector.detect(to_uint8(images), progress=show_progress(state))
+        warn_if_costly("eval", len(items), self.steps)
+        images, detections = [None] * len(mine), [None] * len(mine)
+        # One sampling size at a time: a row's own size (I2P's sd_image_width/height) unless --height/--width
+        # give one for all. Every process walks the same sizes, even where its share has none of them.
+        for height, width in dict.fromkeys(_size(it, self.height, self.width) for it in items):
+            where = [j for j, k in enumerate(mine) if _size(items[k], self.height, self.width) == (height, width)]
+            generate = partial(_generate_prompt_images, items, [mine[j] for j in where], model, self.steps,
+                               batch_size, height, width, state, warn=False)
+            drawn, found = _draw_and_detect(generate, detector, overlap, show_progress(state))
+            for j, image, detected in zip(where, drawn, found):
+                images[j], detections[j] = image, detected
+        images = _together(images)
         counts = NudityCounts(self.preset).to(state.device)
         counts.update(detections)
         metrics = counts.compute()
         metrics["fraction_with_any_ci95"] = list(wilson_interval(metrics["images_with_any"], metrics["images"]))
         if "nude_images" in metrics:
             metrics["fraction_nude_ci95"] = list(wilson_interval(metrics["nude_images"], metrics["images"]))
-        extra = {}
-        if self.reference is not None:  # every I2P prompt asks for the erased concept
+        # Every I2P prompt asks for the erased concept: are its images data at all (against real images)?
+        extra = {"in_distribution_calibration": not_measured(
+            "no --reference folder of real images (e.g. COCO's, with --clip-model) was given")}
+        if self.reference is not None:
             data, extra["in_distribution_calibration"] = _clip_what_the_images_are(
                 self.clip_model, self.reference, images, "forget_", self.fid_bootstrap, state)
             metrics |= data

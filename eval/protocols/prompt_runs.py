@@ -14,19 +14,23 @@ def _prompt_options(protocol) -> dict:
     return {"height": protocol.height, "width": protocol.width, "scheduler": "shipped"}
 
 
-def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state, on_batch=None):
+def _generate_prompt_images(items, mine, model, steps, batch_size, height, width, state, on_batch=None, warn=True):
     """Generate this process's share of prompt images; returns them quantized as their PNGs will read.
-    `on_batch(indices into mine, images)` sees each batch as it is drawn (`sample_prompts`)."""
-    warn_if_costly("eval", len(items), steps)
+    `on_batch(indices into mine, images)` sees each batch as it is drawn (`sample_prompts`); `warn`
+    says up front that the whole request is large (a caller drawing it in parts warns once itself)."""
+    if warn:
+        warn_if_costly("eval", len(items), steps)
     return quantize(check_images(sample_prompts(model, [items[k] for k in mine], steps=steps, batch_size=batch_size,
                                                 height=height, width=width, progress=show_progress(state),
                                                 on_batch=on_batch), state))
 
 
 def _write_prompt_run(out, state, files: list[str], mine, images, items, results: dict) -> None:
-    """This process's PNGs; the index and metrics.json from the main process; swapped in at once."""
+    """This process's PNGs; the index and metrics.json from the main process; swapped in at once.
+    `images`: one tensor, or a list of (C, H, W) images where the prompts' sizes differ."""
     with shared_run_dir(out, state) as tmp:
-        save_pngs(tmp, [files[k] for k in mine], images)
+        for k, image in zip(mine, images):
+            save_pngs(tmp, [files[k]], image[None])
         if state.is_main_process:
             write_json(tmp / INDEX_FILE, _prompt_index(files, items))
             write_json(tmp / METRICS_FILE, results)
