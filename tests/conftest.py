@@ -246,3 +246,13 @@ def saved_with_data(backbone_cls, build, folder):
     model = backbone_cls(build())
     model.save_pretrained(folder)
     return folder, random_latent_data(model)
+
+
+def write_concept_folder(root, name, forget: list[str], anchor: str, retain: list[str]):
+    """A concept folder as `prompts/three` is laid out: forget.txt, anchor.txt and retain.txt."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "forget.txt").write_text("\n".join(forget) + "\n")
+    (folder / "anchor.txt").write_text(anchor + "\n")
+    (folder / "retain.txt").write_text("\n".join(retain) + "\n")
+    return folder

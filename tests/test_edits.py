@@ -19,7 +19,8 @@ from erase.edits.base import edit_rows
 from erase.edits.speed import Speed, SpeedConfig
 from erase.edits.uce import UCE, UCEConfig
 from erase.utils import EraseError
-from conftest import eval_digits_prompts
+
+from conftest import eval_digits_prompts, write_concept_folder
 from tiny_pipelines import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -276,20 +277,11 @@ def test_erase_methods_lists_the_edits(capsys):
 
 
 # -- several concepts, mass-erasure files, bad input ------------------------------------------------------------
-def _concept(root, name, forget, anchor, retain):
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "forget.txt").write_text("\n".join(forget) + "\n")
-    (folder / "anchor.txt").write_text(anchor + "\n")
-    (folder / "retain.txt").write_text("\n".join(retain) + "\n")
-    return folder
-
-
 def test_a_list_of_concepts_merges_retain_sets_without_the_erased_prompts(tmp_path):
     from erase.concept_sets import resolve_concepts
 
-    three = _concept(tmp_path, "three", ["the number 3"], "the digit 4", ["the number 5", "the number 7", "a cat"])
-    seven = _concept(tmp_path, "seven", ["the number 7"], "the digit 4", ["the number 3", "a dog"])
+    three = write_concept_folder(tmp_path, "three", ["the number 3"], "the digit 4", ["the number 5", "the number 7", "a cat"])
+    seven = write_concept_folder(tmp_path, "seven", ["the number 7"], "the digit 4", ["the number 3", "a dog"])
     listed = tmp_path / "list.txt"
     listed.write_text(f"# two concepts\n{three}\n{seven}\n")
     for forget in (f"{three},{seven}", str(listed)):
@@ -338,7 +330,7 @@ def test_a_config_of_another_method_or_edit_is_refused_before_any_work(tiny_sd_d
 def test_bad_input_is_one_line_and_nothing_is_written(tiny_sd_dir, tmp_path, capsys, args, message):
     from erase.cli import main
 
-    three = _concept(tmp_path, "three", ["the number 3"], "the digit 4", ["a cat"])
+    three = write_concept_folder(tmp_path, "three", ["the number 3"], "the digit 4", ["a cat"])
     bad = tmp_path / "bad.csv"
     bad.write_text("name,prompt\nAnn,A portrait of Ann\n")
     args = [a.format(three=three, bad=bad) for a in args]

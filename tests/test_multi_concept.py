@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from erase.cli import main
 from erase.unlearn_data import UnlearnData
 
+from conftest import write_concept_folder
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -21,20 +23,11 @@ def _history(out):
     return [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
 
 
-def _concept_folder(root, name, forget, anchor, retain):
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "forget.txt").write_text("\n".join(forget) + "\n")
-    (folder / "anchor.txt").write_text(anchor + "\n")
-    (folder / "retain.txt").write_text("\n".join(retain) + "\n")
-    return folder
-
-
 @pytest.fixture
 def two_concepts(tmp_path):
-    cat = _concept_folder(tmp_path / "concepts", "cat", ["a photo of a cat", "a cat on a sofa"], "a photo of an animal",
+    cat = write_concept_folder(tmp_path / "concepts", "cat", ["a photo of a cat", "a cat on a sofa"], "a photo of an animal",
                           ["a photo of a tree", "a photo of a dog"])
-    dog = _concept_folder(tmp_path / "concepts", "dog", ["a photo of a dog"], "a photo of an animal",
+    dog = write_concept_folder(tmp_path / "concepts", "dog", ["a photo of a dog"], "a photo of an animal",
                           ["a photo of a tree", "a photo of a house"])
     return cat, dog
 

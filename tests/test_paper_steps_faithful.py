@@ -28,6 +28,7 @@ from erase.noising import Noised
 from erase.unlearn_data import UnlearnData
 
 from conftest import DIGIT_NAMES
+from test_paper_steps import grad_of, mse
 from test_sd_backbone import tiny_pipeline
 
 LR = 0.05  # plain SGD: the update is −LR × the clipped gradient
@@ -138,18 +139,6 @@ def eps(model, weights, x_t, t, cond: Condition):
 
 def null(model, n) -> Condition:
     return model.null_condition(n)
-
-
-def mse(a, b):
-    return ((a - b) ** 2).mean()
-
-
-def grad_of(loss_fn, theta):
-    """(loss, ∇loss) at `theta` by autograd."""
-    leaves = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
-    loss = loss_fn(leaves)
-    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-    return loss.detach(), {n: torch.zeros_like(v) if g is None else g for (n, v), g in zip(leaves.items(), grads)}
 
 
 def clip(grads, max_norm):
