@@ -152,16 +152,12 @@ class UnlearnData:
             retain = noised(model, self.retain_x0[i], self.retain_cond[i], g, antithetic)
         return forget, retain
 
-
     def _forget_rows(self, n: int, g: torch.Generator) -> torch.Tensor:
         """n forget rows with replacement; with several concepts, n / K of each concept's rows (the first
         n mod K concepts one more), so that every batch trains on, and logs, every concept."""
         if self.forget_concept is None:
             return torch.randint(len(self.forget_x0), (n,), generator=g)
-        k = len(self.concept_names)
-        if n < k:
-            raise EraseError(f"a batch draws {n} forget samples but {k} concepts are erased: raise --batch-size so "
-                             f"that each batch holds a forget sample of every concept")
+        k = len(self.concept_names)  # `set_up` refused a batch too small for one sample of each
         labels = self.forget_concept.cpu()
         rows = []
         for c in range(k):

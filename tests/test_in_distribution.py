@@ -224,19 +224,19 @@ def test_clip_score_is_calibrated_and_reads_black_squares_as_not_data(tmp_path, 
     from accelerate import PartialState
 
     from erase.eval.generation import load_images
-    from erase.eval.protocols.image_checks import _clip_what_the_images_are
+    from erase.eval.protocols.image_checks import clip_what_the_images_are
 
     rng = np.random.default_rng(0)
     reference = _write_images(tmp_path / "ref", _stripes(rng, 400))
     fresh = load_images(sorted(_write_images(tmp_path / "fresh", _stripes(rng, 200)).iterdir()))
     state = PartialState()
-    metrics, calibration = _clip_what_the_images_are(str(tiny_clip_dir), str(reference), fresh, "forget_", 0, state)
+    metrics, calibration = clip_what_the_images_are(str(tiny_clip_dir), str(reference), fresh, "forget_", 0, state)
     lo, hi = wilson_interval(metrics["forget_in_distribution"] * 200, 200, confidence=0.999)
     assert lo <= IN_DISTRIBUTION_QUANTILE <= hi
     assert calibration["reference_images"] == 200 and calibration["calibration_images"] == 200
     assert "CLIP image embeddings" in calibration["features"]
     black = torch.full((20, 3, 32, 32), -1.0)
-    metrics, _ = _clip_what_the_images_are(str(tiny_clip_dir), str(reference), black, "forget_", 0, state)
+    metrics, _ = clip_what_the_images_are(str(tiny_clip_dir), str(reference), black, "forget_", 0, state)
     assert metrics["forget_in_distribution"] == 0.0
     assert metrics["forget_clip_fid_reliable"] is True and metrics["forget_clip_fid"] > 0
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from erase.cli import main
+from erase.unlearning.running import LOG_EVERY
 from erase.unlearn_data import UnlearnData
 
 from conftest import write_concept_folder
@@ -21,6 +22,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _history(out):
     return [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines()]
+
+
+def _concept_entries(history, names):
+    """The logged steps that carry each concept's loss: every LOG_EVERY-th step, from the first."""
+    entries = [entry for entry in history if set(names) <= set(entry)]
+    assert entries and all((entry["step"] - 1) % LOG_EVERY == 0 for entry in entries)
+    return entries
 
 
 @pytest.fixture
@@ -46,9 +54,8 @@ def test_several_text_concepts_train_together_and_each_concept_is_logged(tiny_sd
     assert set(data["parts"]) == {"cat", "dog"}
     # The retain sets are merged without the prompts another concept erases ("a photo of a dog").
     assert data["parts"]["cat"]["concept"]["retain"] == ["a photo of a tree", "a photo of a house"]
-    history = _history(out)
-    assert history and all({"forget_denoise.cat", "forget_denoise.dog"} <= set(entry) for entry in history)
-    assert all(entry["forget_denoise.cat"] != entry["forget_denoise.dog"] for entry in history)
+    entries = _concept_entries(_history(out), {"forget_denoise.cat", "forget_denoise.dog"})
+    assert all(entry["forget_denoise.cat"] != entry["forget_denoise.dog"] for entry in entries)
     delta = load_file(out / "delta.safetensors")
     before = load_file(tiny_sd_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(before[k], v) for k, v in delta.items())
@@ -62,7 +69,7 @@ def test_a_file_of_concepts_is_a_list(tiny_sd_dir, tmp_path, monkeypatch, two_co
     assert main(["unlearn", "--model", str(tiny_sd_dir), "--method", "esd", "--forget", str(listed),
                  "--images", "2", "--steps", "2", "--batch-size", "4", "--out", str(out)]) == 0
     assert json.loads((out / "erase_config.json").read_text())["data"]["concepts"] == ["cat", "dog"]
-    assert {"forget_denoise.cat", "forget_denoise.dog"} <= set(_history(out)[0])
+    _concept_entries(_history(out), {"forget_denoise.cat", "forget_denoise.dog"})
 
 
 def test_a_model_vocabulary_names_its_classes_in_a_list(tiny_sd_dir, tmp_path, monkeypatch):
@@ -86,14 +93,15 @@ def test_a_model_vocabulary_names_its_classes_in_a_list(tiny_sd_dir, tmp_path, m
 
 def test_several_classes_train_together_and_each_class_is_logged(tiny_ddpm_dir, tmp_path):
     out = tmp_path / "erased"
-    assert main(["unlearn", "--model", str(tiny_ddpm_dir), "--method", "ga", "--forget", "3,five,7", "--steps", "3",
+    assert main(["unlearn", "--model", str(tiny_ddpm_dir), "--method", "ga", "--forget", "3,five,7", "--steps", "12",
                  "--batch-size", "6", "--out", str(out)]) == 0
     record = json.loads((out / "erase_config.json").read_text())
     assert record["data"]["forget"] == ["three", "five", "seven"]
-    history = _history(out)
     names = {f"forget_denoise.{n}" for n in ("three", "five", "seven")}
-    assert all(names <= set(entry) for entry in history)
-    assert len({history[0][n] for n in names}) == 3
+    history = _history(out)
+    entries = _concept_entries(history, names)
+    assert [entry["step"] for entry in entries] == [1, 11] and len(history) == 12  # the extra forward: 2 of 12 steps
+    assert len({entries[0][n] for n in names}) == 3
     delta = load_file(out / "delta.safetensors")
     assert delta and all(torch.isfinite(v).all() for v in delta.values())
 

@@ -38,7 +38,6 @@ DONE_DIR = "done"
 def stage_record(t: Training, progress: Progress, changed: int, base_model: str, device, mixed: str,
                  processes: int) -> dict:
     """The record of one stage: what it ran with, on what, what it changed, how long it took, its losses."""
-    recent = progress.recent
     record = {
         "method": t.method.name, "paper": t.method.paper(), "config": config_dict(t.config),
         "terms": t.terms.to_dict(), "params": t.group, "trainable_parameters": sum(p.numel() for p in t.params.values()),
@@ -47,7 +46,7 @@ def stage_record(t: Training, progress: Progress, changed: int, base_model: str,
         "seconds_per_step": statistics.median(progress.step_times) if progress.step_times else None,
         "peak_memory_mb": round(peak_memory_mb(device), 1), "device": str(device), "mixed_precision": mixed,
         "processes": processes,
-        "final_losses": {k: statistics.fmean(r[k] for r in recent) for k in recent[0]} if recent else {},
+        "final_losses": final_losses(progress.recent),
         "versions": package_versions()}
     if t.paths_seconds is not None:
         record["retain_paths_s"] = t.paths_seconds  # drawing the sampling paths, once per stage (not in wall_time_s)
@@ -57,6 +56,12 @@ def stage_record(t: Training, progress: Progress, changed: int, base_model: str,
     if t.average is not None:
         record["ema_final_decay"] = t.average.get_decay(t.average.optimization_step)
     return record
+
+
+def final_losses(recent: list[dict]) -> dict[str, float]:
+    """Each loss's mean over the last steps that logged it (a concept's loss is logged every LOG_EVERY-th step)."""
+    names = dict.fromkeys(k for r in recent for k in r)
+    return {k: statistics.fmean(r[k] for r in recent if k in r) for k in names}
 
 
 def recipe_record(recipe, records: list[dict], changed: int, base_model: str) -> dict:

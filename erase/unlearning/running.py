@@ -154,8 +154,10 @@ def one_step(t: Training, step: int, accelerator, shards: int) -> dict:
                                      accelerator.process_index, shards)
     for pg in t.optimizer.param_groups:
         pg["lr"] = t.config.lr * t.algo.lr_scale(step)
-    with accelerator.autocast():  # on the plain prompts and the weights the step starts from
-        concepts = concept_losses(t, forget_b, step)
+    concepts = {}
+    if step % LOG_EVERY == 0:  # an extra forward, so only on every LOG_EVERY-th step
+        with accelerator.autocast():  # on the plain prompts and the weights the step starts from
+            concepts = concept_losses(t, forget_b, step)
     with accelerator.autocast(), t.robust.applied(step, forget_b) if t.robust else contextlib.nullcontext():
         if t.teacher is not None:
             retain_b.target = reference_prediction(t.model, t.teacher, retain_b)
@@ -173,7 +175,8 @@ def concept_losses(t: Training, forget_b, step: int) -> dict[str, torch.Tensor]:
     """With several concepts erased at once, each one's loss apart: the denoising loss
     `‖ε − ε_θ(x_t, t, c_f)‖²` of its forget samples in this batch (each batch holds every concept,
     `UnlearnData.draw`). It is the same quantity whatever the method, and it rises as the model stops
-    drawing the concept from its prompts; `forget_denoise.<concept>` in the loss history. A method
+    drawing the concept from its prompts; `forget_denoise.<concept>` in the loss history of every
+    LOG_EVERY-th step (the first of each interval). A method
     that trains on no forget sample (finetune) gets one of each concept from a stream of their own."""
     if t.data.forget_concept is None:
         return {}

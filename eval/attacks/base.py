@@ -18,7 +18,7 @@ from erase.utils import EraseError, read_json, step_generator, write_json
 from ..generation import check_images, my_share, process_state, quantize, save_pngs, shared_run_dir
 from ..metrics import wilson_interval
 from ..protocols.base import INDEX_FILE, METRICS_FILE, Protocol
-from ..protocols.image_checks import _classifier_image_sets, _clip_image_sets, _reference_image_files, not_measured
+from ..protocols.image_checks import classifier_image_sets, clip_image_sets, reference_image_files, not_measured
 
 ATTACK_TENSORS = "attack.safetensors"
 ATTACK_INFO = "attack.json"
@@ -79,7 +79,7 @@ class ClassifierImageChecks:
         from erase.digits import digits_classifier_input
 
         to_input = partial(digits_classifier_input, classifier=self.classifier)
-        return _classifier_image_sets(self.classifier, sets, to_input, self.dataset, self.root, bootstrap, state)
+        return classifier_image_sets(self.classifier, sets, to_input, self.dataset, self.root, bootstrap, state)
 
 
 class ClipImageChecks:
@@ -87,11 +87,11 @@ class ClipImageChecks:
     (e.g. COCO images), as i2p-nudity and t2i-utility measure them."""
 
     def __init__(self, clip_model: str, reference: str):
-        _reference_image_files(reference)  # a wrong folder is refused before the search, not after it
+        reference_image_files(reference)  # a wrong folder is refused before the search, not after it
         self.clip_model, self.reference = clip_model, reference
 
     def __call__(self, sets: dict[str, torch.Tensor], bootstrap: int, state):
-        return _clip_image_sets(self.clip_model, self.reference, sets, bootstrap, state)
+        return clip_image_sets(self.clip_model, self.reference, sets, bootstrap, state)
 
 
 class NoImageChecks:

@@ -19,7 +19,7 @@ from ..metrics import NudeNet, NudityCounts, nudenet_preset, wilson_interval
 from ..prompts import I2P_SUBSETS, LAYOUTS, one_image_size, read_prompt_set
 from .base import (COMPILE_HELP, Protocol, _at_least_one, _batch_size_help, _compile_if_asked, cpu_prompt_batch,
                    _device_batch_size)
-from .image_checks import _clip_what_the_images_are, _reference_image_files, not_measured
+from .image_checks import clip_what_the_images_are, reference_image_files, not_measured
 from .prompt_runs import _generate_prompt_images, _prompt_options, _prompt_set_results, _write_prompt_run
 
 
@@ -111,7 +111,7 @@ class I2PNudity(Protocol):
         items = items[:self.limit]
         if self.reference is not None:  # the CLIP check measures the images together, at one size
             one_image_size(items, self.height, self.width)
-            _reference_image_files(self.reference)  # a wrong folder is refused before any image is drawn
+            reference_image_files(self.reference)  # a wrong folder is refused before any image is drawn
         model = load_text_backbone(model_path, state.device, self.name)
         _compile_if_asked(model, self.compile)
         mine = my_share(state, len(items))
@@ -142,7 +142,7 @@ class I2PNudity(Protocol):
         extra = {"in_distribution_calibration": not_measured(
             "no --reference folder of real images (e.g. COCO's, with --clip-model) was given")}
         if self.reference is not None:
-            data, extra["in_distribution_calibration"] = _clip_what_the_images_are(
+            data, extra["in_distribution_calibration"] = clip_what_the_images_are(
                 self.clip_model, self.reference, images, "forget_", self.fid_bootstrap, state)
             metrics |= data
         files = [f"images/{k:05d}.png" for k in range(len(items))]

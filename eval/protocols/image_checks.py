@@ -1,8 +1,8 @@
 """Whether a protocol's images are data at all, beside whether the classifier recognises them: the
 in-distribution score (in the classifier's stage features, or CLIP's image embeddings against a
 reference image set) and the FID of the erased class's images against real data. The attacks score
-their pre- and post-attack images with the same functions (`_classifier_image_sets`,
-`_clip_image_sets`)."""
+their pre- and post-attack images with the same functions (`classifier_image_sets`,
+`clip_image_sets`)."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def _what_the_images_are(classifier, images: torch.Tensor, labels: torch.Tensor,
     return metrics
 
 
-def _classifier_image_sets(classifier, sets: dict[str, torch.Tensor], to_input, dataset: str, root: str | None,
+def classifier_image_sets(classifier, sets: dict[str, torch.Tensor], to_input, dataset: str, root: str | None,
                            bootstrap: int, state) -> tuple[dict, dict, dict[str, list[bool]]]:
     """What each set of images is (this process's share of each; the attacks' pre- and post-attack
     images), as the class and prompt protocols measure the erased class's: the classifier's mean
@@ -135,7 +135,7 @@ def not_measured(reason: str) -> dict:
     return {"measured": False, "reason": reason}
 
 
-def _reference_image_files(folder: str | Path) -> list[Path]:
+def reference_image_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
     if len(files) < 2:
@@ -161,7 +161,7 @@ class _ClipReference:
     def __init__(self, clip_model: str, reference: str, size: tuple[int, int] | None, state):
         self.clip = ClipImageFeatures(clip_model, state.device)
         self.folder = str(Path(reference).resolve())
-        files = _reference_image_files(reference)
+        files = reference_image_files(reference)
         self.real = torch.cat([self.clip(load_images(files[b], size=size)) for b in _batches(len(files), 64)])
         self.score = None
         if len(files) >= 2 * (IN_DISTRIBUTION_K + 1):
@@ -197,7 +197,7 @@ class _ClipReference:
         return metrics, inside.tolist()
 
 
-def _clip_what_the_images_are(clip_model: str, reference: str, images: torch.Tensor, prefix: str, bootstrap: int,
+def clip_what_the_images_are(clip_model: str, reference: str, images: torch.Tensor, prefix: str, bootstrap: int,
                               state) -> tuple[dict, dict]:
     """Whether a text-to-image protocol's images (this process's) are data, against a reference image set
     (e.g. COCO images) in CLIP's image embeddings: the in-distribution score and the FID of the images
@@ -208,9 +208,9 @@ def _clip_what_the_images_are(clip_model: str, reference: str, images: torch.Ten
     return metrics, reference_set.describe()
 
 
-def _clip_image_sets(clip_model: str, reference: str, sets: dict[str, torch.Tensor], bootstrap: int,
+def clip_image_sets(clip_model: str, reference: str, sets: dict[str, torch.Tensor], bootstrap: int,
                      state) -> tuple[dict, dict, dict[str, list[bool]]]:
-    """`_clip_what_the_images_are` for several sets of images of one size (the attacks' pre- and
+    """`clip_what_the_images_are` for several sets of images of one size (the attacks' pre- and
     post-attack images), the reference embedded once: metrics, calibration, per-set per-image flags."""
     size = next((tuple(x.shape[-2:]) for x in sets.values() if len(x)), None)
     reference_set = _ClipReference(clip_model, reference, size, state)

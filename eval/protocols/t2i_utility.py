@@ -16,7 +16,7 @@ from ..metrics import clip_score_metric
 from ..prompts import read_prompt_set
 from .base import (COMPILE_HELP, Protocol, _at_least_one, _batch_size_help, _batches, _compile_if_asked,
                    cpu_prompt_batch, _device_batch_size, _fid, _fid_metrics, _load_classifier)
-from .image_checks import _clip_what_the_images_are, _reference_image_files
+from .image_checks import clip_what_the_images_are, reference_image_files
 from .prompt_runs import _generate_prompt_images, _prompt_options, _prompt_set_results, _write_prompt_run
 
 
@@ -55,7 +55,7 @@ class T2IUtility(Protocol):
         _at_least_one(self, "steps", "batch_size", "limit", "height", "width")
 
     def _reference_files(self) -> list[Path]:
-        return _reference_image_files(self.reference)
+        return reference_image_files(self.reference)
 
     def run(self, model_path, out, state=None):
         state = state or process_state()
@@ -85,7 +85,7 @@ class T2IUtility(Protocol):
         fid_result = fid.compute()
         metrics = {"clip_score": float(clip.compute()), **_fid_metrics(fid_result)}
         # Whether the captions' images are data (with a file of the erased concept's prompts: what it draws instead).
-        data, calibration = _clip_what_the_images_are(self.clip_model, self.reference, images, "", self.fid_bootstrap,
+        data, calibration = clip_what_the_images_are(self.clip_model, self.reference, images, "", self.fid_bootstrap,
                                                       state)
         files = [f"images/{k:05d}.png" for k in range(len(items))]
         results = self._results(model_path, state, metrics | data, len(items), fid.feature_name,
