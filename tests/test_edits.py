@@ -142,16 +142,19 @@ def test_uce_on_every_family_moves_erased_rows_towards_the_anchor_and_only_the_t
         assert error(r.preserve, r.preserve, True) / error(r.preserve, torch.zeros_like(r.preserve), False) < 0.1
 
 
-def test_sd3_edits_its_pooled_text_and_keeps_the_empty_prompts_pooled_row():
-    """The pooled CLIP embedding is an entry of its own on SD3, and the empty prompt's row of it (the
-    unconditional prediction's, which guidance subtracts from every prompt's) is kept by every edit."""
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_the_pooled_text_is_edited_and_the_empty_prompts_pooled_row_kept(family):
+    """The pooled CLIP embedding is an entry of its own on SD3 and FLUX, and the empty prompt's row of it
+    (the unconditional prediction's, which guidance subtracts from every prompt's) is kept by every edit."""
     import copy
     import dataclasses
 
+    from erase.backbones.flux import FluxBackbone
     from erase.backbones.sd3 import StableDiffusion3Backbone
-    from tiny_pipelines import tiny_sd3_pipeline
+    from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
-    model = StableDiffusion3Backbone(tiny_sd3_pipeline())
+    model = (StableDiffusion3Backbone(tiny_sd3_pipeline()) if family == "sd3" else FluxBackbone(tiny_flux_pipeline()))
+    assert set(model.text_entries()) == {"tokens", "pooled"}
     pooled = model.text_entries()["pooled"]
     assert pooled.always_preserved == ("",)
     null = pooled.inputs([""])[0].embeddings[:, 0].double()
@@ -167,7 +170,11 @@ def test_sd3_edits_its_pooled_text_and_keeps_the_empty_prompts_pooled_row():
     entries = {**unmarked.text_entries()}
     entries["pooled"] = dataclasses.replace(entries["pooled"], always_preserved=())
     unmarked.text_entries = lambda: entries
-    assert kept < 0.5 * null_change(unmarked)
+    moved_unmarked = null_change(unmarked)
+    assert kept < moved_unmarked
+    # The tiny FLUX pools every prompt alike (8 dims, cosine 0.86-0.99 with the empty prompt): erasing any moves it.
+    if family == "sd3":
+        assert kept < 0.5 * moved_unmarked
 
 
 def test_the_ddpm_refuses_an_edit_in_one_line(tiny_ddpm_dir, tmp_path):

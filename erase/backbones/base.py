@@ -464,7 +464,6 @@ class Backbone:
         raise EraseError(f"the {self.name} backbone has no text encoder whose token embeddings the token "
                          "attacks could edit")
 
-
     # -- closed-form edits ----------------------------------------------------------------------------
     # What UCE-style edits (erase/edits/) need: the linear maps that read the text embedding, and the
     # rows of that embedding a prompt feeds them. Text enters such a map row by row (one token each),
@@ -488,7 +487,7 @@ class Backbone:
         """Every place where text enters the denoiser through linear maps, by name: the layers of one
         entry read the same rows, so an edit solves once per entry. `tokens` (the `text_entry_layers`
         on the `text_entry_inputs`) on every text backbone; a backbone adds others where a separate
-        text vector enters (SD3: the pooled CLIP embedding, `pooled`)."""
+        text vector enters (SD3 and FLUX: the pooled CLIP embedding, `pooled`)."""
         return {"tokens": TextEntry(self.text_entry_layers(), self.text_entry_inputs)}
 
 

@@ -172,6 +172,10 @@ class FluxBackbone(FlowMatchingSchedule, TextToImageBackbone):
         # The text stream's entry (where OCE edits FLUX): every T5 row goes through it before any block.
         return {"context_embedder": self.denoiser.context_embedder}
 
+    def text_entries(self) -> dict:
+        # The pooled CLIP vector enters as on SD3 (`time_text_embed.text_embedder`).
+        return {**super().text_entries(), "pooled": self.pooled_text_entry()}
+
     def _text_segments(self) -> list[tuple[str, int | None]]:
         return [("tokenizer_2", self._t5_length)]  # the T5 sequence only; the pooled CLIP text enters elsewhere
 

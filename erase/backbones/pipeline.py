@@ -23,7 +23,7 @@ import torch
 
 from ..outputs import check_finished
 from ..utils import EraseError, atomic_dir, read_json, step_generator, write_json
-from .base import Backbone, Condition, ModelSource, TextRows
+from .base import Backbone, Condition, ModelSource, TextEntry, TextRows
 
 INFO_FILE = "erase_info.json"  # beside model_index.json; stock diffusers ignores it
 
@@ -401,7 +401,6 @@ class TextToImageBackbone(Backbone):
         finally:
             handle.remove()
 
-
     # -- closed-form edits ----------------------------------------------------------------------------
     def _text_segments(self) -> list[tuple[str, int | None]]:
         """(tokenizer, rows; None: the rest) of each segment of `encoder_hidden_states`, in order: the first CLIP
@@ -421,6 +420,21 @@ class TextToImageBackbone(Backbone):
             segments.append(TextRows(hidden[:, start:start + rows], last))
             start += rows
         return segments
+
+    def pooled_text_entry(self) -> TextEntry:
+        """The pooled CLIP embedding's entry (SD3, FLUX): it enters beside the timestep
+        (`time_text_embed.text_embedder`), is added to the timestep embedding and modulates every block:
+        on models/mini-flow it alone decides the digit drawn (BENCHMARKS section 12), so an edit of the
+        token rows only misses. The empty prompt's pooled row is kept by every edit: it modulates every
+        block of the unconditional prediction, which guidance subtracts from every prompt's (moving it
+        by 39%, as uce did without this, cost the miniature's eight half its images)."""
+        pooled = self.denoiser.time_text_embed.text_embedder.linear_1
+        return TextEntry({"time_text_embed.text_embedder.linear_1": pooled}, self._pooled_rows, always_preserved=("",))
+
+    @torch.no_grad()
+    def _pooled_rows(self, prompts) -> list[TextRows]:
+        pooled = self.encode_conditions(list(prompts)).tensors["pooled_projections"].float().cpu()
+        return [TextRows(pooled[:, None, :], torch.zeros(len(pooled), dtype=torch.long))]  # one row, the "last word"
 
 
 def _call_parameters(pipe) -> set[str]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils import EraseError
-from .base import Condition, FlowMatchingSchedule, TextEntry, TextRows
+from .base import Condition, FlowMatchingSchedule
 from .pipeline import TextToImageBackbone, joint_transformer_groups
 
 # The timestep embedding and output layers stay out of `nocondition`; `attn` takes both attention
@@ -91,21 +91,7 @@ class StableDiffusion3Backbone(FlowMatchingSchedule, TextToImageBackbone):
         return {"context_embedder": self.denoiser.context_embedder}
 
     def text_entries(self) -> dict:
-        # The pooled CLIP embedding enters beside the timestep (`time_text_embed.text_embedder`), is
-        # added to the timestep embedding and modulates every block: on models/mini-flow it alone
-        # decides the digit drawn (BENCHMARKS section 12), so an edit of the token rows only misses.
-        # The empty prompt's pooled row is kept by every edit: it modulates every block of the
-        # unconditional prediction, which guidance subtracts from every prompt's (moving it by 39%, as
-        # uce did without this, cost the miniature's eight half its images).
-        pooled = self.denoiser.time_text_embed.text_embedder.linear_1
-        return {**super().text_entries(),
-                "pooled": TextEntry({"time_text_embed.text_embedder.linear_1": pooled}, self._pooled_rows,
-                                    always_preserved=("",))}
-
-    @torch.no_grad()
-    def _pooled_rows(self, prompts) -> list[TextRows]:
-        pooled = self.encode_conditions(list(prompts)).tensors["pooled_projections"].float().cpu()
-        return [TextRows(pooled[:, None, :], torch.zeros(len(pooled), dtype=torch.long))]  # one row, the "last word"
+        return {**super().text_entries(), "pooled": self.pooled_text_entry()}
 
     def _text_segments(self) -> list[tuple[str, int]]:
         # The CLIP states (zero-padded to the T5 width), then T5's; without T5 its rows are zeros,
