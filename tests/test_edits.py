@@ -190,6 +190,18 @@ def test_the_ddpm_refuses_an_edit_in_one_line(tiny_ddpm_dir, tmp_path):
 
 
 # -- on the miniature Stable Diffusion --------------------------------------------------------------------
+def test_an_edit_names_a_miniatures_class_words_in_a_list(tmp_path):
+    """`--forget three,five,seven` on a miniature: each digit's training captions erased towards the next
+    digit's, the seven other digits' captions kept, as the fine-tuning methods resolve the same list."""
+    from erase.cli import main
+
+    out = tmp_path / "out"
+    assert main(["unlearn", "--model", str(MINI_SD), "--method", "uce", "--forget", "three,five,7", "--out", str(out)]) == 0
+    data = json.loads((out / "erase_config.json").read_text())["data"]
+    assert data["concepts"] == ["three", "five", "seven"]
+    assert data["forget_prompts"] == 3 * 8 and data["retain_prompts"] == 7 * 8
+
+
 @pytest.fixture(scope="module")
 def mini_sd():
     return load_backbone(MINI_SD)

@@ -42,7 +42,8 @@ def run_edit(model, method: str, forget, out: str | Path | None, *, retain=None,
                          f"{', '.join('--' + g.replace('_', '-') for g in given)} applies to fine-tuning methods only")
     config = make_config(edit_cls, config, **options)
     check_output(out, "unlearn", overwrite, inputs=[model] if isinstance(model, (str, Path)) else [])
-    concepts = resolve_concepts(forget, retain=retain, anchor=anchor)  # before the model loads
+    # Before the model loads; a miniature's class words (`three,five,seven`) resolve from its recorded captions.
+    concepts = resolve_concepts(forget, retain=retain, anchor=anchor, vocabulary=_recorded_vocabulary(model))
     model, base_model = run_model(model)
     started = time.perf_counter()
     pairs = [(prompt, c.anchor) for c in concepts.concepts for prompt in c.forget]
@@ -63,3 +64,15 @@ def run_edit(model, method: str, forget, out: str | Path | None, *, retain=None,
                           for name, entry in details["entries"].items())
     logger.info("%s: saved %s (%d concepts, %.2f s; %s)", edit_cls.name, out, len(concepts.concepts), elapsed, residuals)
     return Path(out)
+
+
+def _recorded_vocabulary(model):
+    """The vocabulary a model records (a loaded backbone's info, or its folder's erase_info.json), if any."""
+    from ..backbones.pipeline import INFO_FILE
+    from ..concepts import Vocabulary
+    from ..utils import read_json
+
+    if not isinstance(model, (str, Path)):
+        return Vocabulary.from_info(getattr(model, "info", None))
+    info_file = Path(model).expanduser() / INFO_FILE
+    return Vocabulary.from_info(read_json(info_file, what="model info").get("info")) if info_file.is_file() else None
