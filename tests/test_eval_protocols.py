@@ -22,6 +22,7 @@ from erase.eval.generation import load_images, sample_prompts
 from erase.eval.metrics import FeatureFID, NudityCounts, clip_score_metric, wilson_interval
 from erase.eval.prompts import PromptItem
 from erase.eval.registry import PROTOCOLS
+from erase.utils import EraseError
 from erase.eval.protocols import Cifar10Class, DigitsClass, I2PNudity, T2IUtility
 from conftest import eval_digits_prompts
 
@@ -56,6 +57,34 @@ def test_digits_class_writes_every_setting_and_the_images(digits_run, tiny_ddpm_
     assert len(index) == results["images"] == 8 + 9 * 6
     assert [e["class"] for e in index[:8]] == [3] * 8
     assert all((digits_run / e["file"]).is_file() for e in index)
+
+
+def test_digits_class_with_several_erased_classes_pools_ua_and_reports_h_o(tmp_path, tiny_ddpm_dir,
+                                                                          tiny_classifier_dir):
+    """Three classes erased at once: n_forget samples of each, UA over all of them, the mass-erasure
+    entries (erased and kept accuracy, H_o) as the prompt protocol reports them; no one-class entries."""
+    from erase.eval.metrics import harmonic_h_o
+
+    out = tmp_path / "run"
+    results = DigitsClass(forget="3,five,7", classifier=str(tiny_classifier_dir), n=2, n_forget=3, steps=2,
+                          batch_size=8, fid_bootstrap=0).run(tiny_ddpm_dir, out)
+    m = results["metrics"]
+    index = json.loads((out / "index.json").read_text())["images"]
+    assert [e["class"] for e in index[:9]] == [3] * 3 + [5] * 3 + [7] * 3 and len(index) == 9 + 7 * 2
+    acc = m["per_class_accuracy"]
+    assert m["erased_classes"] == ["three", "five", "seven"]
+    assert m["erased_accuracy"] == pytest.approx((acc["three"] + acc["five"] + acc["seven"]) / 3)
+    assert m["ua"] == pytest.approx(1 - m["erased_accuracy"])  # equal shares of each class
+    assert m["kept_accuracy"] == pytest.approx(m["retained_accuracy"])
+    assert m["h_o"] == pytest.approx(harmonic_h_o(m["erased_accuracy"], m["kept_accuracy"]))
+    assert "forget_class" not in m and "neighbour_classes" not in m
+
+
+@pytest.mark.parametrize("forget", ["3,three", "0,1,2,3,4,5,6,7,8,9"])
+def test_digits_class_refuses_a_class_named_twice_or_no_class_kept(tmp_path, tiny_ddpm_dir, tiny_classifier_dir, forget):
+    with pytest.raises(EraseError, match="list each erased class once"):
+        DigitsClass(forget=forget, classifier=str(tiny_classifier_dir), n=2, steps=1).run(tiny_ddpm_dir, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_digits_class_metrics_agree_with_the_saved_pngs(digits_run, tiny_classifier_dir):
@@ -160,8 +189,6 @@ def test_distance_to_a_reference_model_is_zero_to_itself_and_grows_to_another(di
 
 
 def test_a_reference_model_over_other_classes_is_refused(tmp_path, tiny_ddpm_dir, tiny_classifier_dir, tiny_sd_dir):
-    from erase.utils import EraseError
-
     with pytest.raises(EraseError, match="same classes"):
         DigitsClass(forget=3, classifier=str(tiny_classifier_dir), n=2, steps=1, batch_size=8,
                     reference_model=str(tiny_sd_dir)).run(tiny_ddpm_dir, tmp_path / "refused")

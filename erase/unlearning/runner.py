@@ -26,7 +26,7 @@ from .command import equivalent_command
 from .data import build_unlearn_data
 from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
 from .recipe import Recipe, load_recipe, one_stage
-from .running import Progress, finish, resolve_params, run_steps, set_up
+from .running import finish, resolve_params, run_steps, set_up
 from .state import restore_state, save_state
 from .terms import Terms, frozen_teacher, terms_from_options
 

@@ -73,6 +73,21 @@ def _forget_verdict_distance(ours: torch.Tensor, theirs: torch.Tensor, class_nam
             "reference_forget_verdicts": {name: int(n) for name, n in zip(class_names, theirs)}}
 
 
+def mass_erasure_metrics(erased_names: list[str], erased_accuracy: float, kept_accuracy: float, model_path) -> dict:
+    """Several classes or concepts erased at once, as SPEED and MACE report it: accuracy on the erased
+    ones (each drawn as itself, averaged), on the kept ones, their harmonic mean H_o, and the wall time
+    of the run that made the model (its erase_config.json, when it has one)."""
+    from erase.outputs import UNLEARN_CONFIG
+    from erase.utils import read_json
+
+    from ..metrics import harmonic_h_o
+
+    summary = Path(model_path) / UNLEARN_CONFIG
+    wall = read_json(summary, what="unlearning summary").get("wall_time_s") if summary.is_file() else None
+    return {"erased_classes": list(erased_names), "erased_accuracy": erased_accuracy, "kept_accuracy": kept_accuracy,
+            "h_o": harmonic_h_o(erased_accuracy, kept_accuracy), "erase_wall_time_s": wall}
+
+
 def _batches(n: int, size: int = MEASURE_BATCH):
     return (slice(i, i + size) for i in range(0, n, size))
 

@@ -15,7 +15,7 @@ from ..generation import check_images, my_share, process_state, quantize, save_p
 from ..metrics import ClassifierVerdicts, confusable_classes, rate_intervals, wilson_interval
 from .base import (COMPILE_HELP, INDEX_FILE, METRICS_FILE, Protocol, _at_least_one, _batch_size_help, _batches,
                    _compile_if_asked, _device_batch_size, _fid, _fid_metrics, _forget_verdict_distance,
-                   _load_classifier)
+                   _load_classifier, mass_erasure_metrics)
 from .image_checks import _what_the_images_are
 
 
@@ -29,15 +29,18 @@ class ClassErasure(Protocol):
 
     UA and the classifier's confidence on `n_forget` samples of the forgotten class; accuracy on
     `n` samples of each retained class; FID of the retained samples against the retained classes'
-    training images. Without `forget` (a model before erasure) every class is retained.
+    training images. Without `forget` (a model before erasure) every class is retained. With several
+    erased classes (`3,5,7`), UA pools their samples and the mass-erasure entries (each erased class
+    drawn as itself, the kept classes, their H_o) stand beside it; the one-class entries (the
+    classifier's confidence on the class, its neighbours, the verdict distance) are left out.
     """
 
-    forget: str | None = field(None, "the erased class (id or name); leave out to measure a model before "
-                                     "erasure (every class retained)")
+    forget: str | None = field(None, "the erased class (id or name), or several comma-separated; leave out "
+                                     "to measure a model before erasure (every class retained)")
     classifier: str | None = field(None, "classifier folder for UA and per-class accuracy (and for "
                                          "--fid-features classifier)")
     n: int = field(100, "samples per retained class (FID and accuracy)")
-    n_forget: int | None = field(None, "samples of the forgotten class for UA (default: n)")
+    n_forget: int | None = field(None, "samples of each forgotten class for UA (default: n)")
     steps: int = field(50, "DDIM steps")
     guidance: float | None = field(None, "guidance scale s of ε_∅ + s(ε_c − ε_∅) (default: the model's "
                                          "measured sample_defaults, 1.0 for the shipped digits DDPM, else 3.0)")
@@ -74,6 +77,29 @@ class ClassErasure(Protocol):
             return data.images
         keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:self.reference_per_class] for c in retained])
         return data.images[keep.sort().values]
+
+    @staticmethod
+    def _erasure_metrics(erased, count, correct, verdicts, names, retained, model_path) -> dict:
+        """UA over the erased classes' samples; with one class its confidence and entropy, with several
+        the mass-erasure entries."""
+        if not erased:
+            return {}
+        missed, drawn = float((count[erased] - correct[erased]).sum()), float(count[erased].sum())
+        metrics = {"ua": missed / drawn, "ua_ci95": list(wilson_interval(missed, drawn))}  # rate and interval alike
+        accuracy = correct / count
+        if len(erased) > 1:
+            return metrics | mass_erasure_metrics([names[c] for c in erased], float(accuracy[erased].mean()),
+                                                  float(accuracy[retained].mean()), model_path)
+        forget = erased[0]
+        return metrics | {"forget_class": forget, "forget_class_name": names[forget],
+                          "forget_accuracy": float(accuracy[forget]), "forget_entropy": float(verdicts["entropy"][forget]),
+                          "forget_prob": float(verdicts["label_prob"][forget])}
+
+    def _erased_classes(self, model) -> list[int]:
+        erased = [] if self.forget is None else [model.class_index(c) for c in str(self.forget).split(",") if c.strip()]
+        if len(set(erased)) != len(erased) or len(erased) >= model.num_classes:
+            raise EraseError(f"--forget {self.forget}: list each erased class once, and keep at least one")
+        return erased
 
     def _neighbours(self, classifier, num_classes: int, forget: int, device: torch.device) -> list[int]:
         """The retained classes the classifier confuses most with `forget` on the real test split."""
@@ -142,12 +168,13 @@ class ClassErasure(Protocol):
         classifier = _load_classifier(self.classifier, state.device)
         classifier.check_fits(model.image_shape)
         fid = _fid(self.fid_features, classifier, self.fid_weights, state.device, self.fid_bootstrap)
-        forget = None if self.forget is None else model.class_index(self.forget)
-        retained = [c for c in range(model.num_classes) if c != forget]
+        erased = self._erased_classes(model)
+        forget = erased[0] if len(erased) == 1 else None  # the one-class metrics
+        retained = [c for c in range(model.num_classes) if c not in erased]
         reference = self._reference(retained)
         n_forget = self.n if self.n_forget is None else self.n_forget
-        plan = [(c, i, s) for c in ([] if forget is None else [forget]) + retained
-                for i, s in enumerate(class_seeds(self.seed, c, n_forget if c == forget else self.n))]
+        plan = [(c, i, s) for c in erased + retained
+                for i, s in enumerate(class_seeds(self.seed, c, n_forget if c in erased else self.n))]
         mine = my_share(state, len(plan))
         labels = torch.tensor([plan[k][0] for k in mine], dtype=torch.long)
         warn_if_costly("eval", len(plan), self.steps)
@@ -176,14 +203,7 @@ class ClassErasure(Protocol):
         # Rates from the counts in float64, the precision of their intervals (torchmetrics' float32
         # accuracy can sit a hair outside its own Wilson interval).
         accuracy = correct / count
-        metrics = {} if forget is None else {
-            "ua": float((count[forget] - correct[forget]) / count[forget]),  # as its interval computes it, to the last bit
-            "ua_ci95": list(wilson_interval(float(count[forget] - correct[forget]), float(count[forget]))),
-            "forget_class": forget, "forget_class_name": names[forget],
-            "forget_accuracy": float(accuracy[forget]),
-            "forget_entropy": float(v["entropy"][forget]),
-            "forget_prob": float(v["label_prob"][forget]),
-        }
+        metrics = self._erasure_metrics(erased, count, correct, v, names, retained, model_path)
         metrics |= _what_the_images_are(classifier, images, labels, forget, names, _identity, self.dataset,
                                         self.data_root, _fid(self.fid_features, classifier, self.fid_weights,
                                                              state.device, self.fid_bootstrap, sync=False), state)

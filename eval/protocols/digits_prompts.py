@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,7 +17,7 @@ from ..generation import (check_images, load_text_backbone, my_share, process_st
 from ..metrics import rate_intervals, verdict_distance, wilson_interval
 from .base import (COMPILE_HELP, INDEX_FILE, METRICS_FILE, Protocol, _at_least_one, _batch_size_help, _batches,
                    _compile_if_asked, _device_batch_size, _fid, _fid_metrics, _forget_verdict_distance,
-                   _load_classifier)
+                   _load_classifier, mass_erasure_metrics)
 from .image_checks import _what_the_images_are
 
 
@@ -176,19 +175,10 @@ class DigitsPrompts(Protocol):
 
 def _mass_erasure_metrics(erased: list[int], accuracy: list[float], by_wording: list, kept_accuracy: float,
                           model_path) -> dict:
-    """Accuracy on the erased digits (each drawn as itself, averaged), on the kept ones, their H_o, and
-    the wall time of the run that made the model (its erase_config.json, when it has one)."""
+    """The shared mass-erasure entries, with the erased digits' accuracy on each wording apart."""
     from erase.data import DIGITS_NAMES
-    from erase.outputs import UNLEARN_CONFIG
-    from erase.utils import read_json
 
-    from ..metrics import harmonic_h_o
-
-    erased_accuracy = sum(accuracy[c] for c in erased) / len(erased)
-    summary = Path(model_path) / UNLEARN_CONFIG
-    wall = read_json(summary, what="unlearning summary").get("wall_time_s") if summary.is_file() else None
-    return {"erased_classes": [DIGITS_NAMES[c] for c in erased], "erased_accuracy": erased_accuracy,
+    return {**mass_erasure_metrics([DIGITS_NAMES[c] for c in erased], sum(accuracy[c] for c in erased) / len(erased),
+                                   kept_accuracy, model_path),
             "erased_accuracy_train_prompts": sum(by_wording[c][0] for c in erased) / len(erased),
-            "erased_accuracy_heldout_prompts": sum(by_wording[c][1] for c in erased) / len(erased),
-            "kept_accuracy": kept_accuracy, "h_o": harmonic_h_o(erased_accuracy, kept_accuracy),
-            "erase_wall_time_s": wall}
+            "erased_accuracy_heldout_prompts": sum(by_wording[c][1] for c in erased) / len(erased)}
