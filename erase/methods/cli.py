@@ -34,6 +34,8 @@ def add_method_options(parser: argparse.ArgumentParser, name: str | None) -> Non
         add_dataclass_arguments(parser.add_argument_group(f"options of {name} (a closed-form edit)"),
                                 EDITS[name].Config)
         parser.chosen = ("--method", name)
+        # A training option (--seed, --steps, ...) is then named as such, rather than as an unknown option.
+        parser.option_owners = {"--" + n.replace("_", "-"): ["the fine-tuning methods"] for n in COMMON}
         return
     config_cls = METHODS[name].Config if name in METHODS else MethodConfig
     own = tuple(f.name for f in dataclasses.fields(config_cls) if f.name not in COMMON)
