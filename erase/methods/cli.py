@@ -243,12 +243,12 @@ def add_commands(sub) -> None:
     p.add_argument("--image-guidance", type=float,
                    help="Stable Diffusion: guidance scale of those images (default: the model's sampling "
                         "default, 7.5 for SD); 1 (no guidance) lowers unlearning's FID cost on the "
-                        "miniature (BENCHMARKS.md section 7)")
+                        "miniature (BENCHMARKS.md, History)")
     p.add_argument("--no-anchor-in-retain", action="store_true",
                    help="Stable Diffusion: leave the anchor images out of the retain set (by default they join "
                         "it, SalUn's nudity recipe; beside a concept's own retain prompts they are half the "
                         "retain images; on the miniature leaving them out did not lower the FID cost over "
-                        "seeds, BENCHMARKS.md section 7)")
+                        "seeds, BENCHMARKS.md, History)")
     p.add_argument("--config", help="JSON file of method options (command-line options override it)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT-checkpoints/ exists")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep OUT-checkpoints/ after finishing")
