@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,22 @@ def test_unlearn_help_lists_at_most_28_options_and_hides_the_deprecated_ones(cap
     assert "--recipe" in text and "--ema-decay" not in text and "--adversarial-every" not in text
     hidden = [a for a in sub._actions if a.help == argparse.SUPPRESS]
     assert {s for a in hidden for s in a.option_strings} >= {"--ema-decay", "--retain-target", "--adversarial-radius"}
+
+
+def test_every_stage_of_a_text_recipe_trains_on_the_originals_images(tiny_sd_dir, tmp_path, monkeypatch):
+    """A later stage's concept images are the original model's, not the partly erased model's (which
+    draws something else for the prompt): each data setting is drawn once, before the first stage."""
+    from erase.concept_data import MANIFEST
+
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    small = {"batch_size": 4, "steps": 2, "lr": 1e-2}
+    recipe = {"name": "two-text-stages", "target": "forget", "stages": [
+        {"method": "esd", "config": small, "data": {"image_guidance": 1}},
+        {"method": "ga", "config": small},
+        {"method": "esd", "config": small, "data": {"image_guidance": 1}}]}
+    out = unlearn(tiny_sd_dir, forget="the number 3", out=tmp_path / "out", recipe=recipe, images=2, progress=False)
+    caches = [s["data"]["cache"] for s in json.loads((out / "erase_config.json").read_text())["stages"]]
+    assert caches[0] == caches[2] != caches[1]  # one build per data setting
+    original = load_backbone(tiny_sd_dir).fingerprint()
+    drawn_by = {json.loads((Path(c) / MANIFEST).read_text())["settings"]["denoiser_fingerprint"] for c in caches}
+    assert drawn_by == {original} and load_backbone(out).fingerprint() != original

@@ -136,6 +136,7 @@ class RecipeRun:
         self.accelerator, self.shards, self.teacher_path = accelerator, shards, teacher_path
         self.single = len(stages) == 1
         self.adapter = None  # a single stage trained as a LoRA (its Training, after the merge)
+        self.data: list = []  # each stage's UnlearnData (`stage_data`)
         self.ckpt_root = out.with_name(out.name + "-checkpoints")
         self.groups = [resolve_params(model, config.params, method.params_preference_for(model))
                        for method, config, _, _ in stages]  # before any data is generated
@@ -202,6 +203,7 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     reset_peak_memory(accelerator.device)
     model.to(accelerator.device)
     run = RecipeRun(model, recipe, out, stages, accelerator, teacher_path, shards)
+    run.data = stage_data(model, stages, request)
     if run.ckpt_root.exists() and not resume:
         shutil.rmtree(run.ckpt_root)
     if trackers:
@@ -236,6 +238,23 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     return out
 
 
+def stage_data(model, stages: list, request: dict) -> list:
+    """Every stage's data, built before the first stage moves a weight: a text concept's images are the
+    original model's drawings of it, in every stage (a later stage drawing them from the partly erased
+    model would erase whatever that model draws for the prompt instead of the concept). Stages with
+    the same data options share one build."""
+    if request["data"] is not None:
+        return [request["data"]] * len(stages)
+    built, keys = {}, []
+    for *_, data_options in stages:
+        options = {**data_options, **request["data_options"]}
+        keys.append(repr(sorted(options.items())))
+        if keys[-1] not in built:
+            built[keys[-1]] = build_unlearn_data(model, request["forget"], request["retain"], request["anchor"],
+                                                 dataset=request["dataset"], **options)
+    return [built[key] for key in keys]
+
+
 def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str, steps_before: int,
               stop_after: int | None, show: bool, trackers: bool, checkpoint_minutes: float = 5.0):
     """Stage i: (record, loss history), taken from its `done/` folder when an earlier run finished it;
@@ -249,11 +268,7 @@ def run_stage(run: RecipeRun, i: int, request: dict, base_model: str, mixed: str
         run.apply_done(delta)
         return record, history
     model, accelerator = run.model, run.accelerator
-    data = request["data"]
-    if data is None:
-        data = build_unlearn_data(model, request["forget"], request["retain"], request["anchor"],
-                                  dataset=request["dataset"], **{**data_options, **request["data_options"]})
-    t = set_up(model, method, config, terms, data, run.groups[i], accelerator, run.shards, run.teacher(terms))
+    t = set_up(model, method, config, terms, run.data[i], run.groups[i], accelerator, run.shards, run.teacher(terms))
     record_keys = {"method": method.name, "config": config_dict(t.config), "params": t.group,
                    "base_model": base_model, "data": t.data.description, "terms": run.terms_record(terms)}
     if not run.single:
