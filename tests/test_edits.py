@@ -196,7 +196,7 @@ def test_an_edit_names_a_miniatures_class_words_in_a_list(tmp_path):
     from erase.cli import main
 
     out = tmp_path / "out"
-    assert main(["unlearn", "--model", str(MINI_SD), "--method", "uce", "--forget", "three,five,7", "--out", str(out)]) == 0
+    assert main(["unlearn", "--model", "mini-sd", "--method", "uce", "--forget", "three,five,7", "--out", str(out)]) == 0  # by its name
     data = json.loads((out / "erase_config.json").read_text())["data"]
     assert data["concepts"] == ["three", "five", "seven"]
     assert data["forget_prompts"] == 3 * 8 and data["retain_prompts"] == 7 * 8

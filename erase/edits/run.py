@@ -70,9 +70,10 @@ def _recorded_vocabulary(model):
     """The vocabulary a model records (a loaded backbone's info, or its folder's erase_info.json), if any."""
     from ..backbones.pipeline import INFO_FILE
     from ..concepts import Vocabulary
+    from ..resources import model_location
     from ..utils import read_json
 
     if not isinstance(model, (str, Path)):
         return Vocabulary.from_info(getattr(model, "info", None))
-    info_file = Path(model).expanduser() / INFO_FILE
+    info_file = Path(model_location(model)).expanduser() / INFO_FILE
     return Vocabulary.from_info(read_json(info_file, what="model info").get("info")) if info_file.is_file() else None
