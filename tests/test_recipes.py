@@ -190,3 +190,28 @@ def test_every_stage_of_a_text_recipe_trains_on_the_originals_images(tiny_sd_dir
     original = load_backbone(tiny_sd_dir).fingerprint()
     drawn_by = {json.loads((Path(c) / MANIFEST).read_text())["settings"]["denoiser_fingerprint"] for c in caches}
     assert drawn_by == {original} and load_backbone(out).fingerprint() != original
+
+
+def test_one_recipe_file_serves_a_class_model_and_a_text_model(tiny_model, tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    """A stage's text-image options (`image_guidance`, ...) shape a text concept's drawn images; a class
+    model trains on real images, so there they are left out and recorded, not refused. Given on the
+    command line for a class model, they are still refused in one line."""
+    monkeypatch.setenv("ERASE_CACHE", str(tmp_path / "cache"))
+    small = {"batch_size": 4, "steps": 2}
+    recipe = {"name": "portable", "target": "forget", "stages": [
+        {"method": "esd", "config": small, "data": {"image_guidance": 1, "anchor_in_retain": False}},
+        {"method": "finetune", "config": small}]}
+    path = tmp_path / "portable.json"
+    path.write_text(json.dumps(recipe))
+    on_class = unlearn(tiny_model, forget="3", out=tmp_path / "ddpm", recipe=str(path), progress=False)
+    stages = json.loads((on_class / "erase_config.json").read_text())["stages"]
+    assert stages[0]["data"]["recipe_options_not_applied"] == ["anchor_in_retain", "image_guidance"]
+    assert "recipe_options_not_applied" not in stages[1]["data"]
+    on_text = unlearn(tiny_sd_dir, forget="the number 3", out=tmp_path / "sd", recipe=str(path), images=2,
+                      progress=False)
+    assert "recipe_options_not_applied" not in json.loads((on_text / "erase_config.json").read_text())["stages"][0]["data"]
+    out = tmp_path / "refused"
+    assert main(["unlearn", "--model", str(tiny_model), "--forget", "3", "--recipe", str(path), "--image-guidance", "1",
+                 "--out", str(out)]) != 0
+    assert "--image-guidance applies to the images generated for a text concept" in capsys.readouterr().err
+    assert not out.exists()

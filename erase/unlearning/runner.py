@@ -10,6 +10,7 @@ same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from pathlib import Path
@@ -238,20 +239,33 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     return out
 
 
+# How a text concept's images are drawn: a recipe's stage may set them, and they do not apply to a class
+# model's real images.
+TEXT_DATA_OPTIONS = ("images", "image_guidance", "anchor_in_retain", "image_steps")
+
+
 def stage_data(model, stages: list, request: dict) -> list:
     """Every stage's data, built before the first stage moves a weight: a text concept's images are the
     original model's drawings of it, in every stage (a later stage drawing them from the partly erased
     model would erase whatever that model draws for the prompt instead of the concept). Stages with
-    the same data options share one build."""
+    the same data options share one build. On a class model a recipe's text-image options are left
+    out (and recorded), so that one recipe file serves every backbone; given on the command line they
+    are refused."""
     if request["data"] is not None:
         return [request["data"]] * len(stages)
     built, keys = {}, []
     for *_, data_options in stages:
-        options = {**data_options, **request["data_options"]}
-        keys.append(repr(sorted(options.items())))
+        skipped = sorted(k for k in data_options if k in TEXT_DATA_OPTIONS) if model.condition_kind == "class" else []
+        options = {**{k: v for k, v in data_options.items() if k not in skipped}, **request["data_options"]}
+        keys.append(repr(sorted(options.items())) + repr(skipped))
         if keys[-1] not in built:
-            built[keys[-1]] = build_unlearn_data(model, request["forget"], request["retain"], request["anchor"],
-                                                 dataset=request["dataset"], **options)
+            data = build_unlearn_data(model, request["forget"], request["retain"], request["anchor"],
+                                      dataset=request["dataset"], **options)
+            if skipped:
+                logger.info("the recipe's %s apply to a text concept's images: not used on a class model",
+                            ", ".join(skipped))
+                data = dataclasses.replace(data, description={**data.description, "recipe_options_not_applied": skipped})
+            built[keys[-1]] = data
     return [built[key] for key in keys]
 
 
