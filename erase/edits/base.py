@@ -54,7 +54,6 @@ class EditRows:
     erase: torch.Tensor
     anchor: torch.Tensor
     preserve: torch.Tensor
-    retain_prompts: int = 1  # how many prompts the preserved rows came from (UCE's default weight)
 
 
 def _aligned(forget, anchor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -81,8 +80,7 @@ def edit_rows(inputs, pairs: list[tuple[str, str]], retain: list[str], extra_pre
         target += t
     preserve = [seg.embeddings.reshape(-1, seg.embeddings.shape[-1])
                 for seg in inputs(list(retain) + list(extra_preserve))]
-    return EditRows(torch.cat(erase).double(), torch.cat(target).double(), torch.cat(preserve).double(),
-                    retain_prompts=len(retain))
+    return EditRows(torch.cat(erase).double(), torch.cat(target).double(), torch.cat(preserve).double())
 
 
 class Edit:
@@ -119,7 +117,7 @@ class Edit:
         for _ in range(self.config.harden):
             found = adversarial_rows(rows.erase, transform, weight_gram, self.config.harden_reg)
             current = EditRows(torch.cat([current.erase, found]), torch.cat([current.anchor, rows.anchor]),
-                               rows.preserve, rows.retain_prompts)
+                               rows.preserve)
             history[-1]["adversarial_error"] = output_error(found, rows.erase, transform, weight_gram)
             transform = self.transform(current)
             history.append(self._residuals(rows, current, transform, weight_gram))
