@@ -85,7 +85,8 @@ class ClassErasure(Protocol):
         if not erased:
             return {}
         missed, drawn = float((count[erased] - correct[erased]).sum()), float(count[erased].sum())
-        metrics = {"ua": missed / drawn, "ua_ci95": list(wilson_interval(missed, drawn))}  # rate and interval alike
+        # The rate from the same floats as its interval, so that it never sits outside it by a rounding.
+        metrics = {"ua": missed / drawn, "ua_ci95": list(wilson_interval(missed, drawn))}
         accuracy = correct / count
         if len(erased) > 1:
             return metrics | mass_erasure_metrics([names[c] for c in erased], float(accuracy[erased].mean()),
