@@ -18,6 +18,10 @@ from ..unlearn_data import UnlearnData, class_erasure_data
 from ..utils import EraseError, logger, step_generator
 
 
+# The options that shape a text concept's generated images; a class model trains on real images.
+TEXT_DATA_OPTIONS = ("images", "image_guidance", "anchor_in_retain", "image_steps")
+
+
 def build_unlearn_data(model, forget, retain=None, anchor=None, dataset: str | None = None, images: int | None = None,
                        image_guidance: float | None = None, anchor_in_retain: bool | None = None,
                        image_steps: int | None = None) -> UnlearnData:

@@ -24,7 +24,7 @@ from ..outputs import check_output
 from ..unlearn_data import UnlearnData
 from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precision
 from .command import equivalent_command
-from .data import build_unlearn_data
+from .data import TEXT_DATA_OPTIONS, build_unlearn_data
 from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
 from .recipe import Recipe, load_recipe, one_stage
 from .running import finish, resolve_params, run_steps, set_up
@@ -239,11 +239,6 @@ def run_recipe(model, recipe: Recipe, out: str | Path | None, request: dict, *, 
     return out
 
 
-# How a text concept's images are drawn: a recipe's stage may set them, and they do not apply to a class
-# model's real images.
-TEXT_DATA_OPTIONS = ("images", "image_guidance", "anchor_in_retain", "image_steps")
-
-
 def stage_data(model, stages: list, request: dict) -> list:
     """Every stage's data, built before the first stage moves a weight: a text concept's images are the
     original model's drawings of it, in every stage (a later stage drawing them from the partly erased
@@ -257,7 +252,7 @@ def stage_data(model, stages: list, request: dict) -> list:
     for *_, data_options in stages:
         skipped = sorted(k for k in data_options if k in TEXT_DATA_OPTIONS) if model.condition_kind == "class" else []
         options = {**{k: v for k, v in data_options.items() if k not in skipped}, **request["data_options"]}
-        keys.append(repr(sorted(options.items())) + repr(skipped))
+        keys.append(repr(sorted(data_options.items())))  # the command line's options are the same for every stage
         if keys[-1] not in built:
             data = build_unlearn_data(model, request["forget"], request["retain"], request["anchor"],
                                       dataset=request["dataset"], **options)
