@@ -62,7 +62,8 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     name (`nudity`, `three`: a folder of `prompts/`), a concept folder or a literal prompt for Stable
     Diffusion, or several concepts (a comma-separated list, a file of names, a mass-erasure CSV:
     `erase.concept_sets`), erased together with each one's loss logged apart. `recipe` is a shipped recipe's name (`erase recipes`), a recipe file or a dict: its
-    stages run one after the other into `out`. With a method, `options` are the method's config
+    stages run one after the other into `out`; with neither a method nor a recipe, the recommended
+    recipe `forget` runs. With a method, `options` are the method's config
     fields (`steps=50`, `lr=1e-4`, `w_lr=10`: see `erase unlearn --method NAME --help`), its
     `terms=` (`erase.unlearning.terms`) and the loop's keywords (`retain=`, `anchor=`, `images=`,
     `resume=`, ...: see `erase.unlearning.unlearn`). The same (model, method or recipe, options,

@@ -2,7 +2,7 @@
 
 It erases one digit from the shipped class-conditional DDPM (`models/digits-ddpm`) and the digit
 "three" from the shipped miniature Stable Diffusion (`models/mini-sd`, by prompt), with the
-recommended recipe of each model (or the methods and recipes asked for), evaluates the original,
+recommended recipe (`forget`, the same on both models; or the methods and recipes asked for), evaluates the original,
 the model retrained without the digit and every erased model with the digits classifier
 (`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and self-contained
 HTML: metrics tables, each run's verdict against its recipe's target, before/after image grids,
@@ -29,9 +29,8 @@ from .utils import EraseError, atomic_write_text, logger, read_json, setup_loggi
 SHIPPED_DDPM = shipped_model("digits-ddpm")
 SHIPPED_MINI_SD = shipped_model("mini-sd")
 SHIPPED_CLASSIFIER = shipped_model("digits-classifier")
-# `--methods recommended`: each shipped model's recommended recipe (recipes/, BENCHMARKS.md section 7).
+# `--methods recommended`: the recommended recipe, one file for both models (recipes/forget.json).
 RECOMMENDED = "recommended"
-RECIPES = {"digits-ddpm": "class-match-retrain", "mini-sd": "concept-forget"}
 MINI_SD_CONCEPT = "three"  # prompts/three: the mini-SD's own captions of the digit 3
 # The shipped models trained without any 3 (models/README.md): the floor of the robustness table.
 RETRAINED = {"digits-ddpm": shipped_model("digits-ddpm-retrained-no3"),
@@ -45,7 +44,7 @@ ATTACKS = {"digits-ddpm": {"attack-class-inversion": {"steps": 25, "attack_steps
 
 @dataclass
 class DemoConfig:
-    methods: str = field(RECOMMENDED, "what erases: 'recommended' (each model's recommended recipe), a method or a "
+    methods: str = field(RECOMMENDED, "what erases: 'recommended' (the recommended recipe, forget), a method or a "
                                       "shipped recipe (`erase recipes`), several comma-separated, or 'all' (every "
                                       "method, the full comparison)")
     forget: str = field("3", "the digit erased from the DDPM (id or name); the mini-SD always forgets 'three'")
@@ -74,16 +73,18 @@ class DemoConfig:
             raise ValueError(f"attack_units must be at least 1, got {self.attack_units}")
 
     def method_list(self) -> list[str]:
-        """The names asked for ('recommended' stays a name: each model has its own recipe)."""
+        """The names asked for ('recommended' stays a name, replaced by the recipe per model in `erasers`)."""
         from .methods import parse_methods
         from .unlearning.recipe import shipped_recipes
 
         return parse_methods(self.methods, also={"recipes": sorted(shipped_recipes()),
-                                                    "each model's recommended recipe": [RECOMMENDED]})
+                                                    "the recommended recipe": [RECOMMENDED]})
 
     def erasers(self, key: str) -> list[str]:
-        """The methods and recipes run on the model `key`, 'recommended' replaced by its recipe."""
-        return list(dict.fromkeys(RECIPES[key] if m == RECOMMENDED else m for m in self.method_list()))
+        """The methods and recipes run on the model `key`, 'recommended' replaced by the recommended recipe."""
+        from .unlearning.recipe import DEFAULT_RECIPE
+
+        return list(dict.fromkeys(DEFAULT_RECIPE if m == RECOMMENDED else m for m in self.method_list()))
 
 
 def _done(folder: Path, marker: str) -> bool:

@@ -28,7 +28,7 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert f"report: {out / 'report' / 'report.html'}" in printed
     assert f"robustness table: {out / 'robustness.md'}" in printed
-    recipes = {"digits-ddpm": "class-match-retrain", "mini-sd": "concept-forget"}  # the recommended ones
+    recipes = {"digits-ddpm": "forget", "mini-sd": "forget"}  # the recommended one, the same file on both
     for model, recipe in recipes.items():
         for name in ("original", "retrained", recipe):
             assert (out / model / "eval" / name / "metrics.json").is_file()
@@ -47,8 +47,9 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
         assert not (out / key / "distance" / "retrained").exists()
     table = (out / "robustness.md").read_text()
     assert table.count("| retrained | 100.0% |") == 2  # a model that never saw a 3 does not draw one when asked
-    erased = json.loads((out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "concept-forget" / "metrics.json").read_text())
-    row = next(line for line in table.splitlines() if line.startswith("| concept-forget |"))
+    erased = json.loads((out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "forget" / "metrics.json").read_text())
+    rows = [line for line in table.splitlines() if line.startswith("| forget |")]  # the DDPM's, then the mini-SD's
+    row = rows[1]
     assert row.count("|") == 8  # the mini-SD row: 3 + 2 attacks + 2 distances
     assert f"**{100 * erased['metrics']['post_attack_success']:.1f}%**" in row
     # beside the rate, how many units the attack broke with an image that is a digit at all
@@ -60,9 +61,9 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
     assert "(figures/1-per-class-accuracy.png)" in md and "(figures/2-per-class-accuracy.png)" in md
     for section in (1, 2):  # each model: the trade-off plot, the loss curves, a grid row per digit
         assert f"(figures/{section}-tradeoff.png)" in md and f"(figures/{section}-loss-curves.png)" in md
-    assert "| metric | original | retrained | concept-forget | " in md  # columns named by model
+    assert "| metric | original | retrained | forget | " in md  # columns named by model
     # each erased run is judged against its recipe's target, the retrained model in the same section
-    assert "meets the target (match-retrain)" in md or "misses the target (match-retrain)" in md
+    assert "meets the target (forget)" in md or "misses the target (forget)" in md
     html = (out / "report" / "report.html").read_text()
     # the HTML embeds every figure: per model a grid row per digit and model and 3 plots, and each
     # attack's samples before and after for each model (1 attack on the DDPM, 2 on the mini-SD)
@@ -70,7 +71,7 @@ def test_demo_erases_attacks_and_writes_one_report(tmp_path, monkeypatch, capsys
 
     # Run again: every finished step is reused, nothing is retrained or attacked again.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "digits-ddpm" / "models" / recipes["digits-ddpm"] / "erase_config.json",
-                                                out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "concept-forget" / "metrics.json")}
+                                                out / "mini-sd" / "attacks" / "attack-ring-a-bell" / "forget" / "metrics.json")}
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 

@@ -47,11 +47,11 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_offline(tmp_path):
                "--prompt-images", "1", "--concept-images", "4"], cwd=work, env=env, timeout=900).stdout
     assert "report: demo/report/report.html" in out
     # the recommended recipe from the wheel's recipes/, on the wheel's own mini-sd
-    config = json.loads((work / "demo" / "mini-sd" / "models" / "concept-forget" / "erase_config.json").read_text())
+    config = json.loads((work / "demo" / "mini-sd" / "models" / "forget" / "erase_config.json").read_text())
     assert [s["steps"] for s in config["stages"]] == [5, 5] and Path(config["base_model"]).is_relative_to(venv)
     assert (work / "demo" / "report" / "report.md").is_file()
     recipes = run([str(venv / "bin" / "erase"), "recipes"], cwd=work, env=env).stdout  # the wheel's recipes/
-    assert "class-match-retrain" in recipes and "concept-forget" in recipes
+    assert "class-match-retrain" in recipes and "forget (version 1, target forget)" in recipes
 
 
 def test_every_python_package_of_the_source_is_in_the_wheel():

@@ -38,7 +38,7 @@ def same(a, b) -> bool:
 
 def test_shipped_recipes_load_and_check(capsys):
     recipes = shipped_recipes()
-    assert {"class-match-retrain", "concept-forget"} <= set(recipes)
+    assert {"class-match-retrain", "concept-forget", "forget"} <= set(recipes)
     for name, path in recipes.items():
         recipe = load_recipe(name)
         assert recipe.name == name == path.stem and recipe.target in ("forget", "match-retrain")
@@ -215,3 +215,16 @@ def test_one_recipe_file_serves_a_class_model_and_a_text_model(tiny_model, tiny_
                  "--out", str(out)]) != 0
     assert "--image-guidance applies to the images generated for a text concept" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_without_method_or_recipe_unlearn_runs_the_recommended_forget_recipe(tiny_model, tmp_path, caplog):
+    """`erase unlearn` given neither --method nor --recipe runs recipes/forget.json (the same file on
+    every backbone), says so, and records it as `--recipe forget`."""
+    out = tmp_path / "default"
+    with caplog.at_level("INFO", logger="erase"):
+        assert main(["unlearn", "--model", str(tiny_model), "--forget", "3", "--seed", "1", "--out", str(out)]) == 0
+    assert "running the recommended recipe 'forget'" in caplog.text
+    summary = json.loads((out / "erase_config.json").read_text())
+    assert summary["target"] == "forget" and summary["recipe"] == load_recipe("forget").to_dict()
+    assert [s["method"] for s in summary["stages"]] == ["salun", "finetune"] and "--recipe forget" in summary["command"]
+    assert not same(weights(out), weights(tiny_model))

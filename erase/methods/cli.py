@@ -114,8 +114,13 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
                   image_guidance=args.image_guidance, anchor_in_retain=False if args.no_anchor_in_retain else None,
                   resume=not args.no_resume, keep_checkpoints=args.keep_checkpoints, overwrite=args.overwrite,
                   report_to=args.report_to)
-    if (args.method is None) == (args.recipe is None):
+    if args.method is not None and args.recipe is not None:
         raise EraseError("give --method NAME (one stage) or --recipe NAME|FILE (`erase recipes`), not both")
+    if args.method is None and args.recipe is None:
+        from ..unlearning.recipe import DEFAULT_RECIPE
+
+        args.recipe = DEFAULT_RECIPE  # recorded as `--recipe forget`: the run says what made it
+        logger.info("no --method or --recipe: running the recommended recipe %r (`erase recipes`)", args.recipe)
     common["checkpoint_minutes"] = args.checkpoint_minutes
     config = None
     if args.method is not None:
@@ -224,7 +229,7 @@ def add_commands(sub) -> None:
     p.add_argument("--method", choices=[*METHODS, *EDITS],
                    help="unlearning method (`erase methods`): a one-stage recipe; or a closed-form edit (uce, speed)")
     p.add_argument("--recipe", help="a shipped recipe (`erase recipes`) or a recipe file (JSON): runs its stages "
-                                    "into OUT; give --method or --recipe")
+                                    "into OUT (default, without --method: forget, the recommended recipe)")
     p.add_argument("--forget", required=True,
                    help="class-conditional models: class ids or names, comma-separated (e.g. 3 or three,5); "
                         "Stable Diffusion: a concept name from prompts/ (nudity), a concept folder, or a prompt ('Van Gogh'), "

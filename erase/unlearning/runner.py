@@ -26,7 +26,7 @@ from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precisi
 from .command import equivalent_command
 from .data import TEXT_DATA_OPTIONS, build_unlearn_data
 from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
-from .recipe import Recipe, load_recipe, one_stage
+from .recipe import DEFAULT_RECIPE, Recipe, load_recipe, one_stage
 from .running import finish, resolve_params, run_steps, set_up
 from .state import restore_state, save_state
 from .terms import Terms, frozen_teacher, terms_from_options
@@ -67,7 +67,8 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     `**options` (e.g. `steps=100, lr=1e-4`) set the method's config and `terms` its terms
     (`erase.unlearning.terms`). With `recipe` (a shipped recipe's name, a JSON file, a dict or a
     `Recipe`), the recipe sets every stage; `**options` may only set run-wide fields (`seed`,
-    `mixed_precision`, `gradient_checkpointing`, `checkpoint_every`). `stop_after=k` stops after the
+    `mixed_precision`, `gradient_checkpointing`, `checkpoint_every`). With neither, the recommended
+    recipe `DEFAULT_RECIPE` (recipes/forget.json) runs. `stop_after=k` stops after the
     run's k-th step (counted over the stages) with a checkpoint and no model, as an interruption would
     (a later call resumes). Returns `out`, or the checkpoint when stopped early. `out` must be new,
     empty or an earlier `erase unlearn` output unless `overwrite` (see `erase.outputs`). `report_to`
@@ -95,8 +96,11 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
         raise EraseError(f"--forget {forget} is a method, not what to erase: give it with --method, and the class "
                          "or concept with --forget")
     old_terms, teacher_path = terms_from_options(options)  # --ema-decay, --retain-target, ... (deprecated)
-    if (method is None) == (recipe is None):
+    if method is not None and recipe is not None:
         raise EraseError("give a method (--method) or a recipe (--recipe), not both")
+    if method is None and recipe is None:
+        recipe = DEFAULT_RECIPE
+        logger.info("no method or recipe: running the recommended recipe %r (`erase recipes`)", recipe)
     given_recipe, config_values = recipe, None
     if recipe is not None:
         if config is not None or terms is not None or old_terms != Terms() or teacher_path:
