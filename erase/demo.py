@@ -2,9 +2,9 @@
 
 It erases one digit from the shipped class-conditional DDPM (`models/digits-ddpm`) and the digit
 "three" from the shipped miniature Stable Diffusion (`models/mini-sd`, by prompt), with the
-recommended recipe (`forget`, the same on both models; or the methods and recipes asked for), evaluates the original,
-the model retrained without the digit and every erased model with the digits classifier
-(`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and self-contained
+recommended recipe (`forget`, the same file on both models; or the methods and recipes asked for),
+evaluates the original, the model retrained without the digit and every erased model with the
+digits classifier (`digits-class` and `digits-prompts` protocols), and writes one report (Markdown and self-contained
 HTML: metrics tables, each run's verdict against its recipe's target, before/after image grids,
 per-class accuracy charts). With `--attacks` it also attacks every model, the retrained ones included
 (the floor), measures each model's distance to the retrained one, and writes the robustness table
@@ -73,7 +73,7 @@ class DemoConfig:
             raise ValueError(f"attack_units must be at least 1, got {self.attack_units}")
 
     def method_list(self) -> list[str]:
-        """The names asked for ('recommended' stays a name, replaced by the recipe per model in `erasers`)."""
+        """The names asked for ('recommended' stays a name until `erasers` replaces it)."""
         from .methods import parse_methods
         from .unlearning.recipe import shipped_recipes
 

@@ -32,10 +32,10 @@ from .terms import Terms
 TARGETS = ("forget", "match-retrain")
 RECIPE_KEYS = ("name", "version", "target", "description", "provenance", "stages")
 STAGE_KEYS = ("method", "config", "terms", "data")
-# Settings of the whole run that a command line may give for every stage at once.
 # What `erase unlearn` runs when given neither a method nor a recipe, and `erase demo` by default: the
 # recommended recipe of the `forget` target, one file for every backbone (recipes/forget.json).
 DEFAULT_RECIPE = "forget"
+# Settings of the whole run that a command line may give for every stage at once.
 RUN_WIDE = ("seed", "mixed_precision", "gradient_checkpointing", "checkpoint_every")
 
 
