@@ -80,8 +80,8 @@ class DemoConfig:
         return parse_methods(self.methods, also={"recipes": sorted(shipped_recipes()),
                                                     "the recommended recipe": [RECOMMENDED]})
 
-    def erasers(self, key: str) -> list[str]:
-        """The methods and recipes run on the model `key`, 'recommended' replaced by the recommended recipe."""
+    def erasers(self) -> list[str]:
+        """The methods and recipes run on each model, 'recommended' replaced by the recommended recipe."""
         from .unlearning.recipe import DEFAULT_RECIPE
 
         return list(dict.fromkeys(DEFAULT_RECIPE if m == RECOMMENDED else m for m in self.method_list()))
@@ -218,7 +218,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     mark_output(out, "demo")  # at the start: the demo fills the folder step by step and reuses finished steps
     start = time.perf_counter()
     # Longest first, so that two workers finish together: training runs before originals' evaluations.
-    parts = ([(key, config.erasers(key)) for key in reversed(sections)]
+    parts = ([(key, config.erasers()) for key in reversed(sections)]
              + [(key, _reference_names(config, key)) for key in reversed(sections)])
     workers = min(config.workers or default_workers(), len(parts))
     # On the CPU, a backward pass sums gradients in an order set by the number of torch threads, so
@@ -245,7 +245,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
     rows, report_sections, robustness = [], {}, []
     for key, (title, *_rest) in sections.items():
         runs = []
-        names = _reference_names(config, key) + config.erasers(key)
+        names = _reference_names(config, key) + config.erasers()
         for name in names:
             run = out / key / "eval" / name
             metrics = read_json(run / "metrics.json", what="eval results")["metrics"]
@@ -257,7 +257,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> dict:
             robustness.append(_robustness_table(config, out, key, title, names))
         report_sections[title] = runs
 
-    intro = (f"erase demo: {config.methods} ({'; '.join(f'{k}: ' + ', '.join(config.erasers(k)) for k in sections)}); "
+    intro = (f"erase demo: {config.methods} ({', '.join(config.erasers())}); "
              "digits classifier models/digits-classifier. "
              "UA: share of images of the erased digit that the classifier does not recognise as it (higher is "
              "more forgetting); retained accuracy: mean accuracy on the other digits (higher is better kept).")

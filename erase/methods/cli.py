@@ -106,6 +106,7 @@ def unlearn_command(args: argparse.Namespace, config) -> tuple[str, dict]:
 def cmd_unlearn(args: argparse.Namespace) -> None:
     from ..config import build_config
     from ..outputs import check_output, is_same_output, recording
+    from ..unlearning.recipe import recipe_or_default
     from ..unlearning.terms import LEGACY_OPTIONS
     from ..utils import EraseError, logger
 
@@ -116,11 +117,7 @@ def cmd_unlearn(args: argparse.Namespace) -> None:
                   report_to=args.report_to)
     if args.method is not None and args.recipe is not None:
         raise EraseError("give --method NAME (one stage) or --recipe NAME|FILE (`erase recipes`), not both")
-    if args.method is None and args.recipe is None:
-        from ..unlearning.recipe import DEFAULT_RECIPE
-
-        args.recipe = DEFAULT_RECIPE  # recorded as `--recipe forget`: the run says what made it
-        logger.info("no --method or --recipe: running the recommended recipe %r (`erase recipes`)", args.recipe)
+    args.recipe = recipe_or_default(args.method, args.recipe)  # recorded as `--recipe forget`: the run says so
     common["checkpoint_minutes"] = args.checkpoint_minutes
     config = None
     if args.method is not None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import build_config, config_dict
 from ..config import field as config_field
-from ..utils import EraseError, read_text
+from ..utils import EraseError, logger, read_text
 from .terms import Terms
 
 TARGETS = ("forget", "match-retrain")
@@ -182,6 +182,14 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
     except json.JSONDecodeError as e:
         raise EraseError(f"recipe {path} is not valid JSON: {e}") from None
     return recipe_from_dict(spec, f"recipe {path.name}")
+
+
+def recipe_or_default(method: str | None, recipe):
+    """The recipe to run: `recipe`, or `DEFAULT_RECIPE` (said in the log) when neither it nor a method is given."""
+    if method is None and recipe is None:
+        logger.info("no method or recipe given: running the recommended recipe %r (`erase recipes`)", DEFAULT_RECIPE)
+        return DEFAULT_RECIPE
+    return recipe
 
 
 def one_stage(method: str, config: dict, terms: Terms, data: dict | None = None) -> Recipe:

@@ -26,7 +26,7 @@ from ..utils import EraseError, logger, reset_peak_memory, resolve_mixed_precisi
 from .command import equivalent_command
 from .data import TEXT_DATA_OPTIONS, build_unlearn_data
 from .outputs import load_stage_done, recipe_record, save_stage_done, stage_adapter, stage_record, write_output
-from .recipe import DEFAULT_RECIPE, Recipe, load_recipe, one_stage
+from .recipe import Recipe, load_recipe, one_stage, recipe_or_default
 from .running import finish, resolve_params, run_steps, set_up
 from .state import restore_state, save_state
 from .terms import Terms, frozen_teacher, terms_from_options
@@ -98,9 +98,7 @@ def unlearn(model, method: str | None = None, forget=None, out: str | Path | Non
     old_terms, teacher_path = terms_from_options(options)  # --ema-decay, --retain-target, ... (deprecated)
     if method is not None and recipe is not None:
         raise EraseError("give a method (--method) or a recipe (--recipe), not both")
-    if method is None and recipe is None:
-        recipe = DEFAULT_RECIPE
-        logger.info("no method or recipe: running the recommended recipe %r (`erase recipes`)", recipe)
+    recipe = recipe_or_default(method, recipe)
     given_recipe, config_values = recipe, None
     if recipe is not None:
         if config is not None or terms is not None or old_terms != Terms() or teacher_path:
