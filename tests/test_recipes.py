@@ -226,5 +226,5 @@ def test_without_method_or_recipe_unlearn_runs_the_recommended_forget_recipe(tin
     assert "running the recommended recipe 'forget'" in caplog.text
     summary = json.loads((out / "erase_config.json").read_text())
     assert summary["target"] == "forget" and summary["recipe"] == load_recipe("forget").to_dict()
-    assert [s["method"] for s in summary["stages"]] == ["salun", "finetune"] and "--recipe forget" in summary["command"]
+    assert [s["method"] for s in summary["stages"]] == ["salun", "rl"] and "--recipe forget" in summary["command"]
     assert not same(weights(out), weights(tiny_model))
