@@ -52,6 +52,23 @@ RETRAINED_MINI_SD = REPO / "models" / "mini-sd-retrained-no-three"
 RETRAINED_MINI_FLOW = REPO / "models" / "mini-flow-retrained-no-three"
 
 
+FLOORS = {REPO / "models" / f: REPO / "models" / original for f, original in [
+    ("digits-ddpm-retrained-no3", "digits-ddpm"), ("digits-ddpm-retrained-no8", "digits-ddpm"),
+    ("mini-sd-retrained-no-three", "mini-sd"), ("mini-sd-retrained-no-seven", "mini-sd"),
+    ("mini-flow-retrained-no-three", "mini-flow")]}
+
+
+@pytest.mark.parametrize("floor", list(FLOORS), ids=lambda p: p.name)
+def test_shipped_floor_samples_as_its_original(floor):
+    """A floor compared with runs of its original is sampled (and attacked) at the original's defaults.
+
+    The DDPM floors once lacked digits-ddpm's recorded guidance (1.0), so every protocol sampled them at
+    the backbone's 3.0 while the runs they were compared with used 1.0."""
+    from erase.backbones import load_backbone
+
+    assert load_backbone(floor).sample_defaults == load_backbone(FLOORS[floor]).sample_defaults
+
+
 @pytest.mark.slow
 def test_shipped_retrained_ddpm_never_saw_a_three(tmp_path):
     """The retrained reference: trained without the 3s, so the label 3 draws no 3, and the rest is drawn."""
