@@ -16,8 +16,8 @@ perturbed through the backbones' `override_condition` hook.
 
 Only weights past the condition can learn from the adversarial steps: the class-embedding row that
 ESD trains on the DDPM is replaced, not read, while δ is applied, so robust erasure wants a UNet
-group (`--params all`, `noattn`, `xattn`). δ is not part of checkpoints: a resumed robust run
-refreshes it at its first adversarial step, so it is not bit-identical to an uninterrupted one.
+group (`--params all`, `noattn`, `xattn`). δ and its Adam state are part of a stage's checkpoints
+(`state_dict`), so a resumed robust run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones.base import Condition
+from .checkpoint import flatten_optimizer_state, restore_optimizer_state
 from .noising import Noised
 from .utils import step_generator
 
@@ -74,6 +75,24 @@ class AdversarialCondition:
                     self.delta.mul_((bound / self.delta.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1))
         self.refreshes += 1
         return float(loss.detach())
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """δ and its inner optimizer's state, for a checkpoint (nothing before the first refresh)."""
+        if self.delta is None:
+            return {}, {}
+        adam, adam_meta = flatten_optimizer_state(self.optimizer)
+        return ({"delta": self.delta.detach(), **{f"adam.{k}": v for k, v in adam.items()}},
+                {"optimizer": adam_meta, "refreshes": self.refreshes})
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if "delta" not in tensors:
+            return
+        device = self.model.device
+        self.delta = tensors["delta"].to(device).clone().requires_grad_(True)
+        self.optimizer = torch.optim.Adam([self.delta], lr=self.lr)
+        adam = {k.removeprefix("adam."): v.to(device) for k, v in tensors.items() if k.startswith("adam.")}
+        restore_optimizer_state(self.optimizer, adam, meta["optimizer"])
+        self.refreshes = meta["refreshes"]
 
     @contextlib.contextmanager
     def applied(self, step: int, forget: Noised | None):

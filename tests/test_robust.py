@@ -94,3 +94,13 @@ def test_adversarial_radius_keeps_each_row_of_delta_on_its_ball(backbone, reques
     ratio = lambda delta: (delta.norm(dim=-1) / plain.norm(dim=-1)).max().item()  # noqa: E731
     assert ratio(free.delta) > 0.05  # the search goes further when nothing bounds it ...
     assert 0 < ratio(bounded.delta) <= 0.05 + 1e-6  # ... and stays on the ball when bounded
+
+
+def test_a_resumed_robust_run_equals_an_uninterrupted_one(tiny_model, tmp_path):
+    """δ and its Adam state are checkpointed: the resumed run refreshes δ from where it was, not from zero."""
+    options = dict(steps=6, batch_size=4, params="all", lr=1e-3, checkpoint_every=3, progress=False,
+                   terms={"robust": {"every": 2, "steps": 2}})
+    full = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "full", **options)).trainable_parameters()
+    unlearn(tiny_model, "esd", "3", tmp_path / "resumed", stop_after=3, **options)
+    resumed = load_backbone(unlearn(tiny_model, "esd", "3", tmp_path / "resumed", **options)).trainable_parameters()
+    assert all(torch.equal(full[n], resumed[n]) for n in full)

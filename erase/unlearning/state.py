@@ -1,8 +1,8 @@
 """Checkpoints of a stage and exact resume: weights, optimizer, method state, weight average, progress.
 
 A checkpoint holds everything a step depends on besides (seed, step), from which every draw is
-derived, so a resumed stage is bit-identical to an uninterrupted one (the robustness term's
-perturbation excepted: `erase.robust` refreshes it at its first adversarial step after a resume).
+derived (the robustness term's perturbation and its optimizer included), so a resumed stage is
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ def save_state(ckpt_dir: Path, step: int, t: Training, progress: Progress, run: 
     if t.average is not None:
         tensors["ema"] = dict(zip(t.params, t.average.shadow_params))
         meta["ema_step"] = t.average.optimization_step
+    if t.robust is not None:
+        r_tensors, meta["robust"] = t.robust.state_dict()
+        if r_tensors:
+            tensors["robust"] = r_tensors
     return save_checkpoint(ckpt_dir, step, tensors, meta)
 
 
@@ -48,5 +52,7 @@ def restore_state(ckpt_dir: Path, t: Training, run: dict) -> Progress:
         device = next(iter(t.params.values())).device
         t.average.load_state_dict({**t.average.state_dict(), "optimization_step": state["ema_step"],
                                    "shadow_params": [tensors["ema"][n].to(device) for n in t.params]})
+    if t.robust is not None:
+        t.robust.load_state_dict(tensors.get("robust", {}), state.get("robust", {}))
     logger.info("resuming %s from %s (step %d of %d)", t.method.name, last, state["step"], t.config.steps)
     return Progress(state["step"], state["elapsed_s"], state["step_times"], state["recent"], state["history"])
