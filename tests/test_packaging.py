@@ -51,7 +51,7 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_offline(tmp_path):
     assert [s["steps"] for s in config["stages"]] == [5, 5] and Path(config["base_model"]).is_relative_to(venv)
     assert (work / "demo" / "report" / "report.md").is_file()
     recipes = run([str(venv / "bin" / "erase"), "recipes"], cwd=work, env=env).stdout  # the wheel's recipes/
-    assert "class-match-retrain" in recipes and "forget (version 2, target forget)" in recipes
+    assert "class-match-retrain" in recipes and "forget (version 3, target forget)" in recipes
 
 
 def test_every_python_package_of_the_source_is_in_the_wheel():
