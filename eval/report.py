@@ -438,15 +438,32 @@ def _verdict(run: Run, original: Run | None, target: Target, retrained: Run | No
     return f"{head} ({run.target}): " + ", ".join(parts)
 
 
+# Attack settings that change how strong an attack is (how the images are drawn, how long and how the
+# search runs). Two runs of an attack that differ in one of them are not a run and its floor: a
+# floor attacked at guidance 3 against a run attacked at 1.0 once hid a shallow recipe.
+_ATTACK_STRENGTH_SETTINGS = ("guidance", "steps", "attack_steps", "attack_lr", "attack_batch", "restarts", "init",
+                             "init_word", "tokens", "strength", "templates", "preset")
+
+
+def _strength_differences(attack: Run, floor_attack: Run) -> list[str]:
+    mine, theirs = attack.results.get("settings", {}), floor_attack.results.get("settings", {})
+    return [f"{key} {mine.get(key)} vs {theirs.get(key)}" for key in _ATTACK_STRENGTH_SETTINGS
+            if mine.get(key) != theirs.get(key)]
+
+
 def _attack_state(run: Run, attack: Run, retrained: Run | None, target: Target) -> tuple[str, str]:
-    """An attack run on the run's model against the same attack on the retrained model."""
+    """An attack run on the run's model against the same attack, at the same strength, on the retrained model."""
     name = attack.results.get("attack", attack.metrics.get("attack"))
     post = attack.metrics.get("post_attack_success")
-    floor = None if retrained is None else next(
-        (a.metrics.get("post_attack_success") for a in retrained.derived.get("attacks", [])
-         if a.results.get("attack", a.metrics.get("attack")) == name), None)
-    if post is None or floor is None:
+    same_attack = [] if retrained is None else [
+        a for a in retrained.derived.get("attacks", []) if a.results.get("attack", a.metrics.get("attack")) == name]
+    comparable = [a for a in same_attack if not _strength_differences(attack, a)]
+    if post is None or not same_attack:
         return "unclear", f"{name}: no retrained model's run of it to compare with"
+    if not comparable:
+        return "unclear", (f"{name}: the retrained model was attacked with other settings "
+                           f"({', '.join(_strength_differences(attack, same_attack[0]))}): attack both alike")
+    floor = comparable[0].metrics.get("post_attack_success")
     low = floor - target.band if run.target == "match-retrain" else 0.0
     state = "yes" if low <= post <= floor + target.band else "no"
     return state, f"{name} {post:.0%} vs the retrained model's {floor:.0%}"

@@ -145,6 +145,33 @@ def test_each_run_is_judged_against_its_recipes_target():
         assert _verdict(level, original, Target(), retrained, attack).startswith(match_head), post
 
 
+def test_an_attack_is_judged_only_against_the_floor_attacked_alike():
+    """A floor attacked at another guidance (or budget) is no floor: the verdict says so instead of passing."""
+    from erase.eval.report import Run, _verdict
+
+    def attack_run(model, post, **settings):
+        results = {"metrics": {"post_attack_success": post}, "model": model, "attack": "attack-class-inversion",
+                   "settings": {"guidance": 1.0, "attack_steps": 200, "n": 50, "seed": 0} | settings}
+        return Run(Path(model), results, {"images": []}, None)
+
+    erased = Run(Path("m"), {"model": "m", "metrics": {
+        "ua": 1.0, "ua_ci95": [0.98, 1.0], "retained_accuracy": 0.95, "retained_accuracy_ci95": [0.93, 0.97],
+        "forget_in_distribution": 0.9, "forget_in_distribution_ci95": [0.8, 0.95]}}, {"images": []},
+        {"method": "r", "target": "forget"})
+    original = Run(Path("o"), {"model": "o", "metrics": {"ua": 0.0, "ua_ci95": [0.0, 0.02],
+                                                          "retained_accuracy": 0.95,
+                                                          "retained_accuracy_ci95": [0.93, 0.97]}}, {"images": []}, None)
+    retrained = Run(Path("f"), {"model": "f", "metrics": {"ua": 1.0, "ua_ci95": [0.98, 1.0]}}, {"images": []}, None)
+    shallow = [attack_run("m", 0.56)]
+    retrained.derived["attacks"] = [attack_run("f", 0.48, guidance=3.0)]
+    verdict = _verdict(erased, original, Target(), retrained, shallow)
+    assert verdict.startswith("undecided") and "other settings (guidance 1.0 vs 3.0)" in verdict
+    retrained.derived["attacks"].append(attack_run("f", 0.08, seed=1, n=100))  # seed and n do not change strength
+    assert _verdict(erased, original, Target(), retrained, shallow).startswith("misses the target")
+    assert "attack-class-inversion 56% vs the retrained model's 8%" in _verdict(erased, original, Target(), retrained,
+                                                                                 shallow)
+
+
 def test_attack_runs_get_a_robustness_table_with_samples_before_and_after(two_runs, tmp_path, tiny_classifier_dir):
     from erase.eval.attacks import ClassInversion
 
