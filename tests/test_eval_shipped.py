@@ -55,7 +55,7 @@ RETRAINED_MINI_FLOW = REPO / "models" / "mini-flow-retrained-no-three"
 FLOORS = {REPO / "models" / f: REPO / "models" / original for f, original in [
     ("digits-ddpm-retrained-no3", "digits-ddpm"), ("digits-ddpm-retrained-no8", "digits-ddpm"),
     ("mini-sd-retrained-no-three", "mini-sd"), ("mini-sd-retrained-no-seven", "mini-sd"),
-    ("mini-flow-retrained-no-three", "mini-flow")]}
+    ("mini-flow-retrained-no-three", "mini-flow"), ("mini-flow-retrained-no-seven", "mini-flow")]}
 
 
 @pytest.mark.parametrize("floor", list(FLOORS), ids=lambda p: p.name)
