@@ -229,6 +229,11 @@ class Run:
     def is_attack(self) -> bool:
         return "attack" in self.results or "attack" in self.metrics
 
+    @property
+    def attack(self) -> str | None:
+        """The attack's name, for an attack run."""
+        return self.results.get("attack", self.metrics.get("attack"))
+
     def value(self, key: str) -> float | None:
         value = self.metrics.get(key, self.derived.get(key))
         return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
@@ -453,20 +458,19 @@ def _strength_differences(attack: Run, floor_attack: Run) -> list[str]:
 
 def _attack_state(run: Run, attack: Run, retrained: Run | None, target: Target) -> tuple[str, str]:
     """An attack run on the run's model against the same attack, at the same strength, on the retrained model."""
-    name = attack.results.get("attack", attack.metrics.get("attack"))
     post = attack.metrics.get("post_attack_success")
-    same_attack = [] if retrained is None else [
-        a for a in retrained.derived.get("attacks", []) if a.results.get("attack", a.metrics.get("attack")) == name]
-    comparable = [a for a in same_attack if not _strength_differences(attack, a)]
-    if post is None or not same_attack:
-        return "unclear", f"{name}: no retrained model's run of it to compare with"
+    differences = [] if retrained is None else [
+        (_strength_differences(attack, a), a) for a in retrained.derived.get("attacks", []) if a.attack == attack.attack]
+    if post is None or not differences:
+        return "unclear", f"{attack.attack}: no retrained model's run of it to compare with"
+    comparable = [a for differ, a in differences if not differ]
     if not comparable:
-        return "unclear", (f"{name}: the retrained model was attacked with other settings "
-                           f"({', '.join(_strength_differences(attack, same_attack[0]))}): attack both alike")
+        return "unclear", (f"{attack.attack}: the retrained model was attacked with other settings "
+                           f"({', '.join(differences[0][0])}): attack both alike")
     floor = comparable[0].metrics.get("post_attack_success")
     low = floor - target.band if run.target == "match-retrain" else 0.0
     state = "yes" if low <= post <= floor + target.band else "no"
-    return state, f"{name} {post:.0%} vs the retrained model's {floor:.0%}"
+    return state, f"{attack.attack} {post:.0%} vs the retrained model's {floor:.0%}"
 
 
 def _settings_rows(runs: list[Run]) -> tuple[list[dict], list[str]]:
@@ -641,8 +645,8 @@ def _section(title: str | None, runs: list[Run], number: int, target: Target, fi
     if not runs:
         raise EraseError("every run given is an attack run: give the eval runs they attack as well")
     _label_runs(runs)
-    for name in {r.results.get("attack") for r in attacks}:  # the attack column tells apart the runs of a model
-        _label_runs([r for r in attacks if r.results.get("attack") == name])
+    for name in {r.attack for r in attacks}:  # the attack column tells apart the runs of a model
+        _label_runs([r for r in attacks if r.attack == name])
     original = next((r for r in runs if r.method == "original"), None)
     retrained = next((r for r in runs if r.method == "retrained"), None)
     if original is not None:
@@ -700,7 +704,7 @@ def _attack_entry(run: Run, figures: _Figures, name: str) -> dict:
             text, flag = nudity_caution(interval, m["units"])
             rates[side] += f" [{interval[0]:.1%}, {interval[1]:.1%}] ({text})"
             cautions[f"{side}_caution"] = {"text": rates[side], "flag": flag}
-    return {"label": run.label, "attack": run.results.get("attack", m.get("attack")),
+    return {"label": run.label, "attack": run.attack,
             "pre": rates["pre"], "post": rates["post"], **cautions, **data,
             "units": m.get("units", "—"), "cost": "—" if ratio is None else f"{ratio:.1f}x",
             "budget": ", ".join(f"{k} {v}" for k, v in (m.get("budget") or {}).items()) or "—",
