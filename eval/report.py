@@ -226,13 +226,13 @@ class Run:
         return (self.unlearning or {}).get("target", "forget")
 
     @property
-    def is_attack(self) -> bool:
-        return "attack" in self.results or "attack" in self.metrics
-
-    @property
     def attack(self) -> str | None:
         """The attack's name, for an attack run."""
         return self.results.get("attack", self.metrics.get("attack"))
+
+    @property
+    def is_attack(self) -> bool:
+        return self.attack is not None
 
     def value(self, key: str) -> float | None:
         value = self.metrics.get(key, self.derived.get(key))
