@@ -46,6 +46,10 @@ def test_shipped_recipes_load_and_check(capsys):
         recipe.built()  # every stage's method, config and terms valid
     assert [s.method for s in load_recipe("class-match-retrain").stages] == ["eupmu", "finetune", "esd"]
     assert load_recipe("concept-forget").stages[1].terms.retain.samples == "paths"
+    # match-retrain is forget with the robust perturbation bounded at the condition's norm (BENCHMARKS.md section 13)
+    forget, match = load_recipe("forget"), load_recipe("match-retrain")
+    assert [s.method for s in match.stages] == [s.method for s in forget.stages]
+    assert (forget.stages[1].terms.robust.radius, match.stages[1].terms.robust.radius) == (None, 1.0)
     assert main(["recipes"]) == 0
     text = capsys.readouterr().out
     assert "class-match-retrain (version 1, target match-retrain)" in text and "stage 3: esd" in text
